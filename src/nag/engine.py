@@ -1,0 +1,248 @@
+"""The hooking mechanics, in one place.
+
+``attach(denoiser, family, runtime)`` installs on a denoiser (a diffusers transformer or UNet):
+
+* a NAG wrapper around the processor of every attention module that attends to text;
+* a forward pre-hook on the denoiser that decides, for each call, whether it is guided (NAG
+  enabled, a negative available, the step inside ``[start, end)``, the call carrying the
+  conditional rows) and, if so, extends the call's text inputs with the negative conditioning;
+* for joint-attention families, hooks that keep the image stream at its stock batch: image-side
+  modulation norms take the stock rows of the conditioning embedding, and blocks that
+  concatenate text and image see one extra image row per negative text row, dropped afterwards.
+
+``Attachment.detach()`` restores every processor and removes every hook. When a call is not
+guided, the hooks pass the stock arguments through unchanged, so the output is bit-identical.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .attention import wrap_processor
+from .settings import NAGSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .families import Family
+
+__all__ = ["GuidedCall", "NAGRuntime", "Attachment", "attach"]
+
+
+@dataclass
+class GuidedCall:
+    """What the attention wrappers need to know about the current guided denoiser call."""
+
+    batch: int  # image rows (the stock batch)
+    cond_rows: torch.Tensor  # indices of the guided (conditional) rows
+    positive_text_len: int
+    negative_text_len: int
+    padded_text_len: int  # joint families: common length of positive and negative text rows
+
+
+@dataclass
+class NAGRuntime:
+    """Mutable state shared by the hooks of one attachment.
+
+    ``negative`` maps the denoiser's keyword names (``encoder_hidden_states``,
+    ``pooled_projections``, ``encoder_attention_mask``, ...) to tensors with one row per row of
+    ``positive_reference`` (or one row, broadcast). ``positive_reference`` is the text tensor the
+    conditional rows carry; when it is None every row of a call is guided.
+    """
+
+    settings: NAGSettings
+    negative: dict[str, torch.Tensor] | None = None
+    positive_reference: torch.Tensor | None = None
+    progress: Callable[[int], float | None] | None = None  # step index -> fraction of the trajectory
+    call: GuidedCall | None = None
+    step_index: int = -1
+    last_timestep: torch.Tensor | None = None
+    guided_calls: int = 0
+    denoiser_calls: int = 0
+
+    def begin_generation(
+        self, negative: dict[str, torch.Tensor] | None, positive_reference: torch.Tensor | None
+    ) -> None:
+        self.negative = negative
+        self.positive_reference = positive_reference
+        self.step_index = -1
+        self.last_timestep = None
+        self.call = None
+        self.guided_calls = 0
+        self.denoiser_calls = 0
+
+    def advance(self, timestep: Any) -> None:
+        """Count steps: a call whose timestep differs from the previous call's starts a new step."""
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.detach()
+            same = (
+                self.last_timestep is not None
+                and isinstance(self.last_timestep, torch.Tensor)
+                and self.last_timestep.shape == timestep.shape
+                and torch.equal(self.last_timestep, timestep)
+            )
+        else:
+            same = self.last_timestep is not None and self.last_timestep == timestep
+        if not same:
+            self.step_index += 1
+            self.last_timestep = timestep
+
+    def step_in_window(self) -> bool:
+        progress = self.progress(self.step_index) if self.progress is not None else None
+        return self.settings.in_window(progress)
+
+
+def conditional_rows(text: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows of ``text`` that carry the conditional (positive) prompt, or None if none do.
+
+    Pipelines batch classifier-free guidance as ``[unconditional, conditional]`` or call the
+    denoiser once per branch; either way the conditional rows are the last ``len(reference)``
+    rows and equal the positive prompt's embeddings.
+    """
+    rows = text.shape[0]
+    if reference is None:
+        return torch.arange(rows, device=text.device)
+    n = reference.shape[0]
+    if rows < n or rows % n or text.shape[1:] != reference.shape[1:]:
+        return None
+    if not torch.equal(text[rows - n :], reference.to(device=text.device, dtype=text.dtype)):
+        return None
+    return torch.arange(rows - n, rows, device=text.device)
+
+
+def _rows_for(tensor: torch.Tensor, count: int, name: str) -> torch.Tensor:
+    if tensor.shape[0] == count:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(count, *tensor.shape[1:])
+    raise ValueError(
+        f"negative `{name}` has {tensor.shape[0]} rows but the guided batch has {count}; "
+        "pass one row, or one row per prompt"
+    )
+
+
+class Attachment:
+    """Everything installed on one denoiser; ``detach()`` removes it all."""
+
+    def __init__(self, denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime):
+        self.denoiser = denoiser
+        self.family = family
+        self.runtime = runtime
+        self._stock_processors: list[tuple[torch.nn.Module, Any]] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._forward_signature = inspect.signature(denoiser.forward)
+        try:
+            self._install()
+        except BaseException:
+            self.detach()
+            raise
+
+    # -- installation -------------------------------------------------------------------------
+    def _install(self) -> None:
+        family = self.family
+        wrapped = 0
+        for name, module in self.denoiser.named_modules():
+            role = family.attention_role(name, module)
+            if role is None:
+                continue
+            stock = module.processor
+            self._stock_processors.append((module, stock))
+            module.set_processor(wrap_processor(family.processor_class(role), stock, self.runtime))
+            wrapped += 1
+        if wrapped == 0:
+            raise RuntimeError(
+                f"found no text attention modules in {type(self.denoiser).__name__} for family {family.name!r}"
+            )
+        self._hooks.append(
+            self.denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True, prepend=True)
+        )
+        self._hooks.append(self.denoiser.register_forward_hook(self._after_denoiser, always_call=True))
+        for name, module in self.denoiser.named_modules():
+            if family.image_norms and re.fullmatch(family.image_norms, name):
+                self._hooks.append(module.register_forward_pre_hook(self._stock_rows_of_conditioning, with_kwargs=True))
+            if family.concatenating_blocks and re.fullmatch(family.concatenating_blocks, name):
+                self._hooks.append(module.register_forward_pre_hook(self._add_image_rows, with_kwargs=True))
+                self._hooks.append(module.register_forward_hook(self._drop_image_rows))
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for module, stock in reversed(self._stock_processors):
+            module.set_processor(stock)
+        self._stock_processors.clear()
+        self.runtime.call = None
+
+    # -- denoiser hooks -----------------------------------------------------------------------
+    def _before_denoiser(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        runtime = self.runtime
+        runtime.call = None
+        runtime.denoiser_calls += 1
+        family = self.family
+        bound = self._forward_signature.bind_partial(*args, **kwargs)
+        arguments = bound.arguments
+        runtime.advance(arguments.get(family.timestep_kwarg))
+        if not runtime.settings.enabled or runtime.negative is None or not runtime.step_in_window():
+            return None
+        text = arguments.get(family.text_kwarg)
+        if text is None:
+            return None
+        cond_rows = conditional_rows(text, runtime.positive_reference)
+        if cond_rows is None:
+            return None
+        negative = {
+            key: _rows_for(value, len(cond_rows), key).to(device=text.device)
+            for key, value in runtime.negative.items()
+        }
+        call, changes = family.extend_inputs(arguments, negative, cond_rows)
+        arguments.update(changes)
+        runtime.call = call
+        runtime.guided_calls += 1
+        return bound.args, bound.kwargs
+
+    def _after_denoiser(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.runtime.call = None
+
+    def _stock_rows_of_conditioning(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Image-side modulation: use the stock rows of the (extended) conditioning embedding."""
+        call = self.runtime.call
+        if call is None:
+            return None
+        rows = (args[0] if args else next(iter(kwargs.values()))).shape[0]
+
+        def trim(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] > rows:
+                return value[:rows]
+            return value
+
+        new_args = (args[0], *(trim(a) for a in args[1:])) if args else args
+        first = None if args else next(iter(kwargs))
+        new_kwargs = {k: (v if k == first else trim(v)) for k, v in kwargs.items()}
+        return new_args, new_kwargs
+
+    def _add_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Blocks that concatenate ``[text, image]``: one image row per negative text row."""
+        call = self.runtime.call
+        if call is None:
+            return None
+        name = self.family.image_kwarg
+        if name in kwargs:
+            image = kwargs[name]
+            kwargs = {**kwargs, name: torch.cat([image, image[call.cond_rows]])}
+            return args, kwargs
+        image = args[0]
+        return (torch.cat([image, image[call.cond_rows]]), *args[1:]), kwargs
+
+    def _drop_image_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        call = self.runtime.call
+        if call is None:
+            return None
+        return self.family.drop_image_rows(output, call.batch)
+
+
+def attach(denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime) -> Attachment:
+    """Install NAG on ``denoiser`` for ``family``; returns the attachment to ``detach()``."""
+    return Attachment(denoiser, family, runtime)

@@ -1,0 +1,253 @@
+"""Model families: small declarative adapters.
+
+A :class:`Family` says, for one denoiser architecture, which attention modules attend to text
+and how, and how a guided call's inputs are extended with the negative conditioning. A
+:class:`PipelineSpec` says, for one pipeline class, which family its denoiser belongs to, its
+tuned defaults, and what its ``encode_prompt`` returns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .attention import CrossAttentionNAG, JointAttentionNAG, NAGProcessor, SingleStreamAttentionNAG, pad_tokens
+from .engine import GuidedCall
+from .settings import FamilyDefaults
+
+__all__ = ["Family", "PipelineSpec", "FAMILIES", "PIPELINES", "pipeline_spec"]
+
+_ROLE_CLASSES: dict[str, type[NAGProcessor]] = {
+    "cross": CrossAttentionNAG,
+    "joint": JointAttentionNAG,
+    "single": SingleStreamAttentionNAG,
+}
+
+
+def _pad_zero_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Flux-style text position ids are all zero, so a longer branch's ids are zeros too."""
+    if ids.ndim == 3:
+        ids = ids[0]
+    if ids.shape[0] >= length:
+        return ids
+    return torch.cat([ids, ids.new_zeros(length - ids.shape[0], *ids.shape[1:])])
+
+
+@dataclass(frozen=True)
+class Family:
+    """How NAG plugs into one denoiser architecture.
+
+    Attributes:
+        name: short family name.
+        denoisers: class names of the denoisers this family covers.
+        attention: ``(regex on the module's qualified name, role)`` pairs; role is ``"cross"``
+            (cross-attention to text), ``"joint"`` (joint attention with separate text
+            projections) or ``"single"`` (attention over a block's own ``[text, image]``).
+        layout: ``"cross"``: the negative context is appended to the positive one along the
+            token axis; ``"joint"``: negative text rows are appended along the batch axis and
+            carried through the text stream with their own modulation.
+        text_kwarg / mask_kwarg / timestep_kwarg / image_kwarg: the denoiser's argument names.
+        negative_keys: conditioning a negative prompt supplies (denoiser argument names).
+        row_kwargs: joint layout: per-row arguments (timestep, guidance) repeated for the
+            negative rows from their conditional rows.
+        text_ids_kwarg: joint layout: unbatched text position ids, padded for the longer branch.
+        image_norms: regex of image-side modulation norms, which use the stock rows of the
+            conditioning embedding (joint layout).
+        concatenating_blocks: regex of blocks that concatenate ``[text, image]`` themselves.
+    """
+
+    name: str
+    denoisers: tuple[str, ...]
+    attention: tuple[tuple[str, str], ...]
+    layout: str
+    text_kwarg: str = "encoder_hidden_states"
+    mask_kwarg: str | None = None
+    timestep_kwarg: str = "timestep"
+    image_kwarg: str = "hidden_states"
+    negative_keys: tuple[str, ...] = ("encoder_hidden_states",)
+    row_kwargs: tuple[str, ...] = ()
+    text_ids_kwarg: str | None = None
+    image_norms: str | None = None
+    concatenating_blocks: str | None = None
+
+    def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
+        if not hasattr(module, "processor"):
+            return None
+        for pattern, role in self.attention:
+            if re.fullmatch(pattern, name):
+                return role
+        return None
+
+    @staticmethod
+    def processor_class(role: str) -> type[NAGProcessor]:
+        return _ROLE_CLASSES[role]
+
+    def extend_inputs(
+        self, arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor
+    ) -> tuple[GuidedCall, dict[str, Any]]:
+        if self.layout == "cross":
+            return self._extend_cross(arguments, negative, cond_rows)
+        return self._extend_joint(arguments, negative, cond_rows)
+
+    def _extend_cross(self, arguments, negative, cond_rows):
+        text = arguments[self.text_kwarg]
+        rows, positive_len = text.shape[:2]
+        negative_text = negative["encoder_hidden_states"].to(text.dtype)
+        negative_len = negative_text.shape[1]
+        filler = text.new_zeros(rows, negative_len, *text.shape[2:])
+        filler[cond_rows] = negative_text
+        changes: dict[str, Any] = {self.text_kwarg: torch.cat([text, filler], dim=1)}
+        positive_mask = arguments.get(self.mask_kwarg) if self.mask_kwarg else None
+        negative_mask = negative.get("encoder_attention_mask")
+        if self.mask_kwarg and (positive_mask is not None or negative_mask is not None):
+            if positive_mask is not None and positive_mask.ndim != 2:
+                raise ValueError(f"NAG expects a (batch, tokens) `{self.mask_kwarg}`, got shape {tuple(positive_mask.shape)}")
+            like = positive_mask if positive_mask is not None else negative_mask
+            if positive_mask is None:
+                positive_mask = like.new_ones(rows, positive_len)
+            mask_filler = like.new_ones(rows, negative_len)
+            if negative_mask is not None:
+                mask_filler[cond_rows] = negative_mask.to(like.dtype)
+            changes[self.mask_kwarg] = torch.cat([positive_mask, mask_filler], dim=1)
+        call = GuidedCall(rows, cond_rows, positive_len, negative_len, positive_len + negative_len)
+        return call, changes
+
+    def _extend_joint(self, arguments, negative, cond_rows):
+        text = arguments[self.text_kwarg]
+        rows, positive_len = text.shape[:2]
+        negative_text = negative["encoder_hidden_states"].to(text.dtype)
+        negative_len = negative_text.shape[1]
+        padded = max(positive_len, negative_len)
+        changes: dict[str, Any] = {
+            self.text_kwarg: torch.cat([pad_tokens(text, padded), pad_tokens(negative_text, padded)])
+        }
+        for key in self.negative_keys:
+            if key == "encoder_hidden_states":
+                continue
+            value = arguments.get(key)
+            if value is None:
+                raise ValueError(f"the denoiser call has no `{key}`; NAG needs it to modulate the negative text")
+            changes[key] = torch.cat([value, negative[key].to(value.dtype)])
+        for key in self.row_kwargs:
+            value = arguments.get(key)
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+                changes[key] = torch.cat([value, value[cond_rows]])
+            elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
+                raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+        if self.text_ids_kwarg and arguments.get(self.text_ids_kwarg) is not None:
+            changes[self.text_ids_kwarg] = _pad_zero_text_ids(arguments[self.text_ids_kwarg], padded)
+        call = GuidedCall(rows, cond_rows, positive_len, negative_len, padded)
+        return call, changes
+
+    def drop_image_rows(self, output: Any, rows: int) -> Any:
+        """After a concatenating block: keep the stock image rows (output ``(text, image)``)."""
+        text, image = output
+        return text, image[:rows]
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family(
+            name="flux",
+            denoisers=("FluxTransformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn", "joint"), (r"single_transformer_blocks\.\d+\.attn", "single")),
+            layout="joint",
+            negative_keys=("encoder_hidden_states", "pooled_projections"),
+            row_kwargs=("timestep", "guidance"),
+            text_ids_kwarg="txt_ids",
+            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+            concatenating_blocks=r"single_transformer_blocks\.\d+",
+        ),
+        Family(
+            name="sd3",
+            denoisers=("SD3Transformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn", "joint"),),
+            layout="joint",
+            negative_keys=("encoder_hidden_states", "pooled_projections"),
+            row_kwargs=("timestep",),
+            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+        ),
+        Family(
+            name="unet",
+            denoisers=("UNet2DConditionModel",),
+            attention=((r".*\.attn2", "cross"),),
+            layout="cross",
+            mask_kwarg="encoder_attention_mask",
+        ),
+        Family(
+            name="pixart",
+            denoisers=("PixArtTransformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn2", "cross"),),
+            layout="cross",
+            mask_kwarg="encoder_attention_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        ),
+        Family(
+            name="sana",
+            denoisers=("SanaTransformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn2", "cross"),),
+            layout="cross",
+            mask_kwarg="encoder_attention_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        ),
+        Family(
+            name="wan",
+            denoisers=("WanTransformer3DModel",),
+            attention=((r"blocks\.\d+\.attn2", "cross"),),
+            layout="cross",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """One pipeline class: its denoiser's family, tuned defaults and ``encode_prompt`` outputs.
+
+    ``encode_outputs`` names each element of ``encode_prompt``'s returned tuple by the
+    denoiser argument it feeds (None: not used by NAG). ``negative_overrides`` are
+    ``encode_prompt`` arguments set when encoding the negative prompt.
+    """
+
+    pipeline: str
+    family: str
+    label: str
+    defaults: FamilyDefaults
+    encode_outputs: tuple[str | None, ...]
+    denoiser_attr: str = "transformer"
+    few_step: bool = False
+    negative_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+_E, _P, _M = "encoder_hidden_states", "pooled_projections", "encoder_attention_mask"
+
+PIPELINES: dict[str, PipelineSpec] = {
+    spec.pipeline: spec
+    for spec in (
+        PipelineSpec("FluxPipeline", "flux", "FLUX.1 (schnell / dev)", FamilyDefaults(5.0, 2.5, 0.25), (_E, _P, None)),
+        PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
+        PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
+        PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),
+        PipelineSpec("PixArtSigmaPipeline", "pixart", "PixArt-Sigma", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
+        PipelineSpec("PixArtAlphaPipeline", "pixart", "PixArt-Alpha", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
+        PipelineSpec("SanaPipeline", "sana", "Sana", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), negative_overrides={"complex_human_instruction": None}),
+        PipelineSpec("SanaSprintPipeline", "sana", "Sana-Sprint", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M), few_step=True, negative_overrides={"complex_human_instruction": None}),
+        PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
+    )
+}
+
+
+def pipeline_spec(pipe: Any) -> PipelineSpec:
+    """The spec for ``pipe``'s class (or a parent class), or a clear error naming what is supported."""
+    for cls in type(pipe).__mro__:
+        spec = PIPELINES.get(cls.__name__)
+        if spec is not None:
+            return spec
+    supported = ", ".join(sorted(PIPELINES))
+    raise NotImplementedError(
+        f"NAG does not support {type(pipe).__name__} yet. Supported pipelines: {supported}."
+    )

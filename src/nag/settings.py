@@ -1,0 +1,78 @@
+"""NAG settings: the knobs, their validation and the per-family defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+__all__ = ["NAGSettings", "FamilyDefaults"]
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """Tuned ``scale``/``tau``/``alpha`` for a model family (scale is ``s``; the paper's phi = s - 1)."""
+
+    scale: float
+    tau: float
+    alpha: float
+
+
+@dataclass(frozen=True)
+class NAGSettings:
+    """Everything that decides what NAG computes.
+
+    Attributes:
+        scale: extrapolation factor ``s`` (1 = off). The paper's phi is ``scale - 1``.
+        tau: bound on how much the guided feature's norm may grow relative to the positive one.
+        alpha: blend between the normalized guided feature (1) and the positive feature (0).
+        start: fraction of the sampling trajectory, counted from the noisy end, at which NAG begins.
+        end: fraction of the trajectory at which NAG stops (``end=0.5`` guides the first half).
+        norm: order ``p`` of the norm used for the ratio (1 or 2).
+        eps: floor on both norms.
+    """
+
+    scale: float
+    tau: float
+    alpha: float
+    start: float = 0.0
+    end: float = 1.0
+    norm: int = 1
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        def finite(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"NAG `{name}` must be a finite number, got {value!r}")
+            return float(value)
+
+        if finite("scale") < 1.0:
+            raise ValueError(
+                f"NAG `scale` must be >= 1 (1 turns guidance off), got {self.scale}. "
+                "Note: scale is s, the paper's phi is s - 1; pass scale = phi + 1."
+            )
+        if finite("tau") <= 0.0:
+            raise ValueError(f"NAG `tau` must be > 0 (typical: 2.5), got {self.tau}")
+        if not 0.0 <= finite("alpha") <= 1.0:
+            raise ValueError(f"NAG `alpha` must lie in [0, 1] (typical: 0.25-0.5), got {self.alpha}")
+        start, end = finite("start"), finite("end")
+        if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+            raise ValueError(f"NAG `start` and `end` must lie in [0, 1], got start={start}, end={end}")
+        if start >= end:
+            raise ValueError(f"NAG `start` must be smaller than `end`, got start={start}, end={end}")
+        if self.norm not in (1, 2) or isinstance(self.norm, bool):
+            raise ValueError(f"NAG `norm` must be 1 (L1, the default) or 2 (L2), got {self.norm!r}")
+        if finite("eps") <= 0.0:
+            raise ValueError(f"NAG `eps` must be > 0, got {self.eps}")
+
+    @property
+    def enabled(self) -> bool:
+        """False when the settings make NAG a no-op (scale 1 or alpha 0)."""
+        return self.scale != 1.0 and self.alpha != 0.0
+
+    def in_window(self, progress: float | None) -> bool:
+        """Whether a step at ``progress`` (fraction of the trajectory done, 0 = noisiest) is guided."""
+        return progress is None or self.start <= progress < self.end
+
+    def with_updates(self, **changes: float) -> "NAGSettings":
+        return replace(self, **changes)
