@@ -212,12 +212,22 @@ class NAGHandle:
         return expanded
 
     def _progress(self, step_index: int) -> float | None:
+        """Fraction of the trajectory done at ``step_index`` of this generation's denoising loop.
+
+        The loop's length is the pipeline's ``_num_timesteps`` (set before the loop), else the
+        scheduler's timestep count; an img2img-style start inside the schedule counts as done.
+        """
         scheduler = getattr(self.pipe, "scheduler", None)
-        timesteps = getattr(scheduler, "timesteps", None)
-        if timesteps is None or len(timesteps) == 0:
-            return None
         begin = getattr(scheduler, "begin_index", None) or 0
-        return (begin + step_index) / len(timesteps)
+        steps = getattr(self.pipe, "_num_timesteps", None)
+        if steps:
+            total = begin + steps
+        else:
+            timesteps = getattr(scheduler, "timesteps", None)
+            if timesteps is None or len(timesteps) == 0:
+                return None
+            total = len(timesteps)
+        return (begin + step_index) / total
 
 
 class _Missing:

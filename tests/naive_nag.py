@@ -1,0 +1,775 @@
+"""Naive, independent reference implementation of Normalized Attention Guidance (NAG, arXiv 2505.21179).
+
+This module is the ground truth the test suite compares the ``nag`` library against.  It deliberately imports
+nothing from ``nag`` and is written plainly from the equations and from reading the diffusers 0.42.1 model code:
+
+* ``naive_combine``                 - the NAG extrapolate / normalise / blend step.
+* ``naive_attention``               - softmax attention written as explicit matmul + softmax.
+* ``naive_cross_attention_forward`` - UNet2DConditionModel (SD1.5 / SDXL), PixArtTransformer2DModel,
+                                      SanaTransformer2DModel, WanTransformer3DModel.  A naive processor is installed
+                                      on every text cross-attention module (``attn2``) for the duration of one stock
+                                      forward call and removed again afterwards.
+* ``naive_flux_forward``            - FluxTransformer2DModel, re-implemented block by block.
+* ``naive_sd3_forward``             - SD3Transformer2DModel (incl. SD3.5 dual attention), re-implemented block by block.
+
+Clarity over speed: every branch is computed separately and the negative text stream is carried alongside the
+single (guided) image stream.
+
+Conventions used throughout:
+* ``rows`` / ``cond_rows``: the batch indices that are guided.  Rows not listed are computed exactly as the stock
+  model would.  Negative tensors carry one row per guided row, in the order of ``rows``.
+* q / k / v tensors are laid out (batch, tokens, heads, head_dim) unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# NAG math
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def naive_combine(z_pos, z_neg, scale, tau, alpha, p=1, eps=1e-6):
+    """NAG combination of the positive and negative attention outputs (before the output projection).
+
+    z_tilde = scale * z_pos - (scale - 1) * z_neg
+    r       = max(||z_tilde||_p, eps) / max(||z_pos||_p, eps)        (per token, over the whole last dim)
+    z_hat   = z_tilde * min(r, tau) / r
+    out     = alpha * z_hat + (1 - alpha) * z_pos
+
+    Everything is computed in float32 and cast back to ``z_pos.dtype``.
+    """
+    out_dtype = z_pos.dtype
+    zp = z_pos.float()
+    zn = z_neg.float()
+
+    z_tilde = scale * zp - (scale - 1.0) * zn
+
+    norm_pos = torch.linalg.vector_norm(zp, ord=p, dim=-1, keepdim=True).clamp_min(eps)
+    norm_tilde = torch.linalg.vector_norm(z_tilde, ord=p, dim=-1, keepdim=True).clamp_min(eps)
+    ratio = norm_tilde / norm_pos
+
+    capped_ratio = torch.minimum(ratio, torch.full_like(ratio, float(tau)))
+    z_hat = z_tilde * capped_ratio / ratio
+
+    out = alpha * z_hat + (1.0 - alpha) * zp
+    return out.to(out_dtype)
+
+
+def naive_attention(q, k, v, bias=None):
+    """Plain softmax attention.
+
+    q: (B, Sq, H, D), k / v: (B, Sk, H, D); bias: additive, broadcastable to (B, H, Sq, Sk).
+    Scale is 1 / sqrt(D) (what F.scaled_dot_product_attention uses by default, i.e. what every stock processor
+    touched here uses).  Computed in float32; returns (B, Sq, H * D) in q's dtype.
+    """
+    dtype = q.dtype
+    head_dim = q.shape[-1]
+    qh = q.transpose(1, 2).float()  # (B, H, Sq, D)
+    kh = k.transpose(1, 2).float()
+    vh = v.transpose(1, 2).float()
+
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, Sq, Sk)
+    if bias is not None:
+        scores = scores + bias.float()
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, vh)  # (B, H, Sq, D)
+
+    out = out.transpose(1, 2)  # (B, Sq, H, D)
+    out = out.reshape(out.shape[0], out.shape[1], -1)
+    return out.to(dtype)
+
+
+def _guided_attention(q, k_pos, v_pos, bias_pos, k_neg, v_neg, bias_neg, rows, nag):
+    """Attention for all rows with the positive keys; for ``rows`` NAG-combine with the negative keys.
+
+    q: (B, Sq, H, D); k_neg / v_neg have len(rows) rows.  Returns (B, Sq, H * D) (before the output projection).
+    """
+    z_pos = naive_attention(q, k_pos, v_pos, bias_pos)
+    if k_neg is None or len(rows) == 0:
+        return z_pos
+    z_neg = naive_attention(q[rows], k_neg, v_neg, bias_neg)
+    out = z_pos.clone()
+    out[rows] = naive_combine(z_pos[rows], z_neg, **nag)
+    return out
+
+
+def _rows_or_all(cond_rows, batch_size):
+    if cond_rows is None:
+        return list(range(batch_size))
+    rows = [int(r) for r in cond_rows]
+    if len(set(rows)) != len(rows) or any(r < 0 or r >= batch_size for r in rows):
+        raise ValueError(f"bad cond_rows {cond_rows} for batch size {batch_size}")
+    return rows
+
+
+def _split_heads(x, heads):
+    """(B, S, H * D) -> (B, S, H, D)."""
+    return x.reshape(x.shape[0], x.shape[1], heads, x.shape[-1] // heads)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cross-attention models: UNet (SD1.5 / SDXL), PixArt, Sana, Wan
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Which stock processor each kind's ``attn2`` is expected to carry; the naive processor re-implements that one.
+_EXPECTED_STOCK_PROCESSORS = {
+    "unet": ("AttnProcessor2_0",),
+    "pixart": ("AttnProcessor2_0",),
+    "sana": ("SanaAttnProcessor2_0",),
+    "wan": ("WanAttnProcessor",),
+}
+
+
+def _mask_bias_4d(mask, key_len):
+    """Additive bias as the stock processors shape it: (B, L) or (B, 1|Sq, L) -> broadcastable (B, 1, 1|Sq, L).
+
+    (``Attention.prepare_attention_mask`` repeats the (B, 1, L) bias per head and views it as (B, H, 1, L); a
+    broadcast over the head dimension is the same thing.)
+    """
+    if mask is None:
+        return None
+    if mask.shape[-1] != key_len:
+        # stock prepare_attention_mask would zero-pad here; not a case the reference supports
+        raise NotImplementedError(f"attention mask length {mask.shape[-1]} != key length {key_len}")
+    if mask.ndim == 2:
+        return mask[:, None, None, :]
+    if mask.ndim == 3:
+        return mask[:, None, :, :]
+    return mask
+
+
+class _NaiveCrossAttnProcessor:
+    """Naive replacement for the stock processor of a text cross-attention module, with NAG on ``rows``.
+
+    ``style`` picks which stock processor is re-implemented:
+      "attn2_0" - diffusers AttnProcessor2_0 (UNet, PixArt)
+      "sana"    - SanaAttnProcessor2_0 (q/k norms on the flat projections, rescale_output_factor, no residual)
+      "wan"     - WanAttnProcessor (RMS q/k norms across heads before the heads split, no mask)
+    The negative context (already run through the model's text preprocessing) and its additive bias are captured
+    here before the forward call.
+    """
+
+    def __init__(self, style, neg_context, neg_bias, rows, nag):
+        self.style = style
+        self.neg_context = neg_context
+        self.neg_bias = neg_bias
+        self.rows = rows
+        self.nag = nag
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if self.style == "attn2_0":
+            return self._attn2_0(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs.get("temb"))
+        if self.style == "sana":
+            return self._sana(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if self.style == "wan":
+            return self._wan(attn, hidden_states, encoder_hidden_states, attention_mask)
+        raise ValueError(self.style)
+
+    def _guided(self, encoder_hidden_states):
+        """Whether this call is a text cross-attention that gets NAG."""
+        return encoder_hidden_states is not None and self.neg_context is not None and len(self.rows) > 0
+
+    # -- diffusers AttnProcessor2_0 ------------------------------------------------------------------------------
+    def _attn2_0(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        guided = self._guided(encoder_hidden_states)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        else:
+            context = encoder_hidden_states
+
+        heads = attn.heads
+
+        def project_kv(ctx):
+            k = _split_heads(attn.to_k(ctx), heads)
+            v = _split_heads(attn.to_v(ctx), heads)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            return k, v
+
+        q = _split_heads(attn.to_q(hidden_states), heads)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        k, v = project_kv(context)
+        bias = _mask_bias_4d(attention_mask, k.shape[1])
+
+        k_neg = v_neg = bias_neg = None
+        if guided:
+            neg_context = self.neg_context
+            if attn.norm_cross:
+                neg_context = attn.norm_encoder_hidden_states(neg_context)
+            k_neg, v_neg = project_kv(neg_context)
+            bias_neg = _mask_bias_4d(self.neg_bias, k_neg.shape[1])
+
+        out = _guided_attention(q, k, v, bias, k_neg, v_neg, bias_neg, self.rows if guided else [], self.nag)
+
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        out = out / attn.rescale_output_factor
+        return out
+
+    # -- SanaAttnProcessor2_0 --------------------------------------------------------------------------------------
+    def _sana(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        guided = self._guided(encoder_hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        heads = attn.heads
+
+        def project_kv(ctx):
+            k = attn.to_k(ctx)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)  # Sana normalises the flat projection (before the heads split)
+            return _split_heads(k, heads), _split_heads(attn.to_v(ctx), heads)
+
+        q = attn.to_q(hidden_states)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        q = _split_heads(q, heads)
+        k, v = project_kv(context)
+        bias = _mask_bias_4d(attention_mask, k.shape[1])
+
+        k_neg = v_neg = bias_neg = None
+        if guided:
+            k_neg, v_neg = project_kv(self.neg_context)
+            bias_neg = _mask_bias_4d(self.neg_bias, k_neg.shape[1])
+
+        out = _guided_attention(q, k, v, bias, k_neg, v_neg, bias_neg, self.rows if guided else [], self.nag)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        out = out / attn.rescale_output_factor
+        return out
+
+    # -- WanAttnProcessor (text-to-video cross attention) -------------------------------------------------------
+    def _wan(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        if attn.add_k_proj is not None:
+            raise NotImplementedError("naive reference: Wan image-to-video cross attention (add_k_proj) not supported")
+        guided = self._guided(encoder_hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        heads = attn.heads
+
+        def project_kv(ctx):
+            k = attn.norm_k(attn.to_k(ctx))  # RMS norm across all heads, before the heads split
+            return _split_heads(k, heads), _split_heads(attn.to_v(ctx), heads)
+
+        q = _split_heads(attn.norm_q(attn.to_q(hidden_states)), heads)
+        k, v = project_kv(context)
+        bias = _mask_bias_4d(attention_mask, k.shape[1])
+
+        k_neg = v_neg = None
+        if guided:
+            k_neg, v_neg = project_kv(self.neg_context)
+
+        out = _guided_attention(q, k, v, bias, k_neg, v_neg, None, self.rows if guided else [], self.nag)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        return out
+
+
+def _preprocess_negative_context(model, kind, neg):
+    """Apply to the negative text exactly the preprocessing the model applies to its ``encoder_hidden_states``."""
+    if kind == "unet":
+        if getattr(model, "encoder_hid_proj", None) is not None:
+            raise NotImplementedError("naive reference: UNet with encoder_hid_proj is not supported")
+        return neg
+    if kind == "pixart":
+        if model.caption_projection is not None:
+            neg = model.caption_projection(neg)
+            neg = neg.view(neg.shape[0], -1, model.inner_dim)
+        return neg
+    if kind == "sana":
+        neg = model.caption_projection(neg)
+        neg = neg.view(neg.shape[0], -1, neg.shape[-1])
+        neg = model.caption_norm(neg)
+        return neg
+    if kind == "wan":
+        return model.condition_embedder.text_embedder(neg)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _negative_bias(kind, neg_mask, dtype):
+    """The model's mask treatment applied to the negative mask: 0/1 (B, L) -> additive (1 - m) * -10000, (B, 1, L)."""
+    if neg_mask is None:
+        return None
+    if kind == "wan":
+        raise ValueError("WanTransformer3DModel takes no encoder attention mask")
+    if neg_mask.ndim == 2:
+        bias = (1 - neg_mask.to(dtype)) * -10000.0
+        return bias.unsqueeze(1)
+    return neg_mask  # already a bias
+
+
+def _text_cross_attention_modules(model):
+    """Every ``attn2`` module (the text cross attention of the transformer blocks)."""
+    modules = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "attn2" and hasattr(module, "processor"):
+            modules.append((name, module))
+    return modules
+
+
+def naive_cross_attention_forward(
+    model,
+    kind,
+    forward_kwargs,
+    neg_encoder_hidden_states,
+    neg_encoder_attention_mask=None,
+    scale=1.0,
+    tau=2.5,
+    alpha=0.25,
+    p=1,
+    cond_rows=None,
+):
+    """Stock forward of a cross-attention model with naive NAG processors on every text cross attention.
+
+    model: UNet2DConditionModel ("unet"), PixArtTransformer2DModel ("pixart"), SanaTransformer2DModel ("sana") or
+    WanTransformer3DModel ("wan").  forward_kwargs: the stock model's forward kwargs.  The negative text
+    (``neg_encoder_hidden_states``, raw, one row per guided row) and its 0/1 mask (or None) go through the same
+    preprocessing as the positive.  ``neg_encoder_hidden_states=None`` gives the stock output (naive attention).
+    Returns the output tensor.
+    """
+    if kind not in _EXPECTED_STOCK_PROCESSORS:
+        raise ValueError(f"unknown kind {kind!r}")
+    kwargs = dict(forward_kwargs)
+    x = kwargs["sample"] if kind == "unet" else kwargs["hidden_states"]
+    rows = _rows_or_all(cond_rows, x.shape[0])
+
+    neg_context = neg_bias = None
+    if neg_encoder_hidden_states is not None and len(rows) > 0:
+        if neg_encoder_hidden_states.shape[0] != len(rows):
+            raise ValueError("negative tensors must have one row per guided row")
+        if neg_encoder_hidden_states.shape[1] == 0:
+            raise ValueError("empty negative text")
+        neg_context = _preprocess_negative_context(model, kind, neg_encoder_hidden_states)
+        neg_bias = _negative_bias(kind, neg_encoder_attention_mask, x.dtype)
+
+    style = {"unet": "attn2_0", "pixart": "attn2_0", "sana": "sana", "wan": "wan"}[kind]
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    processor = _NaiveCrossAttnProcessor(style, neg_context, neg_bias, rows, nag)
+
+    modules = _text_cross_attention_modules(model)
+    if not modules:
+        raise ValueError("model has no attn2 modules")
+    for name, module in modules:
+        stock_name = type(module.processor).__name__
+        if stock_name not in _EXPECTED_STOCK_PROCESSORS[kind]:
+            raise RuntimeError(
+                f"{name} carries {stock_name}, expected {_EXPECTED_STOCK_PROCESSORS[kind]} (is something else installed?)"
+            )
+
+    originals = [(module, module.processor) for _, module in modules]
+    try:
+        for module, _ in originals:
+            module.set_processor(processor)
+        kwargs["return_dict"] = False
+        out = model(**kwargs)[0]
+    finally:
+        for module, original in originals:
+            module.set_processor(original)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared pieces for the joint-attention models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _ada_params(norm_module, temb, n):
+    """AdaLayerNormZero / ...Single / SD35AdaLayerNormZeroX: linear(silu(temb)) chunked into n (B, dim) pieces."""
+    return norm_module.linear(F.silu(temb)).chunk(n, dim=1)
+
+
+def _ada_continuous(norm_module, x, temb):
+    """AdaLayerNormContinuous: linear(silu(temb)) -> (scale, shift)  (note the order), then norm(x)*(1+scale)+shift."""
+    scale, shift = norm_module.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)
+    return _modulate(norm_module.norm(x), shift, scale)
+
+
+def _per_row(t, batch_size, rows, name):
+    """Select the guided rows of a per-sample conditioning tensor (timestep / guidance)."""
+    t = t.reshape(-1)
+    if t.numel() == 1:
+        return t.expand(len(rows))
+    if t.shape[0] != batch_size:
+        raise ValueError(f"{name} has {t.shape[0]} entries for batch size {batch_size}")
+    return t[rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flux
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _flux_rope(x, cos, sin):
+    """Flux rotary embedding on (B, S, H, D) with tables (S, D): interleaved (real, imag) pairs."""
+    x_pairs = x.reshape(*x.shape[:-1], -1, 2)
+    x_real, x_imag = x_pairs[..., 0], x_pairs[..., 1]
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    cos = cos[None, :, None, :].to(x.device)
+    sin = sin[None, :, None, :].to(x.device)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def _flux_image_qkv(attn, x):
+    q = attn.norm_q(_split_heads(attn.to_q(x), attn.heads))
+    k = attn.norm_k(_split_heads(attn.to_k(x), attn.heads))
+    v = _split_heads(attn.to_v(x), attn.heads)
+    return q, k, v
+
+
+def _flux_text_qkv(attn, c):
+    q = attn.norm_added_q(_split_heads(attn.add_q_proj(c), attn.heads))
+    k = attn.norm_added_k(_split_heads(attn.add_k_proj(c), attn.heads))
+    v = _split_heads(attn.add_v_proj(c), attn.heads)
+    return q, k, v
+
+
+def _flux_joint_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, rope):
+    """Attention over [text, image] (Flux order) with RoPE; returns (text rows, image rows), before projections."""
+    cos, sin = rope
+    q = _flux_rope(torch.cat([q_txt, q_img], dim=1), cos, sin)
+    k = _flux_rope(torch.cat([k_txt, k_img], dim=1), cos, sin)
+    v = torch.cat([v_txt, v_img], dim=1)
+    out = naive_attention(q, k, v).to(q.dtype)
+    n_txt = q_txt.shape[1]
+    return out[:, :n_txt], out[:, n_txt:]
+
+
+def _flux_text_tail(block, txt, txt_attn, c_params):
+    """Text path of a Flux double block after attention, with the text stream's own modulation params."""
+    _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_params
+    txt = txt + c_gate_msa[:, None] * txt_attn
+    normed = _modulate(block.norm2_context(txt), c_shift_mlp, c_scale_mlp)
+    txt = txt + c_gate_mlp[:, None] * block.ff_context(normed)
+    if txt.dtype == torch.float16:
+        txt = txt.clip(-65504, 65504)
+    return txt
+
+
+def _flux_double_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag):
+    attn = block.attn
+    guided = txt_neg is not None
+
+    # modulation: image and positive text with temb, negative text with temb_neg
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_params(block.norm1, temb, 6)
+    img_n = _modulate(block.norm1.norm(img), shift_msa, scale_msa)
+    c_params = _ada_params(block.norm1_context, temb, 6)
+    txt_n = _modulate(block.norm1_context.norm(txt), c_params[0], c_params[1])
+
+    q_img, k_img, v_img = _flux_image_qkv(attn, img_n)
+    q_txt, k_txt, v_txt = _flux_text_qkv(attn, txt_n)
+    txt_attn, img_attn = _flux_joint_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, rope)
+
+    if guided:
+        cn_params = _ada_params(block.norm1_context, temb_neg, 6)
+        txtn_n = _modulate(block.norm1_context.norm(txt_neg), cn_params[0], cn_params[1])
+        qn_txt, kn_txt, vn_txt = _flux_text_qkv(attn, txtn_n)
+        txtn_attn, img_attn_neg = _flux_joint_attention(
+            qn_txt, kn_txt, vn_txt, q_img[rows], k_img[rows], v_img[rows], rope_neg
+        )
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+
+    # image path
+    img_attn = attn.to_out[1](attn.to_out[0](img_attn))
+    img = img + gate_msa[:, None] * img_attn
+    normed = _modulate(block.norm2(img), shift_mlp, scale_mlp)
+    img = img + gate_mlp[:, None] * block.ff(normed)
+
+    # text paths
+    txt = _flux_text_tail(block, txt, attn.to_add_out(txt_attn), c_params)
+    if guided:
+        txt_neg = _flux_text_tail(block, txt_neg, attn.to_add_out(txtn_attn), cn_params)
+    return img, txt, txt_neg
+
+
+def _flux_single_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag):
+    """Flux single-stream block.  Stock: x = cat([text, image]); norm; attn (no out proj) || MLP; proj_out(cat)."""
+    attn = block.attn
+    guided = txt_neg is not None
+    n_txt = txt.shape[1]
+
+    shift, scale, gate = _ada_params(block.norm, temb, 3)
+    x = torch.cat([txt, img], dim=1)
+    x_n = _modulate(block.norm.norm(x), shift, scale)
+    txt_n, img_n = x_n[:, :n_txt], x_n[:, n_txt:]
+    mlp = block.act_mlp(block.proj_mlp(x_n))
+
+    q_txt, k_txt, v_txt = _flux_image_qkv(attn, txt_n)  # single blocks use to_q/k/v for all tokens
+    q_img, k_img, v_img = _flux_image_qkv(attn, img_n)
+    txt_attn, img_attn = _flux_joint_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, rope)
+
+    if guided:
+        shift_n, scale_n, gate_n = _ada_params(block.norm, temb_neg, 3)
+        txtn_n = _modulate(block.norm.norm(txt_neg), shift_n, scale_n)
+        qn_txt, kn_txt, vn_txt = _flux_image_qkv(attn, txtn_n)
+        txtn_attn, img_attn_neg = _flux_joint_attention(
+            qn_txt, kn_txt, vn_txt, q_img[rows], k_img[rows], v_img[rows], rope_neg
+        )
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+
+    attn_out = torch.cat([txt_attn, img_attn], dim=1)
+    x = x + gate[:, None] * block.proj_out(torch.cat([attn_out, mlp], dim=2))
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    txt, img = x[:, :n_txt], x[:, n_txt:]
+
+    if guided:
+        mlp_neg = block.act_mlp(block.proj_mlp(txtn_n))
+        txt_neg = txt_neg + gate_n[:, None] * block.proj_out(torch.cat([txtn_attn, mlp_neg], dim=2))
+        if txt_neg.dtype == torch.float16:
+            txt_neg = txt_neg.clip(-65504, 65504)
+    return img, txt, txt_neg
+
+
+def naive_flux_forward(
+    transformer,
+    hidden_states,
+    encoder_hidden_states,
+    pooled_projections,
+    timestep,
+    img_ids,
+    txt_ids,
+    guidance,
+    neg_encoder_hidden_states,
+    neg_pooled_projections,
+    neg_txt_ids,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+):
+    """FluxTransformer2DModel forward with NAG, re-implemented block by block.
+
+    Inputs as for ``transformer(...)`` (hidden_states (B, N, C) packed latents, txt_ids / img_ids (L, 3) or
+    deprecated (B, L, 3)).  neg_*: one row per guided row; ``neg_txt_ids=None`` means zeros of the negative text
+    length (what the Flux pipelines use).  ``neg_encoder_hidden_states=None`` gives the stock output.
+    Returns the model output (same as ``transformer(...).sample``).
+    """
+    tr = transformer
+    batch_size = hidden_states.shape[0]
+    rows = _rows_or_all(cond_rows, batch_size)
+    guided = neg_encoder_hidden_states is not None and len(rows) > 0
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+
+    img = tr.x_embedder(hidden_states)
+    dtype = img.dtype
+
+    # conditioning: positive for every row, negative (own pooled embedding) for the guided rows
+    t = timestep.to(dtype) * 1000
+    g = guidance.to(dtype) * 1000 if guidance is not None else None
+    if g is None:
+        temb = tr.time_text_embed(t, pooled_projections)
+    else:
+        temb = tr.time_text_embed(t, g, pooled_projections)
+    txt = tr.context_embedder(encoder_hidden_states)
+
+    if txt_ids.ndim == 3:
+        txt_ids = txt_ids[0]
+    if img_ids.ndim == 3:
+        img_ids = img_ids[0]
+    rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+
+    txt_neg = temb_neg = rope_neg = None
+    if guided:
+        if neg_encoder_hidden_states.shape[0] != len(rows):
+            raise ValueError("negative tensors must have one row per guided row")
+        t_neg = _per_row(t, batch_size, rows, "timestep")
+        if g is None:
+            temb_neg = tr.time_text_embed(t_neg, neg_pooled_projections)
+        else:
+            temb_neg = tr.time_text_embed(t_neg, _per_row(g, batch_size, rows, "guidance"), neg_pooled_projections)
+        txt_neg = tr.context_embedder(neg_encoder_hidden_states)
+        if neg_txt_ids is None:
+            neg_txt_ids = torch.zeros(
+                neg_encoder_hidden_states.shape[1], txt_ids.shape[-1], dtype=txt_ids.dtype, device=txt_ids.device
+            )
+        if neg_txt_ids.ndim == 3:
+            neg_txt_ids = neg_txt_ids[0]
+        rope_neg = tr.pos_embed(torch.cat([neg_txt_ids, img_ids], dim=0))
+
+    for block in tr.transformer_blocks:
+        img, txt, txt_neg = _flux_double_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag)
+    for block in tr.single_transformer_blocks:
+        img, txt, txt_neg = _flux_single_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag)
+
+    img = _ada_continuous(tr.norm_out, img, temb)
+    return tr.proj_out(img)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SD3 / SD3.5
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sd3_image_qkv(attn, x):
+    q = _split_heads(attn.to_q(x), attn.heads)
+    k = _split_heads(attn.to_k(x), attn.heads)
+    v = _split_heads(attn.to_v(x), attn.heads)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
+def _sd3_text_qkv(attn, c):
+    q = _split_heads(attn.add_q_proj(c), attn.heads)
+    k = _split_heads(attn.add_k_proj(c), attn.heads)
+    v = _split_heads(attn.add_v_proj(c), attn.heads)
+    if attn.norm_added_q is not None:
+        q = attn.norm_added_q(q)
+    if attn.norm_added_k is not None:
+        k = attn.norm_added_k(k)
+    return q, k, v
+
+
+def _sd3_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt):
+    """Attention over [image, text] (SD3 order); returns (image rows, text rows), before projections."""
+    q = torch.cat([q_img, q_txt], dim=1)
+    k = torch.cat([k_img, k_txt], dim=1)
+    v = torch.cat([v_img, v_txt], dim=1)
+    out = naive_attention(q, k, v)
+    n_img = q_img.shape[1]
+    return out[:, :n_img], out[:, n_img:]
+
+
+def _sd3_context_norm(block, txt, temb):
+    """Returns (normalised text, modulation params or None for the context_pre_only last block)."""
+    if block.context_pre_only:
+        return _ada_continuous(block.norm1_context, txt, temb), None
+    c_params = _ada_params(block.norm1_context, temb, 6)
+    return _modulate(block.norm1_context.norm(txt), c_params[0], c_params[1]), c_params
+
+
+def _sd3_text_tail(block, txt, txt_attn, c_params):
+    _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_params
+    txt = txt + c_gate_msa[:, None] * block.attn.to_add_out(txt_attn)
+    normed = _modulate(block.norm2_context(txt), c_shift_mlp, c_scale_mlp)
+    return txt + c_gate_mlp[:, None] * block.ff_context(normed)
+
+
+def _sd3_block(block, img, txt, temb, txt_neg, temb_neg, rows, nag):
+    attn = block.attn
+    guided = txt_neg is not None
+
+    if block.use_dual_attention:
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2) = (
+            _ada_params(block.norm1, temb, 9)
+        )
+        normed = block.norm1.norm(img)
+        img_n = _modulate(normed, shift_msa, scale_msa)
+        img_n2 = _modulate(normed, shift_msa2, scale_msa2)
+    else:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_params(block.norm1, temb, 6)
+        img_n = _modulate(block.norm1.norm(img), shift_msa, scale_msa)
+
+    txt_n, c_params = _sd3_context_norm(block, txt, temb)
+
+    q_img, k_img, v_img = _sd3_image_qkv(attn, img_n)
+    q_txt, k_txt, v_txt = _sd3_text_qkv(attn, txt_n)
+    img_attn, txt_attn = _sd3_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt)
+
+    if guided:
+        txtn_n, cn_params = _sd3_context_norm(block, txt_neg, temb_neg)
+        qn_txt, kn_txt, vn_txt = _sd3_text_qkv(attn, txtn_n)
+        img_attn_neg, txtn_attn = _sd3_joint_attention(q_img[rows], k_img[rows], v_img[rows], qn_txt, kn_txt, vn_txt)
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+
+    # image path
+    img = img + gate_msa[:, None] * attn.to_out[1](attn.to_out[0](img_attn))
+    if block.use_dual_attention:
+        # SD3.5 attn2: image-only self-attention, not guided
+        attn2 = block.attn2
+        q2, k2, v2 = _sd3_image_qkv(attn2, img_n2)
+        out2 = attn2.to_out[1](attn2.to_out[0](naive_attention(q2, k2, v2)))
+        img = img + gate_msa2[:, None] * out2
+    normed = _modulate(block.norm2(img), shift_mlp, scale_mlp)
+    img = img + gate_mlp[:, None] * block.ff(normed)
+
+    # text paths
+    if block.context_pre_only:
+        return img, None, None
+    txt = _sd3_text_tail(block, txt, txt_attn, c_params)
+    if guided:
+        txt_neg = _sd3_text_tail(block, txt_neg, txtn_attn, cn_params)
+    return img, txt, txt_neg
+
+
+def naive_sd3_forward(
+    transformer,
+    hidden_states,
+    encoder_hidden_states,
+    pooled_projections,
+    timestep,
+    neg_encoder_hidden_states,
+    neg_pooled_projections,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+):
+    """SD3Transformer2DModel forward with NAG, re-implemented block by block (SD3 and SD3.5 incl. dual attention).
+
+    hidden_states: (B, C, H, W) latents.  neg_*: one row per guided row.  ``neg_encoder_hidden_states=None`` gives
+    the stock output.  Returns the model output (same as ``transformer(...).sample``).
+    """
+    tr = transformer
+    batch_size = hidden_states.shape[0]
+    rows = _rows_or_all(cond_rows, batch_size)
+    guided = neg_encoder_hidden_states is not None and len(rows) > 0
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+
+    height, width = hidden_states.shape[-2:]
+    img = tr.pos_embed(hidden_states).contiguous()  # patch embedding + cropped sin-cos positions
+    temb = tr.time_text_embed(timestep, pooled_projections)
+    txt = tr.context_embedder(encoder_hidden_states)
+
+    txt_neg = temb_neg = None
+    if guided:
+        if neg_encoder_hidden_states.shape[0] != len(rows):
+            raise ValueError("negative tensors must have one row per guided row")
+        temb_neg = tr.time_text_embed(_per_row(timestep, batch_size, rows, "timestep"), neg_pooled_projections)
+        txt_neg = tr.context_embedder(neg_encoder_hidden_states)
+
+    for block in tr.transformer_blocks:
+        img, txt, txt_neg = _sd3_block(block, img, txt, temb, txt_neg, temb_neg, rows, nag)
+
+    img = _ada_continuous(tr.norm_out, img, temb)
+    img = tr.proj_out(img)
+
+    patch = tr.config.patch_size
+    h, w = height // patch, width // patch
+    img = img.reshape(img.shape[0], h, w, patch, patch, tr.out_channels)
+    img = torch.einsum("nhwpqc->nchpwq", img)
+    return img.reshape(img.shape[0], tr.out_channels, h * patch, w * patch)

@@ -1,0 +1,286 @@
+"""NAG through the whole pipeline path of every supported pipeline (tiny random-weight models).
+
+Each test builds a stock diffusers pipeline, generates with batch 2 (two different prompts),
+and checks an invariant or agreement with the independent implementation in ``naive_nag.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import pytest
+import torch
+
+import naive_nag
+import nag
+import tiny_pipelines as tp
+
+NAMES = ["flux", "flux_dev", "sd3", "sd35", "sdxl", "sd", "pixart_sigma", "pixart_alpha", "sana", "sana_sprint", "wan"]
+PROMPTS = ["a red circle on a blue background", "a small green square"]
+NEGATIVE = "blurry, low quality, ugly watermark text"
+SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
+
+
+@lru_cache(maxsize=None)
+def pipeline(name):
+    return tp.FACTORIES[name]()
+
+
+def generate(pipe, name, cfg=True, prompts=PROMPTS, **overrides):
+    kwargs = tp.call_kwargs(name) if cfg else tp.no_cfg_kwargs(name)
+    if cfg and name.startswith("flux"):  # Flux's true CFG needs its own negative prompt
+        kwargs["negative_prompt"] = ["deformed", "deformed"]
+    kwargs.update(overrides)
+    out = pipe(prompt=list(prompts), generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+    return tp.output_tensor(out)
+
+
+def state_of(pipe):
+    """Everything NAG could leave behind: processors, hooks, instance attributes."""
+    model = tp.denoiser(pipe)
+    processors = tuple((name, id(getattr(m, "processor", None))) for name, m in model.named_modules())
+    hooks = tuple(
+        (name, len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()
+    )
+    return processors, hooks, tuple(sorted(pipe.__dict__))
+
+
+class Recorder:
+    """Records every denoiser call: the stock arguments (by name) and the output."""
+
+    def __init__(self, model):
+        self.model = model
+        self.signature = inspect.signature(model.forward)
+        self.calls = []
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True, prepend=True),
+            model.register_forward_hook(self._after),
+        ]
+
+    def _before(self, module, args, kwargs):
+        bound = self.signature.bind_partial(*args, **kwargs)
+        copy = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in bound.arguments.items()}
+        self.calls.append({"inputs": copy})
+
+    def _after(self, module, args, output):
+        sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        self.calls[-1]["output"] = sample.detach().clone()
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def record(pipe, name, **overrides):
+    recorder = Recorder(tp.denoiser(pipe))
+    try:
+        out = generate(pipe, name, **overrides)
+    finally:
+        recorder.close()
+    return out, recorder.calls
+
+
+def stock(name, cfg=True):
+    return generate(pipeline(name), name, cfg=cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# invariants
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_off_is_bit_identical(name):
+    pipe = pipeline(name)
+    reference = stock(name)
+    with nag.apply(pipe, NEGATIVE, scale=1.0):
+        assert torch.equal(generate(pipe, name), reference)
+    with nag.apply(pipe, NEGATIVE, **{**SETTINGS, "alpha": 0.0}):
+        assert torch.equal(generate(pipe, name), reference)
+    with nag.apply(pipe):  # no negative
+        assert torch.equal(generate(pipe, name), reference)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_negative_equal_to_positive_is_unguided(name):
+    pipe = pipeline(name)
+    reference = stock(name)
+    with nag.apply(pipe, PROMPTS, **SETTINGS) as handle:
+        out = generate(pipe, name)
+        assert handle.guided_calls >= 2
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_negative_prompt_changes_the_output(name):
+    pipe = pipeline(name)
+    reference = stock(name)
+    with nag.apply(pipe, NEGATIVE, **SETTINGS) as handle:
+        out = generate(pipe, name)
+        assert handle.guided_calls == 2  # one guided denoiser call per step
+    assert torch.isfinite(out).all()
+    assert (out - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_removal_restores_everything(name):
+    pipe = pipeline(name)
+    before = state_of(pipe)
+    reference = stock(name)
+
+    handle = nag.apply(pipe, NEGATIVE, **SETTINGS)
+    assert state_of(pipe) != before
+    generate(pipe, name)
+    handle.remove()
+    assert state_of(pipe) == before
+    assert torch.equal(generate(pipe, name), reference)
+
+    nag.apply(pipe, NEGATIVE, **SETTINGS)
+    nag.remove(pipe)
+    assert state_of(pipe) == before
+
+    with nag.apply(pipe, NEGATIVE, **SETTINGS):
+        generate(pipe, name)
+    assert state_of(pipe) == before
+    assert torch.equal(generate(pipe, name), reference)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exception_inside_a_generation_leaves_nothing_behind(name):
+    pipe = pipeline(name)
+    before = state_of(pipe)
+    reference = stock(name)
+    model = tp.denoiser(pipe)
+    text_attention = next(m for n, m in model.named_modules() if n.endswith("attn2") or n.endswith(".attn"))
+    calls = []
+
+    def fail_on_second_call(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure inside the denoiser")
+
+    failure = text_attention.register_forward_pre_hook(fail_on_second_call, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            with nag.apply(pipe, NEGATIVE, **SETTINGS):
+                generate(pipe, name)
+    finally:
+        failure.remove()
+    assert state_of(pipe) == before
+    assert torch.equal(generate(pipe, name), reference)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if tp.has_cfg(n)])
+def test_cfg_unconditional_branch_is_untouched(name):
+    pipe = pipeline(name)
+    _, stock_calls = record(pipe, name)
+    with nag.apply(pipe, NEGATIVE, **SETTINGS):
+        _, guided_calls = record(pipe, name)
+    mode = tp.CFG_INFO[name]["mode"]
+    if mode == "batched":  # [uncond, cond] in one call; the first step has the same inputs in both runs
+        rows = len(PROMPTS)
+        first_stock, first_guided = stock_calls[0]["output"], guided_calls[0]["output"]
+        torch.testing.assert_close(first_guided[:rows], first_stock[:rows], rtol=0, atol=1e-6)
+        assert (first_guided[rows:] - first_stock[rows:]).abs().max() > 1e-4
+    else:  # one call per branch: cond first, then uncond
+        torch.testing.assert_close(guided_calls[1]["output"], stock_calls[1]["output"], rtol=0, atol=1e-6)
+        assert (guided_calls[0]["output"] - stock_calls[0]["output"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_outside_the_window_are_stock(name):
+    pipe = pipeline(name)
+    model = tp.denoiser(pipe)
+    with nag.apply(pipe, NEGATIVE, end=0.5, **SETTINGS) as handle:
+        _, calls = record(pipe, name)
+        assert handle.guided_calls == 1  # 2 steps: only the first is inside [0, 0.5)
+    late = calls[len(calls) // 2 :]  # the second step's calls
+    with torch.no_grad():
+        for call in late:
+            out = model(**{**call["inputs"], "return_dict": False})[0]
+            assert torch.equal(out, call["output"])
+    with nag.apply(pipe, NEGATIVE, start=0.5, **SETTINGS) as handle:
+        record(pipe, name)
+        assert handle.guided_calls == 1
+
+
+@pytest.mark.parametrize("name", ["sd", "flux", "pixart_sigma"])
+def test_num_images_per_prompt_and_negative_list(name):
+    pipe = pipeline(name)
+    with nag.apply(pipe, ["blurry", "watermark text"], **SETTINGS) as handle:
+        out = generate(pipe, name, num_images_per_prompt=2)
+        assert out.shape[0] == 4 and handle.guided_calls == 2
+    with nag.apply(pipe, ["blurry", "watermark text", "a third one"], **SETTINGS):
+        with pytest.raises(ValueError, match="negative_prompt has 3 entries"):
+            generate(pipe, name)
+    assert state_of(pipe) == state_of(pipeline(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement with the naive implementation, through the pipeline path
+# ---------------------------------------------------------------------------------------------
+
+KIND = {"sd": "unet", "sdxl": "unet", "pixart_sigma": "pixart", "pixart_alpha": "pixart", "sana": "sana",
+        "sana_sprint": "sana", "wan": "wan"}
+
+
+def random_negative(name, call_inputs, length_delta):
+    """Negative embeddings of a different token length (and a partial mask where the family has masks)."""
+    g = torch.Generator().manual_seed(7)
+    text = call_inputs["encoder_hidden_states"]
+    rows = len(PROMPTS)
+    length = text.shape[1] + length_delta
+    negative = {"negative_prompt_embeds": torch.randn(rows, length, text.shape[2], generator=g)}
+    if name.startswith(("flux", "sd3")):
+        pooled = call_inputs["pooled_projections"]
+        negative["negative_pooled_prompt_embeds"] = torch.randn(rows, pooled.shape[1], generator=g)
+    if name.startswith(("pixart", "sana")):
+        mask = torch.ones(rows, length)
+        mask[0, -3:] = 0
+        mask[1, -1:] = 0
+        negative["negative_prompt_attention_mask"] = mask
+    return negative
+
+
+def naive_output(name, model, inputs, negative, cond_rows):
+    neg_text = None if negative is None else negative["negative_prompt_embeds"]
+    neg_pooled = None if negative is None else negative.get("negative_pooled_prompt_embeds")
+    if name.startswith("flux"):
+        return naive_nag.naive_flux_forward(
+            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["pooled_projections"],
+            inputs["timestep"], inputs["img_ids"], inputs["txt_ids"], inputs.get("guidance"),
+            neg_text, neg_pooled, None, cond_rows=cond_rows, **{**SETTINGS, "p": 1},
+        )
+    if name.startswith("sd3"):
+        return naive_nag.naive_sd3_forward(
+            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["pooled_projections"],
+            inputs["timestep"], neg_text, neg_pooled, cond_rows=cond_rows, **{**SETTINGS, "p": 1},
+        )
+    neg_mask = None if negative is None else negative.get("negative_prompt_attention_mask")
+    kwargs = {k: v for k, v in inputs.items() if k != "return_dict"}
+    return naive_nag.naive_cross_attention_forward(
+        model, KIND[name], kwargs, neg_text, neg_mask, cond_rows=cond_rows, **{**SETTINGS, "p": 1}
+    )
+
+
+@pytest.mark.parametrize("length_delta", [-3, 5])
+@pytest.mark.parametrize("name", NAMES)
+def test_agrees_with_naive_implementation(name, length_delta):
+    pipe = pipeline(name)
+    model = tp.denoiser(pipe)
+    _, stock_calls = record(pipe, name)
+    negative = random_negative(name, stock_calls[0]["inputs"], length_delta)
+    with nag.apply(pipe, **negative, **SETTINGS):
+        _, calls = record(pipe, name)
+    rows = len(PROMPTS)
+    mode = tp.CFG_INFO[name]["mode"]
+    with torch.no_grad():
+        for index, call in enumerate(calls):
+            batch = call["output"].shape[0]
+            if mode == "sequential" and index % 2 == 1:
+                expected = naive_output(name, model, call["inputs"], None, None)  # uncond call: stock
+            else:
+                cond_rows = list(range(batch - rows, batch))
+                expected = naive_output(name, model, call["inputs"], negative, cond_rows)
+            torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)

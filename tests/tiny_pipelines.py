@@ -1,0 +1,814 @@
+"""Tiny, random-weight, fully offline builds of stock diffusers pipelines for tests.
+
+Every factory returns an instance of the *real* diffusers pipeline class (no subclass), built from
+configs only (no ``from_pretrained``, no hub access, no files), on CPU in float32.  Every module is
+constructed right after a ``torch.manual_seed`` call, inside ``torch.random.fork_rng`` so building a
+pipeline does not disturb the caller's global RNG state.  Two builds of the same factory therefore
+have bit-identical weights.
+
+Usage::
+
+    import tiny_pipelines as tp   # tests/ is on sys.path (tests/conftest.py)
+
+    pipe = tp.FACTORIES["sd3"]()
+    out = pipe(
+        prompt=["a red circle on a blue background", "a cat"],
+        generator=torch.Generator("cpu").manual_seed(0),
+        **tp.negative_kwargs("sd3", "blurry, low quality", 2),   # {} for sana_sprint
+        **tp.call_kwargs("sd3"),        # CFG on; tp.no_cfg_kwargs("sd3") for CFG off
+    )
+    images = tp.output_tensor(out)      # (B, C, H, W), or (B, F, C, H, W) for wan
+
+Tokenizers
+----------
+All tokenizers are built from in-memory vocabularies: a word list (``WORDS``) plus single-character
+fallback pieces, so *any* English prompt tokenizes; known words become one token, unknown words fall
+back to (mostly) characters.  Different prompts give different ids; longer prompts give more
+non-padding tokens.
+
+* ``CLIPTokenizer(vocab=..., merges=...)``: byte-level BPE; merges come from a small deterministic BPE
+  training on ``WORDS`` (pure Python, ~10 ms), so every word of ``WORDS`` is one token
+  (bos ``<|startoftext|>`` = 0, eos = pad = unk = ``<|endoftext|>`` = 1). Lower-cases its input.
+  ``model_max_length`` = ``CLIP_MAX_LENGTH`` (32, not 77).
+* ``T5Tokenizer(vocab=[(piece, score), ...], extra_ids=0)``: Unigram (pad 0, eos 1, unk 2). Case
+  sensitive (upper-case letters are in the vocab as single chars).
+* ``GemmaTokenizer(vocab=..., merges=...)``: BPE with "▁" word prefix, adds ``<bos>``; pad 0.
+
+Output type
+-----------
+``call_kwargs`` uses ``output_type="pt"`` for every pipeline: decoding with the tiny VAEs is cheap.
+Image pipelines then return ``.images`` as a float tensor (B, 3, H, W) in [0, 1]; ``wan`` returns
+``.frames`` as a float tensor (B, F, 3, H, W) in [0, 1].  ``output_tensor(out)`` fetches either.
+Pass ``output_type="latent"`` to skip decoding (then values are unclamped latents).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------------------
+
+WORDS: tuple[str, ...] = tuple(
+    """
+    a an the of on in at to with and or by for from over under near behind front top bottom left right
+    red green blue yellow orange purple pink white black gray grey brown gold silver colorful dark light
+    bright circle square triangle star heart line dot shape background foreground sky sea ocean water
+    river lake mountain mountains forest tree trees flower flowers grass field garden city street house
+    building castle room table chair window door road car bus train boat ship plane bird birds cat cats
+    dog dogs horse fish animal person people man woman girl boy child face eyes hair hand portrait
+    photo photograph painting drawing sketch illustration render art style cartoon anime realistic
+    detailed high quality low blurry blur noisy noise ugly bad worst best beautiful cute small large big
+    tiny huge old new happy sad sun moon night day morning evening sunset sunrise light shadow snow rain
+    cloud clouds fire smoke glass metal wood stone wooden golden sitting standing running flying walking
+    eating wearing holding hat dress shirt apple banana pizza cake coffee cup book computer robot
+    astronaut space planet galaxy futuristic vintage watermark text signature jpeg artifacts deformed
+    distorted extra missing fingers limbs cropped out frame lowres is are very with dance monkey
+    squirrel burger cactus desert
+    """.split()
+)
+
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+_UPPER = _LOWER.upper()
+_DIGITS = "0123456789"
+_PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+CLIP_MAX_LENGTH = 32
+
+
+def _train_bpe(words: list[list[str]]) -> list[tuple[str, str]]:
+    """Deterministic BPE training (every word has frequency 1; ties broken lexicographically).
+
+    Trains until every word is a single symbol, so each training word encodes to exactly one token.
+    """
+    import heapq
+
+    words = [list(w) for w in words]
+    pair_count: dict[tuple[str, str], int] = {}
+    pair_words: dict[tuple[str, str], set[int]] = {}
+
+    def pairs_of(w):
+        return list(zip(w[:-1], w[1:]))
+
+    def add_pairs(i, sign):
+        touched = set()
+        for p in pairs_of(words[i]):
+            pair_count[p] = pair_count.get(p, 0) + sign
+            if sign > 0:
+                pair_words.setdefault(p, set()).add(i)
+            touched.add(p)
+        return touched
+
+    for i in range(len(words)):
+        add_pairs(i, +1)
+    heap = [(-c, p) for p, c in pair_count.items()]
+    heapq.heapify(heap)
+    merges = []
+    while heap:
+        negc, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -negc or negc == 0:
+            continue
+        merges.append(pair)
+        touched = set()
+        for i in sorted(pair_words.pop(pair, ())):
+            w = words[i]
+            if pair not in set(pairs_of(w)):
+                continue
+            touched |= add_pairs(i, -1)
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
+                    out.append(w[j] + w[j + 1])
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+            touched |= add_pairs(i, +1)
+        pair_count[pair] = 0
+        for p in sorted(touched):
+            if pair_count.get(p, 0) > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+    return merges
+
+
+def _bpe_tables(
+    specials: list[str], chars: list[str], words: list[list[str]]
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    vocab: dict[str, int] = {}
+    for tok in list(specials) + list(chars) + [s for w in words for s in w]:
+        vocab.setdefault(tok, len(vocab))
+    merges = _train_bpe(words)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return vocab, merges
+
+
+def make_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
+    from transformers import CLIPTokenizer
+
+    # CLIP lower-cases, splits on whitespace/letters/digits/punctuation runs, appends "</w>" to the last
+    # symbol of every pre-token. ASCII printable chars map to themselves in the byte-level alphabet.
+    chars = []
+    for c in _LOWER + _DIGITS + _PUNCT:
+        chars += [c, c + "</w>"]
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in WORDS if len(w) > 1]
+    vocab, merges = _bpe_tables(["<|startoftext|>", "<|endoftext|>"], chars, words)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=model_max_length,
+    )
+
+
+def make_t5_tokenizer(model_max_length: int = 64):
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
+    for w in WORDS:
+        pieces.append(("▁" + w, -2.0))
+    for c in _LOWER + _UPPER + _DIGITS + _PUNCT:
+        pieces.append(("▁" + c, -8.0))
+        pieces.append((c, -8.0))
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def make_gemma_tokenizer(model_max_length: int = 64):
+    from transformers import GemmaTokenizer
+
+    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["▁"]
+    words = []
+    for w in WORDS:
+        words.append(["▁"] + list(w))  # word preceded by a space
+        if len(w) > 1:
+            words.append(list(w))  # first word of a prompt (no leading space)
+    vocab, merges = _bpe_tables(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], chars, words)
+    return GemmaTokenizer(
+        vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True, add_eos_token=False
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Text encoders
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0):
+    """Fork the CPU RNG (caller's global RNG state is restored on exit) and seed it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _clip_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # != 2, so pooling takes the first eos position
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_clip(seed: int = 0, hidden_size: int = 32, projection_dim: int = 32, with_projection: bool = False):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = make_clip_tokenizer()
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    with _seeded(seed):
+        model = cls(_clip_config(tok, hidden_size, projection_dim))
+    return tok, model.eval()
+
+
+def make_t5(seed: int = 0, d_model: int = 32, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    tok = make_t5_tokenizer()
+    cfg_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    cfg = cfg_cls(
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    with _seeded(seed):
+        model = model_cls(cfg)
+    return tok, model.eval()
+
+
+def make_gemma2(seed: int = 0, hidden_size: int = 32):
+    from transformers import Gemma2Config, Gemma2Model
+
+    tok = make_gemma_tokenizer()
+    cfg = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        max_position_embeddings=256,
+        sliding_window=64,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    with _seeded(seed):
+        model = Gemma2Model(cfg)
+    return tok, model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# VAEs
+# --------------------------------------------------------------------------------------------------
+
+
+def make_vae_kl(seed: int = 0, latent_channels: int = 4, **kw):
+    """AutoencoderKL with 2 blocks -> vae_scale_factor 2."""
+    from diffusers import AutoencoderKL
+
+    cfg = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    cfg.update(kw)
+    with _seeded(seed):
+        vae = AutoencoderKL(**cfg)
+    return vae.eval()
+
+
+def make_vae_dc(seed: int = 0, latent_channels: int = 4):
+    """AutoencoderDC with 2 blocks -> vae_scale_factor 2."""
+    from diffusers import AutoencoderDC
+
+    with _seeded(seed):
+        vae = AutoencoderDC(
+            in_channels=3,
+            latent_channels=latent_channels,
+            attention_head_dim=2,
+            encoder_block_types=("ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "EfficientViTBlock"),
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            encoder_qkv_multiscales=((), (5,)),
+            decoder_qkv_multiscales=((), (5,)),
+            encoder_layers_per_block=(1, 1),
+            decoder_layers_per_block=(1, 1),
+            downsample_block_type="conv",
+            upsample_block_type="interpolate",
+            decoder_norm_types="rms_norm",
+            decoder_act_fns="silu",
+            scaling_factor=0.41407,
+        )
+    return vae.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------------------------------
+
+
+def _finish(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")
+
+
+def flux(guidance_embeds: bool = False):
+    """FluxPipeline. ``guidance_embeds=False``: schnell-style; ``True``: dev-style (guidance embedding)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, text_encoder = make_clip(seed=0, hidden_size=32)
+    tokenizer_2, text_encoder_2 = make_t5(seed=1, d_model=32)
+    with _seeded(2):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 * vae latent_channels (2x2 packing)
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # T5 d_model
+            pooled_projection_dim=32,  # CLIP hidden size (pooler_output)
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+        ).eval()
+    vae = make_vae_kl(
+        seed=3,
+        latent_channels=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    return _finish(
+        FluxPipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+        )
+    )
+
+
+def flux_dev():
+    return flux(guidance_embeds=True)
+
+
+def sd3(dual_attention: bool = False):
+    """StableDiffusion3Pipeline. ``dual_attention=True``: SD3.5-style (dual attention in layer 0, RMS qk-norm)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, text_encoder = make_clip(seed=0, hidden_size=16, projection_dim=16, with_projection=True)
+    tokenizer_2, text_encoder_2 = make_clip(seed=1, hidden_size=16, projection_dim=16, with_projection=True)
+    # The pipeline concatenates the two CLIP hidden states on features (16 + 16) and zero-pads them to the
+    # T5 width; here 16 + 16 == 32 == T5 d_model, so the padding is empty.
+    tokenizer_3, text_encoder_3 = make_t5(seed=2, d_model=32)
+    extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if dual_attention else {}
+    with _seeded(3):
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,  # 16 + 16 (text_embeds of both CLIPs)
+            out_channels=4,
+            pos_embed_max_size=32,
+            **extra,
+        ).eval()
+    vae = make_vae_kl(
+        seed=4, latent_channels=4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    return _finish(
+        StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+    )
+
+
+def sd35():
+    return sd3(dual_attention=True)
+
+
+def _tiny_unet(seed: int, cross_attention_dim: int, **kw):
+    from diffusers import UNet2DConditionModel
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=(2, 4),
+            norm_num_groups=8,
+            **kw,
+        )
+    return unet.eval()
+
+
+def sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer, text_encoder = make_clip(seed=0, hidden_size=32)
+    tokenizer_2, text_encoder_2 = make_clip(seed=1, hidden_size=32, projection_dim=32, with_projection=True)
+    unet = _tiny_unet(
+        2,
+        cross_attention_dim=64,  # 32 + 32 (penultimate hidden states of both CLIPs)
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids * 8 + pooled text_embeds
+    )
+    vae = make_vae_kl(seed=3, latent_channels=4, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return _finish(
+        StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    )
+
+
+def sd():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tokenizer, text_encoder = make_clip(seed=0, hidden_size=32)
+    unet = _tiny_unet(1, cross_attention_dim=32)
+    vae = make_vae_kl(seed=2, latent_channels=4)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return _finish(
+        StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    )
+
+
+def _tiny_pixart_transformer(seed: int):
+    from diffusers import PixArtTransformer2DModel
+
+    with _seeded(seed):
+        transformer = PixArtTransformer2DModel(
+            sample_size=8,  # != 128 -> no resolution/aspect-ratio "additional conditions"
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            caption_channels=32,  # T5 d_model
+            in_channels=4,
+            cross_attention_dim=24,
+            out_channels=8,  # learned sigma: pipeline keeps the first 4 channels
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        )
+    return transformer.eval()
+
+
+def _pixart(cls):
+    from diffusers import DPMSolverMultistepScheduler
+
+    tokenizer, text_encoder = make_t5(seed=0, d_model=32)
+    transformer = _tiny_pixart_transformer(1)
+    vae = make_vae_kl(seed=2, latent_channels=4)
+    return _finish(
+        cls(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            transformer=transformer,
+            scheduler=DPMSolverMultistepScheduler(),
+        )
+    )
+
+
+def pixart_sigma():
+    from diffusers import PixArtSigmaPipeline
+
+    return _pixart(PixArtSigmaPipeline)
+
+
+def pixart_alpha():
+    from diffusers import PixArtAlphaPipeline
+
+    return _pixart(PixArtAlphaPipeline)
+
+
+def _tiny_sana_transformer(seed: int, guidance_embeds: bool):
+    from diffusers import SanaTransformer2DModel
+
+    with _seeded(seed):
+        transformer = SanaTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=8,
+            cross_attention_dim=16,
+            caption_channels=32,  # Gemma2 hidden size
+            sample_size=32,
+            qk_norm="rms_norm_across_heads" if guidance_embeds else None,
+            guidance_embeds=guidance_embeds,
+        )
+    return transformer.eval()
+
+
+def sana():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    tokenizer, text_encoder = make_gemma2(seed=0, hidden_size=32)
+    return _finish(
+        SanaPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=make_vae_dc(seed=1, latent_channels=4),
+            transformer=_tiny_sana_transformer(2, guidance_embeds=False),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        )
+    )
+
+
+def sana_sprint():
+    from diffusers import SanaSprintPipeline, SCMScheduler
+
+    tokenizer, text_encoder = make_gemma2(seed=0, hidden_size=32)
+    return _finish(
+        SanaSprintPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=make_vae_dc(seed=1, latent_channels=4),
+            transformer=_tiny_sana_transformer(2, guidance_embeds=True),
+            scheduler=SCMScheduler(),
+        )
+    )
+
+
+def wan():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer, text_encoder = make_t5(seed=0, d_model=32, umt5=True)
+    with _seeded(1):
+        # 3 spatial downsamples (x8), 2 temporal (x4): matches the config defaults
+        # scale_factor_spatial=8 / scale_factor_temporal=4 that WanPipeline reads.
+        vae = AutoencoderKLWan(
+            base_dim=3,
+            z_dim=4,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 4,
+            latents_std=[1.0] * 4,
+        ).eval()
+    with _seeded(2):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=4,
+            out_channels=4,
+            text_dim=32,  # UMT5 d_model
+            freq_dim=32,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ).eval()
+    return _finish(
+        WanPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+            transformer=transformer,
+        )
+    )
+
+
+FACTORIES: dict[str, Callable[[], Any]] = {
+    "flux": flux,
+    "flux_dev": flux_dev,
+    "sd3": sd3,
+    "sd35": sd35,
+    "sdxl": sdxl,
+    "sd": sd,
+    "pixart_sigma": pixart_sigma,
+    "pixart_alpha": pixart_alpha,
+    "sana": sana,
+    "sana_sprint": sana_sprint,
+    "wan": wan,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Call arguments and CFG knowledge
+# --------------------------------------------------------------------------------------------------
+
+# How each pipeline does classifier-free guidance and passes text to its denoiser (diffusers 0.42.1).
+#
+# mode:
+#   "batched":    CFG ON when guidance_scale > 1; the denoiser is called ONCE per step on a doubled batch
+#                 ordered [uncond_0, uncond_1, ..., cond_0, cond_1, ...] (torch.cat([negative, positive]));
+#                 the result is split with .chunk(2) -> (uncond, cond).
+#   "sequential": CFG ON when the scale > 1; the denoiser is called TWICE per step on the plain batch:
+#                 first cond (inside transformer.cache_context("cond")), then uncond ("uncond").
+#   None:         no CFG at all (one call per step).
+# scale_arg / on / off: the call argument that switches CFG and its ON / OFF values.
+# negative_prompt: whether __call__ accepts `negative_prompt` at all.
+# text_mask: how the text padding mask reaches the denoiser.
+CFG_INFO: dict[str, dict[str, Any]] = {
+    # Flux: real CFG only through `true_cfg_scale > 1` AND a negative prompt (or negative_prompt_embeds);
+    # with true_cfg_scale > 1 but no negative prompt, CFG is silently off.
+    # Schnell-style: `guidance_scale` is ignored (no guidance embedding).
+    "flux": dict(
+        mode="sequential", scale_arg="true_cfg_scale", on=4.0, off=1.0, negative_prompt=True,
+        needs_negative_prompt=True, text_mask="none (T5 padding tokens are attended)",
+    ),
+    # Flux-dev style: `guidance_scale` feeds the guidance embedding (distilled guidance, NOT CFG; the
+    # denoiser gets `guidance=`); real CFG as above through true_cfg_scale.
+    "flux_dev": dict(
+        mode="sequential", scale_arg="true_cfg_scale", on=4.0, off=1.0, negative_prompt=True,
+        needs_negative_prompt=True, embedded_guidance_scale=3.5, text_mask="none",
+    ),
+    # SD3: CLIP-L and CLIP-G penultimate states concatenated on features, zero-padded to the T5 width, then
+    # concatenated with T5 on the sequence axis: encoder_hidden_states (B, CLIP_MAX_LENGTH + max_seq, 32).
+    "sd3": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                text_mask="none"),
+    "sd35": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                 text_mask="none"),
+    "sdxl": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                 text_mask="none (CLIP pads with <|endoftext|>)"),
+    # SD: a list `prompt` needs a list `negative_prompt` (a str raises TypeError in encode_prompt).
+    "sd": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+               text_mask="none (CLIP pads with <|endoftext|>)"),
+    "pixart_sigma": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                         text_mask="encoder_attention_mask kwarg, (2B, max_seq) int64, 1 = real token"),
+    "pixart_alpha": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                         text_mask="encoder_attention_mask kwarg, (2B, max_seq) int64, 1 = real token"),
+    "sana": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                 text_mask="encoder_attention_mask kwarg, (2B, max_seq) int64, 1 = real token"),
+    # Sana Sprint: timestep-distilled, no `negative_prompt` argument, no CFG. `guidance_scale` feeds the
+    # guidance embedding (scaled by transformer.config.guidance_embeds_scale = 0.1).
+    "sana_sprint": dict(mode=None, scale_arg=None, on=None, off=None, negative_prompt=False,
+                        embedded_guidance_scale=4.5,
+                        text_mask="encoder_attention_mask kwarg, (B, max_seq) int64, 1 = real token"),
+    # Wan: no mask is passed, but the UMT5 states past each prompt's length are zeroed by the pipeline.
+    "wan": dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                text_mask="none (padding positions of encoder_hidden_states are zeros)"),
+}
+
+# Pixel sizes: all image VAEs here have vae_scale_factor 2 (wan: 8 spatial, 4 temporal).
+_BASE_KWARGS: dict[str, dict[str, Any]] = {
+    # flux: height/width must be divisible by vae_scale_factor * 2 = 4.  16px -> 8x8 latent -> 16 tokens.
+    "flux": dict(height=16, width=16, max_sequence_length=16),
+    "flux_dev": dict(height=16, width=16, max_sequence_length=16, guidance_scale=3.5),
+    "sd3": dict(height=16, width=16, max_sequence_length=16),
+    "sd35": dict(height=16, width=16, max_sequence_length=16),
+    "sdxl": dict(height=16, width=16),
+    "sd": dict(height=16, width=16),
+    # clean_caption=True (default) needs bs4+ftfy; binning would resize to ~1024px buckets.
+    "pixart_sigma": dict(height=16, width=16, max_sequence_length=16, clean_caption=False,
+                         use_resolution_binning=False),
+    "pixart_alpha": dict(height=16, width=16, max_sequence_length=16, clean_caption=False,
+                         use_resolution_binning=False),
+    # Sana checks height/width % 32 == 0.  32px -> 16x16 latent (patch 1) -> 256 tokens.
+    "sana": dict(height=32, width=32, max_sequence_length=16, clean_caption=False,
+                 use_resolution_binning=False, complex_human_instruction=None),
+    "sana_sprint": dict(height=32, width=32, max_sequence_length=16, clean_caption=False,
+                        use_resolution_binning=False, complex_human_instruction=None, guidance_scale=4.5),
+    # num_frames must be 4k+1; 32px -> 4x4 latent -> 2x2 patches; 5 frames -> 2 latent frames.
+    "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16),
+}
+
+
+def has_cfg(name: str) -> bool:
+    return CFG_INFO[name]["mode"] is not None
+
+
+def call_kwargs(name: str, output_type: str = "pt", num_inference_steps: int = 2) -> dict[str, Any]:
+    """Kwargs (besides prompt / negative_prompt / generator) for a fast call with CFG ON where the
+    pipeline has CFG (for flux/flux_dev CFG additionally needs a ``negative_prompt``)."""
+    kw = dict(_BASE_KWARGS[name])
+    kw.update(num_inference_steps=num_inference_steps, output_type=output_type)
+    info = CFG_INFO[name]
+    if info["mode"] is not None:
+        kw[info["scale_arg"]] = info["on"]
+    return kw
+
+
+def no_cfg_kwargs(name: str, output_type: str = "pt", num_inference_steps: int = 2) -> dict[str, Any]:
+    """Like :func:`call_kwargs` but with CFG OFF (identical to call_kwargs for pipelines without CFG)."""
+    kw = call_kwargs(name, output_type=output_type, num_inference_steps=num_inference_steps)
+    info = CFG_INFO[name]
+    if info["mode"] is not None:
+        kw[info["scale_arg"]] = info["off"]
+    return kw
+
+
+def negative_kwargs(name: str, negative: str | list[str], batch_size: int) -> dict[str, Any]:
+    """``{"negative_prompt": [...]}`` as a list of ``batch_size`` (what every pipeline accepts with a list
+    prompt), or ``{}`` for pipelines without a negative prompt (sana_sprint)."""
+    if not CFG_INFO[name]["negative_prompt"]:
+        return {}
+    if isinstance(negative, str):
+        negative = [negative] * batch_size
+    return {"negative_prompt": list(negative)}
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The denoising network: ``pipe.transformer`` or ``pipe.unet``."""
+    model = getattr(pipe, "transformer", None)
+    if model is None:
+        model = pipe.unet
+    return model
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The images (B, C, H, W) or video frames (B, F, C, H, W) of a pipeline output as a tensor.
+
+    With ``output_type="latent"``: (B, C, h, w) latents; wan (B, C, f, h, w); flux returns *packed*
+    latents (B, h/2 * w/2, 4 * C).
+    """
+    x = out.frames if hasattr(out, "frames") else out.images
+    if not isinstance(x, torch.Tensor):
+        import numpy as np
+
+        x = torch.from_numpy(np.asarray(x))
+    return x
