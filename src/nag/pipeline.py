@@ -69,6 +69,9 @@ class NAGHandle:
         if denoiser is None:
             raise ValueError(f"{type(pipe).__name__} has no `{spec.denoiser_attr}`; NAG needs the denoiser loaded")
         self._attachment = attach(denoiser, FAMILIES[spec.family], self.runtime)
+        if negative_embeds and settings.enabled:
+            # Until a pipeline call encodes its prompt, direct denoiser calls guide every row.
+            self.runtime.begin_generation(dict(negative_embeds), None)
         try:
             self._patch_pipeline()
         except BaseException:
