@@ -264,14 +264,15 @@ def naive_output(name, model, inputs, negative, cond_rows):
     )
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("length_delta", [-3, 5])
 @pytest.mark.parametrize("name", NAMES)
-def test_agrees_with_naive_implementation(name, length_delta):
+def test_agrees_with_naive_implementation(name, length_delta, fast):
     pipe = pipeline(name)
     model = tp.denoiser(pipe)
     _, stock_calls = record(pipe, name)
     negative = random_negative(name, stock_calls[0]["inputs"], length_delta)
-    with nag.apply(pipe, **negative, **SETTINGS):
+    with nag.apply(pipe, **negative, **SETTINGS, fast=fast):
         _, calls = record(pipe, name)
     rows = len(PROMPTS)
     mode = tp.CFG_INFO[name]["mode"]
@@ -284,3 +285,25 @@ def test_agrees_with_naive_implementation(name, length_delta):
                 cond_rows = list(range(batch - rows, batch))
                 expected = naive_output(name, model, call["inputs"], negative, cond_rows)
             torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_path_never_calls_the_stock_processor(name):
+    """In guided calls the fast path does its own attention: each image token is projected once."""
+    pipe = pipeline(name)
+    for fast in (True, False):
+        with nag.apply(pipe, NEGATIVE, **SETTINGS, fast=fast) as handle:
+            counts = []
+            for module in tp.denoiser(pipe).modules():
+                processor = getattr(module, "processor", None)
+                if isinstance(processor, nag.attention.NAGProcessor):
+                    stock = processor.stock
+
+                    def counting(*args, _stock=stock, **kwargs):
+                        counts.append(1)
+                        return _stock(*args, **kwargs)
+
+                    processor.stock = counting
+            generate(pipe, name, cfg=False)
+            assert handle.guided_calls == 2
+        assert (len(counts) == 0) == fast, (fast, len(counts))

@@ -6,6 +6,7 @@
 """
 
 from .combine import nag_combine
+from .denoiser import DenoiserHandle, apply_to_denoiser
 from .families import FAMILIES, PIPELINES
 from .pipeline import NAGHandle, apply, remove
 from .settings import FamilyDefaults, NAGSettings
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     "apply",
     "remove",
+    "apply_to_denoiser",
+    "DenoiserHandle",
     "NAGHandle",
     "NAGSettings",
     "FamilyDefaults",

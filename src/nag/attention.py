@@ -61,8 +61,26 @@ class NAGProcessor:
 
     def __init__(self, stock: Any, runtime: "NAGRuntime"):
         self.stock = stock
+        self.stock_kind = type(stock).__name__  # decides which fast path applies
         self.runtime = runtime
         self._signature = inspect.signature(stock.__call__)
+
+    # diffusers' ``set_attention_backend`` configures a module's processor: pass it to the stock one.
+    @property
+    def _attention_backend(self) -> Any:
+        return getattr(self.stock, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        self.stock._attention_backend = value
+
+    @property
+    def _parallel_config(self) -> Any:
+        return getattr(self.stock, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.stock._parallel_config = value
 
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         call = self.runtime.call
@@ -251,3 +269,197 @@ class SingleStreamAttentionNAG(NAGProcessor):
         image_out[call.cond_rows] = self.combine(call, image_out[call.cond_rows], negative_out[:, ln:])
         text_out = torch.cat([pad_tokens(positive_out[:, :lp], padded), pad_tokens(negative_out[:, :ln], padded)])
         return torch.cat([text_out, torch.cat([image_out, image_out[call.cond_rows]])], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths: NAG-aware attention math for the stock processors we know. Image tokens are
+# projected once; cross-attention caches the negative keys/values for the generation; joint
+# attention computes image->image attention once and merges it by log-sum-exp with
+# image->positive-text and image->negative-text attention. Anything else falls back to the
+# straightforward wrappers above.
+# ---------------------------------------------------------------------------------------------
+
+from .kernels import attention, attention_with_lse, merge_attention  # noqa: E402
+
+_CROSS_FLAT_NORM = {"SanaAttnProcessor2_0": True, "WanAttnProcessor": True, "AttnProcessor2_0": False}
+_JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0"}
+
+
+def _default_backend(stock: Any) -> bool:
+    return getattr(stock, "_attention_backend", None) is None and getattr(stock, "_parallel_config", None) is None
+
+
+def _split_heads(attn: Any, x: torch.Tensor, norm: Any, flat_norm: bool) -> torch.Tensor:
+    """``(B, L, H*D)`` -> ``(B, L, H, D)`` with the module's q/k norm where the stock processor puts it."""
+    if norm is not None and flat_norm:
+        x = norm(x)
+    x = x.unflatten(-1, (attn.heads, -1))
+    if norm is not None and not flat_norm:
+        x = norm(x)
+    return x
+
+
+def _qkv(attn: Any, x: torch.Tensor, fused: str, names: tuple[str, str, str]) -> tuple[torch.Tensor, ...]:
+    if getattr(attn, "fused_projections", False) and getattr(attn, fused, None) is not None:
+        return getattr(attn, fused)(x).chunk(3, dim=-1)
+    return tuple(getattr(attn, name)(x) for name in names)
+
+
+def _image_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _qkv(attn, x, "to_qkv", ("to_q", "to_k", "to_v"))
+    return (_split_heads(attn, q, attn.norm_q, False), _split_heads(attn, k, attn.norm_k, False),
+            v.unflatten(-1, (attn.heads, -1)))
+
+
+def _text_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _qkv(attn, x, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
+    return (_split_heads(attn, q, attn.norm_added_q, False), _split_heads(attn, k, attn.norm_added_k, False),
+            v.unflatten(-1, (attn.heads, -1)))
+
+
+def _rotate(x: torch.Tensor, rotary: Any, start: int, stop: int | None) -> torch.Tensor:
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    cos, sin = rotary
+    return apply_rotary_emb(x, (cos[start:stop], sin[start:stop]), sequence_dim=1)
+
+
+class FastCrossAttentionNAG(CrossAttentionNAG):
+    """Cross-attention fast path: one query and one output projection; the negative keys/values
+    are projected once per generation (the negative context does not change between steps)."""
+
+    def _supported(self, attn: Any, hidden: torch.Tensor) -> bool:
+        return (
+            self.stock_kind in _CROSS_FLAT_NORM
+            and _default_backend(self.stock)
+            and hidden.ndim == 3
+            and getattr(attn, "spatial_norm", None) is None
+            and getattr(attn, "group_norm", None) is None
+            and not getattr(attn, "norm_cross", None)
+            and getattr(attn, "add_k_proj", None) is None
+        )
+
+    def _mask(self, attn: Any, mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        keys = mask.shape[-1]
+        mask = attn.prepare_attention_mask(mask, keys, rows)
+        return mask.view(rows, attn.heads, -1, keys)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        hidden, context = arguments["hidden_states"], arguments.get("encoder_hidden_states")
+        if context is None or not self._supported(attn, hidden):
+            return super().guided(attn, call, arguments)
+        flat = _CROSS_FLAT_NORM[self.stock_kind]
+        split = context.shape[1] - call.negative_text_len
+        mask = arguments.get("attention_mask")
+        rows = hidden.shape[0]
+
+        query = _split_heads(attn, attn.to_q(hidden), attn.norm_q, flat)
+        positive = context[:, :split]
+        key = _split_heads(attn, attn.to_k(positive), attn.norm_k, flat)
+        value = attn.to_v(positive).unflatten(-1, (attn.heads, -1))
+
+        negative = context[call.cond_rows, split:]
+        cache_key = (id(attn), "negative_kv", tuple(negative.shape), negative.dtype, negative.device)
+        cached = self.runtime.cache.get(cache_key) if call.static_negative else None
+        if cached is None:
+            cached = (
+                _split_heads(attn, attn.to_k(negative), attn.norm_k, flat),
+                attn.to_v(negative).unflatten(-1, (attn.heads, -1)),
+            )
+            if call.static_negative:
+                self.runtime.cache[cache_key] = cached
+        negative_key, negative_value = cached
+
+        positive_mask = negative_mask = None
+        if mask is not None:
+            positive_mask = self._mask(attn, mask[..., :split], rows)
+            negative_mask = self._mask(attn, _split_rows(mask[..., split:], call.cond_rows), len(call.cond_rows))
+        z = attention(query, key, value, positive_mask).flatten(2)
+        z_negative = attention(query[call.cond_rows], negative_key, negative_value, negative_mask).flatten(2)
+        z[call.cond_rows] = self.combine(call, z[call.cond_rows], z_negative)
+
+        out = attn.to_out[1](attn.to_out[0](z))
+        if getattr(attn, "residual_connection", False):
+            out = out + hidden
+        return out / getattr(attn, "rescale_output_factor", 1.0)
+
+
+def _guided_image_and_text(
+    processor: NAGProcessor,
+    call: "GuidedCall",
+    image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    positive_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    negative_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joint attention for the guided call, every image token projected and attended once.
+
+    Returns the guided image rows' attention output (NAG applied to the conditional rows) and the
+    positive and negative text queries' outputs, all with heads flattened.
+    """
+    rows = call.cond_rows
+    qi, ki, vi = image
+    qp, kp, vp = (t[:, : call.positive_text_len] for t in positive_text)
+    qn, kn, vn = (t[:, : call.negative_text_len] for t in negative_text)
+
+    image_image, lse_image = attention_with_lse(qi, ki, vi)
+    image_positive, lse_positive = attention_with_lse(qi, kp, vp)
+    image_negative, lse_negative = attention_with_lse(qi[rows], kn, vn)
+    z = merge_attention(image_image, lse_image, image_positive, lse_positive).flatten(2)
+    z_negative = merge_attention(image_image[rows], lse_image[rows], image_negative, lse_negative).flatten(2)
+    z[rows] = processor.combine(call, z[rows], z_negative)
+
+    text_positive = attention(qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1)).flatten(2)
+    text_negative = attention(qn, torch.cat([kn, ki[rows]], dim=1), torch.cat([vn, vi[rows]], dim=1)).flatten(2)
+    return z, text_positive, text_negative
+
+
+class FastJointAttentionNAG(JointAttentionNAG):
+    """Joint attention fast path (Flux double-stream, SD3): projections once per token,
+    image->image attention once, merged by log-sum-exp with each branch's image->text attention."""
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        if self.stock_kind not in _JOINT_PROCESSORS or not _default_backend(self.stock) or arguments.get("attention_mask") is not None:
+            return super().guided(attn, call, arguments)
+        hidden, text = arguments["hidden_states"], arguments["encoder_hidden_states"]
+        rotary = arguments.get(self.rotary_argument)
+        padded = text.shape[1]
+        qi, ki, vi = _image_qkv(attn, hidden)
+        qt, kt, vt = _text_qkv(attn, text)
+        if rotary is not None:
+            qi, ki = _rotate(qi, rotary, padded, None), _rotate(ki, rotary, padded, None)
+            qt, kt = _rotate(qt, rotary, 0, padded), _rotate(kt, rotary, 0, padded)
+        b = call.batch
+        z, text_positive, text_negative = _guided_image_and_text(
+            self, call, (qi, ki, vi), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:])
+        )
+        image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
+        text_out = torch.cat([pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)])
+        if getattr(attn, "to_add_out", None) is not None and not getattr(attn, "context_pre_only", False):
+            text_out = attn.to_add_out(text_out)
+        return image_out, text_out
+
+
+class FastSingleStreamAttentionNAG(SingleStreamAttentionNAG):
+    """Flux single-stream fast path: the block runs on the stock rows only; the negative text
+    rows' modulated input arrives through ``runtime.scratch`` (set by the block hook), and their
+    attention output leaves the same way. No image token is duplicated."""
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        hidden = arguments["hidden_states"]
+        rotary = arguments.get(self.rotary_argument)
+        padded = call.padded_text_len
+        q, k, v = _image_qkv(attn, hidden)
+        qn, kn, vn = _image_qkv(attn, state["normed"])
+        if rotary is not None:
+            q, k = _rotate(q, rotary, 0, None), _rotate(k, rotary, 0, None)
+            qn, kn = _rotate(qn, rotary, 0, padded), _rotate(kn, rotary, 0, padded)
+        image = (q[:, padded:], k[:, padded:], v[:, padded:])
+        text = (q[:, :padded], k[:, :padded], v[:, :padded])
+        z, text_positive, text_negative = _guided_image_and_text(self, call, image, text, (qn, kn, vn))
+        state["attention"] = pad_tokens(text_negative, padded)
+        return torch.cat([pad_tokens(text_positive, padded), z], dim=1).to(hidden.dtype)

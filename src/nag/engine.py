@@ -29,7 +29,7 @@ from .settings import NAGSettings
 if TYPE_CHECKING:  # pragma: no cover
     from .families import Family
 
-__all__ = ["GuidedCall", "NAGRuntime", "Attachment", "attach"]
+__all__ = ["GuidedCall", "NAGRuntime", "Attachment", "attach", "family_of"]
 
 
 @dataclass
@@ -41,6 +41,7 @@ class GuidedCall:
     positive_text_len: int
     negative_text_len: int
     padded_text_len: int  # joint families: common length of positive and negative text rows
+    static_negative: bool = False  # the negative context reaching attention is the same every step
 
 
 @dataclass
@@ -62,6 +63,8 @@ class NAGRuntime:
     last_timestep: torch.Tensor | None = None
     guided_calls: int = 0
     denoiser_calls: int = 0
+    cache: dict = field(default_factory=dict)  # per generation (e.g. projected negative keys/values)
+    scratch: dict = field(default_factory=dict)  # per block (fast single-stream path)
 
     def begin_generation(
         self, negative: dict[str, torch.Tensor] | None, positive_reference: torch.Tensor | None
@@ -73,6 +76,8 @@ class NAGRuntime:
         self.call = None
         self.guided_calls = 0
         self.denoiser_calls = 0
+        self.cache.clear()
+        self.scratch.clear()
 
     def advance(self, timestep: Any) -> None:
         """Count steps: a call whose timestep differs from the previous call's starts a new step."""
@@ -127,10 +132,11 @@ def _rows_for(tensor: torch.Tensor, count: int, name: str) -> torch.Tensor:
 class Attachment:
     """Everything installed on one denoiser; ``detach()`` removes it all."""
 
-    def __init__(self, denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime):
+    def __init__(self, denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime, fast: bool = True):
         self.denoiser = denoiser
         self.family = family
         self.runtime = runtime
+        self.fast = fast
         self._stock_processors: list[tuple[torch.nn.Module, Any]] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._forward_signature = inspect.signature(denoiser.forward)
@@ -150,7 +156,7 @@ class Attachment:
                 continue
             stock = module.processor
             self._stock_processors.append((module, stock))
-            module.set_processor(wrap_processor(family.processor_class(role), stock, self.runtime))
+            module.set_processor(wrap_processor(family.processor_class(role, self.fast), stock, self.runtime))
             wrapped += 1
         if wrapped == 0:
             raise RuntimeError(
@@ -164,8 +170,12 @@ class Attachment:
             if family.image_norms and re.fullmatch(family.image_norms, name):
                 self._hooks.append(module.register_forward_pre_hook(self._stock_rows_of_conditioning, with_kwargs=True))
             if family.concatenating_blocks and re.fullmatch(family.concatenating_blocks, name):
-                self._hooks.append(module.register_forward_pre_hook(self._add_image_rows, with_kwargs=True))
-                self._hooks.append(module.register_forward_hook(self._drop_image_rows))
+                if self.fast and family.single_block_text is not None:
+                    self._hooks.append(module.register_forward_pre_hook(self._split_text_rows, with_kwargs=True))
+                    self._hooks.append(module.register_forward_hook(self._join_text_rows))
+                else:
+                    self._hooks.append(module.register_forward_pre_hook(self._add_image_rows, with_kwargs=True))
+                    self._hooks.append(module.register_forward_hook(self._drop_image_rows))
 
     def detach(self) -> None:
         for hook in self._hooks:
@@ -242,7 +252,47 @@ class Attachment:
             return None
         return self.family.drop_image_rows(output, call.batch)
 
+    def _split_text_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path for blocks that concatenate ``[text, image]``: the block runs on the stock
+        rows; the negative text rows take the family's text-only path around it."""
+        call = self.runtime.call
+        if call is None:
+            return None
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        arguments = bound.arguments
+        text, temb = arguments["encoder_hidden_states"], arguments["temb"]
+        start, _ = self.family.single_block_text
+        self.runtime.scratch["single_block"] = start(module, text[call.batch :], temb[call.batch :])
+        arguments["encoder_hidden_states"] = text[: call.batch]
+        arguments["temb"] = temb[: call.batch]
+        return bound.args, bound.kwargs
 
-def attach(denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime) -> Attachment:
-    """Install NAG on ``denoiser`` for ``family``; returns the attachment to ``detach()``."""
-    return Attachment(denoiser, family, runtime)
+    def _join_text_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        call = self.runtime.call
+        if call is None:
+            return None
+        state = self.runtime.scratch.pop("single_block")
+        _, finish = self.family.single_block_text
+        text, image = output
+        return torch.cat([text, finish(module, state)]), image
+
+
+def attach(denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime, fast: bool = True) -> Attachment:
+    """Install NAG on ``denoiser`` for ``family``; returns the attachment to ``detach()``.
+
+    ``fast=False`` uses the straightforward wrappers everywhere (each stock processor called once
+    per branch); the fast paths must agree with them.
+    """
+    return Attachment(denoiser, family, runtime, fast)
+
+
+def family_of(denoiser: torch.nn.Module) -> "Family":
+    """The family adapter for a denoiser instance, or a clear error."""
+    from .families import FAMILIES
+
+    for cls in type(denoiser).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.denoisers:
+                return family
+    supported = sorted(name for family in FAMILIES.values() for name in family.denoisers)
+    raise NotImplementedError(f"NAG does not support {type(denoiser).__name__}; supported denoisers: {supported}")

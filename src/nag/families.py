@@ -14,17 +14,42 @@ from typing import Any, Callable
 
 import torch
 
-from .attention import CrossAttentionNAG, JointAttentionNAG, NAGProcessor, SingleStreamAttentionNAG, pad_tokens
+from .attention import (
+    CrossAttentionNAG,
+    FastCrossAttentionNAG,
+    FastJointAttentionNAG,
+    FastSingleStreamAttentionNAG,
+    JointAttentionNAG,
+    NAGProcessor,
+    SingleStreamAttentionNAG,
+    pad_tokens,
+)
 from .engine import GuidedCall
 from .settings import FamilyDefaults
 
 __all__ = ["Family", "PipelineSpec", "FAMILIES", "PIPELINES", "pipeline_spec"]
 
-_ROLE_CLASSES: dict[str, type[NAGProcessor]] = {
-    "cross": CrossAttentionNAG,
-    "joint": JointAttentionNAG,
-    "single": SingleStreamAttentionNAG,
+_ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
+    ("cross", False): CrossAttentionNAG,
+    ("joint", False): JointAttentionNAG,
+    ("single", False): SingleStreamAttentionNAG,
+    ("cross", True): FastCrossAttentionNAG,
+    ("joint", True): FastJointAttentionNAG,
+    ("single", True): FastSingleStreamAttentionNAG,
 }
+
+
+def _flux_single_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """Flux single-stream block, negative text rows, before attention: modulation and MLP branch."""
+    normed, gate = block.norm(text, emb=temb)
+    return {"residual": text, "normed": normed, "gate": gate, "mlp": block.act_mlp(block.proj_mlp(normed))}
+
+
+def _flux_single_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention: the block's output projection, gate and residual."""
+    out = block.proj_out(torch.cat([state["attention"].to(state["mlp"].dtype), state["mlp"]], dim=2))
+    out = state["residual"] + state["gate"].unsqueeze(1) * out
+    return out.clip(-65504, 65504) if out.dtype == torch.float16 else out
 
 
 def _pad_zero_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
@@ -57,6 +82,11 @@ class Family:
         image_norms: regex of image-side modulation norms, which use the stock rows of the
             conditioning embedding (joint layout).
         concatenating_blocks: regex of blocks that concatenate ``[text, image]`` themselves.
+        single_block_text: for those blocks, the text-only path of the negative rows as
+            ``(start(block, text, temb) -> state, finish(block, state) -> text)``, which lets the
+            fast path run the block on the stock rows only (no duplicated image tokens).
+        static_text: cross layout: the model's text preprocessing does not depend on the
+            timestep, so projected negative keys/values can be reused across steps.
     """
 
     name: str
@@ -72,6 +102,8 @@ class Family:
     text_ids_kwarg: str | None = None
     image_norms: str | None = None
     concatenating_blocks: str | None = None
+    single_block_text: tuple[Callable, Callable] | None = None
+    static_text: bool = True
 
     def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
         if not hasattr(module, "processor"):
@@ -82,8 +114,8 @@ class Family:
         return None
 
     @staticmethod
-    def processor_class(role: str) -> type[NAGProcessor]:
-        return _ROLE_CLASSES[role]
+    def processor_class(role: str, fast: bool = True) -> type[NAGProcessor]:
+        return _ROLE_CLASSES[(role, fast)]
 
     def extend_inputs(
         self, arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor
@@ -112,7 +144,7 @@ class Family:
             if negative_mask is not None:
                 mask_filler[cond_rows] = negative_mask.to(like.dtype)
             changes[self.mask_kwarg] = torch.cat([positive_mask, mask_filler], dim=1)
-        call = GuidedCall(rows, cond_rows, positive_len, negative_len, positive_len + negative_len)
+        call = GuidedCall(rows, cond_rows, positive_len, negative_len, positive_len + negative_len, static_negative=self.static_text)
         return call, changes
 
     def _extend_joint(self, arguments, negative, cond_rows):
@@ -161,6 +193,7 @@ FAMILIES: dict[str, Family] = {
             text_ids_kwarg="txt_ids",
             image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
             concatenating_blocks=r"single_transformer_blocks\.\d+",
+            single_block_text=(_flux_single_text_start, _flux_single_text_finish),
         ),
         Family(
             name="sd3",

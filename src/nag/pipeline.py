@@ -55,6 +55,7 @@ class NAGHandle:
         settings: NAGSettings,
         negative_prompt: str | Sequence[str] | None,
         negative_embeds: dict[str, torch.Tensor],
+        fast: bool = True,
     ):
         self.pipe = pipe
         self.spec = spec
@@ -68,7 +69,7 @@ class NAGHandle:
         denoiser = getattr(pipe, spec.denoiser_attr, None)
         if denoiser is None:
             raise ValueError(f"{type(pipe).__name__} has no `{spec.denoiser_attr}`; NAG needs the denoiser loaded")
-        self._attachment = attach(denoiser, FAMILIES[spec.family], self.runtime)
+        self._attachment = attach(denoiser, FAMILIES[spec.family], self.runtime, fast=fast)
         if negative_embeds and settings.enabled:
             # Until a pipeline call encodes its prompt, direct denoiser calls guide every row.
             self.runtime.begin_generation(dict(negative_embeds), None)
@@ -277,6 +278,7 @@ def apply(
     start: float = 0.0,
     end: float = 1.0,
     norm: int = 1,
+    fast: bool = True,
     **negative_embeds: torch.Tensor,
 ) -> NAGHandle:
     """Install Normalized Attention Guidance on a stock diffusers pipeline.
@@ -290,6 +292,9 @@ def apply(
         alpha: blend of the normalized guided feature with the positive one.
         start, end: the fraction of the sampling trajectory (from the noisy end) that is guided.
         norm: 1 (L1, default) or 2 (L2, the reference Flux code's choice).
+        fast: use the fast attention paths where they apply (default). ``False`` runs every
+            stock attention processor once per branch: slower, the reference the fast paths
+            are tested against.
         **negative_embeds: instead of ``negative_prompt``, precomputed ``negative_prompt_embeds``
             (and ``negative_pooled_prompt_embeds`` / ``negative_prompt_attention_mask`` where the
             pipeline has them), with 1 row, one per prompt, or one per generated sample.
@@ -331,7 +336,7 @@ def apply(
     )
     if negative_prompt is None and not embeds:
         logger.warning("nag.apply without a negative prompt: NAG stays off until one is given")
-    handle = NAGHandle(pipe, spec, settings, negative_prompt, embeds)
+    handle = NAGHandle(pipe, spec, settings, negative_prompt, embeds, fast=fast)
     _HANDLES[pipe] = handle
     return handle
 

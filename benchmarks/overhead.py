@@ -1,0 +1,339 @@
+"""Per-denoiser-forward cost of no guidance, CFG and NAG, measured in one run.
+
+Random weights, real architectures built from configs. ``--preset full`` uses the published
+model sizes and resolutions (meant for ``--device cuda --dtype bfloat16``); ``--preset cpu``
+keeps each architecture but with fewer layers/heads and a lower resolution, so it runs on a
+laptop CPU. Every figure is reported as a ratio to no guidance measured in the same run.
+
+    python benchmarks/overhead.py --preset cpu                 # all families, CPU
+    python benchmarks/overhead.py --device cuda --dtype bfloat16 --preset full --families flux,sdxl
+
+Modes (one denoiser forward each; batch 1 image):
+    none     stock forward
+    cfg      stock forward on the [unconditional, conditional] batch of 2
+    nag      NAG on the one image (negative of the same length as the positive)
+    nag-end  average per step with ``end=0.5`` (half the steps guided): (none + nag) / 2
+
+Writes JSON lines (``--jsonl``) and a markdown table (``--markdown``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+import nag
+
+
+@dataclass
+class Case:
+    family: str
+    label: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[int, torch.device, torch.dtype], dict[str, Any]]
+    negative: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+
+
+def _randn(*shape, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def _text_negative(inputs: dict[str, Any], keys=("encoder_hidden_states",)) -> dict[str, torch.Tensor]:
+    """A negative of the same shape as the conditional row's conditioning, different values."""
+    return {k: (inputs[k][-1:] * -0.5 + 0.1) if inputs[k].is_floating_point() else inputs[k][-1:] for k in keys}
+
+
+def flux_case(full: bool, text_len: int) -> Case:
+    from diffusers import FluxTransformer2DModel
+
+    if full:
+        config = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                      joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64, axes_dims_rope=(16, 56, 56))
+        side = 64  # 1024 px -> 128 latent -> 64x64 tokens
+    else:
+        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
+                      joint_attention_dim=1024, pooled_projection_dim=768, in_channels=64, axes_dims_rope=(16, 56, 56))
+        side = 32  # 512 px
+    tokens = side * side
+
+    def inputs(batch, device, dtype):
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] = torch.arange(side)[:, None]
+        ids[..., 2] = torch.arange(side)[None, :]
+        return dict(
+            hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
+            pooled_projections=_randn(batch, 768, device=device, dtype=dtype, seed=2),
+            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+            img_ids=ids.reshape(-1, 3).to(device),
+            txt_ids=torch.zeros(text_len, 3, device=device),
+        )
+
+    return Case("flux", f"FLUX.1 ({tokens} image + {text_len} text tokens)", lambda: FluxTransformer2DModel(**config),
+                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")))
+
+
+def sd3_case(full: bool) -> Case:
+    from diffusers import SD3Transformer2DModel
+
+    if full:  # SD3.5-Large
+        config = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                      num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                      pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+        latent, text_len = 128, 333
+    else:
+        config = dict(sample_size=64, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
+                      num_attention_heads=12, joint_attention_dim=1024, caption_projection_dim=768,
+                      pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96, qk_norm="rms_norm")
+        latent, text_len = 64, 333
+
+    def inputs(batch, device, dtype):
+        return dict(
+            hidden_states=_randn(batch, 16, latent, latent, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
+            pooled_projections=_randn(batch, 2048, device=device, dtype=dtype, seed=2),
+            timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
+        )
+
+    tokens = (latent // 2) ** 2
+    return Case("sd3", f"SD3.5-Large ({tokens} image + {text_len} text tokens)", lambda: SD3Transformer2DModel(**config),
+                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")))
+
+
+def sdxl_case(full: bool) -> Case:
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+    latent = 128
+    if not full:
+        config.update(block_out_channels=(160, 320, 640), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(5, 10, 20))
+        latent = 64
+
+    def inputs(batch, device, dtype):
+        return dict(
+            sample=_randn(batch, 4, latent, latent, device=device, dtype=dtype),
+            timestep=torch.tensor(500.0, device=device),
+            encoder_hidden_states=_randn(batch, 77, 2048, device=device, dtype=dtype, seed=1),
+            added_cond_kwargs={"text_embeds": _randn(batch, 1280, device=device, dtype=dtype, seed=2),
+                               "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype)},
+        )
+
+    return Case("sdxl", f"SDXL ({latent * 8}x{latent * 8}, 77 text tokens)", lambda: UNet2DConditionModel(**config),
+                inputs, _text_negative)
+
+
+def pixart_case(full: bool) -> Case:
+    from diffusers import PixArtTransformer2DModel
+
+    config = dict(sample_size=128, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                  out_channels=8, cross_attention_dim=1152, caption_channels=4096, patch_size=2,
+                  norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=2)
+    latent = 128
+    if not full:
+        config.update(num_layers=4, sample_size=64)
+        latent = 64
+
+    def inputs(batch, device, dtype):
+        mask = torch.ones(batch, 300, device=device)
+        mask[:, 120:] = 0
+        return dict(
+            hidden_states=_randn(batch, 4, latent, latent, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, 300, 4096, device=device, dtype=dtype, seed=1),
+            encoder_attention_mask=mask,
+            timestep=torch.full((batch,), 500.0, device=device),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+
+    return Case("pixart", f"PixArt-Sigma ({(latent // 2) ** 2} image + 300 text tokens)",
+                lambda: PixArtTransformer2DModel(**config), inputs,
+                lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")))
+
+
+def sana_case(full: bool) -> Case:
+    from diffusers import SanaTransformer2DModel
+
+    config = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                  caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)
+    latent = 32
+    if not full:
+        config.update(num_layers=4)
+
+    def inputs(batch, device, dtype):
+        mask = torch.ones(batch, 300, device=device)
+        mask[:, 150:] = 0
+        return dict(
+            hidden_states=_randn(batch, 32, latent, latent, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, 300, 2304, device=device, dtype=dtype, seed=1),
+            encoder_attention_mask=mask,
+            timestep=torch.full((batch,), 500.0, device=device),
+        )
+
+    return Case("sana", f"Sana 1.6B ({latent * latent} image + 300 text tokens)", lambda: SanaTransformer2DModel(**config),
+                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")))
+
+
+def wan_case(full: bool, size: str) -> Case:
+    from diffusers import WanTransformer3DModel
+
+    if size == "14B":
+        config = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
+    else:
+        config = dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
+    config.update(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    frames, height, width = 21, 60, 104  # 81 frames at 480x832
+    if not full:
+        config.update(num_layers=2, num_attention_heads=min(config["num_attention_heads"], 12))
+        frames, height, width = 5, 30, 52
+
+    def inputs(batch, device, dtype):
+        return dict(
+            hidden_states=_randn(batch, 16, frames, height, width, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, 512, 4096, device=device, dtype=dtype, seed=1),
+            timestep=torch.full((batch,), 500.0, device=device),
+        )
+
+    tokens = frames * (height // 2) * (width // 2)
+    return Case(f"wan-{size}", f"Wan 2.1 {size} ({tokens} video + 512 text tokens)", lambda: WanTransformer3DModel(**config),
+                inputs, _text_negative)
+
+
+def cases(preset: str, families: list[str]) -> list[Case]:
+    full = preset == "full"
+    makers = {
+        "flux": lambda: [flux_case(full, 256), flux_case(full, 512)],
+        "sd3": lambda: [sd3_case(full)],
+        "sdxl": lambda: [sdxl_case(full)],
+        "pixart": lambda: [pixart_case(full)],
+        "sana": lambda: [sana_case(full)],
+        "wan": lambda: [wan_case(full, "1.3B"), wan_case(full, "14B")],
+    }
+    return [case for family in families for case in makers[family]()]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> tuple[float, float | None]:
+    """Median seconds per call and peak memory (bytes, CUDA only)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, settings: dict) -> dict:
+    torch.manual_seed(0)
+    model = case.build().to(device=device, dtype=dtype).eval()
+    single = case.inputs(1, device, dtype)
+    double = case.inputs(2, device, dtype)
+    results: dict[str, tuple[float, float | None]] = {}
+    results["none"] = measure(lambda: model(**single), device, repeats, warmup)
+    results["cfg"] = measure(lambda: model(**double), device, repeats, warmup)
+    with nag.apply_to_denoiser(model, case.negative(single), **settings):
+        results["nag"] = measure(lambda: model(**single), device, repeats, warmup)
+    base_time, base_mem = results["none"]
+    row = {
+        "family": case.family,
+        "case": case.label,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "none_s": base_time,
+    }
+    for mode in ("cfg", "nag"):
+        t, m = results[mode]
+        row[f"{mode}_s"] = t
+        row[f"{mode}_ratio"] = t / base_time
+        row[f"{mode}_memory_ratio"] = (m / base_mem) if (m and base_mem) else None
+    row["nag_end_0.5_ratio"] = (1 + row["nag_ratio"]) / 2
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}, diffusers {meta['diffusers']}, "
+        f"dtype {meta['dtype']}, preset `{meta['preset']}`, median of {meta['repeats']} forwards. "
+        "Ratios are to no guidance in the same run.",
+        "",
+        "| model | params | no guidance | CFG | NAG | NAG, end=0.5 | CFG memory | NAG memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mem = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+        lines.append(
+            f"| {r['case']} | {r['parameters'] / 1e6:.0f}M | {r['none_s'] * 1000:.1f} ms | {r['cfg_ratio']:.2f}x | "
+            f"{r['nag_ratio']:.2f}x | {r['nag_end_0.5_ratio']:.2f}x | {mem(r['cfg_memory_ratio'])} | {mem(r['nag_memory_ratio'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--jsonl", default=None, help="append one JSON line per case")
+    parser.add_argument("--markdown", default=None, help="write the markdown table here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    settings = dict(scale=5.0, tau=2.5, alpha=0.25)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    import diffusers
+
+    meta = dict(date=datetime.date.today().isoformat(), machine=machine, torch=torch.__version__,
+                diffusers=diffusers.__version__, dtype=args.dtype, preset=args.preset, repeats=args.repeats)
+    rows = []
+    for case in cases(args.preset, args.families.split(",")):
+        print(f"{case.label} ...", file=sys.stderr, flush=True)
+        row = run_case(case, device, dtype, args.repeats, args.warmup, settings)
+        row.update(meta)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    table = markdown(rows, meta)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()

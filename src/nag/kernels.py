@@ -1,0 +1,64 @@
+"""Attention pieces for the fast paths: attention that also returns its log-sum-exp, and the
+merge of two attentions over disjoint key sets.
+
+Layout everywhere: ``(batch, tokens, heads, head_dim)`` (the diffusers dispatcher's layout).
+For queries ``q`` and key/value sets ``K1``, ``K2``::
+
+    Attn(q, [K1, K2]) = (e^l1 * Attn(q, K1) + e^l2 * Attn(q, K2)) / (e^l1 + e^l2)
+
+where ``l`` is the log-sum-exp of the scaled scores over each key set. The joint-attention fast
+path computes image->image attention once and merges it with image->positive-text and
+image->negative-text attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention", "attention_with_lse", "merge_attention"]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention, ``(B, L, H, D)`` in and out. ``mask`` is additive or boolean, broadcastable
+    to ``(B, H, Lq, Lk)``."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def _lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    return out, lse
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its natural-log log-sum-exp: ``(B, L, H, D)`` and ``(B, L, H)`` (float32)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = lse = None
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
+    elif q.device.type == "cuda":
+        try:  # cuDNN returns the LSE as (B, H, L, 1)
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False)[:2]
+        except RuntimeError:
+            try:
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+            except RuntimeError:
+                out = None
+    if out is None:
+        out, lse = _lse_math(qt, kt, vt)
+    lse = lse.reshape(qt.shape[:3]).float()
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from the attentions over each."""
+    weight_a = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
+    merged = out_b.float() + (out_a.float() - out_b.float()) * weight_a
+    return merged.to(out_a.dtype)
