@@ -29,7 +29,7 @@ from .settings import NAGSettings
 if TYPE_CHECKING:  # pragma: no cover
     from .families import Family
 
-__all__ = ["GuidedCall", "NAGRuntime", "Attachment", "attach", "family_of"]
+__all__ = ["GuidedCall", "NAGRuntime", "Attachment", "attach", "family_of", "unwrap_compiled"]
 
 
 @dataclass
@@ -133,6 +133,7 @@ class Attachment:
     """Everything installed on one denoiser; ``detach()`` removes it all."""
 
     def __init__(self, denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime, fast: bool = True):
+        denoiser = unwrap_compiled(denoiser)
         self.denoiser = denoiser
         self.family = family
         self.runtime = runtime
@@ -286,11 +287,16 @@ def attach(denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime, fas
     return Attachment(denoiser, family, runtime, fast)
 
 
+def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``torch.compile`` wrapper (hooks go there; compiled calls run them)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def family_of(denoiser: torch.nn.Module) -> "Family":
     """The family adapter for a denoiser instance, or a clear error."""
     from .families import FAMILIES
 
-    for cls in type(denoiser).__mro__:
+    for cls in type(unwrap_compiled(denoiser)).__mro__:
         for family in FAMILIES.values():
             if cls.__name__ in family.denoisers:
                 return family

@@ -5,15 +5,21 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import threading
 import weakref
 from typing import Any, Sequence
 
 import torch
 
 from .attention import NAGProcessor
-from .engine import Attachment, NAGRuntime, attach
+from .engine import Attachment, NAGRuntime, attach, unwrap_compiled
 from .families import FAMILIES, PipelineSpec, pipeline_spec
 from .settings import NAGSettings
+
+try:  # torch.compile(model) returns a wrapper around the module
+    from torch._dynamo.eval_frame import OptimizedModule as _CompiledModule
+except ImportError:  # pragma: no cover
+    _CompiledModule = ()
 
 __all__ = ["apply", "remove", "NAGHandle"]
 
@@ -27,9 +33,26 @@ NEGATIVE_EMBED_NAMES = {
     "negative_prompt_attention_mask": "encoder_attention_mask",
 }
 _EMBED_NDIM = {"encoder_hidden_states": 3, "pooled_projections": 2, "encoder_attention_mask": 2}
+_EMBED_LAYOUT = {
+    "encoder_hidden_states": "(rows, tokens, width)",
+    "pooled_projections": "(rows, width)",
+    "encoder_attention_mask": "(rows, tokens)",
+}
+# Denoiser config entries that give the width each negative input must have, in order of preference
+# (PixArt/Sana: `caption_channels` is the text width, `cross_attention_dim` the projected one).
+_WIDTH_CONFIG = {
+    "encoder_hidden_states": ("joint_attention_dim", "caption_channels", "text_dim", "cross_attention_dim"),
+    "pooled_projections": ("pooled_projection_dim",),
+}
+# The text-attention processor parameters NAG binds by name, per role.
+_PROCESSOR_PARAMETERS = {
+    "cross": ("hidden_states", "encoder_hidden_states"),
+    "joint": ("hidden_states", "encoder_hidden_states"),
+    "single": ("hidden_states",),
+}
 
 _HANDLES: "weakref.WeakKeyDictionary[Any, NAGHandle]" = weakref.WeakKeyDictionary()
-_PATCHED_METHODS = ("check_inputs", "encode_prompt")
+_PATCHED_METHODS = ("check_inputs", "encode_prompt", "progress_bar")
 
 
 def _reset_to_default(name: str) -> bool:
@@ -66,10 +89,10 @@ class NAGHandle:
         self._awaiting_positive = True
         self._saved_attributes: dict[str, Any] = {}
         self._attachment: Attachment | None = None
-        denoiser = getattr(pipe, spec.denoiser_attr, None)
-        if denoiser is None:
-            raise ValueError(f"{type(pipe).__name__} has no `{spec.denoiser_attr}`; NAG needs the denoiser loaded")
-        self._attachment = attach(denoiser, FAMILIES[spec.family], self.runtime, fast=fast)
+        self._lock = threading.Lock()
+        self._generating_thread: threading.Thread | None = None
+        self.denoiser = _denoiser_of(pipe, spec)
+        self._attachment = attach(self.denoiser, FAMILIES[spec.family], self.runtime, fast=fast)
         if negative_embeds and settings.enabled:
             # Until a pipeline call encodes its prompt, direct denoiser calls guide every row.
             self.runtime.begin_generation(dict(negative_embeds), None)
@@ -95,6 +118,8 @@ class NAGHandle:
 
     def update(self, **changes: float) -> "NAGHandle":
         """Change settings (``scale``, ``tau``, ``alpha``, ``start``, ``end``, ``norm``) in place."""
+        if "eps" in changes:
+            raise TypeError("`eps` is fixed; settings that can change: scale, tau, alpha, start, end, norm")
         self.runtime.settings = self.runtime.settings.with_updates(**changes)
         return self
 
@@ -139,11 +164,17 @@ class NAGHandle:
         signature = inspect.signature(original)
 
         def check_inputs(*args: Any, **kwargs: Any) -> Any:
-            self._awaiting_positive = True
-            prompt = signature.bind_partial(*args, **kwargs).arguments.get("prompt")
-            if isinstance(prompt, (list, tuple)):
-                self._check_negative_count(len(prompt))
-            return original(*args, **kwargs)
+            self._open_generation()
+            try:
+                self._check_processors_in_place()
+                self._awaiting_positive = True
+                prompt = signature.bind_partial(*args, **kwargs).arguments.get("prompt")
+                if isinstance(prompt, (list, tuple)):
+                    self._check_negative_count(len(prompt))
+                return original(*args, **kwargs)
+            except BaseException:
+                self._close_generation()
+                raise
 
         return check_inputs
 
@@ -151,15 +182,67 @@ class NAGHandle:
         signature = inspect.signature(original)
 
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-            result = original(*args, **kwargs)
-            if self._awaiting_positive or self.runtime.denoiser_calls > 0 or self.runtime.positive_reference is None:
-                self._awaiting_positive = False
-                bound = signature.bind(*args, **kwargs)
-                bound.apply_defaults()
-                self._begin_generation(original, signature, bound.arguments, result)
-            return result
+            try:
+                result = original(*args, **kwargs)
+                if self._awaiting_positive or self.runtime.denoiser_calls > 0 or self.runtime.positive_reference is None:
+                    self._awaiting_positive = False
+                    bound = signature.bind(*args, **kwargs)
+                    bound.apply_defaults()
+                    self._begin_generation(original, signature, bound.arguments, result)
+                return result
+            except BaseException:
+                self._close_generation()
+                raise
 
         return encode_prompt
+
+    def _wrap_progress_bar(self, original: Any) -> Any:
+        """Every supported pipeline runs its denoising loop inside ``self.progress_bar(...)``:
+        leaving it (normally or by an exception) ends the generation for the thread guard."""
+
+        def progress_bar(*args: Any, **kwargs: Any) -> Any:
+            return _ClosingProgressBar(original(*args, **kwargs), self._close_generation)
+
+        return progress_bar
+
+    # -- one generation at a time ----------------------------------------------------------------
+    def _open_generation(self) -> None:
+        """Mark a generation as running in this thread; refuse one from a second thread meanwhile.
+
+        NAG's per-generation state (the negative conditioning, the step counter, the guided call
+        in flight) lives on the handle, like the pipeline's own scheduler state: two threads
+        generating on one pipeline at once would mix their states silently.
+        """
+        current = threading.current_thread()
+        with self._lock:
+            owner = self._generating_thread
+            if owner is not None and owner is not current and owner.is_alive():
+                raise RuntimeError(
+                    f"this {type(self.pipe).__name__} is already generating with NAG in thread {owner.name!r}; "
+                    "one pipeline (with its NAG state) serves one generation at a time. Give each thread its "
+                    "own pipeline with its own denoiser, or serialize the calls with a lock."
+                )
+            self._generating_thread = current
+
+    def _close_generation(self) -> None:
+        with self._lock:
+            if self._generating_thread is threading.current_thread():
+                self._generating_thread = None
+
+    def _check_processors_in_place(self) -> None:
+        """Refuse to generate when something replaced NAG's attention processors after ``apply``
+        (``set_attn_processor``, another attention tool): the extended text inputs would reach
+        processors that do not split them again."""
+        family = FAMILIES[self.spec.family]
+        for name, module in self.denoiser.named_modules():
+            if family.attention_role(name, module) is None:
+                continue
+            processor = module.processor
+            if not (isinstance(processor, NAGProcessor) and processor.runtime is self.runtime):
+                raise RuntimeError(
+                    f"the attention processor of `{name}` was replaced after nag.apply (now "
+                    f"{type(processor).__name__}); call nag.remove(pipe), set the processors, then nag.apply again"
+                )
 
     def _begin_generation(self, encode: Any, signature: inspect.Signature, arguments: dict, result: tuple) -> None:
         positive = self._named_outputs(result)
@@ -172,6 +255,7 @@ class NAGHandle:
             if self.negative_prompt is not None:
                 negative = self._encode_negative(encode, signature, arguments, prompts)
             elif self.negative_embeds:
+                _check_widths_against_positive(self.negative_embeds, positive)
                 negative = self._expand_negative_embeds(prompts, per_prompt, rows, reference)
         self.runtime.begin_generation(negative, reference)
 
@@ -242,7 +326,125 @@ class _Missing:
 _MISSING = _Missing()
 
 
-def _validate_negative_embeds(spec: PipelineSpec, embeds: dict[str, Any]) -> dict[str, torch.Tensor]:
+class _ClosingProgressBar:
+    """A pipeline's progress bar that calls ``on_close`` when its ``with`` block (or iteration) ends."""
+
+    def __init__(self, bar: Any, on_close: Any):
+        self._bar = bar
+        self._on_close = on_close
+
+    def __enter__(self) -> Any:
+        return self._bar.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return self._bar.__exit__(*exc)
+        finally:
+            self._on_close()
+
+    def __iter__(self) -> Any:
+        try:
+            yield from self._bar
+        finally:
+            self._on_close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
+
+
+def _denoiser_of(pipe: Any, spec: PipelineSpec) -> torch.nn.Module:
+    """The pipeline's denoiser, the module itself when it was wrapped by ``torch.compile``,
+    after checking that it is the architecture the pipeline's family expects."""
+    denoiser = getattr(pipe, spec.denoiser_attr, None)
+    if denoiser is None:
+        raise ValueError(f"{type(pipe).__name__} has no `{spec.denoiser_attr}`; NAG needs the denoiser loaded")
+    if isinstance(denoiser, _CompiledModule):
+        # Hooks and processors go on the module; the compiled wrapper calls it (and traces them).
+        denoiser = denoiser._orig_mod
+    family = FAMILIES[spec.family]
+    if not any(cls.__name__ in family.denoisers for cls in type(denoiser).__mro__):
+        raise NotImplementedError(
+            f"{type(pipe).__name__}.{spec.denoiser_attr} is a {type(denoiser).__name__}; NAG's {family.name!r} "
+            f"family supports {', '.join(family.denoisers)}. Load the pipeline with its stock denoiser."
+        )
+    return denoiser
+
+
+def _check_processors(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
+    """Refuse text-attention processors NAG cannot drive, naming the module and the fix.
+
+    NAG wraps whatever processor a text-attention module has and calls it with the positive and
+    the negative context, binding its arguments by name. A processor from another tool works if it
+    takes the stock arguments by name (``hidden_states``, ``encoder_hidden_states``, ...); one
+    that hides them behind ``*args``/``**kwargs`` or does not take them cannot be driven.
+    """
+    family = FAMILIES[spec.family]
+    for name, module in denoiser.named_modules():
+        role = family.attention_role(name, module)
+        if role is None:
+            continue
+        processor = module.processor
+        label = f"`{spec.denoiser_attr}.{name}` has a {type(processor).__name__}"
+        fix = (
+            f"restore diffusers' processors first (e.g. pipe.{spec.denoiser_attr}.set_default_attn_processor(), "
+            "or reload the model), or remove the other tool"
+        )
+        if isinstance(processor, NAGProcessor):
+            raise RuntimeError(f"{label}: this denoiser already carries NAG; remove that first")
+        if not callable(processor):
+            raise TypeError(f"{label}, which is not callable; NAG needs a diffusers attention processor: {fix}")
+        try:
+            parameters = inspect.signature(processor.__call__).parameters
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{label} whose signature cannot be read ({error}); NAG cannot drive it: {fix}") from None
+        missing = [p for p in _PROCESSOR_PARAMETERS[role] if p not in parameters]
+        if missing:
+            raise TypeError(
+                f"{label} that takes no named {missing} (another attention tool?); NAG calls the processor "
+                f"with the positive and the negative text by those names and cannot drive it: {fix}"
+            )
+
+
+def _expected_widths(denoiser: torch.nn.Module | None) -> dict[str, tuple[str, int]]:
+    """Widths the denoiser's config prescribes for each negative input: key -> (config entry, width)."""
+    config = getattr(denoiser, "config", None)
+    widths: dict[str, tuple[str, int]] = {}
+    if config is None:
+        return widths
+    for key, entries in _WIDTH_CONFIG.items():
+        for entry in entries:
+            value = config.get(entry) if hasattr(config, "get") else getattr(config, entry, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                widths[key] = (entry, value)
+                break
+    return widths
+
+
+def _check_widths_against_positive(negative: dict[str, torch.Tensor], positive: dict[str, torch.Tensor]) -> None:
+    """At encode time: the negative embeddings must have the width of the positive ones."""
+    for key, value in negative.items():
+        reference = positive.get(key)
+        if key == "encoder_attention_mask" or not isinstance(reference, torch.Tensor):
+            continue
+        if value.shape[-1] != reference.shape[-1]:
+            name = next(n for n, k in NEGATIVE_EMBED_NAMES.items() if k == key)
+            expected = ("rows", "tokens", reference.shape[-1]) if value.ndim == 3 else ("rows", reference.shape[-1])
+            raise ValueError(
+                f"`{name}` has width {value.shape[-1]} but this call's prompt embeddings have width "
+                f"{reference.shape[-1]}: expected shape {expected}. Encode the negative prompt with "
+                "this pipeline's encode_prompt (or pass the negative prompt as text)."
+            )
+
+
+def _validate_negative_embeds(
+    spec: PipelineSpec, embeds: dict[str, Any], denoiser: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """Check precomputed negative embeddings: names, types, dtypes, devices, shapes, values.
+
+    Tensors on another (real) device than the denoiser are fine: they are moved at use. Widths
+    are checked against the denoiser's config here and against the prompt embeddings at each
+    generation.
+    """
     family = FAMILIES[spec.family]
     accepted = {name: key for name, key in NEGATIVE_EMBED_NAMES.items() if key in family.negative_keys}
     unknown = sorted(set(embeds) - set(accepted))
@@ -259,12 +461,45 @@ def _validate_negative_embeds(spec: PipelineSpec, embeds: dict[str, Any]) -> dic
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
         if value.ndim != _EMBED_NDIM[key]:
-            raise ValueError(f"`{name}` must have {_EMBED_NDIM[key]} dimensions, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"`{name}` must have {_EMBED_NDIM[key]} dimensions {_EMBED_LAYOUT[key]}, got shape {tuple(value.shape)}"
+            )
+        if key == "encoder_attention_mask":
+            if value.is_complex():
+                raise TypeError(f"`{name}` must be a bool, integer or float mask (1 = keep), got {value.dtype}")
+        elif not value.is_floating_point():
+            raise TypeError(
+                f"`{name}` must be a floating-point tensor (embeddings, not token ids), got {value.dtype}; "
+                f"encode the negative prompt with the pipeline's encode_prompt, or pass it as text"
+            )
+        if value.is_meta:
+            raise ValueError(f"`{name}` is on the meta device (shape only, no values); pass a materialized tensor")
+        if 0 in value.shape:
+            raise ValueError(f"`{name}` is empty (shape {tuple(value.shape)}); it needs at least one row and one token")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`{name}` contains NaN or inf; NAG would turn every guided output into NaN")
         converted[key] = value
     if converted:
         required = [name for name, key in accepted.items() if key != "encoder_attention_mask" and key not in converted]
         if required:
             raise ValueError(f"{spec.pipeline} needs {required} too when negative embeddings are passed instead of a prompt")
+    text, mask = converted.get("encoder_hidden_states"), converted.get("encoder_attention_mask")
+    if text is not None and mask is not None:
+        if mask.shape[1] != text.shape[1] or mask.shape[0] not in (1, text.shape[0]):
+            raise ValueError(
+                f"`negative_prompt_attention_mask` has shape {tuple(mask.shape)} but `negative_prompt_embeds` "
+                f"has {tuple(text.shape)}: expected ({text.shape[0]}, {text.shape[1]}), one entry per token"
+            )
+    for key, (entry, width) in _expected_widths(denoiser).items():
+        value = converted.get(key)
+        if value is not None and value.shape[-1] != width:
+            name = next(n for n, k in NEGATIVE_EMBED_NAMES.items() if k == key)
+            expected = ("rows", "tokens", width) if value.ndim == 3 else ("rows", width)
+            raise ValueError(
+                f"`{name}` has width {value.shape[-1]} but {spec.pipeline}'s {spec.denoiser_attr} expects "
+                f"{width} (config.{entry}): expected shape {expected}. Encode the negative prompt with "
+                "this pipeline's encode_prompt (or pass the negative prompt as text)."
+            )
     return converted
 
 
@@ -308,14 +543,13 @@ def apply(
         raise RuntimeError(
             f"{type(pipe).__name__} already carries NAG; call nag.remove(pipe) (or handle.update(...)) first"
         )
-    denoiser = getattr(pipe, spec.denoiser_attr, None)
-    if denoiser is not None and any(
-        isinstance(getattr(m, "processor", None), NAGProcessor) for m in denoiser.modules()
-    ):
+    denoiser = _denoiser_of(pipe, spec)
+    if any(isinstance(getattr(m, "processor", None), NAGProcessor) for m in denoiser.modules()):
         raise RuntimeError(
             f"the {spec.denoiser_attr} of this pipeline already carries NAG (through another pipeline "
             "sharing it); remove that first"
         )
+    _check_processors(denoiser, spec)
     if negative_prompt is not None and negative_embeds:
         raise ValueError("pass either negative_prompt or precomputed negative embeddings, not both")
     if negative_prompt is not None:
@@ -324,16 +558,8 @@ def apply(
                 raise TypeError("negative_prompt must be a string or a non-empty list of strings")
         elif not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
-    embeds = _validate_negative_embeds(spec, negative_embeds)
-    defaults = spec.defaults
-    settings = NAGSettings(
-        scale=defaults.scale if scale is None else scale,
-        tau=defaults.tau if tau is None else tau,
-        alpha=defaults.alpha if alpha is None else alpha,
-        start=start,
-        end=end,
-        norm=norm,
-    )
+    settings = NAGSettings.resolve(spec.defaults, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm)
+    embeds = _validate_negative_embeds(spec, negative_embeds, denoiser)
     if negative_prompt is None and not embeds:
         logger.warning("nag.apply without a negative prompt: NAG stays off until one is given")
     handle = NAGHandle(pipe, spec, settings, negative_prompt, embeds, fast=fast)
