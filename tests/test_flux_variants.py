@@ -1,0 +1,119 @@
+"""Flux image-to-image, inpainting, control and Kontext editing pipelines: the same transformer
+sees extra image tokens or channels; NAG guides the image stream, never the reference image as
+text, and agrees with the naive implementation."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+import naive_nag
+import nag
+import tiny_pipelines as tp
+from test_pipelines import Recorder, state_of
+
+PROMPTS = ["a red circle on a blue background", "a small green square"]
+SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
+
+
+@lru_cache(maxsize=None)
+def variant(name):
+    import diffusers
+    from diffusers import FluxTransformer2DModel
+
+    components = tp.FACTORIES["flux"]().components
+    if name == "control":
+        with tp._seeded(5):
+            components["transformer"] = FluxTransformer2DModel(
+                patch_size=1, in_channels=32, out_channels=16, num_layers=1, num_single_layers=1,
+                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                axes_dims_rope=(4, 4, 8),
+            ).eval()
+    cls = {"img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline", "control": "FluxControlPipeline",
+           "kontext": "FluxKontextPipeline"}[name]
+    pipeline_class = getattr(diffusers, cls)
+    accepted = pipeline_class._get_signature_keys(pipeline_class)[0]
+    pipe = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image(seed, channels=3):
+    return torch.rand(2, channels, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def call_kwargs(name):
+    kwargs = dict(height=16, width=16, max_sequence_length=16, num_inference_steps=4, output_type="pt")
+    if name == "img2img":
+        kwargs.update(image=image(1), strength=0.75)
+    elif name == "inpaint":
+        kwargs.update(image=image(1), mask_image=(image(2, 1) > 0.5).float(), strength=0.9)
+    elif name == "control":
+        kwargs.update(control_image=image(3))
+    elif name == "kontext":
+        kwargs.update(image=image(4), _auto_resize=False, max_area=16 * 16)
+    return kwargs
+
+
+def generate(pipe, name):
+    out = pipe(prompt=PROMPTS, generator=torch.Generator("cpu").manual_seed(0), **call_kwargs(name))
+    return tp.output_tensor(out)
+
+
+VARIANTS = ["img2img", "inpaint", "control", "kontext"]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_invariants(name):
+    pipe = variant(name)
+    stock = generate(pipe, name)
+    before = state_of(pipe)
+    with nag.apply(pipe, "blurry, watermark", scale=1.0):
+        assert torch.equal(generate(pipe, name), stock)
+    with nag.apply(pipe, PROMPTS, **SETTINGS):
+        torch.testing.assert_close(generate(pipe, name), stock, rtol=0, atol=1e-5)
+    with nag.apply(pipe, "blurry, watermark", **SETTINGS) as handle:
+        guided = generate(pipe, name)
+        steps = handle.guided_calls
+    assert steps == pipe._num_timesteps  # every denoising step of the (possibly shortened) schedule
+    assert (guided - stock).abs().max() > 1e-3
+    assert state_of(pipe) == before
+    assert torch.equal(generate(pipe, name), stock)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_agrees_with_naive_implementation(name):
+    pipe = variant(name)
+    model = pipe.transformer
+    g = torch.Generator().manual_seed(7)
+    negative = torch.randn(2, 11, model.config.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, model.config.pooled_projection_dim, generator=g)
+    with nag.apply(pipe, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=pooled, **SETTINGS):
+        recorder = Recorder(model)
+        try:
+            generate(pipe, name)
+        finally:
+            recorder.close()
+    assert recorder.calls
+    with torch.no_grad():
+        for call in recorder.calls:
+            i = call["inputs"]
+            expected = naive_nag.naive_flux_forward(
+                model, i["hidden_states"], i["encoder_hidden_states"], i["pooled_projections"], i["timestep"],
+                i["img_ids"], i["txt_ids"], i.get("guidance"), negative, pooled, None, p=1, **SETTINGS,
+            )
+            torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_img2img_window_counts_the_skipped_start():
+    """strength 0.5 of 4 steps starts half-way: with end=0.5 no step is guided, with start=0.5 all."""
+    pipe = variant("img2img")
+    kwargs = {**call_kwargs("img2img"), "strength": 0.5}
+    with nag.apply(pipe, "blurry", end=0.5, **SETTINGS) as handle:
+        pipe(prompt=PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert handle.guided_calls == 0
+    with nag.apply(pipe, "blurry", start=0.5, **SETTINGS) as handle:
+        pipe(prompt=PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert handle.guided_calls == 2
