@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
 import threading
 import weakref
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -15,11 +16,6 @@ from .attention import NAGProcessor
 from .engine import Attachment, NAGRuntime, attach, unwrap_compiled
 from .families import FAMILIES, PipelineSpec, pipeline_spec
 from .settings import NAGSettings
-
-try:  # torch.compile(model) returns a wrapper around the module
-    from torch._dynamo.eval_frame import OptimizedModule as _CompiledModule
-except ImportError:  # pragma: no cover
-    _CompiledModule = ()
 
 __all__ = ["apply", "remove", "NAGHandle"]
 
@@ -284,7 +280,8 @@ class NAGHandle:
             elif _reset_to_default(name):
                 call[name] = None if parameter.default is inspect.Parameter.empty else parameter.default
         call.update({k: v for k, v in self.spec.negative_overrides.items() if k in signature.parameters})
-        return self._named_outputs(encode(**call))
+        with _tokenizer_state_kept(self.pipe):
+            return self._named_outputs(encode(**call))
 
     def _expand_negative_embeds(self, prompts: int, per_prompt: int, rows: int, reference: torch.Tensor) -> dict:
         expanded = {}
@@ -352,15 +349,42 @@ class _ClosingProgressBar:
         return getattr(self._bar, name)
 
 
+@contextlib.contextmanager
+def _tokenizer_state_kept(pipe: Any) -> Iterator[None]:
+    """Restore the padding/truncation state of the pipeline's fast tokenizers afterwards.
+
+    A fast tokenizer keeps the settings of its last call, and ``save_pretrained`` writes them into
+    ``tokenizer.json``: without this, encoding the negative prompt would make a pipeline that used
+    NAG save different files from one that never did.
+    """
+    saved = []
+    for component in getattr(pipe, "components", {}).values():
+        backend = getattr(component, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "truncation") and hasattr(backend, "padding"):
+            saved.append((backend, backend.truncation, backend.padding))
+    try:
+        yield
+    finally:
+        for backend, truncation, padding in saved:
+            if truncation is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**truncation)
+            if padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**padding)
+
+
 def _denoiser_of(pipe: Any, spec: PipelineSpec) -> torch.nn.Module:
     """The pipeline's denoiser, the module itself when it was wrapped by ``torch.compile``,
     after checking that it is the architecture the pipeline's family expects."""
     denoiser = getattr(pipe, spec.denoiser_attr, None)
     if denoiser is None:
         raise ValueError(f"{type(pipe).__name__} has no `{spec.denoiser_attr}`; NAG needs the denoiser loaded")
-    if isinstance(denoiser, _CompiledModule):
-        # Hooks and processors go on the module; the compiled wrapper calls it (and traces them).
-        denoiser = denoiser._orig_mod
+    # torch.compile(model) wraps the module: hooks and processors go on the module itself; the
+    # compiled wrapper calls it (and traces them).
+    denoiser = unwrap_compiled(denoiser)
     family = FAMILIES[spec.family]
     if not any(cls.__name__ in family.denoisers for cls in type(denoiser).__mro__):
         raise NotImplementedError(

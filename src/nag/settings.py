@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import numbers
+from dataclasses import dataclass, fields, replace
 
 __all__ = ["NAGSettings", "FamilyDefaults"]
 
@@ -42,9 +43,12 @@ class NAGSettings:
     def __post_init__(self) -> None:
         def finite(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"NAG `{name}` must be a finite number, got {value!r}")
-            return float(value)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                hint = " (a tensor? pass float(value))" if hasattr(value, "item") else ""
+                raise ValueError(f"NAG `{name}` must be a finite number, got {value!r}{hint}")
+            value = float(value)
+            object.__setattr__(self, name, value)  # numpy scalars and the like become floats
+            return value
 
         if finite("scale") < 1.0:
             raise ValueError(
@@ -57,13 +61,46 @@ class NAGSettings:
             raise ValueError(f"NAG `alpha` must lie in [0, 1] (typical: 0.25-0.5), got {self.alpha}")
         start, end = finite("start"), finite("end")
         if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
-            raise ValueError(f"NAG `start` and `end` must lie in [0, 1], got start={start}, end={end}")
+            raise ValueError(
+                f"NAG `start` and `end` must lie in [0, 1] (fractions of the sampling trajectory; "
+                f"end=0.5 guides the first half), got start={start}, end={end}"
+            )
         if start >= end:
-            raise ValueError(f"NAG `start` must be smaller than `end`, got start={start}, end={end}")
-        if self.norm not in (1, 2) or isinstance(self.norm, bool):
+            raise ValueError(
+                f"NAG `start` must be smaller than `end` (the guided steps are start <= i/N < end), "
+                f"got start={start}, end={end}"
+            )
+        if isinstance(self.norm, bool) or self.norm not in (1, 2):
             raise ValueError(f"NAG `norm` must be 1 (L1, the default) or 2 (L2), got {self.norm!r}")
+        object.__setattr__(self, "norm", int(self.norm))
         if finite("eps") <= 0.0:
             raise ValueError(f"NAG `eps` must be > 0, got {self.eps}")
+
+    @classmethod
+    def resolve(
+        cls,
+        defaults: FamilyDefaults,
+        *,
+        scale: float | None = None,
+        tau: float | None = None,
+        alpha: float | None = None,
+        start: float = 0.0,
+        end: float = 1.0,
+        norm: int = 1,
+    ) -> "NAGSettings":
+        """Validated settings, omitted ``scale``/``tau``/``alpha`` taken from ``defaults``.
+
+        What ``nag.apply`` uses; a command line can call it (with ``nag.PIPELINES[name].defaults``)
+        to reject bad options before loading any weights.
+        """
+        return cls(
+            scale=defaults.scale if scale is None else scale,
+            tau=defaults.tau if tau is None else tau,
+            alpha=defaults.alpha if alpha is None else alpha,
+            start=start,
+            end=end,
+            norm=norm,
+        )
 
     @property
     def enabled(self) -> bool:
@@ -75,4 +112,9 @@ class NAGSettings:
         return progress is None or self.start <= progress < self.end
 
     def with_updates(self, **changes: float) -> "NAGSettings":
+        """A validated copy with ``changes`` applied; unknown names raise a TypeError naming the known ones."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown NAG setting(s) {unknown}; settings are {sorted(known)}")
         return replace(self, **changes)
