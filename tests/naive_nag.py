@@ -123,6 +123,7 @@ _EXPECTED_STOCK_PROCESSORS = {
     "pixart": ("AttnProcessor2_0",),
     "sana": ("SanaAttnProcessor2_0",),
     "wan": ("WanAttnProcessor",),
+    "ltx": ("LTXVideoAttnProcessor",),
 }
 
 
@@ -169,6 +170,8 @@ class _NaiveCrossAttnProcessor:
             return self._sana(attn, hidden_states, encoder_hidden_states, attention_mask)
         if self.style == "wan":
             return self._wan(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if self.style == "ltx":
+            return self._ltx(attn, hidden_states, encoder_hidden_states, attention_mask)
         raise ValueError(self.style)
 
     def _guided(self, encoder_hidden_states):
@@ -288,6 +291,27 @@ class _NaiveCrossAttnProcessor:
         return out
 
 
+    # -- LTXVideoAttnProcessor (cross attention: no rotary embedding) ------------------------------------------------
+    def _ltx(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        guided = self._guided(encoder_hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        heads = attn.heads
+
+        def project_kv(ctx):
+            k = attn.norm_k(attn.to_k(ctx))  # RMS norm over the flat projection, before the heads split
+            return _split_heads(k, heads), _split_heads(attn.to_v(ctx), heads)
+
+        q = _split_heads(attn.norm_q(attn.to_q(hidden_states)), heads)
+        k, v = project_kv(context)
+        bias = _mask_bias_4d(attention_mask, k.shape[1])
+        k_neg = v_neg = bias_neg = None
+        if guided:
+            k_neg, v_neg = project_kv(self.neg_context)
+            bias_neg = _mask_bias_4d(self.neg_bias, k_neg.shape[1])
+        out = _guided_attention(q, k, v, bias, k_neg, v_neg, bias_neg, self.rows if guided else [], self.nag)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 def _preprocess_negative_context(model, kind, neg):
     """Apply to the negative text exactly the preprocessing the model applies to its ``encoder_hidden_states``."""
     if kind == "unet":
@@ -306,6 +330,9 @@ def _preprocess_negative_context(model, kind, neg):
         return neg
     if kind == "wan":
         return model.condition_embedder.text_embedder(neg)
+    if kind == "ltx":
+        neg = model.caption_projection(neg)
+        return neg.view(neg.shape[0], -1, neg.shape[-1])
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -365,7 +392,7 @@ def naive_cross_attention_forward(
         neg_context = _preprocess_negative_context(model, kind, neg_encoder_hidden_states)
         neg_bias = _negative_bias(kind, neg_encoder_attention_mask, x.dtype)
 
-    style = {"unet": "attn2_0", "pixart": "attn2_0", "sana": "sana", "wan": "wan"}[kind]
+    style = {"unet": "attn2_0", "pixart": "attn2_0", "sana": "sana", "wan": "wan", "ltx": "ltx"}[kind]
     nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
     processor = _NaiveCrossAttnProcessor(style, neg_context, neg_bias, rows, nag)
 

@@ -662,6 +662,34 @@ def wan():
     )
 
 
+def ltx():
+    """LTXPipeline (text-to-video): LTXVideoTransformer3DModel with masked cross-attention."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    tokenizer, text_encoder = make_t5(seed=0, d_model=32)
+    with _seeded(1):
+        vae = AutoencoderKLLTXVideo(
+            in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+            decoder_spatio_temporal_scaling=(True, True, False, False),
+            decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
+            upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+            encoder_causal=True, decoder_causal=False,
+        ).eval()
+    with _seeded(2):
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+            attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=32,
+        ).eval()
+    return _finish(
+        LTXPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+            tokenizer=tokenizer, transformer=transformer,
+        )
+    )
+
+
 FACTORIES: dict[str, Callable[[], Any]] = {
     "flux": flux,
     "flux_dev": flux_dev,
@@ -674,6 +702,7 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "sana": sana,
     "sana_sprint": sana_sprint,
     "wan": wan,
+    "ltx": ltx,
 }
 
 
@@ -732,6 +761,9 @@ CFG_INFO: dict[str, dict[str, Any]] = {
     # Wan: no mask is passed, but the UMT5 states past each prompt's length are zeroed by the pipeline.
     "wan": dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
                 text_mask="none (padding positions of encoder_hidden_states are zeros)"),
+    # LTX: batched [uncond, cond] like PixArt, with a text mask.
+    "ltx": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                text_mask="encoder_attention_mask kwarg, (2B, max_seq), 1 = real token"),
 }
 
 # Pixel sizes: all image VAEs here have vae_scale_factor 2 (wan: 8 spatial, 4 temporal).
@@ -755,6 +787,8 @@ _BASE_KWARGS: dict[str, dict[str, Any]] = {
                         use_resolution_binning=False, complex_human_instruction=None, guidance_scale=4.5),
     # num_frames must be 4k+1; 32px -> 4x4 latent -> 2x2 patches; 5 frames -> 2 latent frames.
     "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16),
+    # LTX: spatial and temporal compression 4 here; num_frames must be 8k+1.
+    "ltx": dict(height=32, width=32, num_frames=9, max_sequence_length=16),
 }
 
 

@@ -281,7 +281,12 @@ class SingleStreamAttentionNAG(NAGProcessor):
 
 from .kernels import attention, attention_with_lse, merge_attention  # noqa: E402
 
-_CROSS_FLAT_NORM = {"SanaAttnProcessor2_0": True, "WanAttnProcessor": True, "AttnProcessor2_0": False}
+_CROSS_FLAT_NORM = {
+    "AttnProcessor2_0": False,
+    "SanaAttnProcessor2_0": True,
+    "WanAttnProcessor": True,
+    "LTXVideoAttnProcessor": True,
+}
 _JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0"}
 
 

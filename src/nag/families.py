@@ -228,6 +228,14 @@ FAMILIES: dict[str, Family] = {
             negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
         ),
         Family(
+            name="ltx",
+            denoisers=("LTXVideoTransformer3DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn2", "cross"),),
+            layout="cross",
+            mask_kwarg="encoder_attention_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        ),
+        Family(
             name="wan",
             denoisers=("WanTransformer3DModel",),
             attention=((r"blocks\.\d+\.attn2", "cross"),),
@@ -273,6 +281,7 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("PixArtAlphaPipeline", "pixart", "PixArt-Alpha", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
         PipelineSpec("SanaPipeline", "sana", "Sana", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), negative_overrides={"complex_human_instruction": None}),
         PipelineSpec("SanaSprintPipeline", "sana", "Sana-Sprint", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M), few_step=True, negative_overrides={"complex_human_instruction": None}),
+        PipelineSpec("LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
         PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
     )
 }
