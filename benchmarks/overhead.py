@@ -15,6 +15,8 @@ Modes (one denoiser forward each; batch 1 image):
     nag-end  average per step with ``end=0.5`` (half the steps guided): (none + nag) / 2
     nag (straightforward path)  ``fast=False``: each stock attention processor run once per branch
 
+On CPU the benchmark runs on one thread and measures that thread's CPU time, so other work on
+the machine does not distort the ratios; on CUDA it measures wall time with synchronisation.
 Writes JSON lines (``--jsonl``) and a markdown table (``--markdown``).
 """
 
@@ -237,6 +239,8 @@ def _sync(device: torch.device) -> None:
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, settings: dict) -> dict:
     """Time every mode round-robin (one call of each per round), so load that varies over the
     run affects all modes alike; report the fastest call of each mode (and the median)."""
+    # On CPU: one thread and its CPU time, which other processes on the machine do not inflate.
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
     torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype, on the target device: no 48 GB fp32 detour
@@ -264,10 +268,10 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
                     _sync(device)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    start = time.perf_counter()
+                    start = clock()
                     model(**inputs)
                     _sync(device)
-                    elapsed = time.perf_counter() - start
+                    elapsed = clock() - start
                 finally:
                     if handle is not None:
                         handle.remove()
@@ -313,6 +317,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def update_markdown(path: str, section: str, table: str) -> None:
+    """Replace (or append) the generated block ``section`` in ``path``, keeping the prose around it."""
+    import os
+
+    begin, end = f"<!-- overhead:{section} -->", f"<!-- /overhead:{section} -->"
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{begin}\n{table}{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -322,13 +341,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")
-    parser.add_argument("--markdown", default=None, help="write the markdown table here")
+    parser.add_argument("--markdown", default=None,
+                        help="markdown file to update: the table replaces the block between "
+                             "'<!-- overhead:SECTION -->' and '<!-- /overhead:SECTION -->' (appended if absent)")
+    parser.add_argument("--section", default=None, help="block name in --markdown (default: the preset and device)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     settings = dict(scale=5.0, tau=2.5, alpha=0.25)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.machine()} CPU, 1 thread, CPU time of the thread")
     import diffusers
 
     meta = dict(date=datetime.date.today().isoformat(), machine=machine, torch=torch.__version__,
@@ -346,8 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(rows, meta)
     print(table)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
+        update_markdown(args.markdown, args.section or f"{args.preset}-{device.type}", table)
 
 
 if __name__ == "__main__":
