@@ -345,7 +345,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="markdown file to update: the table replaces the block between "
                              "'<!-- overhead:SECTION -->' and '<!-- /overhead:SECTION -->' (appended if absent)")
     parser.add_argument("--section", default=None, help="block name in --markdown (default: the preset and device)")
+    parser.add_argument("--render", default=None, metavar="JSONL",
+                        help="measure nothing: render the table from JSON lines written earlier with --jsonl")
     args = parser.parse_args(argv)
+
+    if args.render:
+        rows = [json.loads(line) for line in open(args.render) if line.strip()]
+        table = markdown(rows, rows[0])
+        print(table)
+        if args.markdown:
+            update_markdown(args.markdown, args.section or f"{rows[0]['preset']}-{args.device}", table)
+        return
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

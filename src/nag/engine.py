@@ -17,6 +17,7 @@ guided, the hooks pass the stock arguments through unchanged, so the output is b
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,6 +29,8 @@ from .settings import NAGSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .families import Family
+
+logger = logging.getLogger("nag")
 
 __all__ = ["GuidedCall", "NAGRuntime", "Attachment", "attach", "family_of", "unwrap_compiled"]
 
@@ -69,6 +72,13 @@ class NAGRuntime:
     def begin_generation(
         self, negative: dict[str, torch.Tensor] | None, positive_reference: torch.Tensor | None
     ) -> None:
+        if self.negative is not None and self.denoiser_calls and not self.guided_calls and self.settings.enabled:
+            logger.warning(
+                "NAG guided none of the %d denoiser calls of the previous generation: no call carried the "
+                "encoded positive prompt (was the prompt embedding changed between encode_prompt and the "
+                "denoiser?) or no step fell inside [start=%s, end=%s)",
+                self.denoiser_calls, self.settings.start, self.settings.end,
+            )
         self.negative = negative
         self.positive_reference = positive_reference
         self.step_index = -1
