@@ -16,7 +16,7 @@ import naive_nag
 import nag
 import tiny_pipelines as tp
 
-NAMES = ["flux", "flux_dev", "sd3", "sd35", "sdxl", "sd", "pixart_sigma", "pixart_alpha", "sana", "sana_sprint", "wan", "ltx"]
+NAMES = ["flux", "flux_dev", "sd3", "sd35", "sdxl", "sd", "pixart_sigma", "pixart_alpha", "sana", "sana_sprint", "wan", "skyreels_v2", "ltx"]
 PROMPTS = ["a red circle on a blue background", "a small green square"]
 NEGATIVE = "blurry, low quality, ugly watermark text"
 SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
@@ -222,7 +222,7 @@ def test_num_images_per_prompt_and_negative_list(name):
 # ---------------------------------------------------------------------------------------------
 
 KIND = {"sd": "unet", "sdxl": "unet", "pixart_sigma": "pixart", "pixart_alpha": "pixart", "sana": "sana",
-        "sana_sprint": "sana", "wan": "wan", "ltx": "ltx"}
+        "sana_sprint": "sana", "wan": "wan", "ltx": "ltx", "skyreels_v2": "skyreels_v2"}
 
 
 def random_negative(name, call_inputs, length_delta):

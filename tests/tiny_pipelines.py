@@ -662,6 +662,26 @@ def wan():
     )
 
 
+def skyreels_v2():
+    """SkyReelsV2Pipeline (text-to-video): a Wan-style transformer and VAE."""
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    wan_pipe = wan()
+    with _seeded(4):
+        transformer = SkyReelsV2Transformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ).eval()
+    return _finish(
+        SkyReelsV2Pipeline(
+            tokenizer=wan_pipe.tokenizer, text_encoder=wan_pipe.text_encoder, vae=wan_pipe.vae,
+            scheduler=UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction"),
+            transformer=transformer,
+        )
+    )
+
+
 def ltx():
     """LTXPipeline (text-to-video): LTXVideoTransformer3DModel with masked cross-attention."""
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
@@ -703,6 +723,7 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "sana_sprint": sana_sprint,
     "wan": wan,
     "ltx": ltx,
+    "skyreels_v2": skyreels_v2,
 }
 
 
@@ -761,6 +782,9 @@ CFG_INFO: dict[str, dict[str, Any]] = {
     # Wan: no mask is passed, but the UMT5 states past each prompt's length are zeroed by the pipeline.
     "wan": dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
                 text_mask="none (padding positions of encoder_hidden_states are zeros)"),
+    # SkyReels-V2: Wan's structure, one call per branch.
+    "skyreels_v2": dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                        text_mask="none (padding positions of encoder_hidden_states are zeros)"),
     # LTX: batched [uncond, cond] like PixArt, with a text mask.
     "ltx": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
                 text_mask="encoder_attention_mask kwarg, (2B, max_seq), 1 = real token"),
@@ -789,6 +813,7 @@ _BASE_KWARGS: dict[str, dict[str, Any]] = {
     "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16),
     # LTX: spatial and temporal compression 4 here; num_frames must be 8k+1.
     "ltx": dict(height=32, width=32, num_frames=9, max_sequence_length=16),
+    "skyreels_v2": dict(height=32, width=32, num_frames=5, max_sequence_length=16),
 }
 
 

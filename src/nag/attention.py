@@ -285,6 +285,7 @@ _CROSS_FLAT_NORM = {
     "AttnProcessor2_0": False,
     "SanaAttnProcessor2_0": True,
     "WanAttnProcessor": True,
+    "SkyReelsV2AttnProcessor": True,
     "LTXVideoAttnProcessor": True,
 }
 _JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0"}
