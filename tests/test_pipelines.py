@@ -16,7 +16,7 @@ import naive_nag
 import nag
 import tiny_pipelines as tp
 
-NAMES = ["flux", "flux_dev", "sd3", "sd35", "sdxl", "sd", "pixart_sigma", "pixart_alpha", "sana", "sana_sprint", "wan", "skyreels_v2", "ltx"]
+NAMES = ["flux", "flux_dev", "sd3", "sd35", "sdxl", "sd", "pixart_sigma", "pixart_alpha", "sana", "sana_sprint", "wan", "skyreels_v2", "ltx", "sana_video"]
 PROMPTS = ["a red circle on a blue background", "a small green square"]
 NEGATIVE = "blurry, low quality, ugly watermark text"
 SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
@@ -222,7 +222,7 @@ def test_num_images_per_prompt_and_negative_list(name):
 # ---------------------------------------------------------------------------------------------
 
 KIND = {"sd": "unet", "sdxl": "unet", "pixart_sigma": "pixart", "pixart_alpha": "pixart", "sana": "sana",
-        "sana_sprint": "sana", "wan": "wan", "ltx": "ltx", "skyreels_v2": "skyreels_v2"}
+        "sana_sprint": "sana", "wan": "wan", "ltx": "ltx", "skyreels_v2": "skyreels_v2", "sana_video": "sana"}
 
 
 def random_negative(name, call_inputs, length_delta):
@@ -235,7 +235,7 @@ def random_negative(name, call_inputs, length_delta):
     if name.startswith(("flux", "sd3")):
         pooled = call_inputs["pooled_projections"]
         negative["negative_pooled_prompt_embeds"] = torch.randn(rows, pooled.shape[1], generator=g)
-    if name.startswith(("pixart", "sana", "ltx")):
+    if name.startswith(("pixart", "sana", "ltx")):  # sana_video too
         mask = torch.ones(rows, length)
         mask[0, -3:] = 0
         mask[1, -1:] = 0

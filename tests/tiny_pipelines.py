@@ -682,6 +682,25 @@ def skyreels_v2():
     )
 
 
+def sana_video():
+    """SanaVideoPipeline: Sana's masked cross-attention in a video transformer, Wan VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaVideoPipeline, SanaVideoTransformer3DModel
+
+    tokenizer, text_encoder = make_gemma2(seed=0, hidden_size=32)
+    with _seeded(5):
+        transformer = SanaVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=32,
+            sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32,
+        ).eval()
+    return _finish(
+        SanaVideoPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=wan().vae, transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        )
+    )
+
+
 def ltx():
     """LTXPipeline (text-to-video): LTXVideoTransformer3DModel with masked cross-attention."""
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
@@ -724,6 +743,7 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "wan": wan,
     "ltx": ltx,
     "skyreels_v2": skyreels_v2,
+    "sana_video": sana_video,
 }
 
 
@@ -785,6 +805,9 @@ CFG_INFO: dict[str, dict[str, Any]] = {
     # SkyReels-V2: Wan's structure, one call per branch.
     "skyreels_v2": dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
                         text_mask="none (padding positions of encoder_hidden_states are zeros)"),
+    # Sana-Video: batched [uncond, cond], with a text mask, like Sana.
+    "sana_video": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                       text_mask="encoder_attention_mask kwarg, (2B, max_seq), 1 = real token"),
     # LTX: batched [uncond, cond] like PixArt, with a text mask.
     "ltx": dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
                 text_mask="encoder_attention_mask kwarg, (2B, max_seq), 1 = real token"),
@@ -814,6 +837,8 @@ _BASE_KWARGS: dict[str, dict[str, Any]] = {
     # LTX: spatial and temporal compression 4 here; num_frames must be 8k+1.
     "ltx": dict(height=32, width=32, num_frames=9, max_sequence_length=16),
     "skyreels_v2": dict(height=32, width=32, num_frames=5, max_sequence_length=16),
+    "sana_video": dict(height=32, width=32, frames=5, max_sequence_length=16, complex_human_instruction=None,
+                       use_resolution_binning=False),
 }
 
 

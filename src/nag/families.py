@@ -221,7 +221,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="sana",
-            denoisers=("SanaTransformer2DModel",),
+            denoisers=("SanaTransformer2DModel", "SanaVideoTransformer3DModel"),
             attention=((r"transformer_blocks\.\d+\.attn2", "cross"),),
             layout="cross",
             mask_kwarg="encoder_attention_mask",
@@ -287,6 +287,7 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("PixArtAlphaPipeline", "pixart", "PixArt-Alpha", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
         PipelineSpec("SanaPipeline", "sana", "Sana", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), negative_overrides={"complex_human_instruction": None}),
         PipelineSpec("SanaSprintPipeline", "sana", "Sana-Sprint", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M), few_step=True, negative_overrides={"complex_human_instruction": None}),
+        PipelineSpec("SanaVideoPipeline", "sana", "Sana-Video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), negative_overrides={"complex_human_instruction": None}),
         PipelineSpec("SkyReelsV2Pipeline", "skyreels_v2", "SkyReels-V2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
         PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
