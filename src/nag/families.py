@@ -8,6 +8,8 @@ tuned defaults, and what its ``encode_prompt`` returns.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,6 +30,8 @@ from .engine import GuidedCall
 from .settings import FamilyDefaults
 
 __all__ = ["Family", "PipelineSpec", "FAMILIES", "PIPELINES", "pipeline_spec"]
+
+logger = logging.getLogger("nag")
 
 _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("cross", False): CrossAttentionNAG,
@@ -256,7 +260,9 @@ class PipelineSpec:
     """One pipeline class: its denoiser's family, tuned defaults and ``encode_prompt`` outputs.
 
     ``encode_outputs`` names each element of ``encode_prompt``'s returned tuple by the
-    denoiser argument it feeds (None: not used by NAG). ``negative_overrides`` are
+    denoiser argument it feeds (None: not used by NAG); ``None`` altogether (pipelines without a
+    spec of their own) means: the first output is the prompt embedding, and a following
+    ``(batch, tokens)`` tensor is its attention mask. ``negative_overrides`` are
     ``encode_prompt`` arguments set when encoding the negative prompt.
     """
 
@@ -264,10 +270,21 @@ class PipelineSpec:
     family: str
     label: str
     defaults: FamilyDefaults
-    encode_outputs: tuple[str | None, ...]
+    encode_outputs: tuple[str | None, ...] | None
     denoiser_attr: str = "transformer"
     few_step: bool = False
     negative_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def name_outputs(self, values: Any) -> dict[str, torch.Tensor]:
+        """``encode_prompt``'s result as ``{denoiser argument: tensor}``."""
+        values = values if isinstance(values, tuple) else (values,)
+        if self.encode_outputs is not None:
+            return {name: value for name, value in zip(self.encode_outputs, values) if name is not None}
+        named = {"encoder_hidden_states": values[0]}
+        mask = values[1] if len(values) > 1 else None
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape == values[0].shape[:2]:
+            named["encoder_attention_mask"] = mask
+        return named
 
 
 _E, _P, _M = "encoder_hidden_states", "pooled_projections", "encoder_attention_mask"
@@ -295,13 +312,78 @@ PIPELINES: dict[str, PipelineSpec] = {
 }
 
 
+GENERIC_DEFAULTS = FamilyDefaults(3.0, 2.5, 0.5)
+
+
+def _generic_cross_family(denoiser: torch.nn.Module) -> Family | None:
+    """A cross-attention family for a denoiser without an adapter: every diffusers attention
+    module that attends to ``encoder_hidden_states`` with its own key/value projections."""
+    denoiser = getattr(denoiser, "_orig_mod", denoiser)
+    parameters = inspect.signature(denoiser.forward).parameters
+    if "encoder_hidden_states" not in parameters:
+        return None
+    names = [
+        name
+        for name, module in denoiser.named_modules()
+        if hasattr(module, "processor")
+        and hasattr(module, "to_k")
+        and getattr(module, "added_kv_proj_dim", None) is None
+        and (name.rsplit(".", 1)[-1] == "attn2" or getattr(module, "is_cross_attention", False))
+    ]
+    if not names:
+        return None
+    masked = "encoder_attention_mask" in parameters
+    cls = type(denoiser).__name__
+    return Family(
+        name=f"generic:{cls}",
+        denoisers=(cls,),
+        attention=tuple((re.escape(name), "cross") for name in names),
+        layout="cross",
+        mask_kwarg="encoder_attention_mask" if masked else None,
+        negative_keys=("encoder_hidden_states", "encoder_attention_mask") if masked else ("encoder_hidden_states",),
+        static_text=False,
+    )
+
+
+def _denoiser_attr(pipe: Any) -> str | None:
+    for attr in ("transformer", "unet"):
+        if getattr(pipe, attr, None) is not None:
+            return attr
+    return None
+
+
 def pipeline_spec(pipe: Any) -> PipelineSpec:
-    """The spec for ``pipe``'s class (or a parent class), or a clear error naming what is supported."""
+    """The spec for ``pipe``'s class (or a parent class).
+
+    A pipeline without a spec of its own whose denoiser uses cross-attention to the text (a
+    known family's denoiser, or any denoiser with diffusers attention modules attending to
+    ``encoder_hidden_states``) gets the generic path with a one-line notice; anything else gets
+    a clear error naming the supported pipelines.
+    """
     for cls in type(pipe).__mro__:
         spec = PIPELINES.get(cls.__name__)
         if spec is not None:
             return spec
+    attr = _denoiser_attr(pipe)
+    if attr is not None and callable(getattr(pipe, "encode_prompt", None)):
+        denoiser = getattr(pipe, attr)
+        inner = getattr(denoiser, "_orig_mod", denoiser)
+        family = next(
+            (f for f in FAMILIES.values() if type(inner).__name__ in f.denoisers and f.layout == "cross"), None
+        )
+        if family is None:
+            family = _generic_cross_family(inner)
+            if family is not None:
+                FAMILIES.setdefault(family.name, family)
+        if family is not None:
+            logger.warning(
+                "NAG: %s has no tuned defaults; using the generic %s path (scale %s, tau %s, alpha %s unless given)",
+                type(pipe).__name__, family.name, GENERIC_DEFAULTS.scale, GENERIC_DEFAULTS.tau, GENERIC_DEFAULTS.alpha,
+            )
+            return PipelineSpec(type(pipe).__name__, family.name, f"{type(pipe).__name__} (generic)",
+                                GENERIC_DEFAULTS, None, denoiser_attr=attr)
     supported = ", ".join(sorted(PIPELINES))
     raise NotImplementedError(
-        f"NAG does not support {type(pipe).__name__} yet. Supported pipelines: {supported}."
+        f"NAG does not support {type(pipe).__name__} yet. Supported pipelines: {supported}; other pipelines "
+        "work when their denoiser cross-attends to the text through diffusers attention modules."
     )
