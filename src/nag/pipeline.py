@@ -47,6 +47,23 @@ _PROCESSOR_PARAMETERS = {
     "single": ("hidden_states",),
 }
 
+# diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
+# The block caches skip blocks, or replay a block's output or attention from an earlier step; on
+# the joint layout (Flux, SD3) NAG carries the negative text rows through every block, and a
+# skipped or replayed block drops them (diffusers then fails with a shape or key error).
+# FasterCache rebuilds the unconditional branch from cached attention and fails likewise.
+_BLOCK_CACHE = ("joint",)
+_INCOMPATIBLE_HOOKS = {
+    "fbc_leader_block_hook": (_BLOCK_CACHE, "first-block cache"),
+    "fbc_block_hook": (_BLOCK_CACHE, "first-block cache"),
+    "pyramid_attention_broadcast": (_BLOCK_CACHE, "pyramid attention broadcast"),
+    "taylorseer_cache": (_BLOCK_CACHE, "TaylorSeer cache"),
+    "mag_cache_leader_block_hook": (_BLOCK_CACHE, "MagCache"),
+    "mag_cache_block_hook": (_BLOCK_CACHE, "MagCache"),
+    "faster_cache_denoiser": (("cross", "joint"), "FasterCache"),
+    "faster_cache_block": (("cross", "joint"), "FasterCache"),
+}
+
 _HANDLES: "weakref.WeakKeyDictionary[Any, NAGHandle]" = weakref.WeakKeyDictionary()
 _PATCHED_METHODS = ("check_inputs", "encode_prompt", "progress_bar")
 
@@ -163,6 +180,7 @@ class NAGHandle:
             self._open_generation()
             try:
                 self._check_processors_in_place()
+                _check_hooks(self.denoiser, self.spec)
                 self._awaiting_positive = True
                 prompt = signature.bind_partial(*args, **kwargs).arguments.get("prompt")
                 if isinstance(prompt, (list, tuple)):
@@ -256,8 +274,7 @@ class NAGHandle:
         self.runtime.begin_generation(negative, reference)
 
     def _named_outputs(self, result: Any) -> dict[str, torch.Tensor]:
-        values = result if isinstance(result, tuple) else (result,)
-        return {name: value for name, value in zip(self.spec.encode_outputs, values) if name is not None}
+        return self.spec.name_outputs(result)
 
     def _check_negative_count(self, prompts: int) -> None:
         negative = self.negative_prompt
@@ -429,6 +446,21 @@ def _check_processors(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
             )
 
 
+def _check_hooks(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
+    """Refuse diffusers features (hooks) that cannot carry NAG's negative conditioning."""
+    layout = FAMILIES[spec.family].layout
+    for module in denoiser.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in getattr(registry, "hooks", {}) or {}:
+            layouts, feature = _INCOMPATIBLE_HOOKS.get(name, ((), ""))
+            if layout in layouts:
+                raise NotImplementedError(
+                    f"{feature} is enabled on pipe.{spec.denoiser_attr}; NAG on {spec.pipeline} carries the negative "
+                    f"prompt through the blocks that {feature} skips or replays, so the two cannot run together. "
+                    f"Disable it while NAG is applied (pipe.{spec.denoiser_attr}.disable_cache()), or remove NAG."
+                )
+
+
 def _expected_widths(denoiser: torch.nn.Module | None) -> dict[str, tuple[str, int]]:
     """Widths the denoiser's config prescribes for each negative input: key -> (config entry, width)."""
     config = getattr(denoiser, "config", None)
@@ -574,6 +606,7 @@ def apply(
             "sharing it); remove that first"
         )
     _check_processors(denoiser, spec)
+    _check_hooks(denoiser, spec)
     if negative_prompt is not None and negative_embeds:
         raise ValueError("pass either negative_prompt or precomputed negative embeddings, not both")
     if negative_prompt is not None:
