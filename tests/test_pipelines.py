@@ -307,3 +307,32 @@ def test_fast_path_never_calls_the_stock_processor(name):
             generate(pipe, name, cfg=False)
             assert handle.guided_calls == 2
         assert (len(counts) == 0) == fast, (fast, len(counts))
+
+
+def test_wan22_two_experts_are_both_guided():
+    """Wan 2.2: `transformer` takes the high-noise steps, `transformer_2` the low-noise ones."""
+    from diffusers import WanPipeline
+
+    base = pipeline("wan")
+    second = tp.FACTORIES["wan"]().transformer  # same architecture, its own module instances
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(0.9)
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer, transformer_2=second,
+                       boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {**tp.no_cfg_kwargs("wan"), "num_inference_steps": 4}
+    calls = {"transformer": 0, "transformer_2": 0}
+    hooks = [getattr(pipe, name).register_forward_pre_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+             for name in calls]
+    stock = tp.output_tensor(pipe(prompt=PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs))
+    for hook in hooks:
+        hook.remove()
+    assert calls["transformer"] > 0 and calls["transformer_2"] > 0 and sum(calls.values()) == 4
+    before = state_of(pipe), [id(getattr(m, "processor", None)) for m in second.modules()]
+    with nag.apply(pipe, NEGATIVE, **SETTINGS) as handle:
+        guided = tp.output_tensor(pipe(prompt=PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs))
+        assert handle.guided_calls == 4  # every step, on either expert
+    assert (guided - stock).abs().max() > 1e-3
+    assert (state_of(pipe), [id(getattr(m, "processor", None)) for m in second.modules()]) == before

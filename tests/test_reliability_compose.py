@@ -364,12 +364,6 @@ def test_stock_follows_the_process_wide_attention_backend(name, monkeypatch):
 @pytest.mark.parametrize("name", ["flux", "wan"])
 @pytest.mark.usefixtures("global_attention_backend")
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.xfail(
-    strict=True,
-    reason="attention.py _default_backend() looks only at the processor's own _attention_backend; under a "
-    "process-wide backend (attention_backend(...), or the default that set_attention_backend also sets) the "
-    "fast paths compute attention with their own kernels instead of the chosen backend",
-)
 def test_process_wide_attention_backend(name, monkeypatch):
     assert _calls_on_process_wide_backend(name, monkeypatch, guided=True) > 0
 

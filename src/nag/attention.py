@@ -22,12 +22,27 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import GuidedCall, NAGRuntime
 
 
+class _ProjectionTap:
+    """The output projection as a processor sees it: calls go through ``fn``; attributes
+    (``weight``, ``bias``, ...) are the real layer's."""
+
+    def __init__(self, layer: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return object.__getattribute__(self, "_fn")(z)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_layer"), name)
+
+
 class _OutputProjectionView:
     """Stands in for an attention module, routing its ``to_out[0]`` through ``project``."""
 
     def __init__(self, module: torch.nn.Module, project: Callable[[torch.Tensor], torch.Tensor]):
         object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "to_out", [project, *list(module.to_out)[1:]])
+        object.__setattr__(self, "to_out", [_ProjectionTap(module.to_out[0], project), *list(module.to_out)[1:]])
 
     def __getattr__(self, name: str) -> Any:
         return getattr(object.__getattribute__(self, "_module"), name)
@@ -117,6 +132,12 @@ class NAGProcessor:
             return project(z)
 
         negative = run_negative(_OutputProjectionView(attn, capture))
+        if "z" not in captured:
+            raise RuntimeError(
+                f"NAG cannot guide {type(attn).__name__} with {self.stock_kind}: the processor never calls "
+                "attn.to_out[0], where NAG combines the attention outputs. Restore diffusers' processor "
+                "(e.g. pipe.transformer.set_default_attn_processor()) or remove NAG."
+            )
         positive = run_positive(_OutputProjectionView(attn, combine))
         return negative, positive
 
@@ -292,7 +313,15 @@ _JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0"}
 
 
 def _default_backend(stock: Any) -> bool:
-    return getattr(stock, "_attention_backend", None) is None and getattr(stock, "_parallel_config", None) is None
+    """Whether the stock processor would run diffusers' default (native) attention: only then
+    may a fast path compute attention with its own kernels."""
+    if getattr(stock, "_attention_backend", None) not in (None, "native") or getattr(stock, "_parallel_config", None):
+        return False
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:  # pragma: no cover - older diffusers: no dispatcher, processors use SDPA
+        return True
+    return _AttentionBackendRegistry._active_backend == "native"
 
 
 def _split_heads(attn: Any, x: torch.Tensor, norm: Any, flat_norm: bool) -> torch.Tensor:

@@ -272,6 +272,7 @@ class PipelineSpec:
     defaults: FamilyDefaults
     encode_outputs: tuple[str | None, ...] | None
     denoiser_attr: str = "transformer"
+    expert_attrs: tuple[str, ...] = ()  # further denoisers of the same family, guided alike when present
     few_step: bool = False
     negative_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -307,7 +308,8 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("SanaVideoPipeline", "sana", "Sana-Video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), negative_overrides={"complex_human_instruction": None}),
         PipelineSpec("SkyReelsV2Pipeline", "skyreels_v2", "SkyReels-V2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
-        PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
+        PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None),
+                     expert_attrs=("transformer_2",)),
     )
 }
 

@@ -106,6 +106,18 @@ class NAGHandle:
         self._generating_thread: threading.Thread | None = None
         self.denoiser = _denoiser_of(pipe, spec)
         self._attachment = attach(self.denoiser, FAMILIES[spec.family], self.runtime, fast=fast)
+        # Further experts (Wan 2.2's low-noise `transformer_2`) share the runtime: one generation.
+        self._expert_attachments: list[Attachment] = []
+        try:
+            for attr in spec.expert_attrs:
+                expert = getattr(pipe, attr, None)
+                if expert is not None:
+                    expert = unwrap_compiled(expert)
+                    _check_processors(expert, spec)
+                    self._expert_attachments.append(attach(expert, FAMILIES[spec.family], self.runtime, fast=fast))
+        except BaseException:
+            self.remove()
+            raise
         if negative_embeds and settings.enabled:
             # Until a pipeline call encodes its prompt, direct denoiser calls guide every row.
             self.runtime.begin_generation(dict(negative_embeds), None)
@@ -141,6 +153,8 @@ class NAGHandle:
         if self._attachment is not None:
             self._attachment.detach()
             self._attachment = None
+        while self._expert_attachments:
+            self._expert_attachments.pop().detach()
         for name in list(self._saved_attributes):
             previous = self._saved_attributes.pop(name)
             if previous is _MISSING:
