@@ -1,0 +1,162 @@
+"""Run the pipeline tests and write ``docs/support.md``: which pipelines NAG supports, and what
+each supported pipeline was shown to do, from the tests' outcomes (nothing is typed by hand).
+
+    python scripts/support_matrix.py            # runs the tests (~1-2 minutes on 2 cores), writes the file
+    python scripts/support_matrix.py --check    # exit 1 if the file would change
+
+A cell is "yes" when every test behind it passed, "FAILED" when one failed, and "-" when the
+pipeline has no such mode (no classifier-free guidance, no text mask, not a video model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "docs" / "support.md"
+TEST_FILES = ["tests/test_pipelines.py", "tests/test_flux_variants.py", "tests/test_generic.py"]
+
+# Columns: the tests whose outcomes decide them (test function name prefixes).
+COLUMNS = {
+    "invariants": ("test_off_is_bit_identical", "test_negative_equal_to_positive_is_unguided",
+                   "test_removal_restores_everything", "test_exception_inside_a_generation_leaves_nothing_behind",
+                   "test_steps_outside_the_window_are_stock", "test_invariants", "test_generic_cross_attention_path"),
+    "NAG alone": ("test_fast_path_never_calls_the_stock_processor", "test_negative_prompt_changes_the_output",
+                  "test_invariants", "test_generic_cross_attention_path"),
+    "CFG + NAG": ("test_cfg_unconditional_branch_is_untouched",),
+    "matches the naive reference": ("test_agrees_with_naive_implementation", "test_generic_cross_attention_path"),
+}
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.outcomes: dict[str, str] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when == "call" or report.outcome != "passed":
+            previous = self.outcomes.get(report.nodeid)
+            if previous in (None, "passed"):
+                self.outcomes[report.nodeid] = report.outcome
+
+
+def _subjects(nodeid: str) -> tuple[str, str, list[str]]:
+    """(file, test function, parameter ids) of a test id."""
+    path, _, name = nodeid.partition("::")
+    match = re.fullmatch(r"([^\[]+)(?:\[(.*)\])?", name)
+    return Path(path).stem, match.group(1), (match.group(2) or "").split("-")
+
+
+def _pipelines() -> dict[str, dict]:
+    """Test configuration name -> pipeline class, family, and what it has (built from the factories)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_pipelines as tp  # noqa: E402
+    from test_flux_variants import VARIANTS, variant  # noqa: E402
+    from test_generic import img2img  # noqa: E402
+
+    import nag  # noqa: E402
+    from nag.families import FAMILIES, pipeline_spec  # noqa: E402
+
+    rows = {}
+    pipes = {name: factory() for name, factory in tp.FACTORIES.items()}
+    pipes.update({f"flux_{name}": variant(name) for name in VARIANTS})
+    pipes["generic_sd_img2img"] = img2img(custom_denoiser=False)
+    pipes["generic_custom_unet"] = img2img(custom_denoiser=True)
+    for name, pipe in pipes.items():
+        spec = pipeline_spec(pipe)
+        family = FAMILIES[spec.family]
+        info = tp.CFG_INFO.get(name, {})
+        denoiser = getattr(pipe, spec.denoiser_attr)
+        rows[name] = {
+            "pipeline": type(pipe).__name__,
+            "family": spec.family,
+            "layout": family.layout,
+            "cfg": bool(info.get("mode")) if name in tp.CFG_INFO else None,
+            "mask": family.mask_kwarg is not None and "none" not in str(info.get("text_mask", "none")),
+            "video": "3D" in type(denoiser).__name__,
+            "defaults": spec.defaults,
+        }
+    return rows
+
+
+def render(outcomes: dict[str, str]) -> str:
+    pipelines = _pipelines()
+    results: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for nodeid, outcome in outcomes.items():
+        module, test, params = _subjects(nodeid)
+        names = [p for p in params if p in pipelines]
+        if module == "test_flux_variants":
+            names = [f"flux_{p}" for p in params if f"flux_{p}" in pipelines]
+        if module == "test_generic" and "-".join(params) == "known-denoiser":
+            names = ["generic_sd_img2img"]
+        if module == "test_generic" and "-".join(params) == "unknown-denoiser":
+            names = ["generic_custom_unet"]
+        for name in names:
+            for column, tests in COLUMNS.items():
+                if test in tests:
+                    results[(name, column)].append(outcome)
+
+    def cell(name: str, column: str, applicable: bool = True) -> str:
+        if not applicable:
+            return "-"
+        got = results.get((name, column))
+        if not got:
+            return "not tested"
+        return "yes" if all(o == "passed" for o in got) else "FAILED"
+
+    lines = [
+        "# Supported pipelines",
+        "",
+        "Generated by `scripts/support_matrix.py` from the outcomes of `tests/test_pipelines.py`,",
+        "`tests/test_flux_variants.py` and `tests/test_generic.py` (tiny random-weight pipelines, batch 2).",
+        "",
+        "- **invariants**: scale 1 / no negative is bit-identical to stock, a negative equal to the positive",
+        "  gives the unguided result, removal (also after an exception) leaves the pipeline as it was, steps",
+        "  outside `[start, end)` are stock.",
+        "- **NAG alone**: guides every step without classifier-free guidance.",
+        "- **CFG + NAG**: with CFG on, the unconditional branch is untouched and the conditional one guided.",
+        "- **matches the naive reference**: every denoiser call agrees with `tests/naive_nag.py` to 1e-5, with",
+        "  negatives of a different length (and masks where the family has them), fast and straightforward paths.",
+        "",
+        "| pipeline | family | scale / tau / alpha | invariants | NAG alone | CFG + NAG | text masks | video | matches the naive reference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in pipelines.items():
+        label = row["pipeline"] + (" (generic path)" if name.startswith("generic") else "")
+        if name == "generic_custom_unet":
+            label = row["pipeline"] + " with an unknown denoiser class (generic path)"
+        if name in ("flux_dev", "sd35"):
+            label += " (dev-style)" if name == "flux_dev" else " (SD3.5 dual attention)"
+        d = row["defaults"]
+        lines.append(
+            f"| `{label}` | {row['family']} ({row['layout']}) | {d.scale:g} / {d.tau:g} / {d.alpha:g} | "
+            f"{cell(name, 'invariants')} | {cell(name, 'NAG alone')} | {cell(name, 'CFG + NAG', bool(row['cfg']))} | "
+            f"{'yes' if row['mask'] else '-'} | {'yes' if row['video'] else '-'} | "
+            f"{cell(name, 'matches the naive reference')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/support.md would change")
+    args = parser.parse_args(argv)
+    collector = Collector()
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *[str(ROOT / f) for f in TEST_FILES]], plugins=[collector])
+    text = render(collector.outcomes)
+    if args.check:
+        current = OUTPUT.read_text() if OUTPUT.exists() else ""
+        print("docs/support.md is up to date" if current == text else "docs/support.md is stale")
+        return 0 if current == text else 1
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT.relative_to(ROOT)}; pytest exit code {int(code)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
