@@ -268,11 +268,18 @@ class _NaiveCrossAttnProcessor:
 
     # -- WanAttnProcessor (text-to-video cross attention) -------------------------------------------------------
     def _wan(self, attn, hidden_states, encoder_hidden_states, attention_mask):
-        if attn.add_k_proj is not None:
-            raise NotImplementedError("naive reference: Wan image-to-video cross attention (add_k_proj) not supported")
         guided = self._guided(encoder_hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         heads = attn.heads
+        image_out = 0
+        if attn.add_k_proj is not None:
+            # Image-to-video: CLIP image tokens precede the 512 text tokens; their attention is added
+            # after NAG (only the text branch is guided).
+            image, context = context[:, : context.shape[1] - 512], context[:, context.shape[1] - 512 :]
+            k_img = _split_heads(attn.norm_added_k(attn.add_k_proj(image)), heads)
+            v_img = _split_heads(attn.add_v_proj(image), heads)
+            q_img = _split_heads(attn.norm_q(attn.to_q(hidden_states)), heads)
+            image_out = naive_attention(q_img, k_img, v_img)
 
         def project_kv(ctx):
             k = attn.norm_k(attn.to_k(ctx))  # RMS norm across all heads, before the heads split
@@ -287,7 +294,7 @@ class _NaiveCrossAttnProcessor:
             k_neg, v_neg = project_kv(self.neg_context)
 
         out = _guided_attention(q, k, v, bias, k_neg, v_neg, None, self.rows if guided else [], self.nag)
-        out = attn.to_out[0](out)
+        out = attn.to_out[0](out + image_out)
         out = attn.to_out[1](out)
         return out
 

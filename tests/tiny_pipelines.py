@@ -662,6 +662,33 @@ def wan():
     )
 
 
+def wan_i2v():
+    """WanImageToVideoPipeline, Wan 2.1 style: the transformer also attends to CLIP image features
+    placed before the text (512 text tokens, as the stock processor assumes)."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    base = wan()
+    with _seeded(6):
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            image_size=32, patch_size=8, projection_dim=32,
+        )).eval()
+    with _seeded(7):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=32, added_kv_proj_dim=24,
+        ).eval()
+    processor = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}, do_center_crop=True, do_resize=True)
+    return _finish(
+        WanImageToVideoPipeline(
+            tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+            image_processor=processor, image_encoder=image_encoder, transformer=transformer,
+        )
+    )
+
+
 def skyreels_v2():
     """SkyReelsV2Pipeline (text-to-video): a Wan-style transformer and VAE."""
     from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler

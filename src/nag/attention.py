@@ -179,6 +179,11 @@ class CrossAttentionNAG(NAGProcessor):
         context = arguments.get("encoder_hidden_states")
         if context is None:
             return self.run_stock(attn, arguments)
+        if getattr(attn, "add_k_proj", None) is not None:
+            raise NotImplementedError(
+                f"{type(attn).__name__} also attends to an image context (image-to-video); NAG guides its text "
+                "branch only on the fast path: apply NAG with fast=True (the default)"
+            )
         split = context.shape[1] - call.negative_text_len
         mask = arguments.get("attention_mask")
         positive_mask = negative_mask = None
@@ -310,6 +315,9 @@ _CROSS_FLAT_NORM = {
     "LTXVideoAttnProcessor": True,
 }
 _JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0"}
+# Cross-attention processors that also attend to an image context placed before the text
+# (Wan-style image-to-video): NAG guides the text branch; the image branch is added unguided.
+_IMAGE_CONTEXT_PROCESSORS = {"WanAttnProcessor", "SkyReelsV2AttnProcessor"}
 
 
 def _default_backend(stock: Any) -> bool:
@@ -371,7 +379,7 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
             and getattr(attn, "spatial_norm", None) is None
             and getattr(attn, "group_norm", None) is None
             and not getattr(attn, "norm_cross", None)
-            and getattr(attn, "add_k_proj", None) is None
+            and (getattr(attn, "add_k_proj", None) is None or self.stock_kind in _IMAGE_CONTEXT_PROCESSORS)
         )
 
     def _mask(self, attn: Any, mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
@@ -389,9 +397,11 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         split = context.shape[1] - call.negative_text_len
         mask = arguments.get("attention_mask")
         rows = hidden.shape[0]
+        # Image context (image-to-video) precedes the text: [image, positive text, negative text].
+        image_len = split - call.positive_text_len if getattr(attn, "add_k_proj", None) is not None else 0
 
         query = _split_heads(attn, attn.to_q(hidden), attn.norm_q, flat)
-        positive = context[:, :split]
+        positive = context[:, image_len:split]
         key = _split_heads(attn, attn.to_k(positive), attn.norm_k, flat)
         value = attn.to_v(positive).unflatten(-1, (attn.heads, -1))
 
@@ -414,6 +424,11 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         z = attention(query, key, value, positive_mask).flatten(2)
         z_negative = attention(query[call.cond_rows], negative_key, negative_value, negative_mask).flatten(2)
         z[call.cond_rows] = self.combine(call, z[call.cond_rows], z_negative)
+        if image_len:
+            image = context[:, :image_len]
+            image_key = attn.norm_added_k(attn.add_k_proj(image)).unflatten(-1, (attn.heads, -1))
+            image_value = attn.add_v_proj(image).unflatten(-1, (attn.heads, -1))
+            z = z + attention(query, image_key, image_value).flatten(2)
 
         out = attn.to_out[1](attn.to_out[0](z))
         if getattr(attn, "residual_connection", False):

@@ -305,6 +305,8 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("PixArtAlphaPipeline", "pixart", "PixArt-Alpha", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
         PipelineSpec("SanaPipeline", "sana", "Sana", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), negative_overrides={"complex_human_instruction": None}),
         PipelineSpec("SanaSprintPipeline", "sana", "Sana-Sprint", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M), few_step=True, negative_overrides={"complex_human_instruction": None}),
+        PipelineSpec("WanImageToVideoPipeline", "wan", "Wan 2.1 / 2.2 image-to-video", FamilyDefaults(9.0, 2.5, 0.25),
+                     (_E, None), expert_attrs=("transformer_2",)),
         PipelineSpec("SanaVideoPipeline", "sana", "Sana-Video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), negative_overrides={"complex_human_instruction": None}),
         PipelineSpec("SkyReelsV2Pipeline", "skyreels_v2", "SkyReels-V2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
