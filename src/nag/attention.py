@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .combine import nag_combine
+from .kernels import attention, attention_with_lse, merge_attention
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import GuidedCall, NAGRuntime
@@ -61,6 +62,13 @@ def _slice_text_rotary(rotary: Any, text_len: int, padded_text_len: int) -> Any:
     if isinstance(rotary, (tuple, list)):
         return type(rotary)(_slice_text_rotary(r, text_len, padded_text_len) for r in rotary)
     return torch.cat([rotary[:text_len], rotary[padded_text_len:]], dim=0)
+
+
+def _rotary_for(arguments: dict[str, Any], name: str, text_len: int, padded_text_len: int) -> dict[str, Any]:
+    """The rotary-table argument for a branch whose text is ``text_len`` long (empty if the call has none)."""
+    if name not in arguments:
+        return {}
+    return {name: _slice_text_rotary(arguments[name], text_len, padded_text_len)}
 
 
 def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -225,14 +233,10 @@ class JointAttentionNAG(NAGProcessor):
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         text = arguments["encoder_hidden_states"]
         hidden = arguments["hidden_states"]
-        rotary = arguments.get(self.rotary_argument)
         padded = text.shape[1]
-        extra: dict[str, Any] = {}
 
         def rotary_for(text_len: int) -> dict[str, Any]:
-            if self.rotary_argument not in arguments:
-                return {}
-            return {self.rotary_argument: _slice_text_rotary(rotary, text_len, padded)}
+            return _rotary_for(arguments, self.rotary_argument, text_len, padded)
 
         def run_negative(view: Any) -> Any:
             return self.run_stock(
@@ -241,7 +245,6 @@ class JointAttentionNAG(NAGProcessor):
                 hidden_states=hidden[call.cond_rows],
                 encoder_hidden_states=text[call.batch :, : call.negative_text_len],
                 **rotary_for(call.negative_text_len),
-                **extra,
             )
 
         def run_positive(view: Any) -> Any:
@@ -250,7 +253,6 @@ class JointAttentionNAG(NAGProcessor):
                 arguments,
                 encoder_hidden_states=text[: call.batch, : call.positive_text_len],
                 **rotary_for(call.positive_text_len),
-                **extra,
             )
 
         negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
@@ -276,14 +278,11 @@ class SingleStreamAttentionNAG(NAGProcessor):
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         hidden = arguments["hidden_states"]
-        rotary = arguments.get(self.rotary_argument)
         padded = call.padded_text_len
         lp, ln, b = call.positive_text_len, call.negative_text_len, call.batch
 
         def rotary_for(text_len: int) -> dict[str, Any]:
-            if self.rotary_argument not in arguments:
-                return {}
-            return {self.rotary_argument: _slice_text_rotary(rotary, text_len, padded)}
+            return _rotary_for(arguments, self.rotary_argument, text_len, padded)
 
         image = hidden[:b, padded:]
         positive_in = torch.cat([hidden[:b, :lp], image], dim=1) if lp != padded else hidden[:b]
@@ -304,8 +303,6 @@ class SingleStreamAttentionNAG(NAGProcessor):
 # image->positive-text and image->negative-text attention. Anything else falls back to the
 # straightforward wrappers above.
 # ---------------------------------------------------------------------------------------------
-
-from .kernels import attention, attention_with_lse, merge_attention  # noqa: E402
 
 _CROSS_FLAT_NORM = {
     "AttnProcessor2_0": False,
