@@ -742,6 +742,28 @@ def models(debug: Debug = False) -> None:
                    "(scale 3, tau 2.5, alpha 0.5).")
 
 
+@app.command()
+def ui(
+    model: Model = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to serve on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    device: Device = None,
+    dtype: Dtype = None,
+    offload: Offload = False,
+    debug: Debug = False,
+) -> None:
+    """A web UI (Gradio): prompt, negative prompt and NAG controls, the result beside the unguided one."""
+    with _errors(debug):
+        try:
+            from nag import ui as web
+        except ImportError as exc:
+            raise NagCLIError("Web UI not installed", f"`nag ui` needs Gradio ({exc}). Install it with "
+                              '`pip install "nag-diffusion[ui]"`.') from exc
+        resolve_dtype(dtype, resolve_device(device))  # reject bad options before serving
+        _out.print(f"NAG web UI on http://{host}:{port} (Ctrl+C to stop)")
+        web.launch(model, host, port, device, dtype, offload)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``nag`` console script."""
     app(args=list(argv) if argv is not None else None, prog_name="nag")
