@@ -329,3 +329,32 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(cli.NagCLIError, match="Device not available"):
             cli.resolve_device("cuda")
+
+
+def test_automatic_choice_on_cuda(monkeypatch):
+    """cuda > mps > cpu, and bf16 on CUDA where supported (fp16 otherwise); no GPU needed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert cli.resolve_device(None) == "cuda"
+    assert cli.resolve_dtype(None, "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert cli.resolve_dtype(None, "cuda") == torch.float16
+    assert cli.resolve_dtype(None, "mps") == torch.float16
+
+
+def test_offload_uses_model_cpu_offload_on_accelerators(sd_dir, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    calls = []
+    monkeypatch.setattr(StableDiffusionPipeline, "enable_model_cpu_offload",
+                        lambda self, gpu_id=None, device=None: calls.append(device))
+    monkeypatch.setattr(StableDiffusionPipeline, "to", lambda self, *a, **k: pytest.fail("moved despite --offload"))
+    loaded = cli.load_model(str(sd_dir), "cuda", torch.float32, offload=True)
+    assert calls == ["cuda"] and type(loaded.pipe).__name__ == "StableDiffusionPipeline"
+
+
+def test_offload_on_cpu_is_a_note(sd_dir, tmp_path):
+    result, text = invoke("generate", "-m", str(sd_dir), "-p", "a star", "--offload", "--out",
+                          str(tmp_path / "x.png"), *FAST)
+    assert result.exit_code == 0, result.output
+    assert "--offload has no effect on the CPU" in text and (tmp_path / "x.png").is_file()
