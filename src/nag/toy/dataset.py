@@ -106,7 +106,7 @@ VOCABULARY: tuple[str, ...] = tuple(
 
 # Object radius as a fraction of the image side, per size; the largest offset from the center
 # a positioned object takes, as a fraction of the side.
-_RADIUS = {"small": 0.16, "large": 0.30}
+_RADIUS = {"small": 0.19, "large": 0.32}
 _OFFSET = 0.26
 
 
@@ -180,13 +180,17 @@ def sample_attributes(
 
 
 def _scatter(rng: np.random.Generator, count: int, r: float, image_size: int) -> tuple:
-    """Non-overlapping centers for ``count`` objects of radius ``r`` (rejection sampling)."""
+    """Non-overlapping centers for ``count`` objects of radius ``r`` (placed one by one)."""
     lo, hi = r + 0.5, image_size - r - 0.5
-    for _ in range(1000):
-        centers = rng.uniform(lo, hi, size=(count, 2))
-        gaps = [math.dist(a, b) for i, a in enumerate(centers) for b in centers[i + 1 :]]
-        if min(gaps) >= 2 * r + 1.5:
-            return tuple((float(x), float(y), float(r)) for x, y in centers)
+    gap = 2 * r + 1.5
+    for _ in range(200):
+        centers: list[tuple[float, float]] = []
+        for _ in range(50 * count):
+            x, y = rng.uniform(lo, hi, size=2)
+            if all(math.dist((x, y), c) >= gap for c in centers):
+                centers.append((float(x), float(y)))
+                if len(centers) == count:
+                    return tuple((x, y, float(r)) for x, y in centers)
     raise RuntimeError(f"could not place {count} objects of radius {r:.1f} in {image_size}px")  # pragma: no cover
 
 
