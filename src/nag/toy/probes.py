@@ -8,9 +8,9 @@
     result.valid                             # bool tensor: the probe recognises a clean object
 
 The probe reads every attribute of :data:`nag.toy.dataset.ATTRIBUTE_VALUES` from an image.
-A sample counts as *valid* when the probe is confident of both its shape and its colour
-(each maximum probability at least ``VALID_THRESHOLD``): noise, blends of two colours or shapes,
-and empty images fail that. ``training/train_probe.py`` makes the weights and reports the probe's
+A sample counts as *valid* when the probe's realness head, trained to tell dataset images from
+junk (noise, blends of two images, heavy blur and noise, two half images), gives it a
+probability of at least ``VALID_THRESHOLD``. ``training/train_probe.py`` makes the weights and reports the probe's
 own accuracy on held-out images (also in ``weights/probe/metrics.json``).
 """
 
@@ -29,8 +29,8 @@ from .dataset import ATTRIBUTE_VALUES
 __all__ = ["AttributeProbe", "ProbeResult", "VALID_THRESHOLD", "PROBE_DIR"]
 
 PROBE_DIR = Path(__file__).resolve().parent / "weights" / "probe"
-#: Minimum max-softmax probability of both the shape and the colour head for a valid sample.
-VALID_THRESHOLD = 0.8
+#: Minimum realness probability of a valid sample.
+VALID_THRESHOLD = 0.5
 
 
 @dataclass
@@ -39,6 +39,7 @@ class ProbeResult:
 
     labels: dict[str, list]
     probabilities: dict[str, torch.Tensor]
+    realness: torch.Tensor
 
     @property
     def confidence(self) -> dict[str, torch.Tensor]:
@@ -46,8 +47,7 @@ class ProbeResult:
 
     @property
     def valid(self) -> torch.Tensor:
-        c = self.confidence
-        return (c["shape"] >= VALID_THRESHOLD) & (c["colour"] >= VALID_THRESHOLD)
+        return self.realness >= VALID_THRESHOLD
 
     def has(self, attribute: str, value) -> torch.Tensor:
         """Bool tensor: the predicted ``attribute`` equals ``value`` (one value, or one per image)."""
@@ -77,16 +77,19 @@ class AttributeProbe(nn.Module):
         cells = (image_size // 8) ** 2
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * cells, 128), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({k: nn.Linear(128, len(v)) for k, v in ATTRIBUTE_VALUES.items()})
+        self.real = nn.Linear(128, 1)
         self.config = {"width": width, "image_size": image_size}
 
     def logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw logits per attribute; ``images`` (B, 3, H, W) in [0, 1]."""
+        """Raw logits per attribute, and under ``"real"`` the realness logit; ``images`` (B, 3, H, W) in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = nn.functional.interpolate(images, size=(self.image_size,) * 2, mode="area")
         x = self.trunk(self.features(images * 2.0 - 1.0))
-        return {k: head(x) for k, head in self.heads.items()}
+        out = {k: head(x) for k, head in self.heads.items()}
+        out["real"] = self.real(x).squeeze(1)
+        return out
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> ProbeResult:  # type: ignore[override]
@@ -97,9 +100,10 @@ class AttributeProbe(nn.Module):
             logits = self.logits(images.to(parameter.device, parameter.dtype).clamp(0, 1))
         finally:
             self.train(was_training)
+        realness = logits.pop("real").float().sigmoid().cpu()
         probabilities = {k: v.float().softmax(dim=1).cpu() for k, v in logits.items()}
         labels = {k: [ATTRIBUTE_VALUES[k][i] for i in p.argmax(dim=1).tolist()] for k, p in probabilities.items()}
-        return ProbeResult(labels, probabilities)
+        return ProbeResult(labels, probabilities, realness)
 
     def save(self, directory: Path, metrics: dict | None = None) -> None:
         from safetensors.torch import save_file
