@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=15_000)
     p.add_argument("--test-images", type=int, default=3_000)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
@@ -40,9 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def corrupt(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random mild corruptions of images in [0, 1] (per image)."""
+def corrupt(x: torch.Tensor, generator: torch.Generator, clean: float = 0.3) -> torch.Tensor:
+    """Random mild corruptions of images in [0, 1] (per image; a share ``clean`` left as is)."""
     b = x.shape[0]
+    original = x
 
     def u(lo: float, hi: float) -> torch.Tensor:
         return (lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=generator)).to(x)
@@ -54,7 +55,8 @@ def corrupt(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * u(0.8, 1.2) + mean + u(-0.06, 0.06)
     x = x + torch.randn(x.shape, generator=generator).to(x) * u(0.0, 0.08)
-    return x.clamp(0, 1)
+    keep = (torch.rand(b, 1, 1, 1, generator=generator) < clean).to(x)
+    return (keep * original + (1 - keep) * x).clamp(0, 1)
 
 
 def junk(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 
     probe.eval()
     clean = accuracy(probe, x_test, y_test)
-    corrupted = accuracy(probe, corrupt(x_test, torch.Generator().manual_seed(args.seed + 4)), y_test)
+    corrupted = accuracy(probe, corrupt(x_test, torch.Generator().manual_seed(args.seed + 4), clean=0.0), y_test)
     noise = probe(torch.rand(500, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
     junk_test = probe(junk(x_test[:1000], torch.Generator().manual_seed(6)))
     metrics = {
