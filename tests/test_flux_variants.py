@@ -1,5 +1,5 @@
-"""Flux image-to-image, inpainting, control and Kontext editing pipelines: the same transformer
-sees extra image tokens or channels; NAG guides the image stream, never the reference image as
+"""Flux image-to-image, inpainting, fill, control, Kontext editing and Kontext inpainting pipelines: the
+same transformer sees extra image tokens or channels; NAG guides the image stream, never the reference image as
 text, and agrees with the naive implementation."""
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ def variant(name):
     from diffusers import FluxTransformer2DModel
 
     components = tp.FACTORIES["flux"]().components
-    if name == "control":
+    if name in ("control", "fill"):  # control: + 16 control-image channels; fill: + 16 masked-image + 16 mask
         with tp._seeded(5):
             components["transformer"] = FluxTransformer2DModel(
-                patch_size=1, in_channels=32, out_channels=16, num_layers=1, num_single_layers=1,
+                patch_size=1, in_channels=32 if name == "control" else 48, out_channels=16, num_layers=1, num_single_layers=1,
                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                 axes_dims_rope=(4, 4, 8),
             ).eval()
     cls = {"img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline", "control": "FluxControlPipeline",
-           "kontext": "FluxKontextPipeline"}[name]
+           "kontext": "FluxKontextPipeline", "fill": "FluxFillPipeline",
+           "kontext_inpaint": "FluxKontextInpaintPipeline"}[name]
     pipeline_class = getattr(diffusers, cls)
     accepted = pipeline_class._get_signature_keys(pipeline_class)[0]
     pipe = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
@@ -54,6 +55,11 @@ def call_kwargs(name):
         kwargs.update(control_image=image(3))
     elif name == "kontext":
         kwargs.update(image=image(4), _auto_resize=False, max_area=16 * 16)
+    elif name == "fill":
+        kwargs.update(image=image(1), mask_image=(image(2, 1) > 0.5).float())
+    elif name == "kontext_inpaint":
+        kwargs.update(image=image(1), mask_image=(image(2, 1) > 0.5).float(), image_reference=image(4),
+                      strength=0.9, _auto_resize=False, max_area=16 * 16)
     return kwargs
 
 
@@ -62,7 +68,7 @@ def generate(pipe, name):
     return tp.output_tensor(out)
 
 
-VARIANTS = ["img2img", "inpaint", "control", "kontext"]
+VARIANTS = ["img2img", "inpaint", "control", "kontext", "fill", "kontext_inpaint"]
 
 
 @pytest.mark.parametrize("name", VARIANTS)

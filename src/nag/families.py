@@ -298,6 +298,8 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("FluxInpaintPipeline", "flux", "FLUX.1 inpainting", FamilyDefaults(5.0, 2.5, 0.25), (_E, _P, None)),
         PipelineSpec("FluxControlPipeline", "flux", "FLUX.1 Canny/Depth control", FamilyDefaults(5.0, 2.5, 0.25), (_E, _P, None)),
         PipelineSpec("FluxKontextPipeline", "flux", "FLUX.1 Kontext (editing)", FamilyDefaults(4.0, 2.5, 0.25), (_E, _P, None)),
+        PipelineSpec("FluxKontextInpaintPipeline", "flux", "FLUX.1 Kontext inpainting", FamilyDefaults(4.0, 2.5, 0.25), (_E, _P, None)),
+        PipelineSpec("FluxFillPipeline", "flux", "FLUX.1 Fill (inpainting / outpainting)", FamilyDefaults(5.0, 2.5, 0.25), (_E, _P, None)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),
