@@ -125,6 +125,7 @@ _EXPECTED_STOCK_PROCESSORS = {
     "wan": ("WanAttnProcessor",),
     "ltx": ("LTXVideoAttnProcessor",),
     "skyreels_v2": ("SkyReelsV2AttnProcessor",),
+    "wan_vace": ("WanAttnProcessor",),  # attn2 of the main blocks and of the VACE blocks
 }
 
 
@@ -336,7 +337,7 @@ def _preprocess_negative_context(model, kind, neg):
         neg = neg.view(neg.shape[0], -1, neg.shape[-1])
         neg = model.caption_norm(neg)
         return neg
-    if kind in ("wan", "skyreels_v2"):
+    if kind in ("wan", "skyreels_v2", "wan_vace"):
         return model.condition_embedder.text_embedder(neg)
     if kind == "ltx":
         neg = model.caption_projection(neg)
@@ -348,7 +349,7 @@ def _negative_bias(kind, neg_mask, dtype):
     """The model's mask treatment applied to the negative mask: 0/1 (B, L) -> additive (1 - m) * -10000, (B, 1, L)."""
     if neg_mask is None:
         return None
-    if kind in ("wan", "skyreels_v2"):
+    if kind in ("wan", "skyreels_v2", "wan_vace"):
         raise ValueError(f"{kind} takes no encoder attention mask")
     if neg_mask.ndim == 2:
         bias = (1 - neg_mask.to(dtype)) * -10000.0
@@ -400,7 +401,8 @@ def naive_cross_attention_forward(
         neg_context = _preprocess_negative_context(model, kind, neg_encoder_hidden_states)
         neg_bias = _negative_bias(kind, neg_encoder_attention_mask, x.dtype)
 
-    style = {"unet": "attn2_0", "pixart": "attn2_0", "sana": "sana", "wan": "wan", "ltx": "ltx", "skyreels_v2": "wan"}[kind]
+    style = {"unet": "attn2_0", "pixart": "attn2_0", "sana": "sana", "wan": "wan", "ltx": "ltx", "skyreels_v2": "wan",
+             "wan_vace": "wan"}[kind]
     nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
     processor = _NaiveCrossAttnProcessor(style, neg_context, neg_bias, rows, nag)
 

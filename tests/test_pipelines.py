@@ -24,15 +24,23 @@ SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
 
 @lru_cache(maxsize=None)
 def pipeline(name):
-    return tp.FACTORIES[name]()
+    return {**tp.FACTORIES, **tp.FAMILY_FACTORIES}[name]()
+
+
+def batch_rows(name):
+    """Samples a generation of ``name`` makes (its conditional rows per denoiser call)."""
+    return 1 if name in tp.SINGLE_PROMPT else len(PROMPTS)
 
 
 def generate(pipe, name, cfg=True, prompts=PROMPTS, **overrides):
     kwargs = tp.call_kwargs(name) if cfg else tp.no_cfg_kwargs(name)
-    if cfg and name.startswith("flux"):  # Flux's true CFG needs its own negative prompt
-        kwargs["negative_prompt"] = ["deformed", "deformed"]
+    if cfg and name.startswith(("flux", "chroma")) and tp.CFG_INFO[name].get("needs_negative_prompt"):
+        kwargs["negative_prompt"] = ["deformed"] * len(prompts)  # true CFG needs its own negative prompt
     kwargs.update(overrides)
-    out = pipe(prompt=list(prompts), generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+    prompt = prompts[0] if name in tp.SINGLE_PROMPT else list(prompts)
+    if name in tp.SINGLE_PROMPT and "negative_prompt" in kwargs:
+        kwargs["negative_prompt"] = kwargs["negative_prompt"][0]
+    out = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
     return tp.output_tensor(out)
 
 
@@ -92,6 +100,10 @@ def stock(name, cfg=True):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_off_is_bit_identical(name):
+    check_off_is_bit_identical(name)
+
+
+def check_off_is_bit_identical(name):
     pipe = pipeline(name)
     reference = stock(name)
     with nag.apply(pipe, NEGATIVE, scale=1.0):
@@ -104,9 +116,13 @@ def test_off_is_bit_identical(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_negative_equal_to_positive_is_unguided(name):
+    check_negative_equal_to_positive_is_unguided(name)
+
+
+def check_negative_equal_to_positive_is_unguided(name):
     pipe = pipeline(name)
     reference = stock(name)
-    with nag.apply(pipe, PROMPTS, **SETTINGS) as handle:
+    with nag.apply(pipe, PROMPTS[0] if name in tp.SINGLE_PROMPT else PROMPTS, **SETTINGS) as handle:
         out = generate(pipe, name)
         assert handle.guided_calls >= 2
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
@@ -114,6 +130,10 @@ def test_negative_equal_to_positive_is_unguided(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_negative_prompt_changes_the_output(name):
+    check_negative_prompt_changes_the_output(name)
+
+
+def check_negative_prompt_changes_the_output(name):
     pipe = pipeline(name)
     reference = stock(name)
     with nag.apply(pipe, NEGATIVE, **SETTINGS) as handle:
@@ -125,6 +145,10 @@ def test_negative_prompt_changes_the_output(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_removal_restores_everything(name):
+    check_removal_restores_everything(name)
+
+
+def check_removal_restores_everything(name):
     pipe = pipeline(name)
     before = state_of(pipe)
     reference = stock(name)
@@ -148,6 +172,10 @@ def test_removal_restores_everything(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_exception_inside_a_generation_leaves_nothing_behind(name):
+    check_exception_inside_a_generation_leaves_nothing_behind(name)
+
+
+def check_exception_inside_a_generation_leaves_nothing_behind(name):
     pipe = pipeline(name)
     before = state_of(pipe)
     reference = stock(name)
@@ -173,13 +201,17 @@ def test_exception_inside_a_generation_leaves_nothing_behind(name):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if tp.has_cfg(n)])
 def test_cfg_unconditional_branch_is_untouched(name):
+    check_cfg_unconditional_branch_is_untouched(name)
+
+
+def check_cfg_unconditional_branch_is_untouched(name):
     pipe = pipeline(name)
     _, stock_calls = record(pipe, name)
     with nag.apply(pipe, NEGATIVE, **SETTINGS):
         _, guided_calls = record(pipe, name)
     mode = tp.CFG_INFO[name]["mode"]
     if mode == "batched":  # [uncond, cond] in one call; the first step has the same inputs in both runs
-        rows = len(PROMPTS)
+        rows = batch_rows(name)
         first_stock, first_guided = stock_calls[0]["output"], guided_calls[0]["output"]
         torch.testing.assert_close(first_guided[:rows], first_stock[:rows], rtol=0, atol=1e-6)
         assert (first_guided[rows:] - first_stock[rows:]).abs().max() > 1e-4
@@ -190,6 +222,10 @@ def test_cfg_unconditional_branch_is_untouched(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_steps_outside_the_window_are_stock(name):
+    check_steps_outside_the_window_are_stock(name)
+
+
+def check_steps_outside_the_window_are_stock(name):
     pipe = pipeline(name)
     model = tp.denoiser(pipe)
     with nag.apply(pipe, NEGATIVE, end=0.5, **SETTINGS) as handle:
@@ -222,14 +258,15 @@ def test_num_images_per_prompt_and_negative_list(name):
 # ---------------------------------------------------------------------------------------------
 
 KIND = {"sd": "unet", "sdxl": "unet", "pixart_sigma": "pixart", "pixart_alpha": "pixart", "sana": "sana",
-        "sana_sprint": "sana", "wan": "wan", "ltx": "ltx", "skyreels_v2": "skyreels_v2", "sana_video": "sana"}
+        "sana_sprint": "sana", "wan": "wan", "ltx": "ltx", "skyreels_v2": "skyreels_v2", "sana_video": "sana",
+        "ltx_i2v": "ltx", "ltx_condition": "ltx", "wan_vace": "wan_vace"}
 
 
 def random_negative(name, call_inputs, length_delta):
     """Negative embeddings of a different token length (and a partial mask where the family has masks)."""
     g = torch.Generator().manual_seed(7)
     text = call_inputs["encoder_hidden_states"]
-    rows = len(PROMPTS)
+    rows = batch_rows(name)
     length = text.shape[1] + length_delta
     negative = {"negative_prompt_embeds": torch.randn(rows, length, text.shape[2], generator=g)}
     if name.startswith(("flux", "sd3")):
@@ -268,13 +305,17 @@ def naive_output(name, model, inputs, negative, cond_rows):
 @pytest.mark.parametrize("length_delta", [-3, 5])
 @pytest.mark.parametrize("name", NAMES)
 def test_agrees_with_naive_implementation(name, length_delta, fast):
+    check_agrees_with_naive_implementation(name, length_delta, fast)
+
+
+def check_agrees_with_naive_implementation(name, length_delta, fast):
     pipe = pipeline(name)
     model = tp.denoiser(pipe)
     _, stock_calls = record(pipe, name)
     negative = random_negative(name, stock_calls[0]["inputs"], length_delta)
     with nag.apply(pipe, **negative, **SETTINGS, fast=fast):
         _, calls = record(pipe, name)
-    rows = len(PROMPTS)
+    rows = batch_rows(name)
     mode = tp.CFG_INFO[name]["mode"]
     with torch.no_grad():
         for index, call in enumerate(calls):
@@ -289,6 +330,10 @@ def test_agrees_with_naive_implementation(name, length_delta, fast):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_path_never_calls_the_stock_processor(name):
+    check_fast_path_never_calls_the_stock_processor(name)
+
+
+def check_fast_path_never_calls_the_stock_processor(name):
     """In guided calls the fast path does its own attention: each image token is projected once."""
     pipe = pipeline(name)
     for fast in (True, False):

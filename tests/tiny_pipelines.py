@@ -923,3 +923,79 @@ def output_tensor(out) -> torch.Tensor:
 
         x = torch.from_numpy(np.asarray(x))
     return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Further families (tests/test_families_*.py): built like the ones above, kept out of FACTORIES so
+# the broad pipeline checks stay CI-fast; each family test file runs its own invariant suite.
+# --------------------------------------------------------------------------------------------------
+
+
+def _pil_frame(seed: int, size: int = 32):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
+
+
+def _image_batch(seed: int, size: int = 32, rows: int = 2) -> torch.Tensor:
+    return torch.rand(rows, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def ltx_i2v():
+    """LTXImageToVideoPipeline: the first latent frame is the encoded image (timestep 0 there)."""
+    from diffusers import LTXImageToVideoPipeline
+
+    return _finish(LTXImageToVideoPipeline(**ltx().components))
+
+
+def ltx_condition():
+    """LTXConditionPipeline: frame conditions (here one image at frame 0) joined to the latent tokens."""
+    from diffusers import LTXConditionPipeline
+
+    return _finish(LTXConditionPipeline(**ltx().components))
+
+
+def wan_vace():
+    """WanVACEPipeline: a Wan transformer with VACE blocks that read the control video."""
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    base = wan()
+    with _seeded(8):
+        transformer = WanVACETransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0],
+            vace_in_channels=4 * 2 + 8 * 8,  # inactive + reactive latents, the 8x8 mask
+        ).eval()
+    return _finish(
+        WanVACEPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                        scheduler=base.scheduler, transformer=transformer)
+    )
+
+
+FAMILY_FACTORIES: dict[str, Callable[[], Any]] = {
+    "ltx_i2v": ltx_i2v,
+    "ltx_condition": ltx_condition,
+    "wan_vace": wan_vace,
+}
+
+CFG_INFO.update(
+    ltx_i2v=dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                 text_mask="encoder_attention_mask kwarg, (2B, max_seq), 1 = real token"),
+    ltx_condition=dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                       text_mask="encoder_attention_mask kwarg, (2B, max_seq), 1 = real token"),
+    wan_vace=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                  text_mask="none (padding positions of encoder_hidden_states are zeros)"),
+)
+
+_BASE_KWARGS.update(
+    ltx_i2v=dict(image=_image_batch(11), height=32, width=32, num_frames=9, max_sequence_length=16),
+    ltx_condition=dict(image=_image_batch(11), height=32, width=32, num_frames=9, max_sequence_length=16),
+    # a control video (5 frames) with its mask: the VACE context, not text
+    wan_vace=dict(video=[_pil_frame(12 + f) for f in range(5)],
+                  height=32, width=32, num_frames=5, max_sequence_length=16),
+)
+# WanVACEPipeline generates one video per call (it refuses a list of prompts and several videos per
+# prompt): its pipeline tests run batch 1; test_families_video checks a batch of two on the denoiser.
+SINGLE_PROMPT = {"wan_vace"}

@@ -251,6 +251,14 @@ FAMILIES: dict[str, Family] = {
             attention=((r"blocks\.\d+\.attn2", "cross"),),
             layout="cross",
         ),
+        # VACE: the control video enters through `control_hidden_states` (the VACE blocks' own stream),
+        # not as text; the text cross-attention of both the main and the VACE blocks is guided.
+        Family(
+            name="wan_vace",
+            denoisers=("WanVACETransformer3DModel",),
+            attention=((r"(vace_)?blocks\.\d+\.attn2", "cross"),),
+            layout="cross",
+        ),
     )
 }
 
@@ -312,6 +320,10 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("SanaVideoPipeline", "sana", "Sana-Video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), negative_overrides={"complex_human_instruction": None}),
         PipelineSpec("SkyReelsV2Pipeline", "skyreels_v2", "SkyReels-V2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
+        PipelineSpec("LTXImageToVideoPipeline", "ltx", "LTX-Video image-to-video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
+        PipelineSpec("LTXConditionPipeline", "ltx", "LTX-Video 0.9.5+ frame conditions", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
+        PipelineSpec("WanVACEPipeline", "wan_vace", "Wan 2.1 VACE (control / reference video)", FamilyDefaults(9.0, 2.5, 0.25),
+                     (_E, None), expert_attrs=("transformer_2",)),
         PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None),
                      expert_attrs=("transformer_2",)),
     )
