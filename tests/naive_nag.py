@@ -810,3 +810,132 @@ def naive_sd3_forward(
     img = img.reshape(img.shape[0], h, w, patch, patch, tr.out_channels)
     img = torch.einsum("nhwpqc->nchpwq", img)
     return img.reshape(img.shape[0], tr.out_channels, h * patch, w * patch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Qwen-Image
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _qwen_rope(x, freqs):
+    """Qwen rotary embedding on (B, S, H, D) with complex tables (S, D / 2): consecutive pairs are (real, imag)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(3).to(x.dtype)
+
+
+def _qwen_modulate(x, params):
+    shift, scale, gate = params.chunk(3, dim=-1)
+    return x * (1 + scale[:, None]) + shift[:, None], gate[:, None]
+
+
+def _qwen_joint_attention(attn, txt_n, txt_mask, txt_freqs, q_img, k_img, v_img):
+    """Attention over [text, image] (Qwen order); text padding masked out.  Returns (text rows, image rows)."""
+    heads = attn.heads
+    q_txt = _split_heads(attn.add_q_proj(txt_n), heads)
+    k_txt = _split_heads(attn.add_k_proj(txt_n), heads)
+    v_txt = _split_heads(attn.add_v_proj(txt_n), heads)
+    if attn.norm_added_q is not None:
+        q_txt = attn.norm_added_q(q_txt)
+    if attn.norm_added_k is not None:
+        k_txt = attn.norm_added_k(k_txt)
+    q_txt, k_txt = _qwen_rope(q_txt, txt_freqs), _qwen_rope(k_txt, txt_freqs)
+    bias = None
+    if txt_mask is not None:
+        keep = torch.cat([txt_mask.bool(), txt_mask.new_ones(txt_mask.shape[0], q_img.shape[1]).bool()], dim=1)
+        bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill(~keep, float("-inf"))[:, None, None, :]
+    out = naive_attention(torch.cat([q_txt, q_img], 1), torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1), bias)
+    n_txt = q_txt.shape[1]
+    return out[:, :n_txt], out[:, n_txt:]
+
+
+def _qwen_text_tail(block, txt, txt_attn, gate1, mod2):
+    txt = txt + gate1 * block.attn.to_add_out(txt_attn)
+    normed, gate2 = _qwen_modulate(block.txt_norm2(txt), mod2)
+    return txt + gate2 * block.txt_mlp(normed)
+
+
+def _qwen_block(block, img, img_freqs, temb, text, text_neg, rows, nag):
+    """One Qwen-Image dual-stream block.  ``text`` / ``text_neg``: (stream, mask, rotary table, temb) or None."""
+    attn = block.attn
+    img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)
+    img_n, img_gate1 = _qwen_modulate(block.img_norm1(img), img_mod1)
+    q_img = _split_heads(attn.to_q(img_n), attn.heads)
+    k_img = _split_heads(attn.to_k(img_n), attn.heads)
+    v_img = _split_heads(attn.to_v(img_n), attn.heads)
+    if attn.norm_q is not None:
+        q_img = attn.norm_q(q_img)
+    if attn.norm_k is not None:
+        k_img = attn.norm_k(k_img)
+    q_img, k_img = _qwen_rope(q_img, img_freqs), _qwen_rope(k_img, img_freqs)
+
+    def text_branch(branch, q, k, v):
+        txt, mask, freqs, branch_temb = branch
+        mod1, mod2 = block.txt_mod(branch_temb).chunk(2, dim=-1)
+        txt_n, gate1 = _qwen_modulate(block.txt_norm1(txt), mod1)
+        txt_attn, img_attn = _qwen_joint_attention(attn, txt_n, mask, freqs, q, k, v)
+        return txt_attn, img_attn, gate1, mod2
+
+    txt_attn, img_attn, gate1, mod2 = text_branch(text, q_img, k_img, v_img)
+    if text_neg is not None:
+        neg_attn, img_attn_neg, neg_gate1, neg_mod2 = text_branch(text_neg, q_img[rows], k_img[rows], v_img[rows])
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+
+    img = img + img_gate1 * attn.to_out[1](attn.to_out[0](img_attn))
+    normed, img_gate2 = _qwen_modulate(block.img_norm2(img), img_mod2)
+    img = img + img_gate2 * block.img_mlp(normed)
+
+    text = (_qwen_text_tail(block, text[0], txt_attn, gate1, mod2), *text[1:])
+    if text_neg is not None:
+        text_neg = (_qwen_text_tail(block, text_neg[0], neg_attn, neg_gate1, neg_mod2), *text_neg[1:])
+    return img, text, text_neg
+
+
+def naive_qwen_forward(
+    transformer,
+    hidden_states,
+    encoder_hidden_states,
+    encoder_hidden_states_mask,
+    timestep,
+    img_shapes,
+    neg_encoder_hidden_states,
+    neg_encoder_hidden_states_mask,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+):
+    """QwenImageTransformer2DModel forward with NAG, re-implemented block by block (no guidance embedding,
+    no zero_cond_t).  hidden_states: packed latents (B, N, C), image tokens of the edit pipelines included.
+    The negative text (one row per guided row) runs its own text stream with its own mask and rotary table;
+    the image stream is the single guided one.  ``neg_encoder_hidden_states=None`` gives the stock output."""
+    tr = transformer
+    if tr.config.zero_cond_t or tr.config.use_additional_t_cond:
+        raise NotImplementedError("naive reference: zero_cond_t / additional_t_cond")
+    batch_size = hidden_states.shape[0]
+    rows = _rows_or_all(cond_rows, batch_size)
+    guided = neg_encoder_hidden_states is not None and len(rows) > 0
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+
+    img = tr.img_in(hidden_states)
+    t = timestep.to(img.dtype)
+    temb = tr.time_text_embed(t, img)
+
+    def text_stream(text, mask, branch_temb):
+        freqs = tr.pos_embed(img_shapes, max_txt_seq_len=text.shape[1], device=img.device)
+        return (tr.txt_in(tr.txt_norm(text)), mask, freqs[1], branch_temb), freqs[0]
+
+    text, img_freqs = text_stream(encoder_hidden_states, encoder_hidden_states_mask, temb)
+    text_neg = None
+    if guided:
+        if neg_encoder_hidden_states.shape[0] != len(rows):
+            raise ValueError("negative tensors must have one row per guided row")
+        temb_neg = tr.time_text_embed(_per_row(t, batch_size, rows, "timestep"), img)
+        text_neg, _ = text_stream(neg_encoder_hidden_states, neg_encoder_hidden_states_mask, temb_neg)
+
+    for block in tr.transformer_blocks:
+        img, text, text_neg = _qwen_block(block, img, img_freqs, temb, text, text_neg, rows, nag)
+
+    img = _ada_continuous(tr.norm_out, img, temb)
+    return tr.proj_out(img)

@@ -34,7 +34,7 @@ def batch_rows(name):
 
 def generate(pipe, name, cfg=True, prompts=PROMPTS, **overrides):
     kwargs = tp.call_kwargs(name) if cfg else tp.no_cfg_kwargs(name)
-    if cfg and name.startswith(("flux", "chroma")) and tp.CFG_INFO[name].get("needs_negative_prompt"):
+    if cfg and tp.CFG_INFO[name].get("needs_negative_prompt"):
         kwargs["negative_prompt"] = ["deformed"] * len(prompts)  # true CFG needs its own negative prompt
     kwargs.update(overrides)
     prompt = prompts[0] if name in tp.SINGLE_PROMPT else list(prompts)
@@ -272,7 +272,7 @@ def random_negative(name, call_inputs, length_delta):
     if name.startswith(("flux", "sd3")):
         pooled = call_inputs["pooled_projections"]
         negative["negative_pooled_prompt_embeds"] = torch.randn(rows, pooled.shape[1], generator=g)
-    if name.startswith(("pixart", "sana", "ltx")):  # sana_video too
+    if name.startswith(("pixart", "sana", "ltx", "qwen")):  # sana_video too
         mask = torch.ones(rows, length)
         mask[0, -3:] = 0
         mask[1, -1:] = 0
@@ -295,6 +295,11 @@ def naive_output(name, model, inputs, negative, cond_rows):
             inputs["timestep"], neg_text, neg_pooled, cond_rows=cond_rows, **{**SETTINGS, "p": 1},
         )
     neg_mask = None if negative is None else negative.get("negative_prompt_attention_mask")
+    if name.startswith("qwen"):
+        return naive_nag.naive_qwen_forward(
+            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs.get("encoder_hidden_states_mask"),
+            inputs["timestep"], inputs["img_shapes"], neg_text, neg_mask, cond_rows=cond_rows, **{**SETTINGS, "p": 1},
+        )
     kwargs = {k: v for k, v in inputs.items() if k != "return_dict"}
     return naive_nag.naive_cross_attention_forward(
         model, KIND[name], kwargs, neg_text, neg_mask, cond_rows=cond_rows, **{**SETTINGS, "p": 1}

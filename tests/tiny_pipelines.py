@@ -999,3 +999,62 @@ _BASE_KWARGS.update(
 # WanVACEPipeline generates one video per call (it refuses a list of prompts and several videos per
 # prompt): its pipeline tests run batch 1; test_families_video checks a batch of two on the denoiser.
 SINGLE_PROMPT = {"wan_vace"}
+
+
+def make_qwen_tokenizer():
+    """Qwen2Tokenizer (byte-level BPE, "Ġ" marks a leading space) with the chat-template specials."""
+    from transformers import Qwen2Tokenizer
+
+    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
+    words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
+    vocab, merges = _bpe_tables(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], chars, words)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256,
+                          additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def make_qwen25_vl(seed: int = 0, hidden_size: int = 32):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = make_qwen_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+            hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden_size,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
+        image_token_id=len(tok) - 1, video_token_id=len(tok) - 1,
+    )
+    with _seeded(seed):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return tok, model.eval()
+
+
+def qwenimage():
+    """QwenImagePipeline: dual-stream MMDiT, text modulated by the timestep only, text mask."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tokenizer, text_encoder = make_qwen25_vl(seed=0)
+    with _seeded(1):
+        vae = AutoencoderKLQwenImage(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                     latents_std=[1.0] * 4).eval()
+    with _seeded(2):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        ).eval()
+    return _finish(QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                     tokenizer=tokenizer, transformer=transformer))
+
+
+FAMILY_FACTORIES.update(qwenimage=qwenimage)
+CFG_INFO.update(
+    # Qwen-Image: true CFG (true_cfg_scale > 1 and a negative prompt), one call per branch, cond first.
+    qwenimage=dict(mode="sequential", scale_arg="true_cfg_scale", on=4.0, off=1.0, negative_prompt=True,
+                   needs_negative_prompt=True, text_mask="encoder_hidden_states_mask, None when every token is valid"),
+)
+_BASE_KWARGS.update(qwenimage=dict(height=32, width=32, max_sequence_length=64))

@@ -64,11 +64,21 @@ def _slice_text_rotary(rotary: Any, text_len: int, padded_text_len: int) -> Any:
     return torch.cat([rotary[:text_len], rotary[padded_text_len:]], dim=0)
 
 
-def _rotary_for(arguments: dict[str, Any], name: str, text_len: int, padded_text_len: int) -> dict[str, Any]:
-    """The rotary-table argument for a branch whose text is ``text_len`` long (empty if the call has none)."""
+def _rotary_for(
+    arguments: dict[str, Any], name: str, text_len: int, padded_text_len: int, split: bool = False
+) -> dict[str, Any]:
+    """The rotary-table argument for a branch whose text is ``text_len`` long (empty if the call has none).
+
+    ``split``: the tables come as ``(image, text)`` (Qwen-Image) rather than one table over
+    ``[text, image]``; text positions start at the same place for every length.
+    """
     if name not in arguments:
         return {}
-    return {name: _slice_text_rotary(arguments[name], text_len, padded_text_len)}
+    rotary = arguments[name]
+    if split and rotary is not None:
+        image, text = rotary
+        return {name: (image, text[:text_len])}
+    return {name: _slice_text_rotary(rotary, text_len, padded_text_len)}
 
 
 def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -229,31 +239,31 @@ class JointAttentionNAG(NAGProcessor):
 
     role = "joint"
     rotary_argument = "image_rotary_emb"
+    text_mask_argument = "encoder_hidden_states_mask"
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         text = arguments["encoder_hidden_states"]
         hidden = arguments["hidden_states"]
         padded = text.shape[1]
+        mask = arguments.get(self.text_mask_argument)
+        split = self.stock_kind in _SPLIT_ROTARY_PROCESSORS
 
-        def rotary_for(text_len: int) -> dict[str, Any]:
-            return _rotary_for(arguments, self.rotary_argument, text_len, padded)
+        def branch(rows: slice, text_len: int) -> dict[str, Any]:
+            """The text, its rotary tables and its mask for one branch (its own length, no padding)."""
+            changes = {"encoder_hidden_states": text[rows, :text_len],
+                       **_rotary_for(arguments, self.rotary_argument, text_len, padded, split)}
+            if mask is not None:
+                changes[self.text_mask_argument] = mask[rows, :text_len]
+            return changes
 
         def run_negative(view: Any) -> Any:
             return self.run_stock(
-                view,
-                arguments,
-                hidden_states=hidden[call.cond_rows],
-                encoder_hidden_states=text[call.batch :, : call.negative_text_len],
-                **rotary_for(call.negative_text_len),
+                view, arguments, hidden_states=hidden[call.cond_rows],
+                **branch(slice(call.batch, None), call.negative_text_len),
             )
 
         def run_positive(view: Any) -> Any:
-            return self.run_stock(
-                view,
-                arguments,
-                encoder_hidden_states=text[: call.batch, : call.positive_text_len],
-                **rotary_for(call.positive_text_len),
-            )
+            return self.run_stock(view, arguments, **branch(slice(0, call.batch), call.positive_text_len))
 
         negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
         image_out, positive_text_out = positive[0], positive[1]
@@ -312,6 +322,8 @@ _CROSS_FLAT_NORM = {
     "LTXVideoAttnProcessor": True,
 }
 _JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0"}
+# Joint processors whose rotary tables come as (image, text) instead of one table over [text, image].
+_SPLIT_ROTARY_PROCESSORS = {"QwenDoubleStreamAttnProcessor2_0"}
 # Cross-attention processors that also attend to an image context placed before the text
 # (Wan-style image-to-video): NAG guides the text branch; the image branch is added unguided.
 _IMAGE_CONTEXT_PROCESSORS = {"WanAttnProcessor", "SkyReelsV2AttnProcessor"}

@@ -160,6 +160,9 @@ class Attachment:
     # -- installation -------------------------------------------------------------------------
     def _install(self) -> None:
         family = self.family
+        reason = family.refuse(self.denoiser) if family.refuse is not None else None
+        if reason:
+            raise NotImplementedError(f"NAG cannot guide this {type(self.denoiser).__name__}: {reason}")
         wrapped = 0
         for name, module in self.denoiser.named_modules():
             role = family.attention_role(name, module)
@@ -180,6 +183,8 @@ class Attachment:
         for name, module in self.denoiser.named_modules():
             if family.image_norms and re.fullmatch(family.image_norms, name):
                 self._hooks.append(module.register_forward_pre_hook(self._stock_rows_of_conditioning, with_kwargs=True))
+            if family.image_modulations and re.fullmatch(family.image_modulations, name):
+                self._hooks.append(module.register_forward_pre_hook(self._stock_rows_of_inputs, with_kwargs=True))
             if family.concatenating_blocks and re.fullmatch(family.concatenating_blocks, name):
                 if self.fast and family.single_block_text is not None:
                     self._hooks.append(module.register_forward_pre_hook(self._split_text_rows, with_kwargs=True))
@@ -243,6 +248,19 @@ class Attachment:
         first = None if args else next(iter(kwargs))
         new_kwargs = {k: (v if k == first else trim(v)) for k, v in kwargs.items()}
         return new_args, new_kwargs
+
+    def _stock_rows_of_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Image-side modulation computed from the conditioning alone: the stock rows of every input."""
+        call = self.runtime.call
+        if call is None:
+            return None
+
+        def trim(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] > call.batch:
+                return value[: call.batch]
+            return value
+
+        return tuple(trim(a) for a in args), {k: trim(v) for k, v in kwargs.items()}
 
     def _add_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """Blocks that concatenate ``[text, image]``: one image row per negative text row."""

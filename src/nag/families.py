@@ -65,6 +65,13 @@ def _pad_zero_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([ids, ids.new_zeros(length - ids.shape[0], *ids.shape[1:])])
 
 
+def _refuse_qwen_zero_cond_t(denoiser: torch.nn.Module) -> str | None:
+    if getattr(denoiser.config, "zero_cond_t", False):
+        return ("zero_cond_t models (Qwen-Image-Edit-2511) stack a timestep-0 copy of every row in the "
+                "conditioning batch, which the negative text rows cannot join yet")
+    return None
+
+
 @dataclass(frozen=True)
 class Family:
     """How NAG plugs into one denoiser architecture.
@@ -89,8 +96,12 @@ class Family:
         single_block_text: for those blocks, the text-only path of the negative rows as
             ``(start(block, text, temb) -> state, finish(block, state) -> text)``, which lets the
             fast path run the block on the stock rows only (no duplicated image tokens).
+        image_modulations: regex of image-side modules all of whose inputs are per-row
+            conditioning (e.g. Qwen-Image's ``img_mod(temb)``): they see the stock rows only.
         static_text: cross layout: the model's text preprocessing does not depend on the
             timestep, so projected negative keys/values can be reused across steps.
+        refuse: ``denoiser -> reason or None``: configurations of the architecture NAG cannot
+            guide, refused with the reason when attaching.
     """
 
     name: str
@@ -107,7 +118,9 @@ class Family:
     image_norms: str | None = None
     concatenating_blocks: str | None = None
     single_block_text: tuple[Callable, Callable] | None = None
+    image_modulations: str | None = None
     static_text: bool = True
+    refuse: Callable[[torch.nn.Module], str | None] | None = None
 
     def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
         if not hasattr(module, "processor"):
@@ -160,8 +173,21 @@ class Family:
         changes: dict[str, Any] = {
             self.text_kwarg: torch.cat([pad_tokens(text, padded), pad_tokens(negative_text, padded)])
         }
+        if self.mask_kwarg:
+            positive_mask = arguments.get(self.mask_kwarg)
+            negative_mask = negative.get("encoder_attention_mask")
+            if positive_mask is not None or negative_mask is not None:
+                like = positive_mask if positive_mask is not None else negative_mask
+                if positive_mask is None:
+                    positive_mask = like.new_ones(rows, positive_len)
+                if negative_mask is None:
+                    negative_mask = like.new_ones(len(cond_rows), negative_len)
+                # padding past each branch's own length is never attended (the processors slice it off)
+                changes[self.mask_kwarg] = torch.cat(
+                    [pad_tokens(positive_mask, padded), pad_tokens(negative_mask.to(like.dtype), padded)]
+                )
         for key in self.negative_keys:
-            if key == "encoder_hidden_states":
+            if key in ("encoder_hidden_states", "encoder_attention_mask"):
                 continue
             value = arguments.get(key)
             if value is None:
@@ -207,6 +233,20 @@ FAMILIES: dict[str, Family] = {
             negative_keys=("encoder_hidden_states", "pooled_projections"),
             row_kwargs=("timestep",),
             image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+        ),
+        # Qwen-Image: [text, image] joint attention with separate text projections; the text stream is
+        # modulated by the timestep alone (`txt_mod(temb)`), the image stream by `img_mod(temb)`.
+        Family(
+            name="qwenimage",
+            denoisers=("QwenImageTransformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn", "joint"),),
+            layout="joint",
+            mask_kwarg="encoder_hidden_states_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+            row_kwargs=("timestep", "guidance", "additional_t_cond"),
+            image_norms=r"norm_out",
+            image_modulations=r"transformer_blocks\.\d+\.img_mod",
+            refuse=_refuse_qwen_zero_cond_t,
         ),
         Family(
             name="unet",
@@ -287,8 +327,8 @@ class PipelineSpec:
     def name_outputs(self, values: Any) -> dict[str, torch.Tensor]:
         """``encode_prompt``'s result as ``{denoiser argument: tensor}``."""
         values = values if isinstance(values, tuple) else (values,)
-        if self.encode_outputs is not None:
-            return {name: value for name, value in zip(self.encode_outputs, values) if name is not None}
+        if self.encode_outputs is not None:  # (a mask may be None: every token valid)
+            return {name: value for name, value in zip(self.encode_outputs, values) if name is not None and value is not None}
         named = {"encoder_hidden_states": values[0]}
         mask = values[1] if len(values) > 1 else None
         if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape == values[0].shape[:2]:
@@ -308,6 +348,9 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("FluxKontextPipeline", "flux", "FLUX.1 Kontext (editing)", FamilyDefaults(4.0, 2.5, 0.25), (_E, _P, None)),
         PipelineSpec("FluxKontextInpaintPipeline", "flux", "FLUX.1 Kontext inpainting", FamilyDefaults(4.0, 2.5, 0.25), (_E, _P, None)),
         PipelineSpec("FluxFillPipeline", "flux", "FLUX.1 Fill (inpainting / outpainting)", FamilyDefaults(5.0, 2.5, 0.25), (_E, _P, None)),
+        # Qwen-Image: no published NAG defaults; Flux's (the closest published joint-attention
+        # flow-matching model) are used.
+        PipelineSpec("QwenImagePipeline", "qwenimage", "Qwen-Image", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),

@@ -1,0 +1,50 @@
+"""Joint-attention families beyond Flux and SD3: Qwen-Image (text and edit).
+
+Every configuration runs the invariant checks of ``test_pipelines`` (tiny random-weight pipelines,
+batch 2, CFG on, negatives shorter and longer than the positive with partial masks) and agrees with
+the naive reference block by block. The negative text is carried through the text stream with its own
+mask, rotary table and modulation; the image stream (edit reference images included) is the single
+guided one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import test_pipelines as tpl
+
+NAMES = ["qwenimage"]
+# Families guided by the straightforward wrappers in both modes (their stock processor has no
+# NAG-aware fast path yet): `fast=True` is correct there but calls the stock processor per branch.
+STRAIGHTFORWARD_ONLY = {
+    "qwenimage": "QwenDoubleStreamAttnProcessor2_0 (masked joint attention, split rotary tables) has no fast path yet",
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_invariants(name):
+    tpl.check_off_is_bit_identical(name)
+    tpl.check_negative_equal_to_positive_is_unguided(name)
+    tpl.check_negative_prompt_changes_the_output(name)
+    tpl.check_removal_restores_everything(name)
+    tpl.check_exception_inside_a_generation_leaves_nothing_behind(name)
+    tpl.check_steps_outside_the_window_are_stock(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cfg_unconditional_branch_is_untouched(name):
+    tpl.check_cfg_unconditional_branch_is_untouched(name)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+@pytest.mark.parametrize("name", NAMES)
+def test_agrees_with_naive_implementation(name, fast):
+    for length_delta in (-3, 5):
+        tpl.check_agrees_with_naive_implementation(name, length_delta, fast)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_path_never_calls_the_stock_processor(name):
+    if name in STRAIGHTFORWARD_ONLY:
+        pytest.skip(f"straightforward path only: {STRAIGHTFORWARD_ONLY[name]}")
+    tpl.check_fast_path_never_calls_the_stock_processor(name)
