@@ -1,9 +1,9 @@
-"""Joint-attention families beyond Flux and SD3: Qwen-Image (text and edit).
+"""Joint-attention families beyond Flux and SD3: Qwen-Image text-to-image and inpainting.
 
 Every configuration runs the invariant checks of ``test_pipelines`` (tiny random-weight pipelines,
 batch 2, CFG on, negatives shorter and longer than the positive with partial masks) and agrees with
 the naive reference block by block. The negative text is carried through the text stream with its own
-mask, rotary table and modulation; the image stream (edit reference images included) is the single
+mask, rotary table and modulation; the image stream is the single
 guided one.
 """
 
@@ -13,11 +13,12 @@ import pytest
 
 import test_pipelines as tpl
 
-NAMES = ["qwenimage"]
+NAMES = ["qwenimage", "qwenimage_inpaint"]
 # Families guided by the straightforward wrappers in both modes (their stock processor has no
 # NAG-aware fast path yet): `fast=True` is correct there but calls the stock processor per branch.
 STRAIGHTFORWARD_ONLY = {
     "qwenimage": "QwenDoubleStreamAttnProcessor2_0 (masked joint attention, split rotary tables) has no fast path yet",
+    "qwenimage_inpaint": "QwenDoubleStreamAttnProcessor2_0 (masked joint attention, split rotary tables) has no fast path yet",
 }
 
 

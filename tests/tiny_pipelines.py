@@ -1058,3 +1058,19 @@ CFG_INFO.update(
                    needs_negative_prompt=True, text_mask="encoder_hidden_states_mask, None when every token is valid"),
 )
 _BASE_KWARGS.update(qwenimage=dict(height=32, width=32, max_sequence_length=64))
+
+
+def qwenimage_inpaint():
+    """QwenImageInpaintPipeline: Qwen-Image's transformer; the kept image region is blended back by the pipeline."""
+    from diffusers import QwenImageInpaintPipeline
+
+    return _finish(QwenImageInpaintPipeline(**qwenimage().components))
+
+
+FAMILY_FACTORIES.update(qwenimage_inpaint=qwenimage_inpaint)
+CFG_INFO.update(qwenimage_inpaint=dict(CFG_INFO["qwenimage"]))
+# strength 1: every step of the 2-step schedule runs (the window checks count steps from the noisy end)
+_BASE_KWARGS.update(qwenimage_inpaint=dict(
+    height=32, width=32, max_sequence_length=64, image=_image_batch(13), strength=1.0,
+    mask_image=(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(14)) > 0.5).float(),
+))

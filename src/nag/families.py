@@ -351,6 +351,7 @@ PIPELINES: dict[str, PipelineSpec] = {
         # Qwen-Image: no published NAG defaults; Flux's (the closest published joint-attention
         # flow-matching model) are used.
         PipelineSpec("QwenImagePipeline", "qwenimage", "Qwen-Image", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
+        PipelineSpec("QwenImageInpaintPipeline", "qwenimage", "Qwen-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),
