@@ -2,6 +2,7 @@
 
     nag generate --prompt "a star on a white background" --negative "yellow" --out star.png
     nag compare  --prompt "a star on a white background" --negative "yellow" --out grid.png
+    nag eval     --prompts captions.txt --reference-images coco/val2014 --methods none,nag --out runs/eval
     nag generate --model black-forest-labs/FLUX.1-schnell --prompt "a fox" --negative "blurry" --offload
     nag models
 
@@ -740,6 +741,121 @@ def models(debug: Debug = False) -> None:
         _out.print(table)
         _out.print("Other pipelines whose denoiser cross-attends to the text work through the generic path "
                    "(scale 3, tau 2.5, alpha 0.5).")
+
+
+MetricsOpt = Annotated[bool, typer.Option("--metrics/--no-metrics", help="Compute the metrics after generating "
+                                          "(--no-metrics: only draw the images and write the manifest).")]
+
+
+@app.command(name="eval")
+def eval_(
+    prompts: Annotated[Path, typer.Option("--prompts", help="Prompts: .txt (one a line), .json/.jsonl list, .csv "
+                                          "with a 'prompt' column, or a COCO captions JSON.")],
+    reference_images: Annotated[Optional[Path], typer.Option("--reference-images", help="Folder of real images "
+                                                             "for FID and patch-FID (COCO val images).")] = None,
+    model: Model = DEFAULT_MODEL,
+    methods: Annotated[str, typer.Option(help="Comma-separated: none (no guidance), cfg (the pipeline's CFG with "
+                                         "the negative prompt), nag.")] = "none,cfg,nag",
+    negative: Annotated[str, typer.Option("--negative", "-n", help="Negative prompt of the cfg and nag methods.")]
+    = "Low resolution, blurry",
+    out: Annotated[Path, typer.Option(help="Output folder: images, manifest.json, results.json, results.md. "
+                                      "Running again with the same folder resumes.")] = Path("nag-eval"),
+    scale: Scale = None,
+    tau: Tau = None,
+    alpha: Alpha = None,
+    start: Start = 0.0,
+    end: End = 1.0,
+    norm: Norm = 1,
+    cfg: Annotated[float, typer.Option(help="CFG scale of the cfg method.")] = 4.0,
+    steps: Steps = None,
+    guidance: Annotated[Optional[float], typer.Option(help="guidance_scale of the none and nag methods (CFG with "
+                                                      "an empty negative on top of NAG). Default: off.")] = None,
+    seed: Annotated[int, typer.Option(help="Base seed: prompt i uses seed + i, whatever the number of processes.")]
+    = 0,
+    width: Width = None,
+    height: Height = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per pipeline call.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N prompts (5000: COCO-5K).")] = None,
+    clip_model: Annotated[str, typer.Option(help="CLIP model of the CLIP score: Hub id or local folder.")]
+    = "openai/clip-vit-large-patch14",
+    inception: Annotated[Optional[Path], typer.Option(help="FID feature extractor: the FID Inception weights file, "
+                                                      "or a torch.export .pt2 archive. Default: torchmetrics'.")]
+    = None,
+    image_reward: Annotated[bool, typer.Option("--image-reward/--no-image-reward", help="ImageReward column, when "
+                                               "the image-reward package and its checkpoint are available.")] = True,
+    fid_size: Annotated[int, typer.Option(help="FID: images resized and centre-cropped to this size.")] = 299,
+    patch_size: Annotated[int, typer.Option(help="Patch-FID: centre crop of this size at full resolution.")] = 299,
+    metrics: MetricsOpt = True,
+    device: Device = None,
+    dtype: Dtype = None,
+    offload: Offload = False,
+    debug: Debug = False,
+) -> None:
+    """Evaluate none / CFG / NAG with CLIP score, FID, patch-FID and ImageReward (the paper's Table 1).
+
+    Resumable (run again with the same --out); data parallel with
+    `accelerate launch --num_processes N -m nag.cli eval ...`.
+    """
+    with _errors(debug):
+        try:
+            from nag import evaluation as ev
+        except ImportError as exc:  # pragma: no cover - the package imports without the metric libraries
+            raise NagCLIError("Evaluation not installed", f"{exc}. Install it with "
+                              '`pip install "nag-diffusion[eval]"`.') from exc
+        try:
+            if metrics and reference_images is None:
+                raise ev.EvalError("Missing option", "--reference-images is needed for FID and patch-FID "
+                                   "(or pass --no-metrics to only generate).")
+            prompt_list = ev.read_prompts(prompts, limit)
+            if metrics:
+                ev.list_images(reference_images)
+            names = [m.strip() for m in methods.split(",")]
+            unknown = [m for m in names if m not in ev.METHODS]
+            if unknown or not any(names):
+                raise ev.EvalError("Unknown method", f"{', '.join(map(repr, unknown)) or 'no method'} in --methods; "
+                                   f"methods are {', '.join(ev.METHODS)}.")
+            check_settings(model, scale, tau, alpha, start, end, norm)
+            _check_sizes(width, height, None)
+            from nag.evaluation.generate import get_state
+
+            state = get_state()
+            if state.num_processes > 1:
+                dev = str(state.device)
+                if device is not None and device.split(":")[0] != dev.split(":")[0]:
+                    _err.print(f"note: under accelerate launch each process uses its own device ({dev}); "
+                               f"--device {device} is ignored.")
+            else:
+                dev = resolve_device(device)
+            loaded = _load_with_progress(model, dev, dtype, offload, None)
+            nag_settings = {**_nag_kwargs(loaded, scale, tau, alpha), "start": start, "end": end, "norm": norm}
+            who = f" (process {state.process_index + 1}/{state.num_processes})" if state.num_processes > 1 else ""
+            with _progress() as progress:
+                tasks: dict[str, Any] = {}
+
+                def on_start(method: str, count: int) -> None:
+                    tasks[method] = progress.add_task(f"{method}{who}", total=count)
+
+                def on_image(method: str, _index: int) -> None:
+                    progress.advance(tasks[method])
+
+                results = ev.evaluate(
+                    loaded.pipe, prompt_list, reference_images or Path("."), out, model=model, methods=names,
+                    negative=negative, base_seed=seed, steps=steps or loaded.steps, guidance=guidance, cfg=cfg,
+                    nag_settings=nag_settings, width=width, height=height, batch_size=batch_size,
+                    clip_model=clip_model, inception=inception, image_reward="auto" if image_reward else "off",
+                    fid_size=fid_size, patch_size=patch_size, metrics=metrics, state=state,
+                    on_image=on_image, on_start=on_start)
+        except ev.EvalError as exc:
+            raise NagCLIError(exc.title, exc.message) from exc
+        if results is None:
+            return
+        if not metrics:
+            _out.print(f"wrote {out / 'manifest.json'} ({len(prompt_list)} prompts x {len(names)} methods)")
+            return
+        for note in results.get("skipped", {}).values():
+            _err.print(f"note: {note}.")
+        _out.print((out / "results.md").read_text(encoding="utf-8").split("## Per method")[0].rstrip(), markup=False)
+        _out.print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 
 @app.command()
