@@ -49,3 +49,20 @@ def test_guided_without_cfg_on_its_attention_path(name):
     """NAG alone (no CFG) guides every step; the fast path never calls the stock processor where the
     family has one, and ``fast=True`` falls back to the straightforward wrappers where it has not."""
     tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
+
+
+def test_qwen_zero_cond_t_is_refused_clearly():
+    """Qwen-Image-Edit-2511-style models stack timestep-0 rows for the reference image: refused, nothing left."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    import nag
+
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                        axes_dims_rope=(4, 6, 6), zero_cond_t=True)
+    processors = [id(m.processor) for m in model.modules() if hasattr(m, "processor")]
+    with pytest.raises(NotImplementedError, match="zero_cond_t"):
+        nag.apply_to_denoiser(model, {"encoder_hidden_states": torch.zeros(1, 3, 32)}, scale=3.0)
+    assert [id(m.processor) for m in model.modules() if hasattr(m, "processor")] == processors
+    assert not any(m._forward_pre_hooks for m in model.modules())
