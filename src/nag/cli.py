@@ -794,7 +794,7 @@ def eval_(
     """Evaluate none / CFG / NAG with CLIP score, FID, patch-FID and ImageReward (the paper's Table 1).
 
     Resumable (run again with the same --out); data parallel with
-    `accelerate launch --num_processes N -m nag.cli eval ...`.
+    `accelerate launch --multi_gpu --num_processes N -m nag.cli eval ...`.
     """
     with _errors(debug):
         try:

@@ -62,6 +62,7 @@ def build_methods(
     nag_settings: dict[str, Any] | None = None,
     width: int | None = None,
     height: int | None = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
 ) -> list[Method]:
     """The methods ``names`` for ``pipe``.
 
@@ -70,6 +71,9 @@ def build_methods(
       (``true_cfg_scale`` on pipelines that have it, such as Flux; ``guidance_scale`` otherwise).
     - ``nag``: as ``none``, inside ``nag.apply(pipe, negative, **nag_settings)``; with ``guidance``
       the pipeline's own CFG (empty negative) runs on top.
+
+    ``pipeline_kwargs`` (JSON-able values, e.g. ``{"timesteps": [999, 749, 499, 249]}``) are passed
+    to every call of every method.
     """
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in METHODS]
@@ -94,6 +98,7 @@ def build_methods(
         base["width"] = int(width)
     if height is not None:
         base["height"] = int(height)
+    base.update(pipeline_kwargs or {})
     if guidance is not None:
         base["guidance_scale"] = float(guidance)
     elif not true_cfg and "guidance_scale" in params:

@@ -54,6 +54,7 @@ def evaluate(
     nag_settings: dict[str, Any] | None = None,
     width: int | None = None,
     height: int | None = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
     batch_size: int = 1,
     limit: int | None = None,
     clip_model: Any = DEFAULT_CLIP,
@@ -76,9 +77,10 @@ def evaluate(
     ``results.md`` into ``out_dir``, and returns the results; the other processes return None.
     ``metrics=False`` only generates and writes the manifest.
 
-    ``nag_settings`` are ``nag.apply`` keyword arguments (scale, tau, alpha, start, end, norm);
-    omitted ones are the pipeline family's defaults. The metric networks (``clip_model``,
-    ``inception``, ``image_reward``) are described in :mod:`nag.evaluation.metrics`.
+    ``pipeline_kwargs`` go to every pipeline call (e.g. custom ``timesteps``). ``nag_settings`` are
+    ``nag.apply`` keyword arguments (scale, tau, alpha, start, end, norm); omitted ones are the
+    pipeline family's defaults. The metric networks (``clip_model``, ``inception``,
+    ``image_reward``) are described in :mod:`nag.evaluation.metrics`.
     """
     state = state if state is not None else get_state()
     log = log or (lambda _msg: None)
@@ -87,7 +89,8 @@ def evaluate(
         raise EvalError("No prompts", "the prompt list is empty.")
     reference = list_images(reference_images) if metrics else []
     method_objs = build_methods(pipe, methods, negative=negative, steps=steps, guidance=guidance, cfg=cfg,
-                                nag_settings=nag_settings, width=width, height=height)
+                                nag_settings=nag_settings, width=width, height=height,
+                                pipeline_kwargs=pipeline_kwargs)
     out_dir = Path(out_dir)
     device = getattr(state, "device", "cpu")
     nets = None
