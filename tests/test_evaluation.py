@@ -239,7 +239,9 @@ class Interrupted(Exception):
 
 def test_interrupted_run_resumes_without_redrawing(pipe, assets, cli_run, tmp_path):
     out = tmp_path / "run"
-    kwargs = dict(model=assets["model"], methods=["none", "nag"], steps=2, base_seed=7, metrics=False)
+    cli_settings = json.loads((cli_run / "results.json").read_text())["methods"]["nag"]["settings"]["nag"]
+    kwargs = dict(model=assets["model"], methods=["none", "nag"], steps=2, base_seed=7, metrics=False,
+                  nag_settings=cli_settings)  # the built-in model's CLI defaults differ from its family's
     drawn: list[tuple[str, int]] = []
 
     def stop_after_four(method: str, index: int) -> None:
