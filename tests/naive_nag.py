@@ -939,3 +939,132 @@ def naive_qwen_forward(
 
     img = _ada_continuous(tr.norm_out, img, temb)
     return tr.proj_out(img)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chroma
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _chroma_bias(mask):
+    """The model-level (B, L) mask over [text, image] as the stock blocks hand it to SDPA: the outer product
+    mask[:, None, None, :] * mask[:, None, :, None]; a float mask is added to the scores, a boolean one masks."""
+    if mask is None:
+        return None
+    outer = mask[:, None, None, :] * mask[:, None, :, None]
+    if outer.dtype == torch.bool:
+        return torch.zeros(outer.shape).masked_fill(~outer, float("-inf"))
+    return outer.float()
+
+
+def _rope_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, rope, bias):
+    """Attention over [text, image] with Flux-style RoPE and an additive bias; (text rows, image rows)."""
+    cos, sin = rope
+    q = _flux_rope(torch.cat([q_txt, q_img], dim=1), cos, sin)
+    k = _flux_rope(torch.cat([k_txt, k_img], dim=1), cos, sin)
+    v = torch.cat([v_txt, v_img], dim=1)
+    out = naive_attention(q, k, v, bias)
+    n_txt = q_txt.shape[1]
+    return out[:, :n_txt], out[:, n_txt:]
+
+
+def _chroma_double_block(block, img, txt, img_mod, txt_mod, rope, bias, neg, rows, nag):
+    """neg: None or dict(txt, txt_mod, rope, bias) of the negative text stream (one row per guided row)."""
+    attn = block.attn
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = img_mod.unbind(1)
+    c_params = txt_mod.unbind(1)
+    img_n = _modulate(block.norm1.norm(img), shift, scale)
+    txt_n = _modulate(block.norm1_context.norm(txt), c_params[0], c_params[1])
+    q_img, k_img, v_img = _flux_image_qkv(attn, img_n)
+    txt_attn, img_attn = _rope_attention(*_flux_text_qkv(attn, txt_n), q_img, k_img, v_img, rope, bias)
+    if neg is not None:
+        cn_params = neg["txt_mod"].unbind(1)
+        txtn_n = _modulate(block.norm1_context.norm(neg["txt"]), cn_params[0], cn_params[1])
+        txtn_attn, img_attn_neg = _rope_attention(
+            *_flux_text_qkv(attn, txtn_n), q_img[rows], k_img[rows], v_img[rows], neg["rope"], neg["bias"]
+        )
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+    img = img + gate[:, None] * attn.to_out[1](attn.to_out[0](img_attn))
+    img = img + gate_mlp[:, None] * block.ff(_modulate(block.norm2(img), shift_mlp, scale_mlp))
+    txt = _flux_text_tail(block, txt, attn.to_add_out(txt_attn), c_params)
+    if neg is not None:
+        neg = {**neg, "txt": _flux_text_tail(block, neg["txt"], attn.to_add_out(txtn_attn), cn_params)}
+    return img, txt, neg
+
+
+def _chroma_single_block(block, img, txt, mod, rope, bias, neg, rows, nag):
+    """Stock: x = [text, image]; norm; attention (no output projection) || MLP; proj_out(cat); here on the
+    parts, the negative text attending to [negative text, guided image]."""
+    attn = block.attn
+    shift, scale, gate = mod.unbind(1)
+    n_txt = txt.shape[1]
+    x = torch.cat([txt, img], dim=1)
+    x_n = _modulate(block.norm.norm(x), shift, scale)
+    q_img, k_img, v_img = _flux_image_qkv(attn, x_n[:, n_txt:])
+    txt_attn, img_attn = _rope_attention(*_flux_image_qkv(attn, x_n[:, :n_txt]), q_img, k_img, v_img, rope, bias)
+    if neg is not None:
+        txtn_n = _modulate(block.norm.norm(neg["txt"]), shift[rows], scale[rows])
+        txtn_attn, img_attn_neg = _rope_attention(
+            *_flux_image_qkv(attn, txtn_n), q_img[rows], k_img[rows], v_img[rows], neg["rope"], neg["bias"]
+        )
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+    mlp = block.act_mlp(block.proj_mlp(x_n))
+    x = x + gate[:, None] * block.proj_out(torch.cat([torch.cat([txt_attn, img_attn], dim=1), mlp], dim=2))
+    if neg is not None:
+        mlp_neg = block.act_mlp(block.proj_mlp(txtn_n))
+        txt_neg = neg["txt"] + gate[rows][:, None] * block.proj_out(torch.cat([txtn_attn, mlp_neg], dim=2))
+        neg = {**neg, "txt": txt_neg}
+    return x[:, n_txt:], x[:, :n_txt], neg
+
+
+def naive_chroma_forward(
+    transformer, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, attention_mask,
+    neg_encoder_hidden_states, neg_attention_mask, scale, tau, alpha, p=1, cond_rows=None,
+):
+    """ChromaTransformer2DModel forward with NAG, block by block.
+
+    ``attention_mask``: the model's (B, L_text + L_image) mask, as the pipeline passes it (diffusers 0.42.1's
+    Chroma pipeline makes it float 0/1, which the blocks' SDPA adds to the scores; kept as is for each branch).
+    ``neg_attention_mask``: (rows, L_neg) text mask of the negative prompt; its image part is the positive's.
+    The modulation comes from the timestep alone, so the negative text stream takes its row's.
+    """
+    tr = transformer
+    batch_size = hidden_states.shape[0]
+    rows = _rows_or_all(cond_rows, batch_size)
+    guided = neg_encoder_hidden_states is not None and len(rows) > 0
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+
+    img = tr.x_embedder(hidden_states)
+    mod = tr.distilled_guidance_layer(tr.time_text_embed(timestep.to(img.dtype) * 1000))  # (B, n_mod, D)
+    txt = tr.context_embedder(encoder_hidden_states)
+    txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+    img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+    bias = _chroma_bias(attention_mask)
+
+    neg = None
+    if guided:
+        txt_neg = tr.context_embedder(neg_encoder_hidden_states)
+        n_neg = txt_neg.shape[1]
+        neg_mask = None
+        if attention_mask is not None:
+            text_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(len(rows), n_neg)
+            neg_mask = torch.cat([text_mask.to(attention_mask.dtype), attention_mask[rows, txt.shape[1]:]], dim=1)
+        neg = dict(txt=txt_neg, bias=_chroma_bias(neg_mask),
+                   rope=tr.pos_embed(torch.cat([torch.zeros(n_neg, txt_ids.shape[-1]), img_ids], dim=0)))
+
+    n_single, n_double = len(tr.single_transformer_blocks), len(tr.transformer_blocks)
+    img_offset, txt_offset = 3 * n_single, 3 * n_single + 6 * n_double
+    for i, block in enumerate(tr.transformer_blocks):
+        img_mod = mod[:, img_offset + 6 * i : img_offset + 6 * i + 6]
+        txt_mod = mod[:, txt_offset + 6 * i : txt_offset + 6 * i + 6]
+        if neg is not None:
+            neg["txt_mod"] = txt_mod[rows]
+        img, txt, neg = _chroma_double_block(block, img, txt, img_mod, txt_mod, rope, bias, neg, rows, nag)
+    for i, block in enumerate(tr.single_transformer_blocks):
+        img, txt, neg = _chroma_single_block(block, img, txt, mod[:, 3 * i : 3 * i + 3], rope, bias, neg, rows, nag)
+
+    shift, scale_out = mod[:, -2], mod[:, -1]
+    return tr.proj_out(_modulate(tr.norm_out.norm(img), shift, scale_out))

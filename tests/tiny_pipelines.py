@@ -1074,3 +1074,35 @@ _BASE_KWARGS.update(qwenimage_inpaint=dict(
     height=32, width=32, max_sequence_length=64, image=_image_batch(13), strength=1.0,
     mask_image=(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(14)) > 0.5).float(),
 ))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models that join text and image themselves (tests/test_families_concat.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def chroma():
+    """ChromaPipeline: Flux-like blocks modulated by the timestep alone; a [text, image] mask that keeps one
+    padding token of each prompt."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tokenizer, text_encoder = make_t5(seed=1, d_model=32)
+    with _seeded(2):
+        transformer = ChromaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+            approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1,
+        ).eval()
+    vae = make_vae_kl(seed=3, latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
+                      shift_factor=0.0609, scaling_factor=1.5035)
+    return _finish(ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                  tokenizer=tokenizer, transformer=transformer))
+
+
+FAMILY_FACTORIES.update(chroma=chroma)
+CFG_INFO.update(
+    # Chroma: CFG when guidance_scale > 1 (negative prompt "" by default), one call per branch, cond first.
+    chroma=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                text_mask="attention_mask over [text, image] (float 0/1, one padding token kept)"),
+)
+_BASE_KWARGS.update(chroma=dict(height=16, width=16, max_sequence_length=16))

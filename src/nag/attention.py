@@ -97,6 +97,9 @@ class NAGProcessor:
         self.stock_kind = type(stock).__name__  # decides which fast path applies
         self.runtime = runtime
         self._signature = inspect.signature(stock.__call__)
+        self._var_positional = tuple(
+            name for name, p in self._signature.parameters.items() if p.kind is inspect.Parameter.VAR_POSITIONAL
+        )
 
     # diffusers' ``set_attention_backend`` configures a module's processor: pass it to the stock one.
     @property
@@ -125,6 +128,8 @@ class NAGProcessor:
     def run_stock(self, attn: Any, arguments: dict[str, Any], **changes: Any) -> Any:
         arguments = {**arguments, **changes}
         arguments.pop("attn", None)
+        for name in self._var_positional:  # (processors taking `*args` get none from NAG)
+            arguments.pop(name, None)
         extra = arguments.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {}
         return self.stock(attn, **arguments, **extra)
 
@@ -133,10 +138,15 @@ class NAGProcessor:
         return nag_combine(z_positive, z_negative, s.scale, s.tau, s.alpha, norm=s.norm, eps=s.eps)
 
     def guided_projection_inputs(
-        self, attn: torch.nn.Module, call: "GuidedCall", run_negative: Callable[[Any], Any], run_positive: Callable[[Any], Any]
+        self, attn: torch.nn.Module, call: "GuidedCall", run_negative: Callable[[Any], Any], run_positive: Callable[[Any], Any],
+        positive_image_start: int = 0, negative_image_start: int = 0,
     ) -> tuple[Any, Any]:
         """Run the negative pass capturing ``Z-`` at the output projection, then the positive pass
-        with the guided rows' ``Z+`` replaced by the NAG combination."""
+        with the guided rows' ``Z+`` replaced by the NAG combination.
+
+        When the projection also sees text tokens (single-stream processors that project
+        ``[text, image]`` together), the image tokens start at ``positive_image_start`` /
+        ``negative_image_start`` in each pass; only they are combined."""
         captured: dict[str, torch.Tensor] = {}
         project = attn.to_out[0]
 
@@ -146,7 +156,9 @@ class NAGProcessor:
 
         def combine(z: torch.Tensor) -> torch.Tensor:
             z = z.clone()
-            z[call.cond_rows] = self.combine(call, z[call.cond_rows], captured["z"])
+            z[call.cond_rows, positive_image_start:] = self.combine(
+                call, z[call.cond_rows, positive_image_start:], captured["z"][:, negative_image_start:]
+            )
             return project(z)
 
         negative = run_negative(_OutputProjectionView(attn, capture))
@@ -276,34 +288,122 @@ class JointAttentionNAG(NAGProcessor):
 
 class SingleStreamAttentionNAG(NAGProcessor):
     """Attention over a block's own concatenation ``[text, image]`` with shared projections and no
-    output projection inside the processor (Flux single-stream blocks).
+    output projection inside the processor (Flux and Chroma single-stream blocks).
 
     The block's input holds the stock rows followed by one row per guided row carrying the
     negative text; that row's image part is replaced by the guided stream's, so the negative text
-    attends to ``[negative text, image]`` with the guided image's keys/values.
+    attends to ``[negative text, image]`` with the guided image's keys/values. A mask over
+    ``[text, image]`` (Chroma) is sliced for each branch like the tokens.
     """
 
     role = "single"
     rotary_argument = "image_rotary_emb"
+    mask_argument = "attention_mask"
+
+    def branches(self, call: "GuidedCall", arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int, int, int]:
+        """Each branch's ``[own text, guided image]`` input, rotary tables and mask; the text lengths."""
+        hidden = arguments["hidden_states"]
+        b, prefix = call.batch, call.text_prefix
+        padded = prefix + call.padded_text_len
+        lp, ln = prefix + call.positive_text_len, prefix + call.negative_text_len
+        mask = arguments.get(self.mask_argument)
+        image = hidden[:b, padded:]
+
+        def branch(rows: slice, text: torch.Tensor, text_len: int) -> dict[str, Any]:
+            changes = {"hidden_states": torch.cat([text, image if rows.start == 0 else image[call.cond_rows]], dim=1),
+                       **_rotary_for(arguments, self.rotary_argument, text_len, padded)}
+            if mask is not None:
+                changes[self.mask_argument] = _branch_mask(mask, rows, text_len, padded)
+            return changes
+
+        positive = branch(slice(0, b), hidden[:b, :lp], lp)
+        negative = branch(slice(b, None), hidden[b:, :ln], ln)
+        return positive, negative, lp, ln, padded
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
-        hidden = arguments["hidden_states"]
-        padded = call.padded_text_len
-        lp, ln, b = call.positive_text_len, call.negative_text_len, call.batch
-
-        def rotary_for(text_len: int) -> dict[str, Any]:
-            return _rotary_for(arguments, self.rotary_argument, text_len, padded)
-
-        image = hidden[:b, padded:]
-        positive_in = torch.cat([hidden[:b, :lp], image], dim=1) if lp != padded else hidden[:b]
-        negative_in = torch.cat([hidden[b:, :ln], image[call.cond_rows]], dim=1)
-        negative_out = self.run_stock(attn, arguments, hidden_states=negative_in, **rotary_for(ln))
-        positive_out = self.run_stock(attn, arguments, hidden_states=positive_in, **rotary_for(lp))
+        positive, negative, lp, ln, padded = self.branches(call, arguments)
+        negative_out = self.run_stock(attn, arguments, **negative)
+        positive_out = self.run_stock(attn, arguments, **positive)
 
         image_out = positive_out[:, lp:].clone()
         image_out[call.cond_rows] = self.combine(call, image_out[call.cond_rows], negative_out[:, ln:])
         text_out = torch.cat([pad_tokens(positive_out[:, :lp], padded), pad_tokens(negative_out[:, :ln], padded)])
         return torch.cat([text_out, torch.cat([image_out, image_out[call.cond_rows]])], dim=1)
+
+
+class SingleProjectedAttentionNAG(SingleStreamAttentionNAG):
+    """Like :class:`SingleStreamAttentionNAG`, for processors that apply the output projection to
+    ``[text, image]`` themselves (AuraFlow single blocks): ``Z-`` is captured at the projection
+    and the guided rows' image tokens are combined there."""
+
+    role = "single_projected"
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        positive, negative, lp, ln, padded = self.branches(call, arguments)
+        negative_out, positive_out = self.guided_projection_inputs(
+            attn, call, lambda view: self.run_stock(view, arguments, **negative),
+            lambda view: self.run_stock(view, arguments, **positive), positive_image_start=lp, negative_image_start=ln,
+        )
+        image_out = positive_out[:, lp:]
+        text_out = torch.cat([pad_tokens(positive_out[:, :lp], padded), pad_tokens(negative_out[:, :ln], padded)])
+        return torch.cat([text_out, torch.cat([image_out, image_out[call.cond_rows]])], dim=1)
+
+
+class RowsJointAttentionNAG(NAGProcessor):
+    """Joint attention with separate text projections in a model whose negative rows are whole
+    batch rows (layout ``"concat"``: Chroma double blocks, AuraFlow joint blocks).
+
+    Text and image both hold the stock rows followed by one row per guided row. The negative
+    rows' image tokens are a placeholder: the negative text attends to ``[negative text, guided
+    image]`` (the stock rows' image tokens), and the negative rows' image output is the guided
+    rows' image output. Masks over ``[text, image]`` (``(rows, 1, L, L)`` or ``(rows, L)``) are
+    sliced per branch.
+    """
+
+    role = "joint_rows"
+    rotary_argument = "image_rotary_emb"
+    mask_argument = "attention_mask"
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        text = arguments["encoder_hidden_states"]
+        b = call.batch
+        image = arguments["hidden_states"][:b]
+        padded = text.shape[1]
+        lp, ln = call.text_prefix + call.positive_text_len, call.text_prefix + call.negative_text_len
+        mask = arguments.get(self.mask_argument)
+
+        def branch(rows: slice, text_len: int) -> dict[str, Any]:
+            changes = {"encoder_hidden_states": text[rows, :text_len],
+                       **_rotary_for(arguments, self.rotary_argument, text_len, padded)}
+            if mask is not None:
+                changes[self.mask_argument] = _branch_mask(mask, rows, text_len, padded)
+            return changes
+
+        def run_negative(view: Any) -> Any:
+            return self.run_stock(view, arguments, hidden_states=image[call.cond_rows], **branch(slice(b, None), ln))
+
+        def run_positive(view: Any) -> Any:
+            return self.run_stock(view, arguments, hidden_states=image, **branch(slice(0, b), lp))
+
+        negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
+        image_out = torch.cat([positive[0], positive[0][call.cond_rows]])
+        text_out = torch.cat([pad_tokens(positive[1], padded), pad_tokens(negative[1], padded)])
+        return (image_out, text_out, *positive[2:])
+
+
+def _branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:
+    """One branch's rows of a mask over ``[padded text, image]`` (keys on the last axis, queries
+    on the one before when it has that length), restricted to ``[text[:text_len], image]``."""
+    if mask.shape[0] > 1:
+        mask = mask[rows]
+    if text_len == padded_text_len:
+        return mask
+    length = mask.shape[-1]
+    keep = torch.cat([torch.arange(text_len), torch.arange(padded_text_len, length)]).to(mask.device)
+    mask = mask.index_select(-1, keep)
+    if mask.ndim >= 3 and mask.shape[-2] == length:
+        mask = mask.index_select(-2, keep)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@
   conditional rows) and, if so, extends the call's text inputs with the negative conditioning;
 * for joint-attention families, hooks that keep the image stream at its stock batch: image-side
   modulation norms take the stock rows of the conditioning embedding, and blocks that
-  concatenate text and image see one extra image row per negative text row, dropped afterwards.
+  concatenate text and image see one extra image row per negative text row, dropped afterwards;
+* for families whose model forward joins text and image itself (layout ``"concat"``: Chroma,
+  AuraFlow), the negative rows are whole extra batch rows ``[negative text, image]`` from the
+  model input on; every attention layer gives them the guided rows' image tokens, and their
+  rows are dropped from the model output.
 
 ``Attachment.detach()`` restores every processor and removes every hook. When a call is not
 guided, the hooks pass the stock arguments through unchanged, so the output is bit-identical.
@@ -45,6 +49,9 @@ class GuidedCall:
     negative_text_len: int
     padded_text_len: int  # joint families: common length of positive and negative text rows
     static_negative: bool = False  # the negative context reaching attention is the same every step
+    # Tokens the model puts before the text inside its blocks (AuraFlow's register tokens): the
+    # attention modules see ``[prefix, text, image]`` with the prefix shared by both branches.
+    text_prefix: int = 0
 
 
 @dataclass
@@ -224,13 +231,18 @@ class Attachment:
             for key, value in runtime.negative.items()
         }
         call, changes = family.extend_inputs(arguments, negative, cond_rows)
+        if family.text_prefix is not None:
+            call.text_prefix = family.text_prefix(module)
         arguments.update(changes)
         runtime.call = call
         runtime.guided_calls += 1
         return bound.args, bound.kwargs
 
-    def _after_denoiser(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self.runtime.call = None
+    def _after_denoiser(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        call, self.runtime.call = self.runtime.call, None
+        if call is None or self.family.layout != "concat":
+            return None
+        return _stock_rows_of_output(output, call.batch)
 
     def _stock_rows_of_conditioning(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """Image-side modulation: use the stock rows of the (extended) conditioning embedding."""
@@ -304,6 +316,19 @@ class Attachment:
         _, finish = self.family.single_block_text
         text, image = output
         return torch.cat([text, finish(module, state)]), image
+
+
+def _stock_rows_of_output(output: Any, rows: int) -> Any:
+    """A denoiser output (tuple or ``...Output`` dataclass) without the negative rows."""
+    if isinstance(output, torch.Tensor):
+        return output[:rows]
+    if isinstance(output, tuple):
+        return (output[0][:rows], *output[1:])
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        output.sample = sample[:rows]  # diffusers' BaseOutput keeps the mapping in step with the attribute
+        return output
+    raise TypeError(f"NAG cannot trim the negative rows from a denoiser output of type {type(output).__name__}")
 
 
 def attach(denoiser: torch.nn.Module, family: "Family", runtime: NAGRuntime, fast: bool = True) -> Attachment:

@@ -23,6 +23,8 @@ from .attention import (
     FastSingleStreamAttentionNAG,
     JointAttentionNAG,
     NAGProcessor,
+    RowsJointAttentionNAG,
+    SingleProjectedAttentionNAG,
     SingleStreamAttentionNAG,
     pad_tokens,
 )
@@ -40,6 +42,11 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("cross", True): FastCrossAttentionNAG,
     ("joint", True): FastJointAttentionNAG,
     ("single", True): FastSingleStreamAttentionNAG,
+    # concatenating models (layout "concat"): straightforward wrappers only, also with fast=True
+    ("joint_rows", False): RowsJointAttentionNAG,
+    ("joint_rows", True): RowsJointAttentionNAG,
+    ("single_projected", False): SingleProjectedAttentionNAG,
+    ("single_projected", True): SingleProjectedAttentionNAG,
 }
 
 
@@ -84,7 +91,11 @@ class Family:
             projections) or ``"single"`` (attention over a block's own ``[text, image]``).
         layout: ``"cross"``: the negative context is appended to the positive one along the
             token axis; ``"joint"``: negative text rows are appended along the batch axis and
-            carried through the text stream with their own modulation.
+            carried through the text stream with their own modulation; ``"concat"``: for models
+            whose forward joins text and image itself, whole negative rows ``[negative text,
+            image]`` are appended along the batch axis from the model input on (the image part a
+            copy of the conditional row's); every text-attention layer substitutes the guided
+            rows' image tokens for the copy, and the model output drops the negative rows.
         text_kwarg / mask_kwarg / timestep_kwarg / image_kwarg: the denoiser's argument names.
         negative_keys: conditioning a negative prompt supplies (denoiser argument names).
         row_kwargs: joint layout: per-row arguments (timestep, guidance) repeated for the
@@ -102,6 +113,9 @@ class Family:
             timestep, so projected negative keys/values can be reused across steps.
         refuse: ``denoiser -> reason or None``: configurations of the architecture NAG cannot
             guide, refused with the reason when attaching.
+        mask_covers_image: the mask argument spans ``[text, image]`` (Chroma), not the text only.
+        text_prefix: ``denoiser -> tokens`` the model puts before the text inside its blocks
+            (AuraFlow's register tokens).
     """
 
     name: str
@@ -121,6 +135,8 @@ class Family:
     image_modulations: str | None = None
     static_text: bool = True
     refuse: Callable[[torch.nn.Module], str | None] | None = None
+    mask_covers_image: bool = False
+    text_prefix: Callable[[torch.nn.Module], int] | None = None
 
     def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
         if not hasattr(module, "processor"):
@@ -139,6 +155,8 @@ class Family:
     ) -> tuple[GuidedCall, dict[str, Any]]:
         if self.layout == "cross":
             return self._extend_cross(arguments, negative, cond_rows)
+        if self.layout == "concat":
+            return self._extend_concat(arguments, negative, cond_rows)
         return self._extend_joint(arguments, negative, cond_rows)
 
     def _extend_cross(self, arguments, negative, cond_rows):
@@ -204,6 +222,39 @@ class Family:
         call = GuidedCall(rows, cond_rows, positive_len, negative_len, padded)
         return call, changes
 
+    def _extend_concat(self, arguments, negative, cond_rows):
+        text = arguments[self.text_kwarg]
+        rows, positive_len = text.shape[:2]
+        negative_len = negative["encoder_hidden_states"].shape[1]
+        padded = max(positive_len, negative_len)
+        call, changes = self._extend_joint({k: v for k, v in arguments.items() if k != self.mask_kwarg},
+                                           {k: v for k, v in negative.items() if k != "encoder_attention_mask"}, cond_rows)
+        image = arguments[self.image_kwarg]
+        changes[self.image_kwarg] = torch.cat([image, image[cond_rows]])
+        if self.mask_kwarg:
+            positive_mask = arguments.get(self.mask_kwarg)
+            negative_mask = negative.get("encoder_attention_mask")
+            if positive_mask is not None or negative_mask is not None:
+                if positive_mask is not None and positive_mask.ndim != 2:
+                    raise ValueError(f"NAG expects a (batch, tokens) `{self.mask_kwarg}`, got shape {tuple(positive_mask.shape)}")
+                if positive_mask is None:
+                    like = negative_mask
+                    image_len = image.shape[1] if self.mask_covers_image else 0
+                    positive_mask = like.new_ones(rows, positive_len + image_len)
+                image_mask = positive_mask[:, positive_len:]
+                if image_mask.shape[0] == 1:
+                    image_mask = image_mask.expand(rows, -1)
+                positive_text_mask = positive_mask[:, :positive_len]
+                if negative_mask is None:
+                    negative_mask = positive_mask.new_ones(len(cond_rows), negative_len)
+                negative_mask = negative_mask.to(positive_mask.dtype)
+                # the padding past each branch's own length is never attended (the processors slice it off)
+                changes[self.mask_kwarg] = torch.cat([
+                    torch.cat([pad_tokens(positive_text_mask, padded), image_mask], dim=1),
+                    torch.cat([pad_tokens(negative_mask, padded), image_mask[cond_rows]], dim=1),
+                ])
+        return call, changes
+
     def drop_image_rows(self, output: Any, rows: int) -> Any:
         """After a concatenating block: keep the stock image rows (output ``(text, image)``)."""
         text, image = output
@@ -247,6 +298,31 @@ FAMILIES: dict[str, Family] = {
             image_norms=r"norm_out",
             image_modulations=r"transformer_blocks\.\d+\.img_mod",
             refuse=_refuse_qwen_zero_cond_t,
+        ),
+        # Chroma: Flux-like blocks whose modulation comes from the timestep alone (a distilled
+        # approximator, no pooled text); the model itself joins [text, image] before the single
+        # blocks and its mask spans [text, image]: whole negative rows, mask per branch.
+        Family(
+            name="chroma",
+            denoisers=("ChromaTransformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn", "joint_rows"), (r"single_transformer_blocks\.\d+\.attn", "single")),
+            layout="concat",
+            mask_kwarg="attention_mask",
+            mask_covers_image=True,
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+            row_kwargs=("timestep",),
+            text_ids_kwarg="txt_ids",
+        ),
+        # AuraFlow: register tokens before the text, joint blocks, then single blocks over the
+        # [registers, text, image] the model joins itself; timestep-only modulation, no mask.
+        Family(
+            name="auraflow",
+            denoisers=("AuraFlowTransformer2DModel",),
+            attention=((r"joint_transformer_blocks\.\d+\.attn", "joint_rows"),
+                       (r"single_transformer_blocks\.\d+\.attn", "single_projected")),
+            layout="concat",
+            row_kwargs=("timestep",),
+            text_prefix=lambda denoiser: int(denoiser.register_tokens.shape[1]),
         ),
         Family(
             name="unet",
@@ -352,6 +428,10 @@ PIPELINES: dict[str, PipelineSpec] = {
         # flow-matching model) are used.
         PipelineSpec("QwenImagePipeline", "qwenimage", "Qwen-Image", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
         PipelineSpec("QwenImageInpaintPipeline", "qwenimage", "Qwen-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
+        # Chroma: DESIGN.md's Chroma range (3-5, 2.5, 0.25); Flux's 5 within it.
+        PipelineSpec("ChromaPipeline", "chroma", "Chroma", FamilyDefaults(5.0, 2.5, 0.25), (_E, None, _M, None, None, None)),
+        # AuraFlow: no published NAG defaults; SD3.5's (the closest published MMDiT) are used.
+        PipelineSpec("AuraFlowPipeline", "auraflow", "AuraFlow", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, None, None)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),

@@ -45,14 +45,16 @@ _PROCESSOR_PARAMETERS = {
     "cross": ("hidden_states", "encoder_hidden_states"),
     "joint": ("hidden_states", "encoder_hidden_states"),
     "single": ("hidden_states",),
+    "joint_rows": ("hidden_states", "encoder_hidden_states"),
+    "single_projected": ("hidden_states",),
 }
 
 # diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
 # The block caches skip blocks, or replay a block's output or attention from an earlier step; on
-# the joint layout (Flux, SD3) NAG carries the negative text rows through every block, and a
-# skipped or replayed block drops them (diffusers then fails with a shape or key error).
+# the joint and concat layouts (Flux, SD3, Chroma, ...) NAG carries the negative rows through every
+# block, and a skipped or replayed block drops them (diffusers then fails with a shape or key error).
 # FasterCache rebuilds the unconditional branch from cached attention and fails likewise.
-_BLOCK_CACHE = ("joint",)
+_BLOCK_CACHE = ("joint", "concat")
 _INCOMPATIBLE_HOOKS = {
     "fbc_leader_block_hook": (_BLOCK_CACHE, "first-block cache"),
     "fbc_block_hook": (_BLOCK_CACHE, "first-block cache"),
@@ -60,8 +62,8 @@ _INCOMPATIBLE_HOOKS = {
     "taylorseer_cache": (_BLOCK_CACHE, "TaylorSeer cache"),
     "mag_cache_leader_block_hook": (_BLOCK_CACHE, "MagCache"),
     "mag_cache_block_hook": (_BLOCK_CACHE, "MagCache"),
-    "faster_cache_denoiser": (("cross", "joint"), "FasterCache"),
-    "faster_cache_block": (("cross", "joint"), "FasterCache"),
+    "faster_cache_denoiser": (("cross", "joint", "concat"), "FasterCache"),
+    "faster_cache_block": (("cross", "joint", "concat"), "FasterCache"),
 }
 
 _HANDLES: "weakref.WeakKeyDictionary[Any, NAGHandle]" = weakref.WeakKeyDictionary()
