@@ -1068,3 +1068,87 @@ def naive_chroma_forward(
 
     shift, scale_out = mod[:, -2], mod[:, -1]
     return tr.proj_out(_modulate(tr.norm_out.norm(img), shift, scale_out))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AuraFlow
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _aura_attention(attn, q_txt, k_txt, v_txt, q_img, k_img, v_img):
+    """Attention over [text, image] (AuraFlow order, scale attn.scale = 1/sqrt(D)); (text rows, image rows)."""
+    out = naive_attention(torch.cat([q_txt, q_img], 1), torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1))
+    return out[:, : q_txt.shape[1]], out[:, q_txt.shape[1]:]
+
+
+def _aura_tail(norm2, ff, residual, attn_out, gate, shift_mlp, scale_mlp, gate_mlp):
+    """AuraFlow's block tail: residual + gate_mlp * ff(modulate(norm2(residual + gate * attn_out)))."""
+    x = _modulate(norm2(residual + gate[:, None] * attn_out), shift_mlp, scale_mlp)
+    return residual + gate_mlp[:, None] * ff(x)
+
+
+def _aura_joint_block(block, img, txt, temb, txt_neg, rows, nag):
+    attn = block.attn
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _ada_params(block.norm1, temb, 6)
+    c = _ada_params(block.norm1_context, temb, 6)
+    q_img, k_img, v_img = _sd3_image_qkv(attn, _modulate(block.norm1.norm(img), shift, scale))
+    txt_attn, img_attn = _aura_attention(attn, *_sd3_text_qkv(attn, _modulate(block.norm1_context.norm(txt), c[0], c[1])),
+                                         q_img, k_img, v_img)
+    if txt_neg is not None:
+        cn = [p[rows] for p in c]
+        txtn_attn, img_attn_neg = _aura_attention(
+            attn, *_sd3_text_qkv(attn, _modulate(block.norm1_context.norm(txt_neg), cn[0], cn[1])),
+            q_img[rows], k_img[rows], v_img[rows],
+        )
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+        txt_neg = _aura_tail(block.norm2_context, block.ff_context, txt_neg, attn.to_add_out(txtn_attn), *cn[2:])
+    img = _aura_tail(block.norm2, block.ff, img, attn.to_out[0](img_attn), gate, shift_mlp, scale_mlp, gate_mlp)
+    txt = _aura_tail(block.norm2_context, block.ff_context, txt, attn.to_add_out(txt_attn), *c[2:])
+    return img, txt, txt_neg
+
+
+def _aura_single_block(block, img, txt, temb, txt_neg, rows, nag):
+    """Stock: x = [text, image]; one attention with shared projections and output projection over all tokens."""
+    attn = block.attn
+    params = _ada_params(block.norm1, temb, 6)
+    shift, scale = params[0], params[1]
+    q_txt, k_txt, v_txt = _sd3_image_qkv(attn, _modulate(block.norm1.norm(txt), shift, scale))
+    q_img, k_img, v_img = _sd3_image_qkv(attn, _modulate(block.norm1.norm(img), shift, scale))
+    txt_attn, img_attn = _aura_attention(attn, q_txt, k_txt, v_txt, q_img, k_img, v_img)
+    if txt_neg is not None:
+        q_n, k_n, v_n = _sd3_image_qkv(attn, _modulate(block.norm1.norm(txt_neg), shift[rows], scale[rows]))
+        txtn_attn, img_attn_neg = _aura_attention(attn, q_n, k_n, v_n, q_img[rows], k_img[rows], v_img[rows])
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+        txt_neg = _aura_tail(block.norm2, block.ff, txt_neg, attn.to_out[0](txtn_attn), *[p[rows] for p in params[2:]])
+    x = torch.cat([txt, img], dim=1)
+    out = attn.to_out[0](torch.cat([txt_attn, img_attn], dim=1))
+    x = _aura_tail(block.norm2, block.ff, x, out, *params[2:])
+    return x[:, txt.shape[1]:], x[:, : txt.shape[1]], txt_neg
+
+
+def naive_auraflow_forward(transformer, hidden_states, encoder_hidden_states, timestep, neg_encoder_hidden_states,
+                           scale, tau, alpha, p=1, cond_rows=None):
+    """AuraFlowTransformer2DModel forward with NAG, block by block. The text is [register tokens, text] in every
+    block; the modulation comes from the timestep alone, so the negative text stream takes its row's."""
+    tr = transformer
+    batch_size, _, height, width = hidden_states.shape
+    rows = _rows_or_all(cond_rows, batch_size)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    img = tr.pos_embed(hidden_states)
+    temb = tr.time_step_proj(tr.time_step_embed(timestep)).to(img.dtype)
+    registers = tr.register_tokens.expand(batch_size, -1, -1)
+    txt = torch.cat([registers, tr.context_embedder(encoder_hidden_states)], dim=1)
+    txt_neg = None
+    if neg_encoder_hidden_states is not None and rows:
+        txt_neg = torch.cat([registers[rows], tr.context_embedder(neg_encoder_hidden_states)], dim=1)
+    for block in tr.joint_transformer_blocks:
+        img, txt, txt_neg = _aura_joint_block(block, img, txt, temb, txt_neg, rows, nag)
+    for block in tr.single_transformer_blocks:
+        img, txt, txt_neg = _aura_single_block(block, img, txt, temb, txt_neg, rows, nag)
+    scale_out, shift_out = tr.norm_out.linear(F.silu(temb)).chunk(2, dim=1)
+    img = tr.proj_out(_modulate(img, shift_out, scale_out))
+    ps, c = tr.config.patch_size, tr.config.out_channels
+    img = img.reshape(batch_size, height // ps, width // ps, ps, ps, c)
+    return torch.einsum("nhwpqc->nchpwq", img).reshape(batch_size, c, height, width)

@@ -16,8 +16,9 @@ import torch
 import naive_nag
 import nag
 import test_pipelines as tpl
+import tiny_pipelines as tp
 
-NAMES = ["chroma"]
+NAMES = ["chroma", "auraflow"]
 SETTINGS = tpl.SETTINGS
 
 
@@ -71,40 +72,55 @@ def naive_output(name, model, inputs, negative, cond_rows=None):
             model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["img_ids"],
             inputs["txt_ids"], inputs.get("attention_mask"), neg_text, neg_mask, cond_rows=cond_rows, **nag_settings,
         )
+    if name == "auraflow":
+        return naive_nag.naive_auraflow_forward(
+            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], neg_text,
+            cond_rows=cond_rows, **nag_settings,
+        )
     raise KeyError(name)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("name", NAMES)
 def test_agrees_with_naive_implementation(name, fast):
-    """Through the pipeline with CFG: conditional calls guided, unconditional calls stock."""
+    """Through the pipeline with CFG: conditional rows guided, unconditional rows or calls stock."""
     pipe = tpl.pipeline(name)
     model = pipe.transformer
+    sequential = tp.CFG_INFO[name]["mode"] == "sequential"
     _, stock_calls = tpl.record(pipe, name)
     with torch.no_grad():  # the reference itself reproduces the stock model
         torch.testing.assert_close(naive_output(name, model, stock_calls[0]["inputs"], None),
                                    stock_calls[0]["output"], rtol=1e-4, atol=1e-5)
+    rows = len(tpl.PROMPTS)
+    cond_inputs = {k: (v[-rows:] if k == "encoder_hidden_states" else v) for k, v in stock_calls[0]["inputs"].items()}
     for length_delta in (-3, 5):
-        negative = random_negative(name, stock_calls[0]["inputs"], length_delta)
+        negative = random_negative(name, cond_inputs, length_delta)
         with nag.apply(pipe, **negative, **SETTINGS, fast=fast):
             _, calls = tpl.record(pipe, name)
-        assert len(calls) == 4  # 2 steps x (cond, uncond)
+        assert len(calls) == (4 if sequential else 2)  # 2 steps, CFG on
         with torch.no_grad():
             for index, call in enumerate(calls):
-                expected = naive_output(name, model, call["inputs"], None if index % 2 else negative)
+                if sequential:  # cond call (guided), then uncond call (stock)
+                    expected = naive_output(name, model, call["inputs"], None if index % 2 else negative)
+                else:  # [uncond, cond] rows
+                    expected = naive_output(name, model, call["inputs"], negative, cond_rows=[2, 3])
                 torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
 
 
 def denoiser_batch(name):
-    """A denoiser call with two rows [uncond, cond] of different texts and masks (one guided row)."""
+    """A denoiser call with two rows [uncond, cond] of different texts (and masks) and one guided row."""
     pipe = tpl.pipeline(name)
     _, calls = tpl.record(pipe, name)
-    cond, uncond = calls[0]["inputs"], calls[1]["inputs"]  # one call per branch: cond first
+    if tp.CFG_INFO[name]["mode"] == "sequential":  # one call per branch: cond first
+        cond, uncond = calls[0]["inputs"], calls[1]["inputs"]
+        pick = lambda key: torch.cat([uncond[key][:1], cond[key][1:]])  # noqa: E731
+    else:  # one call [uncond_0, uncond_1, cond_0, cond_1]: take uncond_0 and cond_1
+        cond = calls[0]["inputs"]
+        pick = lambda key: cond[key][[0, 3]]  # noqa: E731
     inputs = {k: v for k, v in cond.items() if k not in ("return_dict", "joint_attention_kwargs", "attention_kwargs")}
-    rows = lambda key: torch.cat([uncond[key][:1], cond[key][1:]])  # noqa: E731
-    inputs["encoder_hidden_states"] = rows("encoder_hidden_states")
-    if cond.get("attention_mask") is not None:
-        inputs["attention_mask"] = rows("attention_mask")
+    for key in ("hidden_states", "encoder_hidden_states", "attention_mask", "timestep"):
+        if isinstance(cond.get(key), torch.Tensor) and cond[key].ndim >= 1 and cond[key].shape[0] == calls[0]["output"].shape[0]:
+            inputs[key] = pick(key)
     return pipe.transformer, inputs
 
 

@@ -1106,3 +1106,34 @@ CFG_INFO.update(
                 text_mask="attention_mask over [text, image] (float 0/1, one padding token kept)"),
 )
 _BASE_KWARGS.update(chroma=dict(height=16, width=16, max_sequence_length=16))
+
+
+def auraflow():
+    """AuraFlowPipeline: register tokens before the text, joint (MMDiT) blocks, then single blocks over the
+    [registers, text, image] the model joins itself; batched CFG [uncond, cond]."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tokenizer, text_encoder = make_t5(seed=1, d_model=32, umt5=True)
+    with _seeded(2):
+        transformer = AuraFlowTransformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+            out_channels=4, pos_embed_max_size=64,
+        ).eval()
+        # At random init the attention output reaches the prediction only weakly (through norm2 after the
+        # residual): larger output projections make the text's effect visible after decoding.
+        with torch.no_grad():
+            for block in [*transformer.joint_transformer_blocks, *transformer.single_transformer_blocks]:
+                block.attn.to_out[0].weight.mul_(4)
+            transformer.proj_out.weight.mul_(8)
+    vae = make_vae_kl(seed=3, latent_channels=4)
+    return _finish(AuraFlowPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                                    scheduler=FlowMatchEulerDiscreteScheduler()))
+
+
+FAMILY_FACTORIES.update(auraflow=auraflow)
+CFG_INFO.update(
+    auraflow=dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                  text_mask="none (the pipeline zeroes the padding positions of encoder_hidden_states)"),
+)
+_BASE_KWARGS.update(auraflow=dict(height=16, width=16, max_sequence_length=16))
