@@ -19,6 +19,12 @@ import test_pipelines as tpl
 import tiny_pipelines as tp
 
 NAMES = ["chroma", "auraflow"]
+# No NAG-aware fast path for these yet: `fast=True` runs the straightforward wrappers (each stock processor
+# once per branch), and the negative rows carry a copy of the image tokens through the blocks' MLPs.
+STRAIGHTFORWARD_ONLY = {
+    "chroma": "FluxAttnProcessor with a [text, image] mask on whole negative rows: straightforward wrappers only",
+    "auraflow": "AuraFlowAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
+}
 SETTINGS = tpl.SETTINGS
 
 
@@ -41,7 +47,7 @@ def test_cfg_unconditional_branch_is_untouched(name):
 def test_guided_without_cfg_on_its_attention_path(name):
     """NAG alone guides every step; these families have no fast path: ``fast=True`` falls back to the
     straightforward wrappers (each stock processor called per branch)."""
-    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=False)
+    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
 
 
 # ---------------------------------------------------------------------------------------------
