@@ -18,11 +18,14 @@ import nag
 import test_pipelines as tpl
 import tiny_pipelines as tp
 
-NAMES = ["chroma", "auraflow"]
+# (ChromaInpaintPipeline is left out: in diffusers 0.42.1 it reads `transformer.config.guidance_embeds`,
+# which ChromaTransformer2DModel's config lacks, and fails before the first step without NAG too.)
+NAMES = ["chroma", "chroma_img2img", "auraflow"]
 # No NAG-aware fast path for these yet: `fast=True` runs the straightforward wrappers (each stock processor
 # once per branch), and the negative rows carry a copy of the image tokens through the blocks' MLPs.
 STRAIGHTFORWARD_ONLY = {
-    "chroma": "FluxAttnProcessor with a [text, image] mask on whole negative rows: straightforward wrappers only",
+    **{name: "FluxAttnProcessor with a [text, image] mask on whole negative rows: straightforward wrappers only"
+       for name in ("chroma", "chroma_img2img")},
     "auraflow": "AuraFlowAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
 }
 SETTINGS = tpl.SETTINGS
@@ -61,7 +64,7 @@ def random_negative(name, inputs, length_delta):
     text = inputs["encoder_hidden_states"]
     rows, length = text.shape[0], text.shape[1] + length_delta
     negative = {"negative_prompt_embeds": torch.randn(rows, length, text.shape[2], generator=g)}
-    if name == "chroma":
+    if name.startswith("chroma"):
         mask = torch.ones(rows, length)
         mask[0, -3:] = 0
         mask[1, -1:] = 0
@@ -73,7 +76,7 @@ def naive_output(name, model, inputs, negative, cond_rows=None):
     neg_text = None if negative is None else negative["negative_prompt_embeds"]
     neg_mask = None if negative is None else negative.get("negative_prompt_attention_mask")
     nag_settings = {**SETTINGS, "p": 1}
-    if name == "chroma":
+    if name.startswith("chroma"):
         return naive_nag.naive_chroma_forward(
             model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["img_ids"],
             inputs["txt_ids"], inputs.get("attention_mask"), neg_text, neg_mask, cond_rows=cond_rows, **nag_settings,

@@ -1137,3 +1137,18 @@ CFG_INFO.update(
                   text_mask="none (the pipeline zeroes the padding positions of encoder_hidden_states)"),
 )
 _BASE_KWARGS.update(auraflow=dict(height=16, width=16, max_sequence_length=16))
+
+
+def chroma_img2img():
+    """ChromaImg2ImgPipeline: Chroma's transformer starting from an encoded image."""
+    from diffusers import ChromaImg2ImgPipeline
+
+    return _finish(ChromaImg2ImgPipeline(**chroma().components))
+
+
+FAMILY_FACTORIES.update(chroma_img2img=chroma_img2img)
+CFG_INFO.update(chroma_img2img=dict(CFG_INFO["chroma"]))
+# strength 1: every step of the 2-step schedule runs (the window checks count steps from the noisy end)
+_BASE_KWARGS.update(
+    chroma_img2img=dict(height=16, width=16, max_sequence_length=16, image=_image_batch(15, size=16), strength=1.0),
+)

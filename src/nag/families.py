@@ -430,6 +430,8 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("QwenImageInpaintPipeline", "qwenimage", "Qwen-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
         # Chroma: DESIGN.md's Chroma range (3-5, 2.5, 0.25); Flux's 5 within it.
         PipelineSpec("ChromaPipeline", "chroma", "Chroma", FamilyDefaults(5.0, 2.5, 0.25), (_E, None, _M, None, None, None)),
+        PipelineSpec("ChromaImg2ImgPipeline", "chroma", "Chroma image-to-image", FamilyDefaults(5.0, 2.5, 0.25),
+                     (_E, None, _M, None, None, None)),
         # AuraFlow: no published NAG defaults; SD3.5's (the closest published MMDiT) are used.
         PipelineSpec("AuraFlowPipeline", "auraflow", "AuraFlow", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, None, None)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
