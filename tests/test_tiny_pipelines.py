@@ -48,7 +48,9 @@ def generate(name, prompts, cfg=True, seed=0, **overrides):
 def test_factories_complete():
     expected = {"flux", "flux_dev", "sd3", "sdxl", "sd", "pixart_sigma", "pixart_alpha", "sana", "sana_sprint", "wan"}
     assert expected <= set(tp.FACTORIES)
-    assert set(tp.FACTORIES) == set(tp.CFG_INFO) == set(tp._BASE_KWARGS)
+    every = set(tp.FACTORIES) | set(tp.FAMILY_FACTORIES)
+    assert not set(tp.FACTORIES) & set(tp.FAMILY_FACTORIES)
+    assert every == set(tp.CFG_INFO) == set(tp._BASE_KWARGS)
 
 
 @pytest.mark.parametrize("make", [tp.make_clip_tokenizer, tp.make_t5_tokenizer, tp.make_gemma_tokenizer])
