@@ -1152,3 +1152,99 @@ def naive_auraflow_forward(transformer, hidden_states, encoder_hidden_states, ti
     ps, c = tr.config.patch_size, tr.config.out_channels
     img = img.reshape(batch_size, height // ps, width // ps, ps, ps, c)
     return torch.einsum("nhwpqc->nchpwq", img).reshape(batch_size, c, height, width)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared-projection joint attention: CogView4, CogVideoX
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _half_rope(x, cos, sin):
+    """Rotary embedding on (B, S, H, D) with tables (S, D), halves as (real, imag) (CogView4's layout)."""
+    x_real, x_imag = x.reshape(*x.shape[:-1], 2, -1).unbind(-2)
+    x_rotated = torch.cat([-x_imag, x_real], dim=-1)
+    return (x.float() * cos[None, :, None, :] + x_rotated.float() * sin[None, :, None, :]).to(x.dtype)
+
+
+def _shared_attention(attn, txt, img, rope_img, bias):
+    """Attention over [text, image] with one set of projections (to_q/to_k/to_v, q/k norms over the head
+    dimension), the image tokens' q/k rotated by ``rope_img(x)``; returns the pre-projection outputs
+    (text rows, image rows) and the image keys/values of this call."""
+    n_txt = txt.shape[1]
+    x = torch.cat([txt, img], dim=1)
+    q = _split_heads(attn.to_q(x), attn.heads)
+    k = _split_heads(attn.to_k(x), attn.heads)
+    v = _split_heads(attn.to_v(x), attn.heads)
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    if rope_img is not None:
+        q = torch.cat([q[:, :n_txt], rope_img(q[:, n_txt:])], dim=1)
+        k = torch.cat([k[:, :n_txt], rope_img(k[:, n_txt:])], dim=1)
+    out = naive_attention(q, k, v, bias)
+    return out[:, :n_txt], out[:, n_txt:]
+
+
+def _cogview4_bias(text_mask, image_len):
+    """diffusers 0.42.1's CogView4 processor turns a (B, L_text) mask into the outer product of [text mask, ones]
+    as float 0/1 and hands it to SDPA, which adds it to the scores; reproduced as is."""
+    if text_mask is None:
+        return None
+    mix = torch.cat([text_mask.float(), torch.ones(text_mask.shape[0], image_len)], dim=1)
+    return (mix[:, :, None] * mix[:, None, :] > 0).float()[:, None]
+
+
+def _cogview4_block(block, img, txt, temb, rope, bias, neg, rows, nag):
+    """neg: None or dict(txt, bias) for the negative text stream (one row per guided row)."""
+    attn = block.attn1
+    (shift, c_shift, scale, c_scale, gate, c_gate, shift_mlp, c_shift_mlp, scale_mlp, c_scale_mlp, gate_mlp,
+     c_gate_mlp) = block.norm1.linear(temb).chunk(12, dim=1)
+    img_n = _modulate(block.norm1.norm(img), shift, scale)
+    txt_n = _modulate(block.norm1.norm_context(txt), c_shift, c_scale)
+    txt_attn, img_attn = _shared_attention(attn, txt_n, img_n, rope, bias)
+    if neg is not None:
+        txtn_n = _modulate(block.norm1.norm_context(neg["txt"]), c_shift[rows], c_scale[rows])
+        txtn_attn, img_attn_neg = _shared_attention(attn, txtn_n, img_n[rows], rope, neg["bias"])
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+
+    def tail(x, attn_out, g, s_mlp, sc_mlp, g_mlp, norm2):
+        x = x + attn.to_out[0](attn_out) * g[:, None]
+        return x + block.ff(_modulate(norm2(x), s_mlp, sc_mlp)) * g_mlp[:, None]
+
+    img = tail(img, img_attn, gate, shift_mlp, scale_mlp, gate_mlp, block.norm2)
+    txt = tail(txt, txt_attn, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp, block.norm2_context)
+    if neg is not None:
+        neg = {**neg, "txt": tail(neg["txt"], txtn_attn, c_gate[rows], c_shift_mlp[rows], c_scale_mlp[rows],
+                                  c_gate_mlp[rows], block.norm2_context)}
+    return img, txt, neg
+
+
+def naive_cogview4_forward(
+    transformer, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords,
+    attention_mask, neg_encoder_hidden_states, neg_attention_mask, scale, tau, alpha, p=1, cond_rows=None,
+):
+    """CogView4Transformer2DModel forward with NAG, block by block. Every block's processor joins [text, image]
+    and projects both with the same weights; the modulation comes from the timestep and the size conditions,
+    so the negative text stream takes its row's. ``attention_mask``: optional (B, L_text) text mask."""
+    tr = transformer
+    batch_size, _, height, width = hidden_states.shape
+    rows = _rows_or_all(cond_rows, batch_size)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    cos, sin = tr.rope(hidden_states)
+    rope = lambda x: _half_rope(x, cos, sin)  # noqa: E731
+    img, txt = tr.patch_embed(hidden_states, encoder_hidden_states)
+    temb = F.silu(tr.time_condition_embed(timestep, original_size, target_size, crop_coords, img.dtype))
+    bias = _cogview4_bias(attention_mask, img.shape[1])
+    neg = None
+    if neg_encoder_hidden_states is not None and rows:
+        txt_neg = tr.patch_embed.text_proj(neg_encoder_hidden_states)
+        neg_mask = neg_attention_mask
+        if neg_mask is None and attention_mask is not None:
+            neg_mask = torch.ones(len(rows), txt_neg.shape[1])
+        neg = dict(txt=txt_neg, bias=_cogview4_bias(neg_mask, img.shape[1]))
+    for block in tr.transformer_blocks:
+        img, txt, neg = _cogview4_block(block, img, txt, temb, rope, bias, neg, rows, nag)
+    img = tr.proj_out(tr.norm_out(img, temb))
+    ps = tr.config.patch_size
+    img = img.reshape(batch_size, height // ps, width // ps, -1, ps, ps)
+    return img.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)

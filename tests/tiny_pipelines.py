@@ -1152,3 +1152,50 @@ CFG_INFO.update(chroma_img2img=dict(CFG_INFO["chroma"]))
 _BASE_KWARGS.update(
     chroma_img2img=dict(height=16, width=16, max_sequence_length=16, image=_image_batch(15, size=16), strength=1.0),
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# Further text-conditioned families (tests/test_families_more.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def make_glm(seed: int = 0, hidden_size: int = 32):
+    """A tiny GlmModel (CogView4's text encoder) with the T5 word vocabulary (pad 0)."""
+    from transformers import GlmConfig, GlmModel
+
+    tok = make_t5_tokenizer()
+    cfg = GlmConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.pad_token_id)
+    with _seeded(seed):
+        model = GlmModel(cfg)
+    return tok, model.eval()
+
+
+def cogview4():
+    """CogView4Pipeline: blocks whose processor joins [text, image] with shared projections; the GLM text is
+    left-padded to a multiple of 16 tokens (16 or 32 here); one call per CFG branch."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tokenizer, text_encoder = make_glm(seed=1)
+    with _seeded(2):
+        transformer = CogView4Transformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16,
+            sample_size=8, rope_axes_dim=(8, 8),
+        ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")
+    return _finish(CogView4Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=make_vae_kl(seed=3),
+                                    transformer=transformer, scheduler=scheduler))
+
+
+FAMILY_FACTORIES.update(cogview4=cogview4)
+CFG_INFO.update(
+    # CogView4: CFG when guidance_scale > 1, one call per branch, cond first; no text mask reaches the model.
+    cogview4=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                  text_mask="none (the GLM text is left-padded, padding attended)"),
+)
+_BASE_KWARGS.update(
+    cogview4=dict(height=32, width=32),
+)

@@ -361,8 +361,9 @@ class RowsJointAttentionNAG(NAGProcessor):
     """
 
     role = "joint_rows"
-    rotary_argument = "image_rotary_emb"
+    rotary_argument: str | None = "image_rotary_emb"
     mask_argument = "attention_mask"
+    projection_sees_text = False  # the output projection sees the image tokens only
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         text = arguments["encoder_hidden_states"]
@@ -385,10 +386,23 @@ class RowsJointAttentionNAG(NAGProcessor):
         def run_positive(view: Any) -> Any:
             return self.run_stock(view, arguments, hidden_states=image, **branch(slice(0, b), lp))
 
-        negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
+        starts = (lp, ln) if self.projection_sees_text else (0, 0)
+        negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive, *starts)
         image_out = torch.cat([positive[0], positive[0][call.cond_rows]])
         text_out = torch.cat([pad_tokens(positive[1], padded), pad_tokens(negative[1], padded)])
         return (image_out, text_out, *positive[2:])
+
+
+class RowsSharedAttentionNAG(RowsJointAttentionNAG):
+    """Like :class:`RowsJointAttentionNAG`, for processors that join ``[text, image]`` themselves
+    and run shared projections over both, the output projection included, before splitting them
+    again (CogView4, CogVideoX): ``Z-`` is captured at the output projection and the guided rows'
+    image tokens (after each branch's own text) are combined there. Their rotary tables cover the
+    image tokens only, so they are the same for every text length; a text mask is ``(rows, text)``."""
+
+    role = "joint_rows_shared"
+    rotary_argument = None  # image-only tables: passed through unchanged
+    projection_sees_text = True
 
 
 def _branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .attention import (
     JointAttentionNAG,
     NAGProcessor,
     RowsJointAttentionNAG,
+    RowsSharedAttentionNAG,
     SingleProjectedAttentionNAG,
     SingleStreamAttentionNAG,
     pad_tokens,
@@ -47,6 +48,8 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows", True): RowsJointAttentionNAG,
     ("single_projected", False): SingleProjectedAttentionNAG,
     ("single_projected", True): SingleProjectedAttentionNAG,
+    ("joint_rows_shared", False): RowsSharedAttentionNAG,
+    ("joint_rows_shared", True): RowsSharedAttentionNAG,
 }
 
 
@@ -324,6 +327,18 @@ FAMILIES: dict[str, Family] = {
             row_kwargs=("timestep",),
             text_prefix=lambda denoiser: int(denoiser.register_tokens.shape[1]),
         ),
+        # CogView4: one stream of blocks whose processor joins [text, image], projects both with shared
+        # weights (output projection included) and splits them again; modulation from the timestep and
+        # the size conditions alone; image-only rotary tables; an optional (batch, text) mask.
+        Family(
+            name="cogview4",
+            denoisers=("CogView4Transformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn1", "joint_rows_shared"),),
+            layout="concat",
+            mask_kwarg="attention_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+            row_kwargs=("timestep", "original_size", "target_size", "crop_coords"),
+        ),
         Family(
             name="unet",
             denoisers=("UNet2DConditionModel",),
@@ -434,6 +449,9 @@ PIPELINES: dict[str, PipelineSpec] = {
                      (_E, None, _M, None, None, None)),
         # AuraFlow: no published NAG defaults; SD3.5's (the closest published MMDiT) are used.
         PipelineSpec("AuraFlowPipeline", "auraflow", "AuraFlow", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, None, None)),
+        # CogView4: no published NAG defaults; Flux's (the closest published joint-attention
+        # flow-matching model) are used.
+        PipelineSpec("CogView4Pipeline", "cogview4", "CogView4", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),
