@@ -1248,3 +1248,62 @@ def naive_cogview4_forward(
     ps = tr.config.patch_size
     img = img.reshape(batch_size, height // ps, width // ps, -1, ps, ps)
     return img.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
+
+
+def _cogvideox_block(block, img, txt, temb, rope, neg, rows, nag):
+    """neg: None or the negative text stream (one row per guided row)."""
+    attn = block.attn1
+
+    def norm_zero(norm, x_img, x_txt):
+        shift, scale, gate, enc_shift, enc_scale, enc_gate = norm.linear(F.silu(temb)).chunk(6, dim=1)
+        return (_modulate(norm.norm(x_img), shift, scale), _modulate(norm.norm(x_txt), enc_shift, enc_scale),
+                gate, enc_gate)
+
+    img_n, txt_n, gate, enc_gate = norm_zero(block.norm1, img, txt)
+    txt_attn, img_attn = _shared_attention(attn, txt_n, img_n, rope, None)
+    if neg is not None:
+        _, _, _, enc_shift, enc_scale, enc_gate_n = block.norm1.linear(F.silu(temb[rows])).chunk(6, dim=1)
+        txtn_n = _modulate(block.norm1.norm(neg), enc_shift, enc_scale)
+        txtn_attn, img_attn_neg = _shared_attention(attn, txtn_n, img_n[rows], rope, None)
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+        neg = neg + enc_gate_n[:, None] * attn.to_out[0](txtn_attn)
+    img = img + gate[:, None] * attn.to_out[0](img_attn)
+    txt = txt + enc_gate[:, None] * attn.to_out[0](txt_attn)
+    img_n, txt_n, gate_ff, enc_gate_ff = norm_zero(block.norm2, img, txt)
+    img = img + gate_ff[:, None] * block.ff(img_n)
+    txt = txt + enc_gate_ff[:, None] * block.ff(txt_n)
+    if neg is not None:
+        _, _, _, enc_shift, enc_scale, enc_gate_ff_n = block.norm2.linear(F.silu(temb[rows])).chunk(6, dim=1)
+        neg = neg + enc_gate_ff_n[:, None] * block.ff(_modulate(block.norm2.norm(neg), enc_shift, enc_scale))
+    return img, txt, neg
+
+
+def naive_cogvideox_forward(transformer, hidden_states, encoder_hidden_states, timestep, image_rotary_emb,
+                            neg_encoder_hidden_states, scale, tau, alpha, p=1, cond_rows=None, ofs=None):
+    """CogVideoXTransformer3DModel forward with NAG, block by block. The model embeds [text, video] together
+    (sincos positions, when present, are zero on the text part) and every block's processor attends over
+    [text, video] with shared projections; the modulation comes from the timestep alone."""
+    tr = transformer
+    batch_size, frames, _, height, width = hidden_states.shape
+    rows = _rows_or_all(cond_rows, batch_size)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    temb = tr.time_embedding(tr.time_proj(timestep).to(hidden_states.dtype))
+    if tr.ofs_embedding is not None and ofs is not None:
+        temb = temb + tr.ofs_embedding(tr.ofs_proj(ofs).to(hidden_states.dtype))
+    n_txt = encoder_hidden_states.shape[1]
+    joint = tr.patch_embed(encoder_hidden_states, hidden_states)
+    txt, img = joint[:, :n_txt], joint[:, n_txt:]
+    neg = None
+    if neg_encoder_hidden_states is not None and rows:
+        neg = tr.patch_embed.text_proj(neg_encoder_hidden_states)
+    rope = None
+    if image_rotary_emb is not None:
+        cos, sin = image_rotary_emb
+        rope = lambda x: _flux_rope(x, cos, sin)  # noqa: E731
+    for block in tr.transformer_blocks:
+        img, txt, neg = _cogvideox_block(block, img, txt, temb, rope, neg, rows, nag)
+    img = tr.proj_out(tr.norm_out(tr.norm_final(img), temb=temb))
+    ps = tr.config.patch_size
+    out = img.reshape(batch_size, frames, height // ps, width // ps, -1, ps, ps)
+    return out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)

@@ -1,4 +1,4 @@
-"""Further text-conditioned families: CogView4 (and the families below it in this file).
+"""Further text-conditioned families: CogView4, CogVideoX (and the families below them in this file).
 
 Every configuration runs the invariant checks of ``test_pipelines`` (tiny random-weight pipelines, batch 2
 with prompts of different lengths where the pipeline allows it, CFG on) and agrees with the naive
@@ -16,11 +16,12 @@ import nag
 import test_pipelines as tpl
 import tiny_pipelines as tp
 
-NAMES = ["cogview4"]
+NAMES = ["cogview4", "cogvideox"]
 # No NAG-aware fast path for these: `fast=True` runs the straightforward wrappers (each stock processor once
 # per branch), and the negative rows carry a copy of the image tokens through the blocks' MLPs.
 STRAIGHTFORWARD_ONLY = {
     "cogview4": "CogView4AttnProcessor on whole negative rows: straightforward wrappers only",
+    "cogvideox": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
 }
 # Families whose denoiser takes a text mask (checked on the denoiser where the pipeline passes none).
 MASKED = {"cogview4"}
@@ -104,6 +105,11 @@ def naive_output(name, model, inputs, negative, cond_rows=None):
             inputs["target_size"], inputs["crop_coords"], inputs.get("attention_mask"), neg_text, neg_mask,
             cond_rows=cond_rows, **nag_settings,
         )
+    if name.startswith("cogvideox"):
+        return naive_nag.naive_cogvideox_forward(
+            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"],
+            inputs.get("image_rotary_emb"), neg_text, cond_rows=cond_rows, ofs=inputs.get("ofs"), **nag_settings,
+        )
     raise KeyError(name)
 
 
@@ -182,3 +188,23 @@ def test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)
         assert (out[1] - stock[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_cogvideox_with_text_positions_pads_the_negative_to_the_model_text_length(fast):
+    """CogVideoX 2b style: sincos positions over [max_text_seq_length text, video] (zero on the text part). A
+    shorter negative is padded to the model's text length; each branch attends over its own tokens only."""
+    _, inputs = denoiser_batch("cogvideox")
+    model = tp._tiny_cogvideox_transformer(rotary=False, seed=4)
+    inputs = {**inputs, "image_rotary_emb": None}
+    negative = random_negative("cogvideox", inputs, -5, rows=1)
+    with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative["negative_prompt_embeds"]}, fast=fast,
+                                        positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+        with torch.no_grad():
+            out = model(**inputs, return_dict=False)[0]
+    with torch.no_grad():
+        stock = model(**inputs, return_dict=False)[0]
+        expected = naive_output("cogvideox", model, inputs, negative, cond_rows=[1])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)
+    assert (out[1] - stock[1]).abs().max() > 1e-4

@@ -1199,3 +1199,41 @@ CFG_INFO.update(
 _BASE_KWARGS.update(
     cogview4=dict(height=32, width=32),
 )
+
+
+def _tiny_cogvideox_transformer(rotary: bool, seed: int = 2):
+    from diffusers import CogVideoXTransformer3DModel
+
+    with _seeded(seed):
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+            text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=rotary,
+        ).eval()
+    return transformer
+
+
+def cogvideox():
+    """CogVideoXPipeline, 5b style (rotary tables over the video tokens): [text, video] joined by the model and
+    by every block's processor; batched CFG [uncond, cond]."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    tokenizer, text_encoder = make_t5(seed=1, d_model=32)
+    with _seeded(3):
+        vae = AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+            up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4,
+            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+        ).eval()
+    return _finish(CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                     transformer=_tiny_cogvideox_transformer(rotary=True),
+                                     scheduler=CogVideoXDDIMScheduler()))
+
+
+FAMILY_FACTORIES.update(cogvideox=cogvideox)
+CFG_INFO.update(
+    cogvideox=dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                   text_mask="none (T5 padding to max_sequence_length attended)"),
+)
+# 16px -> 4x4 latent -> 2x2 patches; 9 frames -> 3 latent frames: 12 video tokens
+_BASE_KWARGS.update(cogvideox=dict(height=16, width=16, num_frames=9, max_sequence_length=16))

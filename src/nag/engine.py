@@ -230,7 +230,8 @@ class Attachment:
             key: _rows_for(value, len(cond_rows), key).to(device=text.device)
             for key, value in runtime.negative.items()
         }
-        call, changes = family.extend_inputs(arguments, negative, cond_rows)
+        pad_to = (family.text_length(module) or 0) if family.text_length is not None else 0
+        call, changes = family.extend_inputs(arguments, negative, cond_rows, pad_to)
         if family.text_prefix is not None:
             call.text_prefix = family.text_prefix(module)
         arguments.update(changes)

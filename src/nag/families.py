@@ -82,6 +82,14 @@ def _refuse_qwen_zero_cond_t(denoiser: torch.nn.Module) -> str | None:
     return None
 
 
+def _cogvideox_text_length(denoiser: torch.nn.Module) -> int | None:
+    """CogVideoX's patch embedding adds positions over ``[max_text_seq_length text, video]``."""
+    embed = getattr(denoiser, "patch_embed", None)
+    if getattr(embed, "use_positional_embeddings", False) or getattr(embed, "use_learned_positional_embeddings", False):
+        return int(embed.max_text_seq_length)
+    return None
+
+
 @dataclass(frozen=True)
 class Family:
     """How NAG plugs into one denoiser architecture.
@@ -119,6 +127,8 @@ class Family:
         mask_covers_image: the mask argument spans ``[text, image]`` (Chroma), not the text only.
         text_prefix: ``denoiser -> tokens`` the model puts before the text inside its blocks
             (AuraFlow's register tokens).
+        text_length: ``denoiser -> tokens or None``: the text length the model requires (CogVideoX
+            with positional embeddings over ``[text, image]``); both branches are padded to it.
     """
 
     name: str
@@ -140,6 +150,7 @@ class Family:
     refuse: Callable[[torch.nn.Module], str | None] | None = None
     mask_covers_image: bool = False
     text_prefix: Callable[[torch.nn.Module], int] | None = None
+    text_length: Callable[[torch.nn.Module], int | None] | None = None
 
     def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
         if not hasattr(module, "processor"):
@@ -154,13 +165,15 @@ class Family:
         return _ROLE_CLASSES[(role, fast)]
 
     def extend_inputs(
-        self, arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor
+        self, arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor, pad_to: int = 0
     ) -> tuple[GuidedCall, dict[str, Any]]:
+        """The guided call's inputs; ``pad_to``: joint and concat layouts pad both branches' text to at
+        least this length (the model's required text length, see ``text_length``)."""
         if self.layout == "cross":
             return self._extend_cross(arguments, negative, cond_rows)
         if self.layout == "concat":
-            return self._extend_concat(arguments, negative, cond_rows)
-        return self._extend_joint(arguments, negative, cond_rows)
+            return self._extend_concat(arguments, negative, cond_rows, pad_to)
+        return self._extend_joint(arguments, negative, cond_rows, pad_to)
 
     def _extend_cross(self, arguments, negative, cond_rows):
         text = arguments[self.text_kwarg]
@@ -185,12 +198,12 @@ class Family:
         call = GuidedCall(rows, cond_rows, positive_len, negative_len, positive_len + negative_len, static_negative=self.static_text)
         return call, changes
 
-    def _extend_joint(self, arguments, negative, cond_rows):
+    def _extend_joint(self, arguments, negative, cond_rows, pad_to=0):
         text = arguments[self.text_kwarg]
         rows, positive_len = text.shape[:2]
         negative_text = negative["encoder_hidden_states"].to(text.dtype)
         negative_len = negative_text.shape[1]
-        padded = max(positive_len, negative_len)
+        padded = max(positive_len, negative_len, pad_to)
         changes: dict[str, Any] = {
             self.text_kwarg: torch.cat([pad_tokens(text, padded), pad_tokens(negative_text, padded)])
         }
@@ -225,13 +238,14 @@ class Family:
         call = GuidedCall(rows, cond_rows, positive_len, negative_len, padded)
         return call, changes
 
-    def _extend_concat(self, arguments, negative, cond_rows):
+    def _extend_concat(self, arguments, negative, cond_rows, pad_to=0):
         text = arguments[self.text_kwarg]
         rows, positive_len = text.shape[:2]
         negative_len = negative["encoder_hidden_states"].shape[1]
-        padded = max(positive_len, negative_len)
+        padded = max(positive_len, negative_len, pad_to)
         call, changes = self._extend_joint({k: v for k, v in arguments.items() if k != self.mask_kwarg},
-                                           {k: v for k, v in negative.items() if k != "encoder_attention_mask"}, cond_rows)
+                                           {k: v for k, v in negative.items() if k != "encoder_attention_mask"}, cond_rows,
+                                           pad_to)
         image = arguments[self.image_kwarg]
         changes[self.image_kwarg] = torch.cat([image, image[cond_rows]])
         if self.mask_kwarg:
@@ -338,6 +352,18 @@ FAMILIES: dict[str, Family] = {
             mask_kwarg="attention_mask",
             negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
             row_kwargs=("timestep", "original_size", "target_size", "crop_coords"),
+        ),
+        # CogVideoX: the model joins [text, video] for its patch embedding (with sincos positions over
+        # both in the 2b models: the text must then be `max_text_seq_length` long) and splits them
+        # again; every block's processor joins them once more with shared projections (output
+        # projection included); video-only rotary tables (5b); timestep-only modulation; no mask.
+        Family(
+            name="cogvideox",
+            denoisers=("CogVideoXTransformer3DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn1", "joint_rows_shared"),),
+            layout="concat",
+            row_kwargs=("timestep", "timestep_cond", "ofs"),
+            text_length=_cogvideox_text_length,
         ),
         Family(
             name="unet",
@@ -452,6 +478,9 @@ PIPELINES: dict[str, PipelineSpec] = {
         # CogView4: no published NAG defaults; Flux's (the closest published joint-attention
         # flow-matching model) are used.
         PipelineSpec("CogView4Pipeline", "cogview4", "CogView4", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        # CogVideoX: no published NAG defaults; Wan 2.1's with CFG (the closest published text-to-video
+        # DiT, multi-step with CFG) are used.
+        PipelineSpec("CogVideoXPipeline", "cogvideox", "CogVideoX text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),
