@@ -1307,3 +1307,116 @@ def naive_cogvideox_forward(transformer, hidden_states, encoder_hidden_states, t
     ps = tr.config.patch_size
     out = img.reshape(batch_size, frames, height // ps, width // ps, -1, ps, ps)
     return out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# HunyuanVideo
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _hunyuan_bias(image_len, text_mask):
+    """The model's key mask over [video, text]: the first ``image_len + sum(text_mask)`` keys (the valid text
+    tokens are a prefix), as an additive (B, 1, 1, N) bias."""
+    n = image_len + text_mask.shape[1]
+    valid = image_len + text_mask.sum(dim=1, dtype=torch.int)
+    keep = torch.arange(n)[None] < valid[:, None]
+    return torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))[:, None, None]
+
+
+def _hunyuan_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, bias):
+    out = naive_attention(torch.cat([q_img, q_txt], 1), torch.cat([k_img, k_txt], 1), torch.cat([v_img, v_txt], 1), bias)
+    return out[:, : q_img.shape[1]], out[:, q_img.shape[1]:]
+
+
+def _hunyuan_qkv(attn, x, rope=None, added=False):
+    names = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
+    norms = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
+    q, k, v = (_split_heads(getattr(attn, n)(x), attn.heads) for n in names)
+    q, k = norms[0](q), norms[1](k)
+    if rope is not None:
+        q, k = _flux_rope(q, *rope), _flux_rope(k, *rope)
+    return q, k, v
+
+
+def _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag):
+    """neg: None or dict(txt, temb, bias) of the negative text stream (one row per guided row)."""
+    attn = block.attn
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _ada_params(block.norm1, temb, 6)
+    img_qkv = _hunyuan_qkv(attn, _modulate(block.norm1.norm(img), shift, scale), rope)
+
+    def text_side(x, t, b, image_qkv):
+        c = _ada_params(block.norm1_context, t, 6)
+        txt_qkv = _hunyuan_qkv(attn, _modulate(block.norm1_context.norm(x), c[0], c[1]), added=True)
+        img_attn, txt_attn = _hunyuan_attention(*image_qkv, *txt_qkv, b)
+        x = x + c[2][:, None] * attn.to_add_out(txt_attn)
+        x = x + c[5][:, None] * block.ff_context(_modulate(block.norm2_context(x), c[3], c[4]))
+        return img_attn, x
+
+    img_attn, txt = text_side(txt, temb, bias, img_qkv)
+    if neg is not None:
+        img_attn_neg, txt_neg = text_side(neg["txt"], neg["temb"], neg["bias"], tuple(t[rows] for t in img_qkv))
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+        neg = {**neg, "txt": txt_neg}
+    img = img + gate[:, None] * attn.to_out[0](img_attn)
+    img = img + gate_mlp[:, None] * block.ff(_modulate(block.norm2(img), shift_mlp, scale_mlp))
+    return img, txt, neg
+
+
+def _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag):
+    """Stock: x = [video, text]; norm; attention with shared projections (no output projection) || MLP;
+    proj_out(cat); here on the parts, the negative text attending to [guided video, negative text]."""
+    attn = block.attn
+    shift, scale, gate = _ada_params(block.norm, temb, 3)
+    img_n = _modulate(block.norm.norm(img), shift, scale)
+
+    def text_side(x, t, b, image_qkv, image_mlp):
+        s, sc, g = _ada_params(block.norm, t, 3)
+        x_n = _modulate(block.norm.norm(x), s, sc)
+        img_attn, txt_attn = _hunyuan_attention(*image_qkv, *_hunyuan_qkv(attn, x_n), b)
+        return img_attn, x + g[:, None] * block.proj_out(torch.cat([txt_attn, block.act_mlp(block.proj_mlp(x_n))], 2))
+
+    img_qkv = _hunyuan_qkv(attn, img_n, rope)
+    img_mlp = block.act_mlp(block.proj_mlp(img_n))
+    img_attn, txt = text_side(txt, temb, bias, img_qkv, img_mlp)
+    if neg is not None:
+        img_attn_neg, txt_neg = text_side(neg["txt"], neg["temb"], neg["bias"], tuple(t[rows] for t in img_qkv), None)
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+        neg = {**neg, "txt": txt_neg}
+    img = img + gate[:, None] * block.proj_out(torch.cat([img_attn, img_mlp], dim=2))
+    return img, txt, neg
+
+
+def naive_hunyuanvideo_forward(
+    transformer, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections, guidance,
+    neg_encoder_hidden_states, neg_attention_mask, neg_pooled_projections, scale, tau, alpha, p=1, cond_rows=None,
+):
+    """HunyuanVideoTransformer3DModel forward with NAG, block by block. The negative text goes through the
+    model's token refiner with its own mask, and its modulation uses its own pooled embedding; it attends to
+    [guided video, negative text] with its own key mask."""
+    tr = transformer
+    batch_size, _, frames, height, width = hidden_states.shape
+    rows = _rows_or_all(cond_rows, batch_size)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    rope = tr.rope(hidden_states)
+    temb, _ = tr.time_text_embed(timestep, pooled_projections, guidance)
+    img = tr.x_embedder(hidden_states)
+    txt = tr.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
+    bias = _hunyuan_bias(img.shape[1], encoder_attention_mask)
+    neg = None
+    if neg_encoder_hidden_states is not None and rows:
+        neg_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        t_rows = timestep[rows] if timestep.ndim else timestep
+        g_rows = None if guidance is None else (guidance[rows] if guidance.ndim else guidance)
+        neg = dict(txt=tr.context_embedder(neg_encoder_hidden_states, t_rows, neg_mask),
+                   temb=tr.time_text_embed(t_rows, neg_pooled_projections, g_rows)[0],
+                   bias=_hunyuan_bias(img.shape[1], neg_mask))
+    for block in tr.transformer_blocks:
+        img, txt, neg = _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag)
+    for block in tr.single_transformer_blocks:
+        img, txt, neg = _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag)
+    img = tr.proj_out(tr.norm_out(img, temb))
+    p_, pt = tr.config.patch_size, tr.config.patch_size_t
+    img = img.reshape(batch_size, frames // pt, height // p_, width // p_, -1, pt, p_, p_)
+    return img.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -1,4 +1,4 @@
-"""Further text-conditioned families: CogView4, CogVideoX (and the families below them in this file).
+"""Further text-conditioned families: CogView4, CogVideoX, HunyuanVideo (and the families below them in this file).
 
 Every configuration runs the invariant checks of ``test_pipelines`` (tiny random-weight pipelines, batch 2
 with prompts of different lengths where the pipeline allows it, CFG on) and agrees with the naive
@@ -16,15 +16,16 @@ import nag
 import test_pipelines as tpl
 import tiny_pipelines as tp
 
-NAMES = ["cogview4", "cogvideox"]
+NAMES = ["cogview4", "cogvideox", "hunyuanvideo"]
 # No NAG-aware fast path for these: `fast=True` runs the straightforward wrappers (each stock processor once
 # per branch), and the negative rows carry a copy of the image tokens through the blocks' MLPs.
 STRAIGHTFORWARD_ONLY = {
     "cogview4": "CogView4AttnProcessor on whole negative rows: straightforward wrappers only",
     "cogvideox": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
+    "hunyuanvideo": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
 }
 # Families whose denoiser takes a text mask (checked on the denoiser where the pipeline passes none).
-MASKED = {"cogview4"}
+MASKED = {"cogview4", "hunyuanvideo"}
 SETTINGS = tpl.SETTINGS
 
 
@@ -87,10 +88,16 @@ def random_negative(name, inputs, length_delta, rows=None):
     rows = text.shape[0] if rows is None else rows
     length = text.shape[1] + length_delta
     negative = {"negative_prompt_embeds": torch.randn(rows, length, text.shape[2], generator=g)}
+    if "pooled_projections" in inputs:
+        pooled = inputs["pooled_projections"]
+        negative["negative_pooled_prompt_embeds"] = torch.randn(rows, pooled.shape[1], generator=g)
     if name in MASKED:
         mask = torch.ones(rows, length)
         mask[0, -3:] = 0
-        mask[-1, :1] = 0
+        if name == "hunyuanvideo":  # the model takes the valid tokens to be a prefix
+            mask[-1, -1:] = 0
+        else:
+            mask[-1, :1] = 0
         negative["negative_prompt_attention_mask"] = mask
     return negative
 
@@ -104,6 +111,13 @@ def naive_output(name, model, inputs, negative, cond_rows=None):
             model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["original_size"],
             inputs["target_size"], inputs["crop_coords"], inputs.get("attention_mask"), neg_text, neg_mask,
             cond_rows=cond_rows, **nag_settings,
+        )
+    if name == "hunyuanvideo":
+        neg_pooled = None if negative is None else negative["negative_pooled_prompt_embeds"]
+        return naive_nag.naive_hunyuanvideo_forward(
+            model, inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"],
+            inputs["encoder_attention_mask"], inputs["pooled_projections"], inputs.get("guidance"), neg_text, neg_mask,
+            neg_pooled, cond_rows=cond_rows, **nag_settings,
         )
     if name.startswith("cogvideox"):
         return naive_nag.naive_cogvideox_forward(
@@ -161,7 +175,7 @@ def denoiser_batch(name):
     for key, value in cond.items():
         if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
             inputs[key] = pick(key)
-    if name in MASKED and inputs.get("attention_mask") is None:  # a partial positive mask, different per row
+    if name == "cogview4":  # the pipeline passes no mask: a partial positive mask, different per row
         mask = torch.ones(inputs["encoder_hidden_states"].shape[:2])
         mask[0, :2] = 0
         mask[1, :5] = 0
@@ -174,7 +188,8 @@ def denoiser_batch(name):
 def test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
     """On the denoiser: row 0 unconditional (stock), row 1 guided, different texts and masks per row."""
     model, inputs = denoiser_batch(name)
-    keys = {"negative_prompt_embeds": "encoder_hidden_states", "negative_prompt_attention_mask": "encoder_attention_mask"}
+    keys = {"negative_prompt_embeds": "encoder_hidden_states", "negative_prompt_attention_mask": "encoder_attention_mask",
+            "negative_pooled_prompt_embeds": "pooled_projections"}
     for length_delta in (-3, 5):
         negative = random_negative(name, inputs, length_delta, rows=1)
         with nag.denoiser.apply_to_denoiser(model, {keys[k]: v for k, v in negative.items()}, fast=fast,

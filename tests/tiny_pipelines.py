@@ -1237,3 +1237,53 @@ CFG_INFO.update(
 )
 # 16px -> 4x4 latent -> 2x2 patches; 9 frames -> 3 latent frames: 12 video tokens
 _BASE_KWARGS.update(cogvideox=dict(height=16, width=16, num_frames=9, max_sequence_length=16))
+
+
+def hunyuanvideo():
+    """HunyuanVideoPipeline: Llama text (through the model's timestep-dependent token refiner, with a mask),
+    pooled CLIP in the modulation, [video, text] double and single blocks; true CFG, one call per branch."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import LlamaConfig, LlamaModel
+
+    tokenizer = make_t5_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.pad_token_id)
+    with _seeded(1):
+        text_encoder = LlamaModel(config).eval()
+    from transformers import CLIPTextModel
+
+    tokenizer_2 = make_clip_tokenizer(model_max_length=77)  # the pipeline pads CLIP text to 77 tokens
+    with _seeded(4):
+        text_encoder_2 = CLIPTextModel(_clip_config(tokenizer_2)).eval()
+    with _seeded(3):
+        vae = AutoencoderKLHunyuanVideo(
+            in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+            temporal_compression_ratio=4, mid_block_add_attention=True,
+        ).eval()
+    with _seeded(2):
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6),
+        ).eval()
+    return _finish(HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2))
+
+
+FAMILY_FACTORIES.update(hunyuanvideo=hunyuanvideo)
+CFG_INFO.update(
+    # HunyuanVideo: true CFG (true_cfg_scale > 1 and a negative prompt), one call per branch, cond first;
+    # `guidance_scale` feeds the guidance embedding.
+    hunyuanvideo=dict(mode="sequential", scale_arg="true_cfg_scale", on=4.0, off=1.0, negative_prompt=True,
+                      needs_negative_prompt=True, embedded_guidance_scale=6.0,
+                      text_mask="encoder_attention_mask, (B, max_seq), 1 = real token"),
+)
+# 32px -> 4x4 latent; 5 frames -> 2 latent frames: 32 video tokens. The prompt template is the prompt itself.
+_BASE_KWARGS.update(hunyuanvideo=dict(height=32, width=32, num_frames=5, max_sequence_length=16,
+                                      prompt_template={"template": "{}", "crop_start": 0}))

@@ -405,6 +405,53 @@ class RowsSharedAttentionNAG(RowsJointAttentionNAG):
     projection_sees_text = True
 
 
+class RowsImageFirstAttentionNAG(NAGProcessor):
+    """Attention over ``[image, text]`` on whole negative rows (layout ``"concat"``), for processors
+    that take the image and the text separately and join them as ``[image, text]`` (HunyuanVideo's
+    double blocks, with separate text projections and an image-only output projection, and its
+    single blocks, with shared projections and no output projection in the processor).
+
+    The negative text attends to ``[guided image, negative text]``; the negative rows' image output
+    is the guided rows'. The rotary tables cover the image tokens only; a mask over ``[image, padded
+    text]`` (keys on the last axis) is cut to each branch's own text length.
+    """
+
+    role = "joint_rows_image_first"
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        text = arguments["encoder_hidden_states"]
+        b, rows = call.batch, call.cond_rows
+        image = arguments["hidden_states"][:b]
+        image_len, padded = image.shape[1], text.shape[1]
+        mask = arguments.get("attention_mask")
+
+        def branch(selected: slice, text_len: int) -> dict[str, Any]:
+            changes = {"encoder_hidden_states": text[selected, :text_len]}
+            if mask is not None:
+                kept = mask[selected] if mask.shape[0] > 1 else mask
+                length = image_len + text_len
+                if kept.ndim >= 3 and kept.shape[-2] == image_len + padded:
+                    kept = kept[..., :length, :]
+                changes["attention_mask"] = kept[..., :length]
+            return changes
+
+        def run_negative(view: Any) -> Any:
+            return self.run_stock(view, arguments, hidden_states=image[rows], **branch(slice(b, None), call.negative_text_len))
+
+        def run_positive(view: Any) -> Any:
+            return self.run_stock(view, arguments, hidden_states=image, **branch(slice(0, b), call.positive_text_len))
+
+        if getattr(attn, "to_out", None) is None:  # no output projection: the outputs are Z+ and Z- themselves
+            negative, positive = run_negative(attn), run_positive(attn)
+            image_out = positive[0].clone()
+            image_out[rows] = self.combine(call, image_out[rows], negative[0])
+        else:
+            negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
+            image_out = positive[0]
+        text_out = torch.cat([pad_tokens(positive[1], padded), pad_tokens(negative[1], padded)])
+        return torch.cat([image_out, image_out[rows]]), text_out
+
+
 def _branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:
     """One branch's rows of a mask over ``[padded text, image]`` (keys on the last axis, queries
     on the one before when it has that length), restricted to ``[text[:text_len], image]``."""

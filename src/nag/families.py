@@ -23,6 +23,7 @@ from .attention import (
     FastSingleStreamAttentionNAG,
     JointAttentionNAG,
     NAGProcessor,
+    RowsImageFirstAttentionNAG,
     RowsJointAttentionNAG,
     RowsSharedAttentionNAG,
     SingleProjectedAttentionNAG,
@@ -50,6 +51,8 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("single_projected", True): SingleProjectedAttentionNAG,
     ("joint_rows_shared", False): RowsSharedAttentionNAG,
     ("joint_rows_shared", True): RowsSharedAttentionNAG,
+    ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
+    ("joint_rows_image_first", True): RowsImageFirstAttentionNAG,
 }
 
 
@@ -365,6 +368,20 @@ FAMILIES: dict[str, Family] = {
             row_kwargs=("timestep", "timestep_cond", "ofs"),
             text_length=_cogvideox_text_length,
         ),
+        # HunyuanVideo: [video, text] attention in double blocks (separate text projections) and single
+        # blocks (shared projections); the token refiner makes the text depend on the timestep and on
+        # its mask, and the modulation includes the pooled CLIP embedding: whole negative rows (text,
+        # mask, pooled embedding) from the model input on; the model's [video, text] mask is cut per branch.
+        Family(
+            name="hunyuanvideo",
+            denoisers=("HunyuanVideoTransformer3DModel",),
+            attention=((r"(single_)?transformer_blocks\.\d+\.attn", "joint_rows_image_first"),),
+            layout="concat",
+            mask_kwarg="encoder_attention_mask",
+            negative_keys=("encoder_hidden_states", "pooled_projections", "encoder_attention_mask"),
+            row_kwargs=("timestep", "guidance"),
+            static_text=False,
+        ),
         Family(
             name="unet",
             denoisers=("UNet2DConditionModel",),
@@ -481,6 +498,8 @@ PIPELINES: dict[str, PipelineSpec] = {
         # CogVideoX: no published NAG defaults; Wan 2.1's with CFG (the closest published text-to-video
         # DiT, multi-step with CFG) are used.
         PipelineSpec("CogVideoXPipeline", "cogvideox", "CogVideoX text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
+        PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
+                     (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),
