@@ -1287,3 +1287,31 @@ CFG_INFO.update(
 # 32px -> 4x4 latent; 5 frames -> 2 latent frames: 32 video tokens. The prompt template is the prompt itself.
 _BASE_KWARGS.update(hunyuanvideo=dict(height=32, width=32, num_frames=5, max_sequence_length=16,
                                       prompt_template={"template": "{}", "crop_start": 0}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Image-to-video / edit pipelines and the last families (tests/test_families_last.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def cogvideox_i2v():
+    """CogVideoXImageToVideoPipeline (1.5 style: an `ofs` embedding): the encoded image, as the first latent
+    frame of a conditioning video, is concatenated to the noisy latents on the channel axis (8 channels in)."""
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
+
+    base = cogvideox()
+    with _seeded(5):
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,
+            text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+            ofs_embed_dim=16,
+        ).eval()
+    return _finish(CogVideoXImageToVideoPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                                                 transformer=transformer, scheduler=base.scheduler))
+
+
+FAMILY_FACTORIES.update(cogvideox_i2v=cogvideox_i2v)
+CFG_INFO.update(cogvideox_i2v=dict(CFG_INFO["cogvideox"]))
+_BASE_KWARGS.update(cogvideox_i2v=dict(image=_image_batch(16, size=16), height=16, width=16, num_frames=9,
+                                       max_sequence_length=16))

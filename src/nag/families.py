@@ -498,6 +498,11 @@ PIPELINES: dict[str, PipelineSpec] = {
         # CogVideoX: no published NAG defaults; Wan 2.1's with CFG (the closest published text-to-video
         # DiT, multi-step with CFG) are used.
         PipelineSpec("CogVideoXPipeline", "cogvideox", "CogVideoX text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None)),
+        # CogVideoX image-to-video: the encoded image enters as latent channels concatenated to the noisy
+        # video (and, in 1.5, an `ofs` embedding in the modulation); the negative rows carry copies of both,
+        # so only the text differs between the branches.
+        PipelineSpec("CogVideoXImageToVideoPipeline", "cogvideox", "CogVideoX image-to-video", FamilyDefaults(9.0, 2.5, 0.25),
+                     (_E, None)),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
