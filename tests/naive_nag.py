@@ -1420,3 +1420,122 @@ def naive_hunyuanvideo_forward(
     p_, pt = tr.config.patch_size, tr.config.patch_size_t
     img = img.reshape(batch_size, frames // pt, height // p_, width // p_, -1, pt, p_, p_)
     return img.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flux2 (FLUX.2 dev / klein)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _flux2_mod(linear, temb, sets):
+    """Flux2Modulation: linear(silu(temb)) chunked into ``sets`` (shift, scale, gate) triples of (B, D)."""
+    params = linear(F.silu(temb)).chunk(3 * sets, dim=-1)
+    return [params[3 * i : 3 * i + 3] for i in range(sets)]
+
+
+def _flux2_heads(attn, x):
+    return x.reshape(x.shape[0], x.shape[1], -1, attn.head_dim)
+
+
+def _flux2_double_block(block, img, txt, mod_img, mod_txt, rope, neg, rows, nag):
+    """Stock: image and text modulated by the timestep alone; attention over [text, image] with separate text
+    projections. Here the negative text attends to [negative text, guided image] with its own rope."""
+    attn = block.attn
+    (shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp) = mod_img
+    (c_shift, c_scale, c_gate), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = mod_txt
+    img_n = _modulate(block.norm1(img), shift, scale)
+    q_img = attn.norm_q(_flux2_heads(attn, attn.to_q(img_n)))
+    k_img = attn.norm_k(_flux2_heads(attn, attn.to_k(img_n)))
+    v_img = _flux2_heads(attn, attn.to_v(img_n))
+
+    def text_qkv(t):
+        t_n = _modulate(block.norm1_context(t), c_shift[: t.shape[0]] if t is txt else c_shift[rows],
+                        c_scale[: t.shape[0]] if t is txt else c_scale[rows])
+        return (attn.norm_added_q(_flux2_heads(attn, attn.add_q_proj(t_n))),
+                attn.norm_added_k(_flux2_heads(attn, attn.add_k_proj(t_n))), _flux2_heads(attn, attn.add_v_proj(t_n)))
+
+    txt_attn, img_attn = _rope_attention(*text_qkv(txt), q_img, k_img, v_img, rope, None)
+    if neg is not None:
+        txtn_attn, img_attn_neg = _rope_attention(*text_qkv(neg["txt"]), q_img[rows], k_img[rows], v_img[rows],
+                                                  neg["rope"], None)
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+    img = img + gate[:, None] * attn.to_out[0](img_attn)
+    img = img + gate_mlp[:, None] * block.ff(_modulate(block.norm2(img), shift_mlp, scale_mlp))
+
+    def text_tail(t, t_attn, r):
+        t = t + c_gate[r][:, None] * attn.to_add_out(t_attn)
+        return t + c_gate_mlp[r][:, None] * block.ff_context(_modulate(block.norm2_context(t), c_shift_mlp[r],
+                                                                        c_scale_mlp[r]))
+
+    txt = text_tail(txt, txt_attn, slice(None))
+    if neg is not None:
+        neg = {**neg, "txt": text_tail(neg["txt"], txtn_attn, rows)}
+    return img, txt, neg
+
+
+def _flux2_single_block(block, img, txt, mod, rope, neg, rows, nag):
+    """Stock: x = [text, image]; one fused projection to (q, k, v, MLP-in); attention || SwiGLU; one output
+    projection over [attention, MLP]. Here on the parts: NAG on the image rows' attention columns."""
+    attn = block.attn
+    (shift, scale, gate), = mod
+    n_txt = txt.shape[1]
+    inner = attn.inner_dim
+
+    def project(x_n):
+        h = attn.to_qkv_mlp_proj(x_n)
+        q, k, v = h[..., :inner], h[..., inner : 2 * inner], h[..., 2 * inner : 3 * inner]
+        half = (h.shape[-1] - 3 * inner) // 2
+        mlp_in = h[..., 3 * inner :]
+        mlp = F.silu(mlp_in[..., :half]) * mlp_in[..., half:]
+        return attn.norm_q(_flux2_heads(attn, q)), attn.norm_k(_flux2_heads(attn, k)), _flux2_heads(attn, v), mlp
+
+    x = torch.cat([txt, img], dim=1)
+    x_n = _modulate(block.norm(x), shift, scale)
+    q, k, v, mlp = project(x_n)
+    txt_attn, img_attn = _rope_attention(q[:, :n_txt], k[:, :n_txt], v[:, :n_txt], q[:, n_txt:], k[:, n_txt:],
+                                         v[:, n_txt:], rope, None)
+    if neg is not None:
+        txtn_n = _modulate(block.norm(neg["txt"]), shift[rows], scale[rows])
+        qn, kn, vn, mlp_neg = project(txtn_n)
+        txtn_attn, img_attn_neg = _rope_attention(qn, kn, vn, q[rows, n_txt:], k[rows, n_txt:], v[rows, n_txt:],
+                                                  neg["rope"], None)
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+    x = x + gate[:, None] * attn.to_out(torch.cat([torch.cat([txt_attn, img_attn], dim=1), mlp], dim=2))
+    if neg is not None:
+        txt_neg = neg["txt"] + gate[rows][:, None] * attn.to_out(torch.cat([txtn_attn, mlp_neg], dim=2))
+        neg = {**neg, "txt": txt_neg}
+    return x[:, n_txt:], x[:, :n_txt], neg
+
+
+def naive_flux2_forward(transformer, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance,
+                        neg_encoder_hidden_states, scale, tau, alpha, p=1, cond_rows=None):
+    """Flux2Transformer2DModel forward with NAG, block by block. All modulation comes from the timestep (and
+    guidance); text positions are (0, 0, 0, l) for the l-th token, so the negative text gets its own table."""
+    tr = transformer
+    batch_size = hidden_states.shape[0]
+    rows = _rows_or_all(cond_rows, batch_size)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    dtype = hidden_states.dtype
+    temb = tr.time_guidance_embed(timestep.to(dtype) * 1000, None if guidance is None else guidance.to(dtype) * 1000)
+    mod_img = _flux2_mod(tr.double_stream_modulation_img.linear, temb, 2)
+    mod_txt = _flux2_mod(tr.double_stream_modulation_txt.linear, temb, 2)
+    mod_single = _flux2_mod(tr.single_stream_modulation.linear, temb, 1)
+    img = tr.x_embedder(hidden_states)
+    txt = tr.context_embedder(encoder_hidden_states)
+    img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+    rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+    neg = None
+    if neg_encoder_hidden_states is not None and rows:
+        n_neg = neg_encoder_hidden_states.shape[1]
+        neg_ids = torch.zeros(n_neg, txt_ids.shape[-1], dtype=txt_ids.dtype)
+        neg_ids[:, -1] = torch.arange(n_neg)
+        neg = dict(txt=tr.context_embedder(neg_encoder_hidden_states),
+                   rope=tr.pos_embed(torch.cat([neg_ids, img_ids], dim=0)))
+    for block in tr.transformer_blocks:
+        img, txt, neg = _flux2_double_block(block, img, txt, mod_img, mod_txt, rope, neg, rows, nag)
+    for block in tr.single_transformer_blocks:
+        img, txt, neg = _flux2_single_block(block, img, txt, mod_single, rope, neg, rows, nag)
+    return tr.proj_out(_ada_continuous(tr.norm_out, img, temb))

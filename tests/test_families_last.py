@@ -12,14 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+import naive_nag
 import nag
 import test_families_more as tfm
 import test_pipelines as tpl
 import tiny_pipelines as tp
 
-NAMES = ["cogvideox_i2v"]
+NAMES = ["cogvideox_i2v", "flux2_klein"]
 STRAIGHTFORWARD_ONLY = {
     "cogvideox_i2v": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
+    "flux2_klein": "Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor on whole negative rows: straightforward wrappers only",
 }
 SETTINGS = tpl.SETTINGS
 
@@ -44,16 +46,60 @@ def test_guided_without_cfg_on_its_attention_path(name):
     tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
 
 
+def naive_output(name, model, inputs, negative, cond_rows=None):
+    neg_text = None if negative is None else negative["negative_prompt_embeds"]
+    nag_settings = {**SETTINGS, "p": 1}
+    if name.startswith("flux2"):
+        return naive_nag.naive_flux2_forward(
+            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["img_ids"],
+            inputs["txt_ids"], inputs.get("guidance"), neg_text, cond_rows=cond_rows, **nag_settings,
+        )
+    return tfm.naive_output(name, model, inputs, negative, cond_rows)
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("name", NAMES)
 def test_agrees_with_naive_implementation(name, fast):
-    tfm.test_agrees_with_naive_implementation(name, fast)
+    """Through the pipeline with CFG: conditional rows guided, unconditional rows or calls stock."""
+    pipe = tpl.pipeline(name)
+    model = tp.denoiser(pipe)
+    _, stock_calls = tpl.record(pipe, name)
+    with torch.no_grad():  # the reference itself reproduces the stock model
+        torch.testing.assert_close(naive_output(name, model, stock_calls[0]["inputs"], None),
+                                   stock_calls[0]["output"], rtol=1e-4, atol=1e-5)
+    rows = tpl.batch_rows(name)
+    cond_inputs = {k: (v[-rows:] if k == "encoder_hidden_states" else v) for k, v in stock_calls[0]["inputs"].items()}
+    for length_delta in (-3, 5):
+        negative = tfm.random_negative(name, cond_inputs, length_delta)
+        with nag.apply(pipe, **negative, **SETTINGS, fast=fast):
+            _, calls = tpl.record(pipe, name)
+        assert len(calls) == (4 if tp.CFG_INFO[name]["mode"] == "sequential" else 2)  # 2 steps, CFG on
+        with torch.no_grad():
+            for index, call in enumerate(calls):
+                cond_rows = tfm.cond_rows_of(name, index, call["output"].shape[0])
+                expected = naive_output(name, model, call["inputs"], None if cond_rows is None else negative, cond_rows)
+                torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
-    tfm.test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast)
+    """On the denoiser: row 0 unconditional (stock), row 1 guided, different texts per row."""
+    model, inputs = tfm.denoiser_batch(name)
+    for length_delta in (-3, 5):
+        negative = tfm.random_negative(name, inputs, length_delta, rows=1)
+        with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative["negative_prompt_embeds"]},
+                                            fast=fast, positive_reference=inputs["encoder_hidden_states"][1:],
+                                            **SETTINGS):
+            with torch.no_grad():
+                out = model(**inputs, return_dict=False)[0]
+        with torch.no_grad():
+            stock = model(**inputs, return_dict=False)[0]
+            expected = naive_output(name, model, inputs, negative, cond_rows=[1])
+        assert out.shape == stock.shape
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)
+        assert (out[1] - stock[1]).abs().max() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1315,3 +1315,56 @@ FAMILY_FACTORIES.update(cogvideox_i2v=cogvideox_i2v)
 CFG_INFO.update(cogvideox_i2v=dict(CFG_INFO["cogvideox"]))
 _BASE_KWARGS.update(cogvideox_i2v=dict(image=_image_batch(16, size=16), height=16, width=16, num_frames=9,
                                        max_sequence_length=16))
+
+
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_qwen3(seed: int = 0, hidden_size: int = 16, layers: int = 3):
+    """A tiny Qwen3ForCausalLM with the byte-level BPE tokenizer above and a minimal chat template."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = make_qwen_tokenizer()
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=24, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id)
+    with _seeded(seed):
+        model = Qwen3ForCausalLM(config)
+    return tok, model.eval()
+
+
+def flux2_klein():
+    """Flux2KleinPipeline (base, not distilled: CFG with an empty negative, one call per branch): Qwen3 hidden
+    states of three layers stacked on the features, Flux-like double blocks, then parallel single blocks over the
+    [text, image] the model joins itself."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    tokenizer, text_encoder = make_qwen3(seed=1)
+    with _seeded(2):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16, mlp_ratio=2.0,
+            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+        ).eval()
+    with _seeded(3):
+        vae = AutoencoderKLFlux2(
+            block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        ).eval()
+    return _finish(Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                      tokenizer=tokenizer, transformer=transformer, is_distilled=False))
+
+
+FAMILY_FACTORIES.update(flux2_klein=flux2_klein)
+CFG_INFO.update(
+    # Flux2 klein (base): CFG when guidance_scale > 1 and not distilled, one call per branch (cond first); the
+    # negative branch always encodes "" (no negative_prompt argument); text padded to max_sequence_length, no mask.
+    flux2_klein=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=False,
+                     text_mask="none (padding to max_sequence_length attended)"),
+)
+# 16px -> 8x8 latent (vae scale 2) -> 4x4 packed tokens of 16 channels; three text-encoder layers stacked.
+_BASE_KWARGS.update(flux2_klein=dict(height=16, width=16, max_sequence_length=24, text_encoder_out_layers=(1, 2, 3)))

@@ -349,6 +349,54 @@ class SingleProjectedAttentionNAG(SingleStreamAttentionNAG):
         return torch.cat([text_out, torch.cat([image_out, image_out[call.cond_rows]])], dim=1)
 
 
+class _FusedOutputView:
+    """Stands in for an attention module whose ``to_out`` is one linear layer over ``[attention, MLP]``
+    (Flux2's parallel single blocks), routing that layer's calls through ``project``."""
+
+    def __init__(self, module: torch.nn.Module, project: Callable[[torch.Tensor], torch.Tensor]):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "to_out", _ProjectionTap(module.to_out, project))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_module"), name)
+
+
+class FusedSingleAttentionNAG(SingleStreamAttentionNAG):
+    """Like :class:`SingleStreamAttentionNAG`, for parallel blocks whose processor ends in one output
+    projection over ``[attention output, MLP activations]`` of ``[text, image]`` (Flux2 single blocks):
+    the projection's input is captured in the negative pass, and in the positive pass the guided rows'
+    image tokens get ``nag_combine`` on the attention columns only (the first ``attn.inner_dim``),
+    before the projection mixes attention and MLP."""
+
+    role = "single_fused"
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        positive, negative, lp, ln, padded = self.branches(call, arguments)
+        width = attn.inner_dim
+        project = attn.to_out
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(x: torch.Tensor) -> torch.Tensor:
+            captured["x"] = x
+            return project(x)
+
+        def combine(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            rows = call.cond_rows
+            x[rows, lp:, :width] = self.combine(call, x[rows, lp:, :width], captured["x"][:, ln:, :width])
+            return project(x)
+
+        negative_out = self.run_stock(_FusedOutputView(attn, capture), arguments, **negative)
+        if "x" not in captured:
+            raise RuntimeError(
+                f"NAG cannot guide {type(attn).__name__} with {self.stock_kind}: the processor never calls attn.to_out"
+            )
+        positive_out = self.run_stock(_FusedOutputView(attn, combine), arguments, **positive)
+        image_out = positive_out[:, lp:]
+        text_out = torch.cat([pad_tokens(positive_out[:, :lp], padded), pad_tokens(negative_out[:, :ln], padded)])
+        return torch.cat([text_out, torch.cat([image_out, image_out[call.cond_rows]])], dim=1)
+
+
 class RowsJointAttentionNAG(NAGProcessor):
     """Joint attention with separate text projections in a model whose negative rows are whole
     batch rows (layout ``"concat"``: Chroma double blocks, AuraFlow joint blocks).

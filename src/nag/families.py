@@ -21,6 +21,7 @@ from .attention import (
     FastCrossAttentionNAG,
     FastJointAttentionNAG,
     FastSingleStreamAttentionNAG,
+    FusedSingleAttentionNAG,
     JointAttentionNAG,
     NAGProcessor,
     RowsImageFirstAttentionNAG,
@@ -53,6 +54,8 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_shared", True): RowsSharedAttentionNAG,
     ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
     ("joint_rows_image_first", True): RowsImageFirstAttentionNAG,
+    ("single_fused", False): FusedSingleAttentionNAG,
+    ("single_fused", True): FusedSingleAttentionNAG,
 }
 
 
@@ -69,13 +72,17 @@ def _flux_single_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> t
     return out.clip(-65504, 65504) if out.dtype == torch.float16 else out
 
 
-def _pad_zero_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
-    """Flux-style text position ids are all zero, so a longer branch's ids are zeros too."""
+def _pad_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Unbatched text position ids for a longer branch: the positions continue with the last step between
+    the given ones (Flux: all zero, so zeros; Flux2: ``(0, 0, 0, l)``, so ``l`` counts on)."""
     if ids.ndim == 3:
         ids = ids[0]
-    if ids.shape[0] >= length:
+    missing = length - ids.shape[0]
+    if missing <= 0:
         return ids
-    return torch.cat([ids, ids.new_zeros(length - ids.shape[0], *ids.shape[1:])])
+    step = ids[-1] - ids[-2] if ids.shape[0] >= 2 else torch.zeros_like(ids[-1])
+    counts = torch.arange(1, missing + 1, device=ids.device, dtype=ids.dtype).unsqueeze(1)
+    return torch.cat([ids, ids[-1] + counts * step])
 
 
 def _refuse_qwen_zero_cond_t(denoiser: torch.nn.Module) -> str | None:
@@ -237,7 +244,7 @@ class Family:
             elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
                 raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
         if self.text_ids_kwarg and arguments.get(self.text_ids_kwarg) is not None:
-            changes[self.text_ids_kwarg] = _pad_zero_text_ids(arguments[self.text_ids_kwarg], padded)
+            changes[self.text_ids_kwarg] = _pad_text_ids(arguments[self.text_ids_kwarg], padded)
         call = GuidedCall(rows, cond_rows, positive_len, negative_len, padded)
         return call, changes
 
@@ -382,6 +389,19 @@ FAMILIES: dict[str, Family] = {
             row_kwargs=("timestep", "guidance"),
             static_text=False,
         ),
+        # Flux2 (FLUX.2 dev / klein): Flux-like double blocks ([text, image], separate text projections),
+        # then the model joins [text, image] for parallel single blocks whose one output projection mixes
+        # attention and MLP (NAG combines the attention columns before it); all modulation comes from the
+        # timestep (and guidance) alone; text positions count along the text (padding never attended); no mask.
+        Family(
+            name="flux2",
+            denoisers=("Flux2Transformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn", "joint_rows"),
+                       (r"single_transformer_blocks\.\d+\.attn", "single_fused")),
+            layout="concat",
+            row_kwargs=("timestep", "guidance"),
+            text_ids_kwarg="txt_ids",
+        ),
         Family(
             name="unet",
             denoisers=("UNet2DConditionModel",),
@@ -503,6 +523,8 @@ PIPELINES: dict[str, PipelineSpec] = {
         # so only the text differs between the branches.
         PipelineSpec("CogVideoXImageToVideoPipeline", "cogvideox", "CogVideoX image-to-video", FamilyDefaults(9.0, 2.5, 0.25),
                      (_E, None)),
+        # FLUX.2 klein: no published NAG defaults; FLUX.1's (the closest published family) are used.
+        PipelineSpec("Flux2KleinPipeline", "flux2", "FLUX.2 klein", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),

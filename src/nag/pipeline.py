@@ -49,6 +49,7 @@ _PROCESSOR_PARAMETERS = {
     "single_projected": ("hidden_states",),
     "joint_rows_shared": ("hidden_states", "encoder_hidden_states"),
     "joint_rows_image_first": ("hidden_states", "encoder_hidden_states"),
+    "single_fused": ("hidden_states",),
 }
 
 # diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
