@@ -33,12 +33,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from typing_extensions import Annotated
 
+from nag.toy import DEFAULT_NAG
+
 __all__ = ["app", "main", "NagCLIError", "make_grid", "resolve_device", "resolve_dtype", "COMPARE_LABELS"]
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_MODEL = "builtin:fewstep"
-#: NAG settings for the built-in tiny model (the ones ``python -m nag.demo`` uses).
-BUILTIN_NAG = {"scale": 4.0, "tau": 2.5, "alpha": 0.5}
+#: NAG settings for the built-in tiny model (``nag.toy.DEFAULT_NAG``; ``python -m nag.demo`` uses them too).
+BUILTIN_NAG = dict(DEFAULT_NAG)
 #: Column labels of ``nag compare``.
 COMPARE_LABELS = ("no guidance", "CFG", "NAG")
 #: Grid layout of ``nag compare``: label strip height, padding, minimum cell size in pixels.

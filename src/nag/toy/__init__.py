@@ -27,13 +27,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_pipeline", "weights_dir", "VARIANTS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
+__all__ = ["load_pipeline", "weights_dir", "VARIANTS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DEFAULT_NAG"]
 
 VARIANTS: tuple[str, ...] = ("multistep", "fewstep")
 #: Default number of sampling steps per variant.
 DEFAULT_STEPS: dict[str, int] = {"multistep": 25, "fewstep": 4}
 #: Guidance scale the variant is meant to be used with (0: CFG off).
 DEFAULT_GUIDANCE: dict[str, float] = {"multistep": 4.0, "fewstep": 0.0}
+#: NAG settings for the built-in model (the demo, the CLI and the web UI use them). Its UNet is trained
+#: from scratch, so the published family defaults (tuned on real models) do not carry over; these were
+#: chosen on seeds that neither the tests nor benchmarks/quality_toy.py use.
+DEFAULT_NAG: dict[str, float] = {"scale": 6.0, "tau": 3.0, "alpha": 0.75}
 
 _WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -67,13 +71,22 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     path = weights_dir(variant)
+
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # no "loading components" bars for a local load
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()
+    # no "loading components" / "loading weights" bars for a local load of a few megabytes
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     finally:
         diffusers_logging.set_verbosity(verbosity)
+        for log, enabled in zip((diffusers_logging, transformers_logging), bars):
+            if enabled:
+                log.enable_progress_bar()
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe.to(device)

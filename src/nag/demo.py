@@ -1,0 +1,133 @@
+"""NAG on the built-in toy model: a labelled grid of no guidance / CFG / NAG, offline, on a CPU.
+
+    python -m nag.demo                                        # defaults: few-step model, 4 steps
+    python -m nag.demo --prompt "a large circle" --negative "blue" --out grid.png
+    python -m nag.demo --variant multistep --steps 25
+
+Each row is one seed (the same starting noise in every column):
+
+- no guidance: the prompt alone (``guidance_scale=0``);
+- CFG: classifier-free guidance with the negative prompt as the unconditional branch;
+- NAG: ``nag.apply(pipe, negative)`` with CFG off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import nag
+from nag.toy import DEFAULT_NAG, DEFAULT_STEPS, VARIANTS, load_pipeline
+
+__all__ = ["main", "make_grid", "generate_columns"]
+
+DEFAULT_PROMPT = "a large circle on a black background"
+DEFAULT_NEGATIVE = "yellow"
+CELL = 96  # pixels per image in the grid (the model draws 32x32; upscaled with nearest neighbour)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m nag.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--negative", default=DEFAULT_NEGATIVE)
+    p.add_argument("--variant", default="fewstep", choices=VARIANTS)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 4 few-step, 25 multi-step)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; rows use seed, seed+1, ...")
+    p.add_argument("--rows", type=int, default=6)
+    p.add_argument("--cfg", type=float, default=4.0, help="CFG scale of the CFG column")
+    p.add_argument("--scale", type=float, default=DEFAULT_NAG["scale"], help="NAG scale of the NAG column")
+    p.add_argument("--tau", type=float, default=DEFAULT_NAG["tau"], help="NAG tau (bound on the feature growth)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_NAG["alpha"], help="NAG alpha (blend with the positive)")
+    p.add_argument("--out", type=Path, default=Path("nag_toy_grid.png"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def _generate(pipe, prompt: str, seeds: Sequence[int], steps: int, **kwargs) -> list[Image.Image]:
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return pipe([prompt] * len(seeds), num_inference_steps=steps, generator=generators, **kwargs).images
+
+
+def generate_columns(
+    pipe,
+    prompt: str,
+    negative: str,
+    seeds: Sequence[int],
+    steps: int,
+    cfg: float = 4.0,
+    scale: float = DEFAULT_NAG["scale"],
+    tau: float = DEFAULT_NAG["tau"],
+    alpha: float = DEFAULT_NAG["alpha"],
+) -> dict[str, list[Image.Image]]:
+    """Images per column label: no guidance, CFG (negative as the unconditional), NAG."""
+    columns = {"no guidance": _generate(pipe, prompt, seeds, steps, guidance_scale=0.0)}
+    columns[f"CFG {cfg:g}"] = _generate(
+        pipe, prompt, seeds, steps, guidance_scale=cfg, negative_prompt=[negative] * len(seeds)
+    )
+    with nag.apply(pipe, negative, scale=scale, tau=tau, alpha=alpha):
+        columns[f"NAG {scale:g}"] = _generate(pipe, prompt, seeds, steps, guidance_scale=0.0)
+    return columns
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def make_grid(
+    columns: dict[str, list[Image.Image]], row_labels: Sequence[str], title: str, cell: int = CELL
+) -> Image.Image:
+    """A labelled grid: one column per entry of ``columns``, one row per label."""
+    font, small = _font(14), _font(12)
+    pad, left, top = 6, 64, 30
+    title_lines = title.split("\n")
+    title_h = 18 * len(title_lines) + 6
+    width = left + len(columns) * (cell + pad) + pad
+    height = title_h + top + len(row_labels) * (cell + pad) + pad
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(title_lines):
+        draw.text((pad, 4 + 18 * i), line, fill="black", font=font)
+    for c, (label, images) in enumerate(columns.items()):
+        x = left + pad + c * (cell + pad)
+        draw.text((x + cell // 2, title_h + top // 2), label, fill="black", font=font, anchor="mm")
+        for r, image in enumerate(images):
+            y = title_h + top + r * (cell + pad)
+            grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+    for r, label in enumerate(row_labels):
+        y = title_h + top + r * (cell + pad) + cell // 2
+        draw.text((left // 2, y), label, fill="black", font=small, anchor="mm")
+    return grid
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    if args.rows < 1:
+        raise SystemExit("--rows must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps or DEFAULT_STEPS[args.variant]
+    pipe = load_pipeline(args.variant)
+    seeds = list(range(args.seed, args.seed + args.rows))
+    columns = generate_columns(
+        pipe, args.prompt, args.negative, seeds, steps, args.cfg, args.scale, args.tau, args.alpha
+    )
+    title = f'prompt: "{args.prompt}"   negative: "{args.negative}"\n{args.variant} model, {steps} steps'
+    grid = make_grid(columns, [f"seed {s}" for s in seeds], title)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
+    print(f"wrote {args.out.resolve()} ({grid.width}x{grid.height}; columns: {', '.join(columns)})")
+    return args.out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
