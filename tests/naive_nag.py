@@ -1407,6 +1407,7 @@ def naive_hunyuanvideo_forward(
     neg = None
     if neg_encoder_hidden_states is not None and rows:
         neg_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        neg_mask = neg_mask.to(encoder_attention_mask.dtype)
         t_rows = timestep[rows] if timestep.ndim else timestep
         g_rows = None if guidance is None else (guidance[rows] if guidance.ndim else guidance)
         neg = dict(txt=tr.context_embedder(neg_encoder_hidden_states, t_rows, neg_mask),
@@ -1539,3 +1540,96 @@ def naive_flux2_forward(transformer, hidden_states, encoder_hidden_states, times
     for block in tr.single_transformer_blocks:
         img, txt, neg = _flux2_single_block(block, img, txt, mod_single, rope, neg, rows, nag)
     return tr.proj_out(_ada_continuous(tr.norm_out, img, temb))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lumina2
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _complex_rope(x, freqs):
+    """Rotary embedding with complex tables (S, D/2) on (B, S, H, D): consecutive pairs as complex numbers."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(3).to(x.dtype)
+
+
+def _lumina2_qkv(attn, x_n, freqs):
+    q, k, v = attn.to_q(x_n), attn.to_k(x_n), attn.to_v(x_n)
+    head_dim = q.shape[-1] // attn.heads
+    q = attn.norm_q(q.reshape(1, -1, attn.heads, head_dim))
+    k = attn.norm_k(k.reshape(1, k.shape[1], -1, head_dim))
+    v = v.reshape(1, v.shape[1], -1, head_dim)
+    q, k = _complex_rope(q, freqs), _complex_rope(k, freqs)
+    repeat = attn.heads // k.shape[2]
+    return q, k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+
+
+def _lumina2_block(block, x, freqs, temb, neg, nag):
+    """One sample's [caption, image] (valid tokens only, so no mask). ``neg``: None or dict(x=[negative caption,
+    image], freqs=its tables with the image part the guided sample's, n=negative caption length)."""
+    attn = block.attn
+    n_txt = x.shape[1] - neg["image_len"] if neg is not None else None
+    x_n, gate_msa, scale_mlp, gate_mlp = block.norm1(x, temb)
+    q, k, v = _lumina2_qkv(attn, x_n, freqs)
+    z = naive_attention(q, k, v)
+    if neg is not None:
+        xn_n = block.norm1(neg["x"], temb)[0]
+        xn_n = torch.cat([xn_n[:, : neg["n"]], x_n[:, n_txt:]], dim=1)  # the guided image tokens
+        qn, kn, vn = _lumina2_qkv(attn, xn_n, neg["freqs"])
+        z_neg = naive_attention(qn, kn, vn)
+        z = z.clone()
+        z[:, n_txt:] = naive_combine(z[:, n_txt:], z_neg[:, neg["n"]:], **nag)
+
+    def tail(h, z_part):
+        h = h + gate_msa.unsqueeze(1).tanh() * block.norm2(attn.to_out[1](attn.to_out[0](z_part)))
+        mlp = block.feed_forward(block.ffn_norm1(h) * (1 + scale_mlp.unsqueeze(1)))
+        return h + gate_mlp.unsqueeze(1).tanh() * block.ffn_norm2(mlp)
+
+    x = tail(x, z)
+    if neg is not None:
+        text = tail(neg["x"][:, : neg["n"]], z_neg[:, : neg["n"]])
+        neg = {**neg, "x": torch.cat([text, x[:, n_txt:]], dim=1)}
+    return x, neg
+
+
+def naive_lumina2_forward(transformer, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                          neg_encoder_hidden_states, neg_attention_mask, scale, tau, alpha, p=1, cond_rows=None):
+    """Lumina2Transformer2DModel forward with NAG, one sample at a time: each sample's sequence is [caption (its
+    valid tokens, a prefix of the mask), image], the image positions following the caption's length. The negative
+    caption (embedded and refined like the positive, with its own mask) attends to [negative caption, guided
+    image] with the guided image tokens' queries, keys, values and rotary tables."""
+    tr = transformer
+    batch_size, _, height, width = hidden_states.shape
+    rows = _rows_or_all(cond_rows, batch_size)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    temb, cap = tr.time_caption_embed(hidden_states, timestep, encoder_hidden_states)
+    patches, cap_freqs, img_freqs, freqs, cap_lens, _ = tr.rope_embedder(hidden_states, encoder_attention_mask)
+    img = tr.x_embedder(patches)
+    for layer in tr.context_refiner:
+        cap = layer(cap, encoder_attention_mask, cap_freqs)
+    for layer in tr.noise_refiner:
+        img = layer(img, None, img_freqs, temb)
+    image_len = img.shape[1]
+    negatives = {}
+    if neg_encoder_hidden_states is not None and rows:
+        neg_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        neg_mask = neg_mask.to(encoder_attention_mask.dtype)
+        neg_cap = tr.time_caption_embed.caption_embedder(neg_encoder_hidden_states)
+        _, neg_cap_freqs, _, _, neg_lens, _ = tr.rope_embedder(hidden_states[rows], neg_mask)
+        for layer in tr.context_refiner:
+            neg_cap = layer(neg_cap, neg_mask, neg_cap_freqs)
+        for j, r in enumerate(rows):
+            n = int(neg_lens[j])
+            negatives[r] = dict(n=n, image_len=image_len, x=torch.cat([neg_cap[j : j + 1, :n], img[r : r + 1]], dim=1),
+                                freqs=torch.cat([neg_cap_freqs[j, :n], freqs[r, cap_lens[r] : cap_lens[r] + image_len]]))
+    outputs = []
+    ps = tr.config.patch_size
+    for i in range(batch_size):
+        c = int(cap_lens[i])
+        x = torch.cat([cap[i : i + 1, :c], img[i : i + 1]], dim=1)
+        neg = negatives.get(i)
+        for block in tr.layers:
+            x, neg = _lumina2_block(block, x, freqs[i, : c + image_len], temb[i : i + 1], neg, nag)
+        x = tr.norm_out(x, temb[i : i + 1])[0, c:]
+        outputs.append(x.view(height // ps, width // ps, ps, ps, -1).permute(4, 0, 2, 1, 3).flatten(3, 4).flatten(1, 2))
+    return torch.stack(outputs)

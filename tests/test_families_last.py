@@ -18,9 +18,10 @@ import test_families_more as tfm
 import test_pipelines as tpl
 import tiny_pipelines as tp
 
-NAMES = ["cogvideox_i2v", "flux2_klein"]
+NAMES = ["cogvideox_i2v", "flux2_klein", "lumina2"]
 STRAIGHTFORWARD_ONLY = {
     "cogvideox_i2v": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
+    "lumina2": "Lumina2AttnProcessor2_0 on whole negative rows of per-sample lengths: straightforward wrappers only",
     "flux2_klein": "Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor on whole negative rows: straightforward wrappers only",
 }
 SETTINGS = tpl.SETTINGS
@@ -46,6 +47,22 @@ def test_guided_without_cfg_on_its_attention_path(name):
     tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
 
 
+# Families whose text mask marks the valid tokens as a prefix (the negative masks here keep that form).
+PREFIX_MASKED = {"lumina2"}
+
+
+def random_negative(name, inputs, length_delta, rows=None):
+    """Negative embeddings of another token length, with a partial (prefix) mask where the family has masks."""
+    negative = tfm.random_negative(name, inputs, length_delta, rows)
+    if name in PREFIX_MASKED:
+        text = negative["negative_prompt_embeds"]
+        mask = torch.ones(text.shape[:2])
+        mask[0, -3:] = 0
+        mask[-1, -1:] = 0
+        negative["negative_prompt_attention_mask"] = mask
+    return negative
+
+
 def naive_output(name, model, inputs, negative, cond_rows=None):
     neg_text = None if negative is None else negative["negative_prompt_embeds"]
     nag_settings = {**SETTINGS, "p": 1}
@@ -53,6 +70,12 @@ def naive_output(name, model, inputs, negative, cond_rows=None):
         return naive_nag.naive_flux2_forward(
             model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["img_ids"],
             inputs["txt_ids"], inputs.get("guidance"), neg_text, cond_rows=cond_rows, **nag_settings,
+        )
+    if name == "lumina2":
+        return naive_nag.naive_lumina2_forward(
+            model, inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"],
+            inputs["encoder_attention_mask"], neg_text, negative.get("negative_prompt_attention_mask") if negative else None,
+            cond_rows=cond_rows, **nag_settings,
         )
     return tfm.naive_output(name, model, inputs, negative, cond_rows)
 
@@ -70,7 +93,7 @@ def test_agrees_with_naive_implementation(name, fast):
     rows = tpl.batch_rows(name)
     cond_inputs = {k: (v[-rows:] if k == "encoder_hidden_states" else v) for k, v in stock_calls[0]["inputs"].items()}
     for length_delta in (-3, 5):
-        negative = tfm.random_negative(name, cond_inputs, length_delta)
+        negative = random_negative(name, cond_inputs, length_delta)
         with nag.apply(pipe, **negative, **SETTINGS, fast=fast):
             _, calls = tpl.record(pipe, name)
         assert len(calls) == (4 if tp.CFG_INFO[name]["mode"] == "sequential" else 2)  # 2 steps, CFG on
@@ -87,9 +110,9 @@ def test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
     """On the denoiser: row 0 unconditional (stock), row 1 guided, different texts per row."""
     model, inputs = tfm.denoiser_batch(name)
     for length_delta in (-3, 5):
-        negative = tfm.random_negative(name, inputs, length_delta, rows=1)
-        with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative["negative_prompt_embeds"]},
-                                            fast=fast, positive_reference=inputs["encoder_hidden_states"][1:],
+        negative = random_negative(name, inputs, length_delta, rows=1)
+        keys = {"negative_prompt_embeds": "encoder_hidden_states", "negative_prompt_attention_mask": "encoder_attention_mask"}
+        with nag.denoiser.apply_to_denoiser(model, {keys[k]: v for k, v in negative.items()}, fast=fast, positive_reference=inputs["encoder_hidden_states"][1:],
                                             **SETTINGS):
             with torch.no_grad():
                 out = model(**inputs, return_dict=False)[0]

@@ -1368,3 +1368,31 @@ CFG_INFO.update(
 )
 # 16px -> 8x8 latent (vae scale 2) -> 4x4 packed tokens of 16 channels; three text-encoder layers stacked.
 _BASE_KWARGS.update(flux2_klein=dict(height=16, width=16, max_sequence_length=24, text_encoder_out_layers=(1, 2, 3)))
+
+
+def lumina2():
+    """Lumina2Pipeline: Gemma2 text (its second-to-last hidden states, a right-padded mask), per-sample
+    [caption, image] sequences whose image offset is each caption's valid length; CFG one call per branch."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    tokenizer, text_encoder = make_gemma2(seed=1, hidden_size=32)
+    with _seeded(2):
+        transformer = Lumina2Transformer2DModel(
+            sample_size=4, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+            num_attention_heads=4, num_kv_heads=2, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
+            axes_lens=(256, 16, 16), cap_feat_dim=32,
+        ).eval()
+    # the pipeline assumes vae_scale_factor 8: four blocks
+    vae = make_vae_kl(seed=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                      block_out_channels=(8, 8, 8, 8), shift_factor=0.0609, scaling_factor=1.5035)
+    return _finish(Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                   text_encoder=text_encoder, tokenizer=tokenizer))
+
+
+FAMILY_FACTORIES.update(lumina2=lumina2)
+CFG_INFO.update(
+    lumina2=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                 text_mask="encoder_attention_mask, (B, max_seq), valid tokens first"),
+)
+# 32px -> 4x4 latent -> 2x2 patches; a short system prompt keeps the captions' valid lengths apart
+_BASE_KWARGS.update(lumina2=dict(height=32, width=32, max_sequence_length=32, system_prompt="draw:"))

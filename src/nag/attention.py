@@ -500,6 +500,67 @@ class RowsImageFirstAttentionNAG(NAGProcessor):
         return torch.cat([image_out, image_out[rows]]), text_out
 
 
+class RowsPerSampleAttentionNAG(NAGProcessor):
+    """Self-attention over per-sample sequences ``[text (its own length), image, padding]`` (Lumina2's joint
+    blocks, layout ``"concat"``): every row's text has its own length (``call.text_lengths``), so the image
+    tokens start at a different offset in every row. The stock processor runs once on the stock rows and once
+    on the negative rows, whose image tokens and image rotary tables are the guided rows' (the image queries
+    are the same in both passes); ``Z+`` and ``Z-`` are the image tokens' attention outputs, combined at the
+    output projection; the negative rows' image output is the guided rows'."""
+
+    role = "joint_rows_per_sample"
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        x = arguments["hidden_states"]
+        self_attention = arguments.get("encoder_hidden_states") is x
+        mask, rotary = arguments.get("attention_mask"), arguments.get("image_rotary_emb")
+        b, rows = call.batch, call.cond_rows.tolist()
+        lengths = call.text_lengths
+        length = x.shape[1]
+        image_len = int(mask[0].sum()) - lengths[0] if mask is not None else length - lengths[0]
+        spans = [(r, lengths[r], lengths[b + j]) for j, r in enumerate(rows)]  # (guided row, its offset, negative offset)
+        negative_x = x[b:].clone()
+        negative_rotary = rotary[b:].clone() if rotary is not None else None
+        for j, (r, start, negative_start) in enumerate(spans):
+            negative_x[j, negative_start : negative_start + image_len] = x[r, start : start + image_len]
+            if rotary is not None:
+                negative_rotary[j, negative_start : negative_start + image_len] = rotary[r, start : start + image_len]
+
+        def branch(hidden: torch.Tensor, selected: slice, table: Any) -> dict[str, Any]:
+            changes = {"hidden_states": hidden, "attention_mask": mask[selected] if mask is not None else None}
+            if self_attention:
+                changes["encoder_hidden_states"] = hidden
+            if rotary is not None:
+                changes["image_rotary_emb"] = table
+            return changes
+
+        captured: dict[str, torch.Tensor] = {}
+        project = attn.to_out[0]
+
+        def capture(z: torch.Tensor) -> torch.Tensor:
+            captured["z"] = z
+            return project(z)
+
+        def combine(z: torch.Tensor) -> torch.Tensor:
+            z = z.clone()
+            for j, (r, start, negative_start) in enumerate(spans):
+                z[r, start : start + image_len] = self.combine(
+                    call, z[r, start : start + image_len], captured["z"][j, negative_start : negative_start + image_len]
+                )
+            return project(z)
+
+        negative = self.run_stock(_OutputProjectionView(attn, capture), arguments,
+                                  **branch(negative_x, slice(b, None), negative_rotary))
+        if "z" not in captured:
+            raise RuntimeError(f"NAG cannot guide {type(attn).__name__} with {self.stock_kind}: no attn.to_out[0] call")
+        positive = self.run_stock(_OutputProjectionView(attn, combine), arguments,
+                                  **branch(x[:b], slice(0, b), rotary[:b] if rotary is not None else None))
+        negative = negative.clone()
+        for j, (r, start, negative_start) in enumerate(spans):
+            negative[j, negative_start : negative_start + image_len] = positive[r, start : start + image_len]
+        return torch.cat([positive, negative])
+
+
 def _branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:
     """One branch's rows of a mask over ``[padded text, image]`` (keys on the last axis, queries
     on the one before when it has that length), restricted to ``[text[:text_len], image]``."""

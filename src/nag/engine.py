@@ -52,6 +52,9 @@ class GuidedCall:
     # Tokens the model puts before the text inside its blocks (AuraFlow's register tokens): the
     # attention modules see ``[prefix, text, image]`` with the prefix shared by both branches.
     text_prefix: int = 0
+    # Per-sample text lengths of every row of the extended call (models that join each sample's own
+    # ``[text, image]`` with the text at its own length: Lumina2).
+    text_lengths: list[int] | None = None
 
 
 @dataclass
@@ -235,6 +238,8 @@ class Attachment:
         if family.text_prefix is not None:
             call.text_prefix = family.text_prefix(module)
         arguments.update(changes)
+        if family.row_text_lengths is not None:
+            call.text_lengths = family.row_text_lengths(arguments)
         runtime.call = call
         runtime.guided_calls += 1
         return bound.args, bound.kwargs

@@ -26,6 +26,7 @@ from .attention import (
     NAGProcessor,
     RowsImageFirstAttentionNAG,
     RowsJointAttentionNAG,
+    RowsPerSampleAttentionNAG,
     RowsSharedAttentionNAG,
     SingleProjectedAttentionNAG,
     SingleStreamAttentionNAG,
@@ -54,6 +55,8 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_shared", True): RowsSharedAttentionNAG,
     ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
     ("joint_rows_image_first", True): RowsImageFirstAttentionNAG,
+    ("joint_rows_per_sample", False): RowsPerSampleAttentionNAG,
+    ("joint_rows_per_sample", True): RowsPerSampleAttentionNAG,
     ("single_fused", False): FusedSingleAttentionNAG,
     ("single_fused", True): FusedSingleAttentionNAG,
 }
@@ -137,6 +140,8 @@ class Family:
         mask_covers_image: the mask argument spans ``[text, image]`` (Chroma), not the text only.
         text_prefix: ``denoiser -> tokens`` the model puts before the text inside its blocks
             (AuraFlow's register tokens).
+        row_text_lengths: ``extended arguments -> per-row text lengths``, for models that join each
+            sample's ``[text, image]`` at its own text length (Lumina2).
         text_length: ``denoiser -> tokens or None``: the text length the model requires (CogVideoX
             with positional embeddings over ``[text, image]``); both branches are padded to it.
     """
@@ -161,6 +166,7 @@ class Family:
     mask_covers_image: bool = False
     text_prefix: Callable[[torch.nn.Module], int] | None = None
     text_length: Callable[[torch.nn.Module], int | None] | None = None
+    row_text_lengths: Callable[[dict[str, Any]], list[int]] | None = None
 
     def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
         if not hasattr(module, "processor"):
@@ -402,6 +408,20 @@ FAMILIES: dict[str, Family] = {
             row_kwargs=("timestep", "guidance"),
             text_ids_kwarg="txt_ids",
         ),
+        # Lumina2: the caption (embedded without the timestep, refined by its own unmodulated blocks) and the
+        # image are joined per sample as [caption (its valid length), image, padding]; the image's offset and
+        # its rotary positions depend on each sample's caption length; a (batch, text) mask with the valid
+        # tokens first. Whole negative rows; the joint blocks' wrapper works per sample.
+        Family(
+            name="lumina2",
+            denoisers=("Lumina2Transformer2DModel",),
+            attention=((r"layers\.\d+\.attn", "joint_rows_per_sample"),),
+            layout="concat",
+            mask_kwarg="encoder_attention_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+            row_kwargs=("timestep",),
+            row_text_lengths=lambda arguments: [int(n) for n in arguments["encoder_attention_mask"].sum(1).tolist()],
+        ),
         Family(
             name="unet",
             denoisers=("UNet2DConditionModel",),
@@ -525,6 +545,8 @@ PIPELINES: dict[str, PipelineSpec] = {
                      (_E, None)),
         # FLUX.2 klein: no published NAG defaults; FLUX.1's (the closest published family) are used.
         PipelineSpec("Flux2KleinPipeline", "flux2", "FLUX.2 klein", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        # Lumina-Image 2.0: no published NAG defaults; SD3.5's (the closest published multi-step DiT with CFG).
+        PipelineSpec("Lumina2Pipeline", "lumina2", "Lumina-Image 2.0", FamilyDefaults(5.0, 2.5, 0.125), (_E, _M, None, None)),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),

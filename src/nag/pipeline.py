@@ -50,6 +50,7 @@ _PROCESSOR_PARAMETERS = {
     "joint_rows_shared": ("hidden_states", "encoder_hidden_states"),
     "joint_rows_image_first": ("hidden_states", "encoder_hidden_states"),
     "single_fused": ("hidden_states",),
+    "joint_rows_per_sample": ("hidden_states", "encoder_hidden_states"),
 }
 
 # diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
