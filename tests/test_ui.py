@@ -1,7 +1,7 @@
 """``nag ui`` in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium).
 
-The server is the installed ``nag ui`` command in a subprocess, on a tiny random-weight stock
-StableDiffusionPipeline saved to a temporary directory. The test types a prompt, clicks Generate
+The server is the installed ``nag ui`` command in a subprocess, on its default model: the
+built-in tiny model shipped with the package (offline). The test types a prompt, clicks Generate
 and waits for both images (unguided and NAG) and the gallery to show results.
 """
 
@@ -21,8 +21,6 @@ import pytest
 pytest.importorskip("gradio")
 pytest.importorskip("selenium")
 
-import tiny_pipelines as tp  # noqa: E402
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
@@ -37,14 +35,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = tmp_path_factory.mktemp("models") / "tiny-sd"
-    tp.FACTORIES["sd"]().save_pretrained(model)
     port = _free_port()
     exe = Path(sys.executable).parent / "nag"
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     log = tmp_path_factory.mktemp("log") / "ui.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(exe), "ui", "--model", str(model), "--port", str(port), "--device", "cpu"],
+        proc = subprocess.Popen([str(exe), "ui", "--port", str(port), "--device", "cpu"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
