@@ -1,10 +1,10 @@
 """A built-in tiny text-to-image model, to see and measure NAG offline in seconds on a CPU.
 
     import torch, nag
-    from nag.toy import load_pipeline
+    from nag.toy import DEFAULT_NAG, load_pipeline
 
     pipe = load_pipeline("fewstep")                       # a stock diffusers StableDiffusionPipeline
-    with nag.apply(pipe, "red", scale=4):
+    with nag.apply(pipe, "red", **DEFAULT_NAG):           # scale 6, tau 3, alpha 0.75
         images = pipe("a star", num_inference_steps=4, guidance_scale=0.0,
                       generator=torch.Generator().manual_seed(0)).images
 
