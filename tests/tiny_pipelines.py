@@ -1396,3 +1396,78 @@ CFG_INFO.update(
 )
 # 32px -> 4x4 latent -> 2x2 patches; a short system prompt keeps the captions' valid lengths apart
 _BASE_KWARGS.update(lumina2=dict(height=32, width=32, max_sequence_length=32, system_prompt="draw:"))
+
+
+_MISTRAL_SPECIALS = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                     "[INST]", "[/INST]"]
+# Mistral-Small-3's text-only format; content is a list of {"type": "text", ...} parts as Flux2Pipeline sends it
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{{ m['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def make_mistral3(seed: int = 0, hidden_size: int = 16, layers: int = 3):
+    """A tiny Mistral3ForConditionalGeneration (Mistral text model, one-layer Pixtral vision tower) with a
+    byte-level BPE tokenizer carrying Mistral's special tokens and a text-only chat template.
+
+    FLUX.2 dev ships a PixtralProcessor as its ``tokenizer``; building one needs torchvision, which this
+    environment lacks. Flux2Pipeline's text path only calls ``tokenizer.apply_chat_template(messages_batch,
+    tokenize=True, return_dict=True, padding="max_length", ...)``, which a tokenizer with a chat template
+    answers the same way for text-only messages (the processor's extra work concerns images)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen2Tokenizer
+
+    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
+    words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
+    vocab, merges = _bpe_tables(_MISTRAL_SPECIALS, chars, words)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, pad_token="<pad>", bos_token="<s>",
+                         eos_token="</s>", unk_token=None, additional_special_tokens=_MISTRAL_SPECIALS[3:])
+    tok.chat_template = _MISTRAL_CHAT_TEMPLATE
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=24,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=256, pad_token_id=tok.pad_token_id),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, patch_size=14, image_size=56),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1,
+    )
+    with _seeded(seed):
+        model = Mistral3ForConditionalGeneration(config)
+    return tok, model.eval()
+
+
+def flux2():
+    """Flux2Pipeline (FLUX.2 dev): Mistral3 hidden states of three layers stacked on the features, the Flux2
+    transformer with a guidance embedding (guidance-distilled: no CFG, no negative prompt); optional reference
+    images enter as extra image tokens after the noisy latents."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    tokenizer, text_encoder = make_mistral3(seed=1)
+    with _seeded(2):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16, mlp_ratio=2.0,
+            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+        ).eval()
+    with _seeded(3):
+        vae = AutoencoderKLFlux2(
+            block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        ).eval()
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                         tokenizer=tokenizer, transformer=transformer)
+    # the stock system message is longer than the tiny max_sequence_length: every prompt would be cut to it
+    pipe.system_message = "draw:"
+    return _finish(pipe)
+
+
+FAMILY_FACTORIES.update(flux2=flux2)
+CFG_INFO.update(
+    # FLUX.2 dev: guidance-distilled; `guidance_scale` feeds the guidance embedding (the denoiser gets
+    # `guidance=`), no CFG and no negative_prompt argument; text padded to max_sequence_length, no mask.
+    flux2=dict(mode=None, scale_arg=None, on=None, off=None, negative_prompt=False, embedded_guidance_scale=4.0,
+               text_mask="none (padding to max_sequence_length attended)"),
+)
+_BASE_KWARGS.update(flux2=dict(height=16, width=16, max_sequence_length=24, text_encoder_out_layers=(1, 2, 3),
+                               guidance_scale=4.0))

@@ -545,6 +545,10 @@ PIPELINES: dict[str, PipelineSpec] = {
                      (_E, None)),
         # FLUX.2 klein: no published NAG defaults; FLUX.1's (the closest published family) are used.
         PipelineSpec("Flux2KleinPipeline", "flux2", "FLUX.2 klein", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        # FLUX.2 dev: the same transformer with a guidance embedding, Mistral-Small-3 text (Mistral3); guidance-
+        # distilled, so no CFG and no negative prompt in the pipeline: NAG is its only negative prompt. No published
+        # NAG defaults; FLUX.1's (the closest published family) are used.
+        PipelineSpec("Flux2Pipeline", "flux2", "FLUX.2 dev", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
         # Lumina-Image 2.0: no published NAG defaults; SD3.5's (the closest published multi-step DiT with CFG).
         PipelineSpec("Lumina2Pipeline", "lumina2", "Lumina-Image 2.0", FamilyDefaults(5.0, 2.5, 0.125), (_E, _M, None, None)),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
