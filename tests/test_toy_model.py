@@ -185,6 +185,9 @@ def test_demo_writes_a_labelled_grid(tmp_path, capsys):
     demo.main(["--rows", "2", "--out", str(out), "--steps", "2"])
     image = Image.open(out)
     columns, rows, cell, pad = 3, 2, demo.CELL, 6
-    assert image.width == 64 + columns * (cell + pad) + pad
+    assert image.width >= 64 + columns * (cell + pad) + pad
+    # the title (prompt and negative) fits: the right margin of the title band is blank
+    title_band = np.asarray(image.convert("L"))[:40]
+    assert (title_band[:, -4:] > 250).all()
     assert image.height >= rows * (cell + pad)
     assert str(out) in capsys.readouterr().out

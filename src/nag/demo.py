@@ -91,7 +91,9 @@ def make_grid(
     pad, left, top = 6, 64, 30
     title_lines = title.split("\n")
     title_h = 18 * len(title_lines) + 6
-    width = left + len(columns) * (cell + pad) + pad
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_w = max(int(measure.textlength(line, font=font)) for line in title_lines) + 2 * pad
+    width = max(left + len(columns) * (cell + pad) + pad, title_w)
     height = title_h + top + len(row_labels) * (cell + pad) + pad
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
