@@ -1633,3 +1633,106 @@ def naive_lumina2_forward(transformer, hidden_states, timestep, encoder_hidden_s
         x = tr.norm_out(x, temb[i : i + 1])[0, c:]
         outputs.append(x.view(height // ps, width // ps, ps, ps, -1).permute(4, 0, 2, 1, 3).flatten(3, 4).flatten(1, 2))
     return torch.stack(outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Z-Image
+# ---------------------------------------------------------------------------------------------
+
+_ZIMAGE_MULTIPLE = 32
+
+
+def _zimage_rope(x, freqs):
+    """x: (1, L, H, D); freqs: (L, D / 2) complex; pairs of features rotated as complex numbers."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs[None, :, None]).flatten(3).type_as(x)
+
+
+def _zimage_attention(attn, h, freqs):
+    """Self-attention of one sequence (1, L, dim) before the output projection: (1, L, dim)."""
+    q, k, v = (proj(h).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return naive_attention(_zimage_rope(q, freqs), _zimage_rope(k, freqs), v)
+
+
+def _zimage_block(block, x, freqs, adaln, neg, nag):
+    """One modulated main block on one sample's [image, caption]; ``neg``: its negative sequence [image (never
+    read: the guided image's normalized tokens replace it), negative caption] with the guided image's tables."""
+    scale_msa, gate_msa, scale_mlp, gate_mlp = block.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+    gate_msa, gate_mlp, scale_msa, scale_mlp = gate_msa.tanh(), gate_mlp.tanh(), 1.0 + scale_msa, 1.0 + scale_mlp
+
+    def tail(stream, out):
+        stream = stream + gate_msa * block.attention_norm2(out)
+        return stream + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(stream) * scale_mlp))
+
+    h = block.attention_norm1(x) * scale_msa
+    z = _zimage_attention(block.attention, h, freqs)
+    project = block.attention.to_out[0]
+    if neg is None:
+        return tail(x, project(z)), None
+    n = neg["image_len"]
+    hn = torch.cat([h[:, :n], (block.attention_norm1(neg["x"]) * scale_msa)[:, n:]], dim=1)
+    zn = _zimage_attention(block.attention, hn, neg["freqs"])
+    out = project(torch.cat([naive_combine(z[:, :n], zn[:, :n], **nag), z[:, n:]], dim=1))
+    out_n = torch.cat([out[:, :n], project(zn)[:, n:]], dim=1)
+    return tail(x, out), {**neg, "x": tail(neg["x"], out_n)}
+
+
+def _zimage_caption(tr, cap):
+    """A caption (tokens, width) embedded, padded to a multiple of 32 with the pad token, refined; its tables."""
+    length = cap.shape[0]
+    padded = length + (-length) % _ZIMAGE_MULTIPLE
+    feats = tr.cap_embedder(cap)
+    feats = torch.cat([feats, tr.cap_pad_token.expand(padded - length, -1)])[None]
+    ids = torch.zeros(padded, 3, dtype=torch.int32)
+    ids[:, 0] = torch.arange(1, padded + 1)
+    freqs = tr.rope_embedder(ids)
+    for layer in tr.context_refiner:
+        feats = layer(feats, None, freqs[None])
+    return feats, freqs, padded
+
+
+def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau, alpha, p=1, cond_rows=None,
+                         patch_size=2, f_patch_size=1):
+    """ZImageTransformer2DModel forward (lists in, a list out) with NAG, one sample at a time, unpadded across the
+    batch: each sample's sequence is [image (padded to a multiple of 32 with the pad token), caption (likewise)],
+    the image positions following the padded caption's length. The negative caption (embedded and refined like
+    the positive) attends to [guided image, negative caption] with the guided image tokens' queries, keys, values
+    and rotary tables; ``neg_cap_feats`` has one entry per guided row."""
+    tr = transformer
+    rows = _rows_or_all(cond_rows, len(x))
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    pf, ph, pw = f_patch_size, patch_size, patch_size
+    outputs = []
+    for i, image in enumerate(x):
+        adaln = tr.t_embedder(t[i : i + 1] * tr.t_scale).type_as(image)
+        channels, frames, height, width = image.shape
+        grid = (frames // pf, height // ph, width // pw)
+        patches = image.view(channels, grid[0], pf, grid[1], ph, grid[2], pw).permute(1, 3, 5, 2, 4, 6, 0)
+        patches = patches.reshape(grid[0] * grid[1] * grid[2], -1)
+        n_img = patches.shape[0]
+        image_len = n_img + (-n_img) % _ZIMAGE_MULTIPLE
+        cap, cap_freqs, cap_len = _zimage_caption(tr, cap_feats[i])
+        img = tr.all_x_embedder[f"{patch_size}-{f_patch_size}"](patches)
+        img = torch.cat([img, tr.x_pad_token.expand(image_len - n_img, -1)])[None]
+        axes = [torch.arange(s, dtype=torch.int32) for s in grid]
+        ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flatten(0, 2)
+        ids[:, 0] += cap_len + 1
+        ids = torch.cat([ids, torch.zeros(image_len - n_img, 3, dtype=torch.int32)])
+        img_freqs = tr.rope_embedder(ids)
+        for layer in tr.noise_refiner:
+            img = layer(img, None, img_freqs[None], adaln)
+        seq, freqs = torch.cat([img, cap], dim=1), torch.cat([img_freqs, cap_freqs])
+        neg = None
+        if neg_cap_feats is not None and i in rows:
+            neg_cap, neg_freqs, _ = _zimage_caption(tr, neg_cap_feats[rows.index(i)].to(image.dtype))
+            neg = dict(image_len=image_len, x=torch.cat([img, neg_cap], dim=1), freqs=torch.cat([img_freqs, neg_freqs]))
+        for block in tr.layers:
+            seq, neg = _zimage_block(block, seq, freqs, adaln, neg, nag)
+        out = tr.all_final_layer[f"{patch_size}-{f_patch_size}"](seq, c=adaln)[0, :n_img]
+        out = out.view(*grid, pf, ph, pw, channels).permute(6, 0, 3, 1, 4, 2, 5).reshape(channels, frames, height, width)
+        outputs.append(out)
+    return outputs

@@ -1471,3 +1471,34 @@ CFG_INFO.update(
 )
 _BASE_KWARGS.update(flux2=dict(height=16, width=16, max_sequence_length=24, text_encoder_out_layers=(1, 2, 3),
                                guidance_scale=4.0))
+
+
+def zimage():
+    """ZImagePipeline: Qwen3 text (second-to-last hidden states, padding removed: a list of per-prompt tensors of
+    their own lengths), a transformer taking lists of latents and captions that joins each sample as [image,
+    caption, padding] (each padded to a multiple of 32); CFG one call on [conditional, unconditional] lists."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tokenizer, text_encoder = make_qwen3(seed=1, hidden_size=16)
+    with _seeded(2):
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 16, 16],
+        ).eval()
+        # zero-initialised pad tokens in the stock model: random ones make the image padding visible
+        transformer.x_pad_token.data.normal_()
+        transformer.cap_pad_token.data.normal_()
+    vae = make_vae_kl(seed=3, shift_factor=0.1159, scaling_factor=0.3611)
+    return _finish(ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                  tokenizer=tokenizer, transformer=transformer))
+
+
+FAMILY_FACTORIES.update(zimage=zimage)
+CFG_INFO.update(
+    # Z-Image: CFG when guidance_scale > 0, ONE call per step on the lists prompt_embeds + negative_prompt_embeds:
+    # the conditional rows FIRST ("batched_cond_first"); the denoiser returns a list of per-sample outputs.
+    zimage=dict(mode="batched_cond_first", scale_arg="guidance_scale", on=4.0, off=0.0, negative_prompt=True,
+                text_mask="none (padding removed: per-sample caption lengths)"),
+)
+# 16px -> 8x8 latent (vae scale 2) -> 4x4 patches: 16 image tokens, padded by the model to 32
+_BASE_KWARGS.update(zimage=dict(height=16, width=16, max_sequence_length=48))

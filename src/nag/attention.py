@@ -509,19 +509,23 @@ class RowsPerSampleAttentionNAG(NAGProcessor):
     output projection; the negative rows' image output is the guided rows'."""
 
     role = "joint_rows_per_sample"
+    rotary_kwarg = "image_rotary_emb"
+
+    def image_spans(self, call: "GuidedCall", x: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
+        """``(guided row, its image offset, the negative row's image offset, image length)`` per guided row."""
+        b, lengths = call.batch, call.text_lengths
+        image_len = int(mask[0].sum()) - lengths[0] if mask is not None else x.shape[1] - lengths[0]
+        return [(r, lengths[r], lengths[b + j], image_len) for j, r in enumerate(call.cond_rows.tolist())]
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         x = arguments["hidden_states"]
         self_attention = arguments.get("encoder_hidden_states") is x
-        mask, rotary = arguments.get("attention_mask"), arguments.get("image_rotary_emb")
-        b, rows = call.batch, call.cond_rows.tolist()
-        lengths = call.text_lengths
-        length = x.shape[1]
-        image_len = int(mask[0].sum()) - lengths[0] if mask is not None else length - lengths[0]
-        spans = [(r, lengths[r], lengths[b + j]) for j, r in enumerate(rows)]  # (guided row, its offset, negative offset)
+        mask, rotary = arguments.get("attention_mask"), arguments.get(self.rotary_kwarg)
+        b = call.batch
+        spans = self.image_spans(call, x, mask)
         negative_x = x[b:].clone()
         negative_rotary = rotary[b:].clone() if rotary is not None else None
-        for j, (r, start, negative_start) in enumerate(spans):
+        for j, (r, start, negative_start, image_len) in enumerate(spans):
             negative_x[j, negative_start : negative_start + image_len] = x[r, start : start + image_len]
             if rotary is not None:
                 negative_rotary[j, negative_start : negative_start + image_len] = rotary[r, start : start + image_len]
@@ -531,7 +535,7 @@ class RowsPerSampleAttentionNAG(NAGProcessor):
             if self_attention:
                 changes["encoder_hidden_states"] = hidden
             if rotary is not None:
-                changes["image_rotary_emb"] = table
+                changes[self.rotary_kwarg] = table
             return changes
 
         captured: dict[str, torch.Tensor] = {}
@@ -543,7 +547,7 @@ class RowsPerSampleAttentionNAG(NAGProcessor):
 
         def combine(z: torch.Tensor) -> torch.Tensor:
             z = z.clone()
-            for j, (r, start, negative_start) in enumerate(spans):
+            for j, (r, start, negative_start, image_len) in enumerate(spans):
                 z[r, start : start + image_len] = self.combine(
                     call, z[r, start : start + image_len], captured["z"][j, negative_start : negative_start + image_len]
                 )
@@ -556,9 +560,23 @@ class RowsPerSampleAttentionNAG(NAGProcessor):
         positive = self.run_stock(_OutputProjectionView(attn, combine), arguments,
                                   **branch(x[:b], slice(0, b), rotary[:b] if rotary is not None else None))
         negative = negative.clone()
-        for j, (r, start, negative_start) in enumerate(spans):
+        for j, (r, start, negative_start, image_len) in enumerate(spans):
             negative[j, negative_start : negative_start + image_len] = positive[r, start : start + image_len]
         return torch.cat([positive, negative])
+
+
+class RowsPerSampleImageFirstAttentionNAG(RowsPerSampleAttentionNAG):
+    """Self-attention over per-sample sequences ``[image, text (its own padded length), padding]`` (Z-Image's
+    main blocks, ``ZSingleStreamAttnProcessor`` with ``freqs_cis``; layout ``"concat"`` with list inputs): the
+    image starts every row, ``call.image_lengths[row]`` tokens long (the model's own image padding included), but
+    its rotary positions follow each row's caption length, so the negative rows take the guided rows' image
+    tokens and image rotary tables, as in :class:`RowsPerSampleAttentionNAG`."""
+
+    role = "joint_rows_per_sample_image_first"
+    rotary_kwarg = "freqs_cis"
+
+    def image_spans(self, call: "GuidedCall", x: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
+        return [(r, 0, 0, call.image_lengths[r]) for r in call.cond_rows.tolist()]
 
 
 def _branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:

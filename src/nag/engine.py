@@ -55,6 +55,9 @@ class GuidedCall:
     # Per-sample text lengths of every row of the extended call (models that join each sample's own
     # ``[text, image]`` with the text at its own length: Lumina2).
     text_lengths: list[int] | None = None
+    # Per-row image token counts of the extended call, for models whose samples start with the image
+    # (Z-Image: ``[image, caption, padding]`` per sample, the image span padded by the model itself).
+    image_lengths: list[int] | None = None
 
 
 @dataclass
@@ -120,13 +123,35 @@ class NAGRuntime:
         return self.settings.in_window(progress)
 
 
-def conditional_rows(text: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor | None:
+def conditional_rows(text: Any, reference: Any) -> torch.Tensor | None:
     """Rows of ``text`` that carry the conditional (positive) prompt, or None if none do.
 
     Pipelines batch classifier-free guidance as ``[unconditional, conditional]`` or call the
     denoiser once per branch; either way the conditional rows are the last ``len(reference)``
     rows and equal the positive prompt's embeddings.
+
+    Models that take the text as a list of per-sample tensors of their own lengths (Z-Image) are
+    called with ``[conditional, unconditional]``: for lists the first ``len(reference)`` entries
+    are tried first, then the last ones.
     """
+    if isinstance(text, (list, tuple)):
+        rows = len(text)
+        if reference is None:
+            return torch.arange(rows, device=text[0].device) if rows else None
+        n = len(reference)
+        if n == 0 or rows < n or rows % n:
+            return None
+        # the pipeline may repeat each prompt's entry per image (num_images_per_prompt) after encoding
+        for repeat in (k for k in range(1, rows // n + 1) if rows % (n * k) == 0):
+            expected = [r for r in reference for _ in range(repeat)]
+            for start in (0, rows - n * repeat):
+                block = text[start : start + n * repeat]
+                if all(
+                    isinstance(t, torch.Tensor) and t.shape == r.shape and torch.equal(t, r.to(device=t.device, dtype=t.dtype))
+                    for t, r in zip(block, expected)
+                ):
+                    return torch.arange(start, start + n * repeat, device=text[0].device)
+        return None
     rows = text.shape[0]
     if reference is None:
         return torch.arange(rows, device=text.device)
@@ -138,15 +163,27 @@ def conditional_rows(text: torch.Tensor, reference: torch.Tensor | None) -> torc
     return torch.arange(rows - n, rows, device=text.device)
 
 
-def _rows_for(tensor: torch.Tensor, count: int, name: str) -> torch.Tensor:
-    if tensor.shape[0] == count:
+def _rows_for(tensor: Any, count: int, name: str) -> Any:
+    """One negative input for ``count`` guided rows: a tensor (rows first) or a list of per-row tensors."""
+    rows = len(tensor) if isinstance(tensor, (list, tuple)) else tensor.shape[0]
+    if rows == count:
         return tensor
-    if tensor.shape[0] == 1:
+    if rows == 1:
+        if isinstance(tensor, (list, tuple)):
+            return list(tensor) * count
         return tensor.expand(count, *tensor.shape[1:])
+    if isinstance(tensor, (list, tuple)) and rows and count % rows == 0:  # one per prompt, images repeated per prompt
+        return [t for t in tensor for _ in range(count // rows)]
     raise ValueError(
-        f"negative `{name}` has {tensor.shape[0]} rows but the guided batch has {count}; "
+        f"negative `{name}` has {rows} rows but the guided batch has {count}; "
         "pass one row, or one row per prompt"
     )
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [v.to(device=device) for v in value]
+    return value.to(device=device)
 
 
 class Attachment:
@@ -229,8 +266,11 @@ class Attachment:
         cond_rows = conditional_rows(text, runtime.positive_reference)
         if cond_rows is None:
             return None
+        device = cond_rows.device
+        per_sample = isinstance(text, (list, tuple))  # list inputs (Z-Image): negative tensors become per-row lists
         negative = {
-            key: _rows_for(value, len(cond_rows), key).to(device=text.device)
+            key: _to_device(_rows_for(list(value) if per_sample and isinstance(value, torch.Tensor) else value,
+                                      len(cond_rows), key), device)
             for key, value in runtime.negative.items()
         }
         pad_to = (family.text_length(module) or 0) if family.text_length is not None else 0
@@ -240,6 +280,8 @@ class Attachment:
         arguments.update(changes)
         if family.row_text_lengths is not None:
             call.text_lengths = family.row_text_lengths(arguments)
+        if family.row_image_lengths is not None:
+            call.image_lengths = family.row_image_lengths(arguments)
         runtime.call = call
         runtime.guided_calls += 1
         return bound.args, bound.kwargs
@@ -326,12 +368,12 @@ class Attachment:
 
 def _stock_rows_of_output(output: Any, rows: int) -> Any:
     """A denoiser output (tuple or ``...Output`` dataclass) without the negative rows."""
-    if isinstance(output, torch.Tensor):
+    if isinstance(output, (torch.Tensor, list)):
         return output[:rows]
     if isinstance(output, tuple):
         return (output[0][:rows], *output[1:])
     sample = getattr(output, "sample", None)
-    if isinstance(sample, torch.Tensor):
+    if isinstance(sample, (torch.Tensor, list)):  # (Z-Image: a list of per-sample tensors)
         output.sample = sample[:rows]  # diffusers' BaseOutput keeps the mapping in step with the attribute
         return output
     raise TypeError(f"NAG cannot trim the negative rows from a denoiser output of type {type(output).__name__}")

@@ -27,6 +27,7 @@ from .attention import (
     RowsImageFirstAttentionNAG,
     RowsJointAttentionNAG,
     RowsPerSampleAttentionNAG,
+    RowsPerSampleImageFirstAttentionNAG,
     RowsSharedAttentionNAG,
     SingleProjectedAttentionNAG,
     SingleStreamAttentionNAG,
@@ -57,6 +58,8 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_image_first", True): RowsImageFirstAttentionNAG,
     ("joint_rows_per_sample", False): RowsPerSampleAttentionNAG,
     ("joint_rows_per_sample", True): RowsPerSampleAttentionNAG,
+    ("joint_rows_per_sample_image_first", False): RowsPerSampleImageFirstAttentionNAG,
+    ("joint_rows_per_sample_image_first", True): RowsPerSampleImageFirstAttentionNAG,
     ("single_fused", False): FusedSingleAttentionNAG,
     ("single_fused", True): FusedSingleAttentionNAG,
 }
@@ -86,6 +89,18 @@ def _pad_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
     step = ids[-1] - ids[-2] if ids.shape[0] >= 2 else torch.zeros_like(ids[-1])
     counts = torch.arange(1, missing + 1, device=ids.device, dtype=ids.dtype).unsqueeze(1)
     return torch.cat([ids, ids[-1] + counts * step])
+
+
+def _zimage_image_lengths(arguments: dict[str, Any]) -> list[int]:
+    """Z-Image: each row's image tokens, padded by the model to a multiple of 32 (the padding is part of the
+    image span, at offset 0 of every row)."""
+    patch, frame_patch = int(arguments.get("patch_size", 2)), int(arguments.get("f_patch_size", 1))
+    lengths = []
+    for image in arguments["x"]:
+        _, frames, height, width = image.shape
+        tokens = (frames // frame_patch) * (height // patch) * (width // patch)
+        lengths.append(tokens + (-tokens) % 32)
+    return lengths
 
 
 def _refuse_qwen_zero_cond_t(denoiser: torch.nn.Module) -> str | None:
@@ -142,6 +157,8 @@ class Family:
             (AuraFlow's register tokens).
         row_text_lengths: ``extended arguments -> per-row text lengths``, for models that join each
             sample's ``[text, image]`` at its own text length (Lumina2).
+        row_image_lengths: ``extended arguments -> per-row image token counts``, for models whose samples
+            start with the image (Z-Image).
         text_length: ``denoiser -> tokens or None``: the text length the model requires (CogVideoX
             with positional embeddings over ``[text, image]``); both branches are padded to it.
     """
@@ -167,6 +184,7 @@ class Family:
     text_prefix: Callable[[torch.nn.Module], int] | None = None
     text_length: Callable[[torch.nn.Module], int | None] | None = None
     row_text_lengths: Callable[[dict[str, Any]], list[int]] | None = None
+    row_image_lengths: Callable[[dict[str, Any]], list[int]] | None = None
 
     def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
         if not hasattr(module, "processor"):
@@ -185,6 +203,8 @@ class Family:
     ) -> tuple[GuidedCall, dict[str, Any]]:
         """The guided call's inputs; ``pad_to``: joint and concat layouts pad both branches' text to at
         least this length (the model's required text length, see ``text_length``)."""
+        if isinstance(arguments.get(self.text_kwarg), (list, tuple)):
+            return self._extend_lists(arguments, negative, cond_rows)
         if self.layout == "cross":
             return self._extend_cross(arguments, negative, cond_rows)
         if self.layout == "concat":
@@ -286,6 +306,30 @@ class Family:
                     torch.cat([pad_tokens(positive_text_mask, padded), image_mask], dim=1),
                     torch.cat([pad_tokens(negative_mask, padded), image_mask[cond_rows]], dim=1),
                 ])
+        return call, changes
+
+    def _extend_lists(self, arguments, negative, cond_rows):
+        """Concat layout for models that take per-sample lists (Z-Image: ``x`` and ``cap_feats`` lists of
+        tensors of their own lengths, padding removed): the negative rows are appended to both lists, the
+        image entries copies of the conditional rows', the per-row arguments repeated from them."""
+        if self.layout != "concat":
+            raise NotImplementedError(f"NAG takes list inputs on the concat layout only, not {self.layout!r}")
+        text, image = list(arguments[self.text_kwarg]), list(arguments[self.image_kwarg])
+        if any(not isinstance(t, torch.Tensor) for t in text) or any(not isinstance(i, torch.Tensor) for i in image):
+            raise NotImplementedError("NAG guides one image and one caption per sample (nested lists: not supported)")
+        rows, picked = len(text), cond_rows.tolist()
+        negative_text = negative["encoder_hidden_states"]
+        negative_text = [t.to(text[0].dtype) for t in negative_text]  # a list, or a (rows, tokens, width) tensor
+        changes: dict[str, Any] = {self.text_kwarg: text + negative_text, self.image_kwarg: image + [image[r] for r in picked]}
+        for key in self.row_kwargs:
+            value = arguments.get(key)
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+                changes[key] = torch.cat([value, value[cond_rows]])
+            elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
+                raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+        positive_len = max(t.shape[0] for t in text)
+        negative_len = max(t.shape[0] for t in negative_text)
+        call = GuidedCall(rows, cond_rows, positive_len, negative_len, max(positive_len, negative_len))
         return call, changes
 
     def drop_image_rows(self, output: Any, rows: int) -> Any:
@@ -422,6 +466,22 @@ FAMILIES: dict[str, Family] = {
             row_kwargs=("timestep",),
             row_text_lengths=lambda arguments: [int(n) for n in arguments["encoder_attention_mask"].sum(1).tolist()],
         ),
+        # Z-Image: the model takes lists (per-sample latents `x`, captions `cap_feats` with the padding
+        # removed), refines image and caption separately, then joins each sample as [image, caption, padding]
+        # (image and caption each padded to a multiple of 32); the image's rotary positions follow each
+        # sample's padded caption length; a bool (batch, tokens) mask when lengths differ. Whole negative rows
+        # appended to the lists; the main blocks' wrapper gives them the guided rows' image tokens and tables.
+        Family(
+            name="zimage",
+            denoisers=("ZImageTransformer2DModel",),
+            attention=((r"layers\.\d+\.attention", "joint_rows_per_sample_image_first"),),
+            layout="concat",
+            text_kwarg="cap_feats",
+            image_kwarg="x",
+            timestep_kwarg="t",
+            row_kwargs=("t",),
+            row_image_lengths=_zimage_image_lengths,
+        ),
         Family(
             name="unet",
             denoisers=("UNet2DConditionModel",),
@@ -551,6 +611,9 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("Flux2Pipeline", "flux2", "FLUX.2 dev", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
         # Lumina-Image 2.0: no published NAG defaults; SD3.5's (the closest published multi-step DiT with CFG).
         PipelineSpec("Lumina2Pipeline", "lumina2", "Lumina-Image 2.0", FamilyDefaults(5.0, 2.5, 0.125), (_E, _M, None, None)),
+        # Z-Image (Turbo: few-step distilled, no CFG; base: CFG with the conditional rows first): no published
+        # NAG defaults; FLUX.1's (the closest published flow-matching DiT, also distilled) are used.
+        PipelineSpec("ZImagePipeline", "zimage", "Z-Image (Turbo / base)", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),

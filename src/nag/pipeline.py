@@ -51,6 +51,7 @@ _PROCESSOR_PARAMETERS = {
     "joint_rows_image_first": ("hidden_states", "encoder_hidden_states"),
     "single_fused": ("hidden_states",),
     "joint_rows_per_sample": ("hidden_states", "encoder_hidden_states"),
+    "joint_rows_per_sample_image_first": ("hidden_states",),
 }
 
 # diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
@@ -281,8 +282,13 @@ class NAGHandle:
     def _begin_generation(self, encode: Any, signature: inspect.Signature, arguments: dict, result: tuple) -> None:
         positive = self._named_outputs(result)
         reference = positive["encoder_hidden_states"]
-        rows = reference.shape[0]
-        per_prompt = arguments.get("num_images_per_prompt") or arguments.get("num_videos_per_prompt") or 1
+        if isinstance(reference, (list, tuple)):
+            # Per-sample lists (Z-Image): one entry per prompt; the pipeline repeats them per image afterwards,
+            # and the denoiser hook repeats the negative entries alike.
+            rows, per_prompt = len(reference), 1
+        else:
+            rows = reference.shape[0]
+            per_prompt = arguments.get("num_images_per_prompt") or arguments.get("num_videos_per_prompt") or 1
         prompts = max(rows // per_prompt, 1)
         negative = None
         if self.settings.enabled:
@@ -330,7 +336,7 @@ class NAGHandle:
                     f"negative embeddings `{key}` have {value.shape[0]} rows; expected 1, {prompts} (one per prompt) "
                     f"or {rows} (one per generated sample)"
                 )
-            expanded[key] = value.to(reference.device)
+            expanded[key] = value.to(reference[0].device if isinstance(reference, (list, tuple)) else reference.device)
         return expanded
 
     def _progress(self, step_index: int) -> float | None:
