@@ -1424,6 +1424,65 @@ def naive_hunyuanvideo_forward(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# HunyuanImage 2.1
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _hunyuanimage_text(tr, text, mask, text_2, mask_2, timestep):
+    """The model's text stream: the Qwen states through the token refiner (with their mask and the timestep), the
+    byT5 states through their projection, joined per sample as [valid byT5, valid Qwen, the rest] (valid tokens
+    first, each part in its own order); returns (text, (B, N) mask)."""
+    mask = mask.bool()
+    txt = tr.context_embedder(text, timestep, mask)
+    if text_2 is None or tr.context_embedder_2 is None:
+        return txt, mask
+    txt_2, mask_2 = tr.context_embedder_2(text_2), mask_2.bool()
+    joined, joined_mask = [], []
+    for i in range(txt.shape[0]):
+        keep_2, keep = mask_2[i].nonzero().flatten(), mask[i].nonzero().flatten()
+        drop_2, drop = (~mask_2[i]).nonzero().flatten(), (~mask[i]).nonzero().flatten()
+        joined.append(torch.cat([txt_2[i, keep_2], txt[i, keep], txt_2[i, drop_2], txt[i, drop]]))
+        valid = len(keep_2) + len(keep)
+        joined_mask.append(torch.arange(txt.shape[1] + txt_2.shape[1]) < valid)
+    return torch.stack(joined), torch.stack(joined_mask)
+
+
+def naive_hunyuanimage_forward(
+    transformer, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
+    encoder_attention_mask_2, neg_encoder_hidden_states, neg_attention_mask, neg_encoder_hidden_states_2,
+    neg_attention_mask_2, scale, tau, alpha, p=1, cond_rows=None, guidance=None, timestep_r=None,
+):
+    """HunyuanImageTransformer2DModel forward with NAG, block by block (the blocks are HunyuanVideo's). The negative
+    Qwen text goes through the token refiner with its own mask and the guided rows' timestep, its byT5 text is joined
+    with it as the model joins the positive ones, at the negative's own lengths; the modulation is the guided rows'
+    (timestep and guidance only); the negative text attends to [guided image, negative text] with its own key mask."""
+    tr = transformer
+    batch_size, _, height, width = hidden_states.shape
+    rows = _rows_or_all(cond_rows, batch_size)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    rope = tr.rope(hidden_states)
+    temb = tr.time_guidance_embed(timestep, guidance=guidance, timestep_r=timestep_r)
+    img = tr.x_embedder(hidden_states)
+    txt, mask = _hunyuanimage_text(tr, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
+                                   encoder_attention_mask_2, timestep)
+    bias = _hunyuan_bias(img.shape[1], mask)
+    neg = None
+    if neg_encoder_hidden_states is not None and rows:
+        t_rows = timestep[rows] if timestep.ndim else timestep
+        neg_txt, neg_mask = _hunyuanimage_text(tr, neg_encoder_hidden_states, neg_attention_mask,
+                                               neg_encoder_hidden_states_2, neg_attention_mask_2, t_rows)
+        neg = dict(txt=neg_txt, temb=temb[rows], bias=_hunyuan_bias(img.shape[1], neg_mask))
+    for block in tr.transformer_blocks:
+        img, txt, neg = _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag)
+    for block in tr.single_transformer_blocks:
+        img, txt, neg = _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag)
+    img = tr.proj_out(tr.norm_out(img, temb))
+    ph, pw = tr.config.patch_size
+    img = img.reshape(batch_size, height // ph, width // pw, -1, ph, pw)
+    return img.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Flux2 (FLUX.2 dev / klein)
 # ----------------------------------------------------------------------------------------------------------------------
 

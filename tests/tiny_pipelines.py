@@ -1502,3 +1502,58 @@ CFG_INFO.update(
 )
 # 16px -> 8x8 latent (vae scale 2) -> 4x4 patches: 16 image tokens, padded by the model to 32
 _BASE_KWARGS.update(zimage=dict(height=16, width=16, max_sequence_length=48))
+
+
+# --------------------------------------------------------------------------------------------------
+# HunyuanImage 2.1 (tests/test_families_hunyuan.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def hunyuanimage(guider=None, distilled=True):
+    """HunyuanImagePipeline (HunyuanImage 2.1): Qwen2.5-VL text (through the model's timestep-dependent token
+    refiner, with a mask) and a byT5 stream for quoted text (its own mask), joined by the model per sample as
+    [valid byT5, valid text, padding]; [image, text] double and single blocks; modulation from the timestep
+    alone. CFG comes from the `guider` component (one call per branch, cond first); none: no CFG. `distilled`: a
+    guidance embedding and a meanflow second timestep (`timestep_r`), as in HunyuanImage-2.1-Distilled."""
+    from diffusers import (AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline,
+                           HunyuanImageTransformer2DModel)
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer, text_encoder = make_qwen25_vl(seed=0)
+    tokenizer_2 = ByT5Tokenizer()
+    with _seeded(1):
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), d_model=16, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+            pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id)).eval()
+    with _seeded(3):
+        vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                                        layers_per_block=1, spatial_compression_ratio=2, sample_size=32,
+                                        scaling_factor=0.75).eval()
+    with _seeded(2):
+        transformer = HunyuanImageTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+            num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=32, text_embed_2_dim=16,
+            rope_axes_dim=(8, 8), guidance_embeds=distilled, use_meanflow=distilled,
+        ).eval()
+    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                                transformer=transformer, guider=guider)
+    # the real template and lengths (1000 + 34 Qwen tokens, 128 byT5 bytes) made small
+    pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx = "{}", 0
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = 24, 16
+    return _finish(pipe)
+
+
+FAMILY_FACTORIES.update(hunyuanimage=hunyuanimage)
+CFG_INFO.update(
+    # HunyuanImage 2.1: CFG is the `guider` component's (no call argument switches it); this configuration has
+    # none (the distilled model's setting). tests/test_families_hunyuan.py builds the same components with a
+    # ClassifierFreeGuidance guider for its CFG checks (one call per branch, cond first).
+    hunyuanimage=dict(mode=None, scale_arg=None, on=None, off=None, negative_prompt=True, cfg_by_guider=True,
+                      embedded_guidance_scale=3.25,
+                      text_mask="encoder_attention_mask and encoder_attention_mask_2 (byT5), (B, max_seq), 1 = real token"),
+)
+# 32px -> 16x16 latent (patch 1): 256 image tokens; 24 Qwen + 16 byT5 text tokens.
+_BASE_KWARGS.update(hunyuanimage=dict(height=32, width=32, distilled_guidance_scale=3.25))

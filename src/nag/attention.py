@@ -461,7 +461,8 @@ class RowsImageFirstAttentionNAG(NAGProcessor):
 
     The negative text attends to ``[guided image, negative text]``; the negative rows' image output
     is the guided rows'. The rotary tables cover the image tokens only; a mask over ``[image, padded
-    text]`` (keys on the last axis) is cut to each branch's own text length.
+    text]`` (keys on the last axis) is cut to each branch's own text length. Text the model adds after
+    the input text's valid tokens and before its padding (HunyuanImage's byT5 stream) is kept.
     """
 
     role = "joint_rows_image_first"
@@ -472,8 +473,12 @@ class RowsImageFirstAttentionNAG(NAGProcessor):
         image = arguments["hidden_states"][:b]
         image_len, padded = image.shape[1], text.shape[1]
         mask = arguments.get("attention_mask")
+        # tokens the model adds to the text it was given (HunyuanImage's second, byT5 stream, joined in front of
+        # the padding): each branch keeps them, and loses only the padding NAG added at the end
+        extra = max(padded - call.padded_text_len, 0)
 
         def branch(selected: slice, text_len: int) -> dict[str, Any]:
+            text_len += extra
             changes = {"encoder_hidden_states": text[selected, :text_len]}
             if mask is not None:
                 kept = mask[selected] if mask.shape[0] > 1 else mask

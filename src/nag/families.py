@@ -262,6 +262,9 @@ class Family:
             value = arguments.get(key)
             if value is None:
                 raise ValueError(f"the denoiser call has no `{key}`; NAG needs it to modulate the negative text")
+            if value.shape[1:] != negative[key].shape[1:]:
+                raise ValueError(f"negative `{key}` has shape {tuple(negative[key].shape[1:])} per row but the call's has "
+                                 f"{tuple(value.shape[1:])}; encode the negative prompt with the pipeline's encode_prompt")
             changes[key] = torch.cat([value, negative[key].to(value.dtype)])
         for key in self.row_kwargs:
             value = arguments.get(key)
@@ -439,6 +442,22 @@ FAMILIES: dict[str, Family] = {
             row_kwargs=("timestep", "guidance"),
             static_text=False,
         ),
+        # HunyuanImage 2.1: HunyuanVideo's [image, text] double and single blocks and timestep-dependent token
+        # refiner (masked), modulation from the timestep (and guidance / meanflow timestep) alone, and a second
+        # text stream (byT5 glyph text, its own mask) that the model joins per sample with the first as
+        # [valid byT5, valid text, padding] before the blocks: whole negative rows carry both negative streams;
+        # the padding NAG adds to the shorter first stream ends up last, where the blocks' wrapper cuts it off.
+        Family(
+            name="hunyuanimage",
+            denoisers=("HunyuanImageTransformer2DModel",),
+            attention=((r"(single_)?transformer_blocks\.\d+\.attn", "joint_rows_image_first"),),
+            layout="concat",
+            mask_kwarg="encoder_attention_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
+                           "encoder_attention_mask_2"),
+            row_kwargs=("timestep", "timestep_r", "guidance"),
+            static_text=False,
+        ),
         # Flux2 (FLUX.2 dev / klein): Flux-like double blocks ([text, image], separate text projections),
         # then the model joins [text, image] for parallel single blocks whose one output projection mixes
         # attention and MLP (NAG combines the attention columns before it); all modulation comes from the
@@ -614,6 +633,11 @@ PIPELINES: dict[str, PipelineSpec] = {
         # Z-Image (Turbo: few-step distilled, no CFG; base: CFG with the conditional rows first): no published
         # NAG defaults; FLUX.1's (the closest published flow-matching DiT, also distilled) are used.
         PipelineSpec("ZImagePipeline", "zimage", "Z-Image (Turbo / base)", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        # HunyuanImage 2.1 (CFG through its guider component, one call per branch; the distilled model without):
+        # no published NAG defaults; FLUX.1's (the closest published flow-matching image DiT) are used. The
+        # negative prompt is encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
+        PipelineSpec("HunyuanImagePipeline", "hunyuanimage", "HunyuanImage 2.1", FamilyDefaults(5.0, 2.5, 0.25),
+                     (_E, _M, "encoder_hidden_states_2", "encoder_attention_mask_2")),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),

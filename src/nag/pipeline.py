@@ -27,12 +27,19 @@ NEGATIVE_EMBED_NAMES = {
     "negative_prompt_embeds": "encoder_hidden_states",
     "negative_pooled_prompt_embeds": "pooled_projections",
     "negative_prompt_attention_mask": "encoder_attention_mask",
+    "negative_prompt_embeds_mask": "encoder_attention_mask",  # (HunyuanImage's name for it)
+    # HunyuanImage's second text stream (byT5) and its mask
+    "negative_prompt_embeds_2": "encoder_hidden_states_2",
+    "negative_prompt_embeds_mask_2": "encoder_attention_mask_2",
 }
-_EMBED_NDIM = {"encoder_hidden_states": 3, "pooled_projections": 2, "encoder_attention_mask": 2}
+_EMBED_NDIM = {"encoder_hidden_states": 3, "pooled_projections": 2, "encoder_attention_mask": 2,
+               "encoder_hidden_states_2": 3, "encoder_attention_mask_2": 2}
 _EMBED_LAYOUT = {
     "encoder_hidden_states": "(rows, tokens, width)",
     "pooled_projections": "(rows, width)",
     "encoder_attention_mask": "(rows, tokens)",
+    "encoder_hidden_states_2": "(rows, tokens, width)",
+    "encoder_attention_mask_2": "(rows, tokens)",
 }
 # Denoiser config entries that give the width each negative input must have, in order of preference
 # (PixArt/Sana: `caption_channels` is the text width, `cross_attention_dim` the projected one).
@@ -506,7 +513,7 @@ def _check_widths_against_positive(negative: dict[str, torch.Tensor], positive: 
     """At encode time: the negative embeddings must have the width of the positive ones."""
     for key, value in negative.items():
         reference = positive.get(key)
-        if key == "encoder_attention_mask" or not isinstance(reference, torch.Tensor):
+        if key.startswith("encoder_attention_mask") or not isinstance(reference, torch.Tensor):
             continue
         if value.shape[-1] != reference.shape[-1]:
             name = next(n for n, k in NEGATIVE_EMBED_NAMES.items() if k == key)
@@ -546,7 +553,7 @@ def _validate_negative_embeds(
             raise ValueError(
                 f"`{name}` must have {_EMBED_NDIM[key]} dimensions {_EMBED_LAYOUT[key]}, got shape {tuple(value.shape)}"
             )
-        if key == "encoder_attention_mask":
+        if key.startswith("encoder_attention_mask"):
             if value.is_complex():
                 raise TypeError(f"`{name}` must be a bool, integer or float mask (1 = keep), got {value.dtype}")
         elif not value.is_floating_point():
