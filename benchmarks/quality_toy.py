@@ -113,19 +113,24 @@ def headline(results: dict) -> list[str]:
         attribute = {"colour": "colour", "shape": "shape"}[task]
         named = {"colour": "shape", "shape": "colour"}[task]
         for trial in trials[1:]:
-            if trial.method.kind != "nag":
-                continue
             low, high = wilson_interval(trial.eligible - trial.kept, trial.eligible)
             removed = 1 - trial.kept_rate
             delta = 100 * (trial.adherence - none[task].adherence)
             ok = removed >= 0.9 and delta >= -5
+            verdict = f": {'meets' if ok else 'misses'} the target" if trial.method.kind == "nag" else ""
             lines.append(
                 f"- {trial.method.label}, negated {attribute}: removes {_pct(removed)} of the unguided model's "
                 f"occurrences ({trial.eligible - trial.kept}/{trial.eligible}; 95% CI {_pct(low)}-{_pct(high)}); "
                 f"{named} adherence {_pct(trial.adherence)} vs {_pct(none[task].adherence)} unguided "
-                f"({delta:+.0f} points): {'meets' if ok else 'misses'} the target "
-                "(>= 90% removed, adherence within 5 points)."
+                f"({delta:+.0f} points); valid {_pct(trial.valid_rate)} vs {_pct(none[task].valid_rate)} "
+                f"unguided{verdict}."
             )
+    lines += [
+        "",
+        "Target (NAG rows): >= 90% of the occurrences removed with adherence within 5 points of unguided. "
+        "CFG rows are for comparison: on this few-step checkpoint CFG uses the negative prompt as its "
+        "unconditional branch at the price of a second model pass per step.",
+    ]
     return lines + [""]
 
 
