@@ -1795,3 +1795,68 @@ def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau
         out = out.view(*grid, pf, ph, pw, channels).permute(6, 0, 3, 1, 4, 2, 5).reshape(channels, frames, height, width)
         outputs.append(out)
     return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# HunyuanVideo 1.5
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _hunyuanvideo15_text(tr, text, mask, text_2, mask_2, image_embeds, timestep):
+    """The model's text stream: the Qwen states through the token refiner (with their mask and the timestep), the
+    byT5 states through their projection, the image embedding through its projection (all-zero embeddings: zeroed
+    and masked), each plus its type embedding (0 text, 1 byT5, 2 image), joined per sample as [valid image, valid
+    byT5, valid text, invalid image, zeros for invalid byT5, zeros for invalid text]; returns (text, (B, N) mask)."""
+    mask, mask_2 = mask.bool(), mask_2.bool()
+    txt = tr.context_embedder(text, timestep, mask)
+    txt = txt + tr.cond_type_embed.weight[0]
+    txt_2 = tr.context_embedder_2(text_2) + tr.cond_type_embed.weight[1]
+    img = tr.image_embedder(image_embeds)
+    if bool((image_embeds == 0).all()):
+        img, mask_3 = img * 0.0, torch.zeros(img.shape[:2], dtype=torch.bool)
+    else:
+        mask_3 = torch.ones(img.shape[:2], dtype=torch.bool)
+    img = img + tr.cond_type_embed.weight[2]
+    joined, joined_mask = [], []
+    for i in range(txt.shape[0]):
+        parts_valid = [img[i][mask_3[i]], txt_2[i][mask_2[i]], txt[i][mask[i]]]
+        parts_invalid = [img[i][~mask_3[i]], torch.zeros_like(txt_2[i][~mask_2[i]]), torch.zeros_like(txt[i][~mask[i]])]
+        valid = sum(p.shape[0] for p in parts_valid)
+        joined.append(torch.cat(parts_valid + parts_invalid))
+        joined_mask.append(torch.arange(joined[-1].shape[0]) < valid)
+    return torch.stack(joined), torch.stack(joined_mask)
+
+
+def naive_hunyuanvideo15_forward(
+    transformer, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
+    encoder_attention_mask_2, image_embeds, neg_encoder_hidden_states, neg_attention_mask, neg_encoder_hidden_states_2,
+    neg_attention_mask_2, scale, tau, alpha, p=1, cond_rows=None, timestep_r=None,
+):
+    """HunyuanVideo15Transformer3DModel forward with NAG, block by block (double blocks only, HunyuanVideo's layout).
+    The negative Qwen text goes through the token refiner with its own mask and the guided rows' timestep, and is
+    joined with the negative byT5 text and the guided rows' image embedding as the model joins the positive ones, at
+    the negative's own lengths; the modulation is the guided rows' (timestep only); the negative text attends to
+    [guided video, negative text] with its own key mask."""
+    tr = transformer
+    batch_size, _, frames, height, width = hidden_states.shape
+    rows = _rows_or_all(cond_rows, batch_size)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    rope = tr.rope(hidden_states)
+    temb = tr.time_embed(timestep, timestep_r=timestep_r)
+    img = tr.x_embedder(hidden_states)
+    txt, mask = _hunyuanvideo15_text(tr, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
+                                     encoder_attention_mask_2, image_embeds, timestep)
+    bias = _hunyuan_bias(img.shape[1], mask)
+    neg = None
+    if neg_encoder_hidden_states is not None and rows:
+        t_rows = timestep[rows] if timestep.ndim else timestep
+        neg_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        neg_txt, neg_mask = _hunyuanvideo15_text(tr, neg_encoder_hidden_states, neg_mask, neg_encoder_hidden_states_2,
+                                                 neg_attention_mask_2, image_embeds[rows], t_rows)
+        neg = dict(txt=neg_txt, temb=temb[rows], bias=_hunyuan_bias(img.shape[1], neg_mask))
+    for block in tr.transformer_blocks:
+        img, txt, neg = _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag)
+    img = tr.proj_out(tr.norm_out(img, temb))
+    p_, pt = tr.config.patch_size, tr.config.patch_size_t
+    img = img.reshape(batch_size, frames // pt, height // p_, width // p_, -1, pt, p_, p_)
+    return img.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)

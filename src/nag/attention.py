@@ -462,7 +462,8 @@ class RowsImageFirstAttentionNAG(NAGProcessor):
     The negative text attends to ``[guided image, negative text]``; the negative rows' image output
     is the guided rows'. The rotary tables cover the image tokens only; a mask over ``[image, padded
     text]`` (keys on the last axis) is cut to each branch's own text length. Text the model adds after
-    the input text's valid tokens and before its padding (HunyuanImage's byT5 stream) is kept.
+    the input text's valid tokens and before its padding (HunyuanImage's byT5 stream) is kept. HunyuanVideo 1.5's processor takes a
+    key mask over the text alone (it puts the image's keys in front itself): that is cut the same way.
     """
 
     role = "joint_rows_image_first"
@@ -482,6 +483,9 @@ class RowsImageFirstAttentionNAG(NAGProcessor):
             changes = {"encoder_hidden_states": text[selected, :text_len]}
             if mask is not None:
                 kept = mask[selected] if mask.shape[0] > 1 else mask
+                if kept.ndim == 2 and kept.shape[-1] == padded:  # a text-only key mask (HunyuanVideo 1.5)
+                    changes["attention_mask"] = kept[:, :text_len]
+                    return changes
                 length = image_len + text_len
                 if kept.ndim >= 3 and kept.shape[-2] == image_len + padded:
                     kept = kept[..., :length, :]

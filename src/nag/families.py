@@ -458,6 +458,23 @@ FAMILIES: dict[str, Family] = {
             row_kwargs=("timestep", "timestep_r", "guidance"),
             static_text=False,
         ),
+        # HunyuanVideo 1.5: HunyuanImage's arrangement on video: [video, text] double blocks only (separate text
+        # projections), a timestep-dependent token refiner (masked), modulation from the timestep (and the meanflow
+        # timestep) alone, and the model joins per sample [valid image-embedding tokens (image-to-video; zeros and
+        # masked in text-to-video), valid byT5, valid text, then the invalid ones] before the blocks. Whole negative
+        # rows carry both negative text streams and the guided rows' image embedding; the processor takes a
+        # text-only key mask, cut per branch.
+        Family(
+            name="hunyuanvideo15",
+            denoisers=("HunyuanVideo15Transformer3DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn", "joint_rows_image_first"),),
+            layout="concat",
+            mask_kwarg="encoder_attention_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
+                           "encoder_attention_mask_2"),
+            row_kwargs=("timestep", "timestep_r", "image_embeds"),
+            static_text=False,
+        ),
         # Flux2 (FLUX.2 dev / klein): Flux-like double blocks ([text, image], separate text projections),
         # then the model joins [text, image] for parallel single blocks whose one output projection mixes
         # attention and MLP (NAG combines the attention columns before it); all modulation comes from the
@@ -637,6 +654,11 @@ PIPELINES: dict[str, PipelineSpec] = {
         # no published NAG defaults; FLUX.1's (the closest published flow-matching image DiT) are used. The
         # negative prompt is encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
         PipelineSpec("HunyuanImagePipeline", "hunyuanimage", "HunyuanImage 2.1", FamilyDefaults(5.0, 2.5, 0.25),
+                     (_E, _M, "encoder_hidden_states_2", "encoder_attention_mask_2")),
+        # HunyuanVideo 1.5 (CFG through its guider component, one call per branch, conditional first): no published
+        # NAG defaults; HunyuanVideo's (the same makers' previous video model) are used. The negative prompt is
+        # encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
+        PipelineSpec("HunyuanVideo15Pipeline", "hunyuanvideo15", "HunyuanVideo 1.5 text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _M, "encoder_hidden_states_2", "encoder_attention_mask_2")),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
