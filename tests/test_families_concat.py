@@ -33,12 +33,7 @@ SETTINGS = tpl.SETTINGS
 
 @pytest.mark.parametrize("name", NAMES)
 def test_invariants(name):
-    tpl.check_off_is_bit_identical(name)
-    tpl.check_negative_equal_to_positive_is_unguided(name)
-    tpl.check_negative_prompt_changes_the_output(name)
-    tpl.check_removal_restores_everything(name)
-    tpl.check_exception_inside_a_generation_leaves_nothing_behind(name)
-    tpl.check_steps_outside_the_window_are_stock(name)
+    tpl.check_invariants(name)
 
 
 @pytest.mark.parametrize("name", NAMES)

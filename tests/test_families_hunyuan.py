@@ -97,7 +97,7 @@ def test_invariants():
     tpl.check_negative_equal_to_positive_is_unguided(NAME)
     check_negative_prompt_changes_the_output()
     tpl.check_removal_restores_everything(NAME)
-    tfm.check_exception_inside_a_generation_leaves_nothing_behind(NAME)
+    tpl.check_exception_inside_a_generation_leaves_nothing_behind(NAME)
     tpl.check_steps_outside_the_window_are_stock(NAME)
 
 

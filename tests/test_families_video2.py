@@ -95,12 +95,7 @@ def test_prompts_use_both_streams_at_different_lengths():
 
 
 def test_invariants():
-    tpl.check_off_is_bit_identical(NAME)
-    tpl.check_negative_equal_to_positive_is_unguided(NAME)
-    tpl.check_negative_prompt_changes_the_output(NAME)
-    tpl.check_removal_restores_everything(NAME)
-    tfm.check_exception_inside_a_generation_leaves_nothing_behind(NAME)
-    tpl.check_steps_outside_the_window_are_stock(NAME)
+    tpl.check_invariants(NAME)
 
 
 def test_negative_equal_to_positive_is_unguided_with_quoted_text():
