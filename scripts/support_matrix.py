@@ -24,7 +24,7 @@ TEST_FILES = ["tests/test_pipelines.py", "tests/test_flux_variants.py", "tests/t
               "tests/test_families_video.py", "tests/test_families_joint.py", "tests/test_families_concat.py",
               "tests/test_families_more.py", "tests/test_families_last.py",
               "tests/test_families_flux2.py", "tests/test_families_zimage.py", "tests/test_wan_i2v.py",
-              "tests/test_families_hunyuan.py", "tests/test_families_video2.py"]
+              "tests/test_families_hunyuan.py", "tests/test_families_video2.py", "tests/test_families_qwen_more.py"]
 
 # Columns: the tests whose outcomes decide them (test function name prefixes).
 COLUMNS = {
@@ -36,7 +36,8 @@ COLUMNS = {
     "CFG + NAG": ("test_cfg_unconditional_branch_is_untouched",),
     "matches the naive reference": ("test_agrees_with_naive_implementation", "test_generic_cross_attention_path",
                                     "test_wan_vace_batch_of_two_agrees_with_naive_implementation",
-                                    "test_batch_with_one_guided_row_agrees_with_naive_implementation"),
+                                    "test_batch_with_one_guided_row_agrees_with_naive_implementation",
+                                    "test_edit_plus_two_images_per_prompt_agrees_with_naive_implementation"),
     "conditioning unguided": ("test_conditioning_frame_is_left_as_the_pipeline_sets_it",
                               "test_conditioning_is_left_unguided"),
 }
@@ -73,6 +74,7 @@ def _pipelines() -> dict[str, dict]:
     from test_families_zimage import STRAIGHTFORWARD_ONLY as ZIMAGE_STRAIGHTFORWARD  # noqa: E402
     from test_families_hunyuan import STRAIGHTFORWARD_ONLY as HUNYUAN_STRAIGHTFORWARD  # noqa: E402
     from test_families_video2 import STRAIGHTFORWARD_ONLY as VIDEO2_STRAIGHTFORWARD  # noqa: E402
+    from test_families_qwen_more import STRAIGHTFORWARD_ONLY as QWEN_MORE_STRAIGHTFORWARD  # noqa: E402
     from test_generic import img2img  # noqa: E402
 
     import nag  # noqa: E402
@@ -102,7 +104,7 @@ def _pipelines() -> dict[str, dict]:
             "fast": not any(name in table for table in (STRAIGHTFORWARD_ONLY, CONCAT_STRAIGHTFORWARD, MORE_STRAIGHTFORWARD,
                                                         LAST_STRAIGHTFORWARD, FLUX2_STRAIGHTFORWARD,
                                                         ZIMAGE_STRAIGHTFORWARD, HUNYUAN_STRAIGHTFORWARD,
-                                                        VIDEO2_STRAIGHTFORWARD)),
+                                                        VIDEO2_STRAIGHTFORWARD, QWEN_MORE_STRAIGHTFORWARD)),
             "batch": 1 if name in tp.SINGLE_PROMPT else 2,
             "defaults": spec.defaults,
         }
@@ -117,6 +119,8 @@ def render(outcomes: dict[str, str]) -> str:
         names = [p for p in params if p in pipelines]
         if test == "test_wan_vace_batch_of_two_agrees_with_naive_implementation":
             names = ["wan_vace"]
+        if test == "test_edit_plus_two_images_per_prompt_agrees_with_naive_implementation":
+            names = ["qwenimage_edit_plus"]
         if module == "test_flux_variants":
             names = [f"flux_{p}" for p in params if f"flux_{p}" in pipelines]
         if module == "test_families_zimage":  # one pipeline: its tests are not parametrized by name
@@ -153,7 +157,8 @@ def render(outcomes: dict[str, str]) -> str:
         "`tests/test_flux_variants.py`, `tests/test_generic.py`, `tests/test_families_video.py`,",
         "`tests/test_families_joint.py`, `tests/test_families_concat.py`, `tests/test_families_more.py`,",
         "`tests/test_families_last.py`, `tests/test_families_flux2.py`, `tests/test_families_zimage.py`,",
-        "`tests/test_wan_i2v.py`, `tests/test_families_hunyuan.py` and `tests/test_families_video2.py`",
+        "`tests/test_wan_i2v.py`, `tests/test_families_hunyuan.py`, `tests/test_families_video2.py` and",
+        "`tests/test_families_qwen_more.py`",
         "(tiny random-weight pipelines).",
         "",
         "- **invariants**: scale 1 / no negative is bit-identical to stock, a negative equal to the positive",
@@ -167,10 +172,12 @@ def render(outcomes: dict[str, str]) -> str:
         "  processor in guided calls; \"straightforward\": the family has no fast path yet and `fast=True` runs",
         "  the straightforward wrappers (each stock processor once per branch; correct, slower).",
         "- **conditioning unguided**: the image/video conditioning of image-to-video pipelines (the",
-        "  conditioning frame, the encoded image's latent channels) reaches the denoiser and comes out as the",
-        "  pipeline sets it; \"-\": not such a pipeline or not tested there.",
+        "  conditioning frame, the encoded image's latent channels) and the reference-image tokens of editing",
+        "  pipelines reach the denoiser and come out as the pipeline sets them; \"-\": not such a pipeline or",
+        "  not tested there.",
         "- **batch**: prompts per test generation (`WanVACEPipeline` takes one prompt per call; its batch of",
-        "  two is checked on the denoiser against the naive reference).",
+        "  two is checked on the denoiser against the naive reference; `QwenImageEditPlusPipeline` puts every",
+        "  reference image into every prompt, so one prompt, and two images per prompt against the naive reference).",
         "- **layout**: `cross` (negative context appended along the tokens), `joint` (negative text rows carried",
         "  through the text stream), `concat` (models that join text and image themselves: whole negative rows",
         "  `[negative text, image]` whose image tokens every attention layer replaces by the guided ones).",

@@ -1077,6 +1077,108 @@ _BASE_KWARGS.update(qwenimage_inpaint=dict(
 ))
 
 
+def make_qwen25_vl_processor(seed: int = 0, hidden_size: int = 32):
+    """A tiny Qwen2.5-VL with a working vision tower, its tokenizer (with the vision specials) and a
+    Qwen2VLProcessor whose image processor shrinks every image to 56x56 pixels (4 merged image tokens)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
+    from transformers import Qwen2VLImageProcessor
+
+    class TinyQwen2VLProcessor(Qwen2VLProcessor):
+        # without torchvision, transformers 5 fails to look up the (unused) video processor class when checking
+        # the components; the image processor and tokenizer are built here with the right classes
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None
+
+    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
+    words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+    vocab, merges = _bpe_tables(specials, chars, words)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, additional_special_tokens=specials[1:])
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=tok.pad_token_id, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden_size,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+    )
+    with _seeded(seed):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2,
+                                   temporal_patch_size=2)
+    return tok, TinyQwen2VLProcessor(image_processor=images, tokenizer=tok), model.eval()
+
+
+def _remember_encodings(vae):
+    """Test speed only: the VAE encodes each distinct 1024x1024 reference image once (about a second on one
+    CPU core) and returns the same deterministic result for it afterwards."""
+    encode, memory = vae.encode, {}
+
+    def remembering_encode(x, *args, **kwargs):
+        key = (tuple(x.shape), x.dtype, x.device, hash(x.detach().cpu().contiguous().numpy().tobytes()), args,
+               tuple(sorted(kwargs.items())))
+        if key not in memory:
+            memory[key] = encode(x, *args, **kwargs)
+        return memory[key]
+
+    vae.encode = remembering_encode
+
+
+def _qwenimage_edit_components():
+    """Qwen-Image-Edit components. The pipelines resize every reference image to about 1024x1024 pixels for the
+    VAE; a 7-level VAE (64x spatial compression) makes that 16x16 latents, i.e. 64 packed reference tokens."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    tokenizer, processor, text_encoder = make_qwen25_vl_processor(seed=0)
+    with _seeded(1):
+        vae = AutoencoderKLQwenImage(base_dim=3, z_dim=4, dim_mult=[1] * 7, num_res_blocks=1,
+                                     temperal_downsample=[False] * 4 + [True, True], latents_mean=[0.0] * 4,
+                                     latents_std=[1.0] * 4).eval()
+    _remember_encodings(vae)
+    with _seeded(2):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        ).eval()
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                processor=processor, transformer=transformer)
+
+
+def qwenimage_edit():
+    """QwenImageEditPipeline: Qwen-Image's transformer; the reference image's latents join the image stream
+    (``[target, reference]`` tokens, the model's output cut back to the target) and the reference image also
+    enters the Qwen2.5-VL prompt encoding (vision tokens), for the negative prompt too."""
+    from diffusers import QwenImageEditPipeline
+
+    return _finish(QwenImageEditPipeline(**_qwenimage_edit_components()))
+
+
+def qwenimage_edit_plus():
+    """QwenImageEditPlusPipeline (Qwen-Image-Edit-2509): several reference images, each resized to about 384x384
+    pixels for the prompt encoder and 1024x1024 for the VAE; all of them join the image stream."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    return _finish(QwenImageEditPlusPipeline(**_qwenimage_edit_components()))
+
+
+FAMILY_FACTORIES.update(qwenimage_edit=qwenimage_edit, qwenimage_edit_plus=qwenimage_edit_plus)
+CFG_INFO.update(qwenimage_edit=dict(CFG_INFO["qwenimage"]), qwenimage_edit_plus=dict(CFG_INFO["qwenimage"]))
+# 256px output -> 4x4 latent -> 4 target tokens; every reference image -> 64 tokens. QwenImageEdit: one reference
+# image per prompt (a list of two for the batch of two); QwenImageEditPlus: two reference images shared by the one
+# prompt (its prompt template puts every image into every prompt, so a batch of prompts is refused by the processor).
+_BASE_KWARGS.update(
+    qwenimage_edit=dict(height=256, width=256, max_sequence_length=64, output_type="latent", image=[_pil_frame(15), _pil_frame(16)]),
+    qwenimage_edit_plus=dict(height=256, width=256, max_sequence_length=64, output_type="latent", image=[_pil_frame(17), _pil_frame(18)]),
+)
+SINGLE_PROMPT.add("qwenimage_edit_plus")
+
+
 # --------------------------------------------------------------------------------------------------
 # Models that join text and image themselves (tests/test_families_concat.py)
 # --------------------------------------------------------------------------------------------------

@@ -622,6 +622,12 @@ PIPELINES: dict[str, PipelineSpec] = {
         # flow-matching model) are used.
         PipelineSpec("QwenImagePipeline", "qwenimage", "Qwen-Image", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
         PipelineSpec("QwenImageInpaintPipeline", "qwenimage", "Qwen-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
+        # Qwen-Image-Edit / -Edit-2509 (Plus): the reference images' latents join the image stream (image tokens,
+        # never guided text) and enter the prompt encoding as vision tokens, so the negative prompt is encoded with
+        # the same images. Qwen-Image-Edit-2511 (zero_cond_t) is refused by the family.
+        PipelineSpec("QwenImageEditPipeline", "qwenimage", "Qwen-Image-Edit", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
+        PipelineSpec("QwenImageEditPlusPipeline", "qwenimage", "Qwen-Image-Edit-2509 (multiple reference images)",
+                     FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
         # Chroma: DESIGN.md's Chroma range (3-5, 2.5, 0.25); Flux's 5 within it.
         PipelineSpec("ChromaPipeline", "chroma", "Chroma", FamilyDefaults(5.0, 2.5, 0.25), (_E, None, _M, None, None, None)),
         PipelineSpec("ChromaImg2ImgPipeline", "chroma", "Chroma image-to-image", FamilyDefaults(5.0, 2.5, 0.25),
