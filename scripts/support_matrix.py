@@ -24,7 +24,7 @@ TEST_FILES = ["tests/test_pipelines.py", "tests/test_flux_variants.py", "tests/t
               "tests/test_families_video.py", "tests/test_families_joint.py", "tests/test_families_concat.py",
               "tests/test_families_more.py", "tests/test_families_last.py",
               "tests/test_families_flux2.py", "tests/test_families_zimage.py", "tests/test_wan_i2v.py",
-              "tests/test_families_hunyuan.py", "tests/test_families_video2.py", "tests/test_families_qwen_more.py"]
+              "tests/test_families_hunyuan.py", "tests/test_families_qwen_more.py"]
 
 # Columns: the tests whose outcomes decide them (test function name prefixes).
 COLUMNS = {
@@ -73,7 +73,6 @@ def _pipelines() -> dict[str, dict]:
     from test_families_flux2 import STRAIGHTFORWARD_ONLY as FLUX2_STRAIGHTFORWARD  # noqa: E402
     from test_families_zimage import STRAIGHTFORWARD_ONLY as ZIMAGE_STRAIGHTFORWARD  # noqa: E402
     from test_families_hunyuan import STRAIGHTFORWARD_ONLY as HUNYUAN_STRAIGHTFORWARD  # noqa: E402
-    from test_families_video2 import STRAIGHTFORWARD_ONLY as VIDEO2_STRAIGHTFORWARD  # noqa: E402
     from test_families_qwen_more import STRAIGHTFORWARD_ONLY as QWEN_MORE_STRAIGHTFORWARD  # noqa: E402
     from test_generic import img2img  # noqa: E402
 
@@ -104,7 +103,7 @@ def _pipelines() -> dict[str, dict]:
             "fast": not any(name in table for table in (STRAIGHTFORWARD_ONLY, CONCAT_STRAIGHTFORWARD, MORE_STRAIGHTFORWARD,
                                                         LAST_STRAIGHTFORWARD, FLUX2_STRAIGHTFORWARD,
                                                         ZIMAGE_STRAIGHTFORWARD, HUNYUAN_STRAIGHTFORWARD,
-                                                        VIDEO2_STRAIGHTFORWARD, QWEN_MORE_STRAIGHTFORWARD)),
+                                                        QWEN_MORE_STRAIGHTFORWARD)),
             "batch": 1 if name in tp.SINGLE_PROMPT else 2,
             "defaults": spec.defaults,
         }
@@ -125,10 +124,6 @@ def render(outcomes: dict[str, str]) -> str:
             names = [f"flux_{p}" for p in params if f"flux_{p}" in pipelines]
         if module == "test_families_zimage":  # one pipeline: its tests are not parametrized by name
             names = ["zimage"]
-        if module == "test_families_hunyuan":  # one pipeline: its tests are not parametrized by name
-            names = ["hunyuanimage"]
-        if module == "test_families_video2" and not names:  # HunyuanVideo 1.5's tests are not parametrized by name
-            names = ["hunyuanvideo15"]
         if module == "test_wan_i2v":  # one pipeline: its tests are not parametrized by name
             names = ["wan_i2v"]
             if test == "test_agrees_with_naive_implementation":  # CFG on: the unconditional calls match stock
@@ -157,7 +152,7 @@ def render(outcomes: dict[str, str]) -> str:
         "`tests/test_flux_variants.py`, `tests/test_generic.py`, `tests/test_families_video.py`,",
         "`tests/test_families_joint.py`, `tests/test_families_concat.py`, `tests/test_families_more.py`,",
         "`tests/test_families_last.py`, `tests/test_families_flux2.py`, `tests/test_families_zimage.py`,",
-        "`tests/test_wan_i2v.py`, `tests/test_families_hunyuan.py`, `tests/test_families_video2.py` and",
+        "`tests/test_wan_i2v.py`, `tests/test_families_hunyuan.py` and",
         "`tests/test_families_qwen_more.py`",
         "(tiny random-weight pipelines).",
         "",
