@@ -5,7 +5,7 @@ model sizes and resolutions (meant for ``--device cuda --dtype bfloat16``); ``--
 keeps each architecture but with fewer layers/heads and a lower resolution, so it runs on a
 laptop CPU. Every figure is reported as a ratio to no guidance measured in the same run.
 
-    python benchmarks/overhead.py --preset cpu                 # all families, CPU
+    python benchmarks/overhead.py --preset cpu                 # the default families, CPU (add ",chroma" to --families)
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --preset full --families flux,sdxl
 
 Modes (one denoiser forward each; batch 1 image):
@@ -84,6 +84,38 @@ def flux_case(full: bool, text_len: int) -> Case:
 
     return Case("flux", f"FLUX.1 ({tokens} image + {text_len} text tokens)", lambda: FluxTransformer2DModel(**config),
                 inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")))
+
+
+def chroma_case(full: bool, text_len: int) -> Case:
+    """Chroma: Flux-like blocks that NAG guides on the concatenating layout (whole negative rows, straightforward
+    processors only: its NAG and straightforward columns measure the same path)."""
+    from diffusers import ChromaTransformer2DModel
+
+    if full:
+        config = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                      joint_attention_dim=4096, in_channels=64, axes_dims_rope=(16, 56, 56))
+        side = 64
+    else:
+        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
+                      joint_attention_dim=1024, in_channels=64, axes_dims_rope=(16, 56, 56),
+                      approximator_hidden_dim=1024, approximator_layers=2)
+        side = 32
+    tokens = side * side
+
+    def inputs(batch, device, dtype):
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] = torch.arange(side)[:, None]
+        ids[..., 2] = torch.arange(side)[None, :]
+        return dict(
+            hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
+            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+            img_ids=ids.reshape(-1, 3).to(device),
+            txt_ids=torch.zeros(text_len, 3, device=device),
+        )
+
+    return Case("chroma", f"Chroma ({tokens} image + {text_len} text tokens)",
+                lambda: ChromaTransformer2DModel(**config), inputs, _text_negative)
 
 
 def sd3_case(full: bool) -> Case:
@@ -227,6 +259,7 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "pixart": lambda: [pixart_case(full)],
         "sana": lambda: [sana_case(full)],
         "wan": lambda: [wan_case(full, "1.3B"), wan_case(full, "14B")],
+        "chroma": lambda: [chroma_case(full, 512)],
     }
     return [case for family in families for case in makers[family]()]
 
