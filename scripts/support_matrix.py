@@ -24,7 +24,7 @@ TEST_FILES = ["tests/test_pipelines.py", "tests/test_flux_variants.py", "tests/t
               "tests/test_families_video.py", "tests/test_families_joint.py", "tests/test_families_concat.py",
               "tests/test_families_more.py", "tests/test_families_last.py",
               "tests/test_families_flux2.py", "tests/test_families_zimage.py", "tests/test_wan_i2v.py",
-              "tests/test_families_hunyuan.py", "tests/test_families_qwen_more.py"]
+              "tests/test_families_hunyuan.py", "tests/test_families_qwen_more.py", "tests/test_families_ltx2.py"]
 
 # Columns: the tests whose outcomes decide them (test function name prefixes).
 COLUMNS = {
@@ -74,6 +74,7 @@ def _pipelines() -> dict[str, dict]:
     from test_families_zimage import STRAIGHTFORWARD_ONLY as ZIMAGE_STRAIGHTFORWARD  # noqa: E402
     from test_families_hunyuan import STRAIGHTFORWARD_ONLY as HUNYUAN_STRAIGHTFORWARD  # noqa: E402
     from test_families_qwen_more import STRAIGHTFORWARD_ONLY as QWEN_MORE_STRAIGHTFORWARD  # noqa: E402
+    from test_families_ltx2 import STRAIGHTFORWARD_ONLY as LTX2_STRAIGHTFORWARD  # noqa: E402
     from test_generic import img2img  # noqa: E402
 
     import nag  # noqa: E402
@@ -103,7 +104,7 @@ def _pipelines() -> dict[str, dict]:
             "fast": not any(name in table for table in (STRAIGHTFORWARD_ONLY, CONCAT_STRAIGHTFORWARD, MORE_STRAIGHTFORWARD,
                                                         LAST_STRAIGHTFORWARD, FLUX2_STRAIGHTFORWARD,
                                                         ZIMAGE_STRAIGHTFORWARD, HUNYUAN_STRAIGHTFORWARD,
-                                                        QWEN_MORE_STRAIGHTFORWARD)),
+                                                        QWEN_MORE_STRAIGHTFORWARD, LTX2_STRAIGHTFORWARD)),
             "batch": 1 if name in tp.SINGLE_PROMPT else 2,
             "defaults": spec.defaults,
         }
@@ -152,8 +153,8 @@ def render(outcomes: dict[str, str]) -> str:
         "`tests/test_flux_variants.py`, `tests/test_generic.py`, `tests/test_families_video.py`,",
         "`tests/test_families_joint.py`, `tests/test_families_concat.py`, `tests/test_families_more.py`,",
         "`tests/test_families_last.py`, `tests/test_families_flux2.py`, `tests/test_families_zimage.py`,",
-        "`tests/test_wan_i2v.py`, `tests/test_families_hunyuan.py` and",
-        "`tests/test_families_qwen_more.py`",
+        "`tests/test_wan_i2v.py`, `tests/test_families_hunyuan.py`,",
+        "`tests/test_families_qwen_more.py` and `tests/test_families_ltx2.py`",
         "(tiny random-weight pipelines).",
         "",
         "- **invariants**: scale 1 / no negative is bit-identical to stock, a negative equal to the positive",
@@ -186,6 +187,8 @@ def render(outcomes: dict[str, str]) -> str:
             label = row["pipeline"] + " with an unknown denoiser class (generic path)"
         if name in ("flux_dev", "sd35"):
             label += " (dev-style)" if name == "flux_dev" else " (SD3.5 dual attention)"
+        if name == "ltx2_adaln":
+            label += " (cross-attention AdaLN, LTX-2.3 style)"
         d = row["defaults"]
         lines.append(
             f"| `{label}` | {row['family']} ({row['layout']}) | {d.scale:g} / {d.tau:g} / {d.alpha:g} | "

@@ -11,6 +11,8 @@ nothing from ``nag`` and is written plainly from the equations and from reading 
                                       forward call and removed again afterwards.
 * ``naive_flux_forward``            - FluxTransformer2DModel, re-implemented block by block.
 * ``naive_sd3_forward``             - SD3Transformer2DModel (incl. SD3.5 dual attention), re-implemented block by block.
+* ``naive_ltx2_forward``            - LTX2VideoTransformer3DModel: naive processors on the video stream's text cross
+                                      attention, the negative text modulated like the positive in each block.
 
 Clarity over speed: every branch is computed separately and the negative text stream is carried alongside the
 single (guided) image stream.
@@ -1860,3 +1862,106 @@ def naive_hunyuanvideo15_forward(
     p_, pt = tr.config.patch_size, tr.config.patch_size_t
     img = img.reshape(batch_size, frames // pt, height // p_, width // p_, -1, pt, p_, p_)
     return img.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LTX-2 (LTX2VideoTransformer3DModel): the video stream's text cross attention only
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _NaiveLTX2VideoTextProcessor:
+    """Naive LTX2AudioVideoAttnProcessor for a block's ``attn2`` (video queries, text keys/values, no rotary
+    embedding), with NAG on ``rows``; the block's modulated negative text is read from ``state``."""
+
+    def __init__(self, state, rows, nag):
+        self.state = state
+        self.rows = rows
+        self.nag = nag
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
+                 key_rotary_emb=None):
+        if getattr(attn, "to_gate_logits", None) is not None:
+            raise NotImplementedError("naive reference: gated LTX-2 attention is not covered")
+        heads = attn.heads
+
+        def project_kv(ctx):
+            k = attn.norm_k(attn.to_k(ctx))  # RMS norm across heads, on the flat projection
+            return _split_heads(k, heads), _split_heads(attn.to_v(ctx), heads)
+
+        q = _split_heads(attn.norm_q(attn.to_q(hidden_states)), heads)
+        k, v = project_kv(encoder_hidden_states)
+        bias = None if attention_mask is None else attention_mask[:, None]  # (B, 1, T) -> (B, 1, 1, T)
+        negative = self.state.get("context")
+        k_neg = v_neg = bias_neg = None
+        if negative is not None:
+            k_neg, v_neg = project_kv(negative)
+            bias_neg = None if self.state["bias"] is None else self.state["bias"][:, None]
+        out = _guided_attention(q, k, v, bias, k_neg, v_neg, bias_neg, self.rows if negative is not None else [],
+                                self.nag)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def naive_ltx2_forward(model, forward_kwargs, neg_encoder_hidden_states, neg_encoder_attention_mask=None, scale=1.0,
+                       tau=2.5, alpha=0.5, p=1, cond_rows=None):
+    """Stock LTX2VideoTransformer3DModel forward with naive NAG on the video stream's text cross attention.
+
+    ``neg_encoder_hidden_states``: the negative video text as the model takes it (the pipeline's connector output),
+    one row per guided row; ``neg_encoder_attention_mask``: its 0/1 mask or None. The negative text gets what the
+    model does to the positive video text: the caption projection, then in each block the cross-attention AdaLN
+    scale/shift of the guided row (when the block has it). The audio stream is left as it is.
+    Returns ``(video output, audio output)``.
+    """
+    kwargs = dict(forward_kwargs)
+    x = kwargs["hidden_states"]
+    batch = x.shape[0]
+    rows = _rows_or_all(cond_rows, batch)
+    negative = None
+    bias = None
+    if neg_encoder_hidden_states is not None and rows:
+        if neg_encoder_hidden_states.shape[0] != len(rows):
+            raise ValueError("negative tensors must have one row per guided row")
+        negative = neg_encoder_hidden_states.to(x.dtype)
+        if model.config.use_prompt_embeddings:
+            width = model.config.num_attention_heads * model.config.attention_head_dim
+            negative = model.caption_projection(negative).view(negative.shape[0], -1, width)
+        if neg_encoder_attention_mask is not None:
+            bias = ((1 - neg_encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+    state = {"context": None, "bias": bias}
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    blocks = list(model.transformer_blocks)
+    processor = _NaiveLTX2VideoTextProcessor(state, rows, nag)
+
+    def before_block(block, args, block_kwargs):
+        if negative is None:
+            state["context"] = None
+            return None
+        context = negative
+        if block.cross_attn_adaln:
+            temb_prompt = block_kwargs.get("temb_prompt")
+            table = block.prompt_scale_shift_table
+            if temb_prompt is not None:
+                ada = table[None, None].to(temb_prompt.device) + temb_prompt.reshape(batch, temb_prompt.shape[1], 2, -1)
+                shift, scale_ = ada[:, :, 0][rows], ada[:, :, 1][rows]
+            else:
+                shift, scale_ = table[0].to(context.dtype), table[1].to(context.dtype)
+            context = context * (1 + scale_) + shift
+        state["context"] = context
+        return None
+
+    originals = [(block.attn2, block.attn2.processor) for block in blocks]
+    for _, original in originals:
+        if type(original).__name__ != "LTX2AudioVideoAttnProcessor":
+            raise RuntimeError(f"attn2 carries {type(original).__name__}, expected LTX2AudioVideoAttnProcessor")
+    hooks = []
+    try:
+        for block in blocks:
+            block.attn2.set_processor(processor)
+            hooks.append(block.register_forward_pre_hook(before_block, with_kwargs=True))
+        kwargs["return_dict"] = False
+        out = model(**kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, original in originals:
+            module.set_processor(original)
+    return out[0], out[1]

@@ -1729,3 +1729,81 @@ CFG_INFO.update(
 # The tiny VAE's decoder fails on batches of two in diffusers 0.42.1 (its causal attention mask has one row):
 # the checks compare latents. 32px -> 8x8 latent (patch 1), 5 frames -> 2 latent frames: 128 video tokens.
 _BASE_KWARGS.update(hunyuanvideo15=dict(height=32, width=32, num_frames=5, output_type="latent"))
+
+
+def _ltx2(cross_attn_mod: bool):
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+                           LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    # The real text encoder is Gemma 3 (all hidden states stacked); a tiny Gemma2 model gives the same kind of
+    # output (hidden_states of 2 layers + embeddings: text_proj_in_factor 3), left padded by the pipeline.
+    tokenizer, text_encoder = make_gemma2(seed=0, hidden_size=32)
+    with _seeded(21):
+        transformer = LTX2VideoTransformer3DModel(
+            in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+            cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+            audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
+            caption_channels=32, rope_double_precision=False, rope_type="split", cross_attn_mod=cross_attn_mod,
+        ).eval()
+    with _seeded(22):
+        connectors = LTX2TextConnectors(
+            caption_channels=32, text_proj_in_factor=3, video_connector_num_attention_heads=4,
+            video_connector_attention_head_dim=8, video_connector_num_layers=1,
+            video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=4,
+            audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
+            rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
+        ).eval()
+    with _seeded(23):
+        vae = AutoencoderKLLTX2Video(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+            layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+            decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+            upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1,
+            patch_size_t=1, encoder_causal=True, decoder_causal=False,
+        ).eval()
+        vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    with _seeded(24):
+        audio_vae = AutoencoderKLLTX2Audio(
+            base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+            resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+            mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+        ).eval()
+    with _seeded(25):
+        vocoder = LTX2Vocoder(
+            in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4],
+            upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+            leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+        ).eval()
+    return _finish(
+        LTX2Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=text_encoder,
+            tokenizer=tokenizer, connectors=connectors, transformer=transformer, vocoder=vocoder,
+        )
+    )
+
+
+def ltx2():
+    """LTX2Pipeline (LTX-2.0 style): video and audio streams, each with text cross-attention to the output of the
+    pipeline's `connectors` (run on [negative, positive] under CFG)."""
+    return _ltx2(cross_attn_mod=False)
+
+
+def ltx2_adaln():
+    """LTX2Pipeline with cross-attention AdaLN (LTX-2.3 style): the text is modulated per block and per step."""
+    return _ltx2(cross_attn_mod=True)
+
+
+FAMILY_FACTORIES.update(ltx2=ltx2, ltx2_adaln=ltx2_adaln)
+# LTX2: batched [uncond, cond]; the denoiser gets the connectors' outputs (video text, audio text, one mask for both).
+# The pipeline's other guidance terms (STG, modality isolation, rescale) are off here: plain CFG on the video and
+# audio predictions (audio_guidance_scale follows guidance_scale so that scale 1 switches CFG off).
+for _name in ("ltx2", "ltx2_adaln"):
+    CFG_INFO[_name] = dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                           text_mask="encoder_attention_mask (connectors' mask, (2B, max_seq), 1 = valid)")
+    _BASE_KWARGS[_name] = dict(height=32, width=32, num_frames=5, frame_rate=25.0, max_sequence_length=16,
+                               stg_scale=0.0, modality_scale=1.0, guidance_rescale=0.0, audio_guidance_scale=1.0,
+                               audio_stg_scale=0.0, audio_modality_scale=1.0, audio_guidance_rescale=0.0,
+                               spatio_temporal_guidance_blocks=None, use_cross_timestep=False)

@@ -549,6 +549,21 @@ FAMILIES: dict[str, Family] = {
             mask_kwarg="encoder_attention_mask",
             negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
         ),
+        # LTX-2 (LTX2VideoTransformer3DModel): video and audio streams, each with cross-attention to its own
+        # text (the pipeline's `connectors` output, one mask for both). NAG guides the video stream's text
+        # cross-attention (`attn2`) only; the audio stream's text cross-attention (`audio_attn2`) is left stock
+        # (its negative text is not passed), so the audio changes only through the audio-video cross-attention
+        # with the guided video. The text may be modulated per block and step (cross-attention AdaLN): the
+        # projected negative keys/values are not reused across steps.
+        Family(
+            name="ltx2",
+            denoisers=("LTX2VideoTransformer3DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn2", "cross"),),
+            layout="cross",
+            mask_kwarg="encoder_attention_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+            static_text=False,
+        ),
         Family(
             name="skyreels_v2",
             denoisers=("SkyReelsV2Transformer3DModel",),
@@ -593,6 +608,9 @@ class PipelineSpec:
     expert_attrs: tuple[str, ...] = ()  # further denoisers of the same family, guided alike when present
     few_step: bool = False
     negative_overrides: dict[str, Any] = field(default_factory=dict)
+    # A pipeline component that turns encode_prompt's output into the denoiser's text (LTX-2's `connectors`):
+    # the conditional rows are recognised in its output, and the negative prompt is run through it as well.
+    text_connector: str | None = None
 
     def name_outputs(self, values: Any) -> dict[str, torch.Tensor]:
         """``encode_prompt``'s result as ``{denoiser argument: tensor}``."""
@@ -682,6 +700,9 @@ PIPELINES: dict[str, PipelineSpec] = {
         PipelineSpec("LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
         PipelineSpec("LTXImageToVideoPipeline", "ltx", "LTX-Video image-to-video", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
         PipelineSpec("LTXConditionPipeline", "ltx", "LTX-Video 0.9.5+ frame conditions", FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None)),
+        # LTX-2: no published NAG defaults; LTX-Video's are used. The denoiser's text is the `connectors` output.
+        PipelineSpec("LTX2Pipeline", "ltx2", "LTX-2 text-to-video+audio (video stream guided)", FamilyDefaults(3.0, 2.5, 0.5),
+                     (_E, _M, None, None), text_connector="connectors"),
         PipelineSpec("WanVACEPipeline", "wan_vace", "Wan 2.1 VACE (control / reference video)", FamilyDefaults(9.0, 2.5, 0.25),
                      (_E, None), expert_attrs=("transformer_2",)),
         PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None),
@@ -746,6 +767,14 @@ def pipeline_spec(pipe: Any) -> PipelineSpec:
     if attr is not None and callable(getattr(pipe, "encode_prompt", None)):
         denoiser = getattr(pipe, attr)
         inner = getattr(denoiser, "_orig_mod", denoiser)
+        connected = [spec.pipeline for spec in PIPELINES.values()
+                     if spec.text_connector and type(inner).__name__ in FAMILIES[spec.family].denoisers]
+        if connected:
+            # the denoiser's text comes from a further pipeline component: only pipelines with a spec know it
+            raise NotImplementedError(
+                f"NAG does not support {type(pipe).__name__} yet: its {type(inner).__name__} gets its text through "
+                f"a component after encode_prompt, which NAG follows only in {', '.join(connected)}"
+            )
         family = next(
             (f for f in FAMILIES.values() if type(inner).__name__ in f.denoisers and f.layout == "cross"), None
         )

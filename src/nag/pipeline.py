@@ -116,6 +116,8 @@ class NAGHandle:
         self._awaiting_positive = True
         self._saved_attributes: dict[str, Any] = {}
         self._attachment: Attachment | None = None
+        self._connector_pending: tuple[dict | None, torch.Tensor] | None = None
+        self._connector_hook: torch.utils.hooks.RemovableHandle | None = None
         self._lock = threading.Lock()
         self._generating_thread: threading.Thread | None = None
         self.denoiser = _denoiser_of(pipe, spec)
@@ -132,7 +134,14 @@ class NAGHandle:
         except BaseException:
             self.remove()
             raise
-        if negative_embeds and settings.enabled:
+        # Pipelines whose denoiser text comes from a further component (LTX-2's `connectors`): the negative is run
+        # through it too, and the conditional rows are recognised in its output.
+        connector = getattr(pipe, spec.text_connector, None) if spec.text_connector else None
+        if connector is not None:
+            self._connector_hook = unwrap_compiled(connector).register_forward_hook(
+                self._after_connector, with_kwargs=True, always_call=True
+            )
+        if negative_embeds and settings.enabled and connector is None:
             # Until a pipeline call encodes its prompt, direct denoiser calls guide every row.
             self.runtime.begin_generation(dict(negative_embeds), None)
         try:
@@ -169,6 +178,10 @@ class NAGHandle:
             self._attachment = None
         while self._expert_attachments:
             self._expert_attachments.pop().detach()
+        if self._connector_hook is not None:
+            self._connector_hook.remove()
+            self._connector_hook = None
+        self._connector_pending = None
         for name in list(self._saved_attributes):
             previous = self._saved_attributes.pop(name)
             if previous is _MISSING:
@@ -305,6 +318,43 @@ class NAGHandle:
                 _check_widths_against_positive(self.negative_embeds, positive)
                 negative = self._expand_negative_embeds(prompts, per_prompt, rows, reference)
         self.runtime.begin_generation(negative, reference)
+        if self._connector_hook is not None:
+            # the denoiser sees the connector's output: nothing is guided until the connector has run
+            self.runtime.negative = self.runtime.positive_reference = None
+            self._connector_pending = (negative, reference)
+
+    def _after_connector(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The text connector ran on the encoded prompts (``[negative, positive]`` under CFG): the positive rows
+        of its video text output become the reference, and the NAG negative goes through the same connector."""
+        pending, self._connector_pending = self._connector_pending, None
+        if pending is None or not isinstance(output, tuple):
+            return None
+        negative, positive = pending
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        arguments = bound.arguments
+        names = list(arguments)
+        text, mask = arguments[names[0]], arguments[names[1]] if len(names) > 1 else None
+        rows = positive.shape[0]
+        if (
+            not isinstance(text, torch.Tensor)
+            or text.shape[0] < rows
+            or text.shape[1:] != positive.shape[1:]
+            or not torch.equal(text[-rows:], positive.to(device=text.device, dtype=text.dtype))
+        ):
+            self._connector_pending = pending  # not the prompt's encoding: wait for the call that is
+            return None
+        self.runtime.positive_reference = output[0][-rows:]
+        if negative is None:
+            return None
+        negative_text = negative["encoder_hidden_states"].to(device=text.device, dtype=text.dtype)
+        negative_mask = negative.get("encoder_attention_mask")
+        if negative_mask is None:
+            negative_mask = (mask if mask is not None else text).new_ones(negative_text.shape[:2])
+        arguments[names[0]] = negative_text
+        arguments[names[1]] = negative_mask.to(device=text.device, dtype=mask.dtype if mask is not None else torch.int64)
+        negative_output = module(*bound.args, **bound.kwargs)
+        self.runtime.negative = {"encoder_hidden_states": negative_output[0], "encoder_attention_mask": negative_output[-1]}
+        return None
 
     def _named_outputs(self, result: Any) -> dict[str, torch.Tensor]:
         return self.spec.name_outputs(result)
@@ -649,7 +699,8 @@ def apply(
         elif not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
     settings = NAGSettings.resolve(spec.defaults, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm)
-    embeds = _validate_negative_embeds(spec, negative_embeds, denoiser)
+    # (with a text connector the negative embeddings are its input, not the denoiser's: no config width applies)
+    embeds = _validate_negative_embeds(spec, negative_embeds, None if spec.text_connector else denoiser)
     if negative_prompt is None and not embeds:
         logger.warning("nag.apply without a negative prompt: NAG stays off until one is given")
     handle = NAGHandle(pipe, spec, settings, negative_prompt, embeds, fast=fast)
