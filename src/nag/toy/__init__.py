@@ -69,23 +69,24 @@ def load_pipeline(
         dtype: the weights are stored in float16 (the VAE in float32); float32 is right on CPU.
         progress_bar: show diffusers' per-step progress bar.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     path = weights_dir(variant)
-
-    verbosity = diffusers_logging.get_verbosity()
+    # A local load of a few megabytes: no "loading components" / "loading weights" bars, and no notices
+    # about optional image-processor backends (the model has no image processor). Restored afterwards.
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.set_verbosity_error()
-    # no "loading components" / "loading weights" bars for a local load of a few megabytes
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    for log in (diffusers_logging, transformers_logging):
+        log.set_verbosity_error()
+        log.disable_progress_bar()
     try:
+        from diffusers import StableDiffusionPipeline
+
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     finally:
-        diffusers_logging.set_verbosity(verbosity)
-        for log, enabled in zip((diffusers_logging, transformers_logging), bars):
+        for log, level, enabled in zip((diffusers_logging, transformers_logging), levels, bars):
+            log.set_verbosity(level)
             if enabled:
                 log.enable_progress_bar()
     pipe.set_progress_bar_config(disable=not progress_bar)
