@@ -79,24 +79,7 @@ def naive_output(name, model, inputs, negative, cond_rows=None):
 @pytest.mark.parametrize("name", NAMES)
 def test_agrees_with_naive_implementation(name, fast):
     """Through the pipeline with CFG: conditional rows guided, unconditional rows or calls stock."""
-    pipe = tpl.pipeline(name)
-    model = tp.denoiser(pipe)
-    _, stock_calls = tpl.record(pipe, name)
-    with torch.no_grad():  # the reference itself reproduces the stock model
-        torch.testing.assert_close(naive_output(name, model, stock_calls[0]["inputs"], None),
-                                   stock_calls[0]["output"], rtol=1e-4, atol=1e-5)
-    rows = tpl.batch_rows(name)
-    cond_inputs = {k: (v[-rows:] if k == "encoder_hidden_states" else v) for k, v in stock_calls[0]["inputs"].items()}
-    for length_delta in (-3, 5):
-        negative = random_negative(name, cond_inputs, length_delta)
-        with nag.apply(pipe, **negative, **SETTINGS, fast=fast):
-            _, calls = tpl.record(pipe, name)
-        assert len(calls) == (4 if tp.CFG_INFO[name]["mode"] == "sequential" else 2)  # 2 steps, CFG on
-        with torch.no_grad():
-            for index, call in enumerate(calls):
-                cond_rows = tfm.cond_rows_of(name, index, call["output"].shape[0])
-                expected = naive_output(name, model, call["inputs"], None if cond_rows is None else negative, cond_rows)
-                torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
+    tfm.check_agrees_with_naive_implementation(name, fast, naive_output, random_negative)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])

@@ -107,7 +107,14 @@ def cond_rows_of(name, call_index, batch):
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("name", NAMES)
 def test_agrees_with_naive_implementation(name, fast):
-    """Through the pipeline with CFG: conditional rows guided, unconditional rows or calls stock."""
+    check_agrees_with_naive_implementation(name, fast, naive_output, random_negative)
+
+
+def check_agrees_with_naive_implementation(name, fast, naive_output, random_negative):
+    """Through the pipeline with CFG: conditional rows guided, unconditional rows or calls stock.
+
+    ``naive_output(name, model, inputs, negative, cond_rows)`` is the family's naive forward and
+    ``random_negative(name, cond_inputs, length_delta)`` draws precomputed negative embeddings."""
     pipe = tpl.pipeline(name)
     model = tp.denoiser(pipe)
     _, stock_calls = tpl.record(pipe, name)
