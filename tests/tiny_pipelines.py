@@ -49,6 +49,8 @@ from typing import Any, Callable
 
 import torch
 
+from nag.toy.tokenizer import bpe_merges
+
 # --------------------------------------------------------------------------------------------------
 # Vocabulary
 # --------------------------------------------------------------------------------------------------
@@ -80,69 +82,13 @@ _PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 CLIP_MAX_LENGTH = 32
 
 
-def _train_bpe(words: list[list[str]]) -> list[tuple[str, str]]:
-    """Deterministic BPE training (every word has frequency 1; ties broken lexicographically).
-
-    Trains until every word is a single symbol, so each training word encodes to exactly one token.
-    """
-    import heapq
-
-    words = [list(w) for w in words]
-    pair_count: dict[tuple[str, str], int] = {}
-    pair_words: dict[tuple[str, str], set[int]] = {}
-
-    def pairs_of(w):
-        return list(zip(w[:-1], w[1:]))
-
-    def add_pairs(i, sign):
-        touched = set()
-        for p in pairs_of(words[i]):
-            pair_count[p] = pair_count.get(p, 0) + sign
-            if sign > 0:
-                pair_words.setdefault(p, set()).add(i)
-            touched.add(p)
-        return touched
-
-    for i in range(len(words)):
-        add_pairs(i, +1)
-    heap = [(-c, p) for p, c in pair_count.items()]
-    heapq.heapify(heap)
-    merges = []
-    while heap:
-        negc, pair = heapq.heappop(heap)
-        if pair_count.get(pair, 0) != -negc or negc == 0:
-            continue
-        merges.append(pair)
-        touched = set()
-        for i in sorted(pair_words.pop(pair, ())):
-            w = words[i]
-            if pair not in set(pairs_of(w)):
-                continue
-            touched |= add_pairs(i, -1)
-            out, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
-                    out.append(w[j] + w[j + 1])
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            words[i] = out
-            touched |= add_pairs(i, +1)
-        pair_count[pair] = 0
-        for p in sorted(touched):
-            if pair_count.get(p, 0) > 0:
-                heapq.heappush(heap, (-pair_count[p], p))
-    return merges
-
-
 def _bpe_tables(
     specials: list[str], chars: list[str], words: list[list[str]]
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
     vocab: dict[str, int] = {}
     for tok in list(specials) + list(chars) + [s for w in words for s in w]:
         vocab.setdefault(tok, len(vocab))
-    merges = _train_bpe(words)
+    merges = bpe_merges(words)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     return vocab, merges

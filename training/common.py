@@ -17,7 +17,6 @@ The model is a stock ``StableDiffusionPipeline``:
 from __future__ import annotations
 
 import copy
-import heapq
 import json
 import os
 import random
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from nag.toy.dataset import VOCABULARY, ToyDataset
+from nag.toy.tokenizer import bpe_merges
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "src" / "nag" / "toy" / "weights"
@@ -83,55 +83,6 @@ class Timer:
 # --------------------------------------------------------------------------------------------------
 
 
-def _train_bpe(words: list[list[str]]) -> list[tuple[str, str]]:
-    """Merges that make every word a single symbol (frequency 1 each; ties broken by order)."""
-    words = [list(w) for w in words]
-    counts: dict[tuple[str, str], int] = {}
-    where: dict[tuple[str, str], set[int]] = {}
-
-    def pairs(w: list[str]) -> list[tuple[str, str]]:
-        return list(zip(w[:-1], w[1:]))
-
-    def account(i: int, sign: int) -> set[tuple[str, str]]:
-        touched = set()
-        for p in pairs(words[i]):
-            counts[p] = counts.get(p, 0) + sign
-            if sign > 0:
-                where.setdefault(p, set()).add(i)
-            touched.add(p)
-        return touched
-
-    for i in range(len(words)):
-        account(i, +1)
-    heap = [(-c, p) for p, c in counts.items()]
-    heapq.heapify(heap)
-    merges: list[tuple[str, str]] = []
-    while heap:
-        negative, pair = heapq.heappop(heap)
-        if counts.get(pair, 0) != -negative or negative == 0:
-            continue
-        merges.append(pair)
-        touched: set[tuple[str, str]] = set()
-        for i in sorted(where.pop(pair, ())):
-            w = words[i]
-            if pair not in set(pairs(w)):
-                continue
-            touched |= account(i, -1)
-            out, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
-                    out.append(w[j] + w[j + 1])
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            words[i] = out
-            touched |= account(i, +1)
-        counts[pair] = 0
-        for p in sorted(touched):
-            if counts.get(p, 0) > 0:
-                heapq.heappush(heap, (-counts[p], p))
-    return merges
 
 
 def build_tokenizer():
@@ -142,7 +93,7 @@ def build_tokenizer():
     for token in ["<|startoftext|>", "<|endoftext|>"] + [t for c in _CHARS for t in (c, c + "</w>")]:
         vocab.setdefault(token, len(vocab))
     words = [list(w[:-1]) + [w[-1] + "</w>"] for w in VOCABULARY if len(w) > 1]
-    merges = _train_bpe(words)
+    merges = bpe_merges(words)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
