@@ -24,7 +24,8 @@ TEST_FILES = ["tests/test_pipelines.py", "tests/test_flux_variants.py", "tests/t
               "tests/test_families_video.py", "tests/test_families_joint.py", "tests/test_families_concat.py",
               "tests/test_families_more.py", "tests/test_families_last.py",
               "tests/test_families_flux2.py", "tests/test_families_zimage.py", "tests/test_wan_i2v.py",
-              "tests/test_families_hunyuan.py", "tests/test_families_qwen_more.py", "tests/test_families_ltx2.py"]
+              "tests/test_families_hunyuan.py", "tests/test_families_qwen_more.py", "tests/test_families_ltx2.py",
+              "tests/test_families_qwen21.py"]
 
 # Columns: the tests whose outcomes decide them (test function name prefixes).
 COLUMNS = {
@@ -101,7 +102,8 @@ def _pipelines() -> dict[str, dict]:
             if name in tp.CFG_INFO else None,
             "mask": family.mask_kwarg is not None and "none" not in str(info.get("text_mask", "none")),
             "video": "3D" in type(denoiser).__name__,
-            "fast": not any(name in table for table in (STRAIGHTFORWARD_ONLY, CONCAT_STRAIGHTFORWARD, MORE_STRAIGHTFORWARD,
+            # layout "prefix": no duplicated rows; the negative prefix's keys/values are computed once per generation
+            "fast": "cached negative prefix" if family.layout == "prefix" else not any(name in table for table in (STRAIGHTFORWARD_ONLY, CONCAT_STRAIGHTFORWARD, MORE_STRAIGHTFORWARD,
                                                         LAST_STRAIGHTFORWARD, FLUX2_STRAIGHTFORWARD,
                                                         ZIMAGE_STRAIGHTFORWARD, HUNYUAN_STRAIGHTFORWARD,
                                                         QWEN_MORE_STRAIGHTFORWARD, LTX2_STRAIGHTFORWARD)),
@@ -125,6 +127,8 @@ def render(outcomes: dict[str, str]) -> str:
             names = [f"flux_{p}" for p in params if f"flux_{p}" in pipelines]
         if module == "test_families_zimage":  # one pipeline: its tests are not parametrized by name
             names = ["zimage"]
+        if module == "test_families_qwen21" and test == "test_conditioning_is_left_unguided":
+            names = ["qwenimage21_condition_image"]
         if module == "test_wan_i2v":  # one pipeline: its tests are not parametrized by name
             names = ["wan_i2v"]
             if test == "test_agrees_with_naive_implementation":  # CFG on: the unconditional calls match stock
@@ -176,7 +180,10 @@ def render(outcomes: dict[str, str]) -> str:
         "  reference image into every prompt, so one prompt, and two images per prompt against the naive reference).",
         "- **layout**: `cross` (negative context appended along the tokens), `joint` (negative text rows carried",
         "  through the text stream), `concat` (models that join text and image themselves: whole negative rows",
-        "  `[negative text, image]` whose image tokens every attention layer replaces by the guided ones).",
+        "  `[negative text, image]` whose image tokens every attention layer replaces by the guided ones),",
+        "  `prefix` (causal single-stream models: the negative prompt's prefix runs in a call of its own and the",
+        "  guided image queries attend to its keys/values in every layer; \"cached negative prefix\" in the fast",
+        "  path column: computed once per generation when the text ignores the timestep, no duplicated rows).",
         "",
         "| pipeline | family | scale / tau / alpha | invariants | NAG alone | CFG + NAG | text masks | video | batch | fast path | matches the naive reference | conditioning unguided |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -189,12 +196,16 @@ def render(outcomes: dict[str, str]) -> str:
             label += " (dev-style)" if name == "flux_dev" else " (SD3.5 dual attention)"
         if name == "ltx2_adaln":
             label += " (cross-attention AdaLN, LTX-2.3 style)"
+        if name == "qwenimage21_timestep_text":
+            label += " (text modulated by the timestep)"
+        if name == "qwenimage21_condition_image":
+            label += " (condition image)"
         d = row["defaults"]
         lines.append(
             f"| `{label}` | {row['family']} ({row['layout']}) | {d.scale:g} / {d.tau:g} / {d.alpha:g} | "
             f"{cell(name, 'invariants')} | {cell(name, 'NAG alone')} | {cell(name, 'CFG + NAG', bool(row['cfg']))} | "
             f"{'yes' if row['mask'] else '-'} | {'yes' if row['video'] else '-'} | {row['batch']} | "
-            f"{'yes' if row['fast'] else 'straightforward'} | {cell(name, 'matches the naive reference')} | "
+            f"{row['fast'] if isinstance(row['fast'], str) else 'yes' if row['fast'] else 'straightforward'} | {cell(name, 'matches the naive reference')} | "
             f"{cell(name, 'conditioning unguided') if results.get((name, 'conditioning unguided')) else '-'} |"
         )
     return "\n".join(lines) + "\n"

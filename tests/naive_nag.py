@@ -13,6 +13,8 @@ nothing from ``nag`` and is written plainly from the equations and from reading 
 * ``naive_sd3_forward``             - SD3Transformer2DModel (incl. SD3.5 dual attention), re-implemented block by block.
 * ``naive_ltx2_forward``            - LTX2VideoTransformer3DModel: naive processors on the video stream's text cross
                                       attention, the negative text modulated like the positive in each block.
+* ``naive_qwenimage21_forward``     - QwenImage21Transformer2DModel: the dense block-causal mask written out, a second
+                                      sequence [negative text, guided target image] carried through every block.
 
 Clarity over speed: every branch is computed separately and the negative text stream is carried alongside the
 single (guided) image stream.
@@ -1965,3 +1967,142 @@ def naive_ltx2_forward(model, forward_kwargs, neg_encoder_hidden_states, neg_enc
         for module, original in originals:
             module.set_processor(original)
     return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Qwen-Image 2.1: one block-causal sequence [text with condition-image slots, target image]
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _qwen21_layout(tr, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, img_shapes, img_mask):
+    """The joint sequence, its rotary table, target-token mask and additive attention bias, as the model builds
+    them: text projected, each image slot expanded to 4 latent tokens, the block-causal mask written out as a
+    dense (query, key) matrix (causal, except that each image block sees itself whole), padded text keys dropped."""
+    b = hidden_states.shape[0]
+    img = tr.img_in(hidden_states)
+    txt = tr.txt_in(encoder_hidden_states)
+    slots = img_mask[0].bool()
+    repeats = torch.where(slots, 4, 1)
+    is_image = torch.repeat_interleave(slots, repeats)
+    target = math.prod(img_shapes[0][-1])
+    joint = torch.cat([txt, txt.new_zeros(b, target // 4, txt.shape[2])], dim=1).repeat_interleave(repeats, dim=1)
+    joint[:, is_image] = img
+    length = joint.shape[1]
+    rope = tr.pos_embed(img_shapes[0], is_image, device=joint.device)
+    block = torch.full((length,), -1, dtype=torch.long)
+    positions = is_image.nonzero(as_tuple=True)[0].tolist()
+    sizes = [math.prod(s) for s in img_shapes[0]]
+    cursor = 0
+    for index, size in enumerate(sizes):
+        for p in positions[cursor : cursor + size]:
+            block[p] = index
+        cursor += size
+    is_target = torch.zeros(length, dtype=torch.bool)
+    is_target[positions[-sizes[-1]:]] = True
+    q_idx, k_idx = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    allowed = (q_idx >= k_idx) | ((block[:, None] == block[None, :]) & (block[:, None] >= 0))
+    allowed = allowed[None].expand(b, -1, -1).clone()
+    if encoder_hidden_states_mask is not None:
+        valid = torch.ones(b, length, dtype=torch.bool)
+        text_positions = (~is_image).nonzero(as_tuple=True)[0]
+        text_slots = ~slots[: encoder_hidden_states_mask.shape[1]]
+        valid[:, text_positions] = encoder_hidden_states_mask.bool()[:, text_slots]
+        allowed &= valid[:, None, :]
+    bias = torch.zeros(b, 1, length, length).masked_fill(~allowed[:, None], float("-inf"))
+    return joint, rope, is_target.to(joint.device), bias.to(joint.device)
+
+
+def _qwen21_modulation_rows(params, is_target, causal_condition):
+    """(rows, tokens, dim): target tokens take their row's timestep, the others the t = 0 row (causal_condition)."""
+    if not causal_condition:
+        return params[:, None]
+    return torch.where(is_target.view(1, -1, 1), params[:-1, None], params[-1:, None])
+
+
+def _qwen21_attention_z(attn, x, rope, bias):
+    """The attention output before the output projection, (rows, tokens, heads * head_dim)."""
+    head_dim = attn.inner_dim // attn.heads
+    q = attn.norm_q(attn.to_q(x).unflatten(-1, (-1, head_dim)))
+    k = attn.norm_k(attn.to_k(x).unflatten(-1, (-1, head_dim)))
+    v = attn.to_v(x).unflatten(-1, (-1, head_dim))
+
+    def rotate(t):
+        pairs = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * rope.unsqueeze(1)).flatten(3).type_as(t)
+
+    return naive_attention(rotate(q), rotate(k), v, bias)
+
+
+def _qwen21_block(block, x, mod, rope, bias, is_target, causal_condition, z_edit=None):
+    """One block; ``z_edit(z) -> z`` may change the attention output before the output projection."""
+    mod1, mod2 = mod.chunk(2, dim=-1)
+    scale1, gate1 = (_qwen21_modulation_rows(p, is_target, causal_condition) for p in mod1.chunk(2, dim=-1))
+    z = _qwen21_attention_z(block.attn, block.img_norm1(x) * (1 + scale1), rope, bias)
+    if z_edit is not None:
+        z = z_edit(z)
+    x = x + gate1.tanh() * block.attn.to_out[0](z)
+    scale2, gate2 = (_qwen21_modulation_rows(p, is_target, causal_condition) for p in mod2.chunk(2, dim=-1))
+    return x + gate2.tanh() * block.img_mlp(block.img_norm2(x) * (1 + scale2)), z
+
+
+def _qwen21_output(tr, x, temb, is_target, causal_condition):
+    scale = tr.norm_out.linear(tr.norm_out.silu(temb).to(x.dtype))
+    return tr.proj_out(tr.norm_out.norm(x) * (1 + _qwen21_modulation_rows(scale, is_target, causal_condition)))
+
+
+def naive_qwenimage21_forward(tr, forward_kwargs, neg_encoder_hidden_states, neg_encoder_hidden_states_mask=None,
+                              neg_img_mask=None, scale=1.0, tau=2.5, alpha=0.25, p=1, cond_rows=None):
+    """QwenImage21Transformer2DModel with NAG, block by block.
+
+    Every guided row carries a second sequence: the negative prompt's own layout ``[negative text (with its
+    condition-image slots), target image]``; at every block its target tokens are the guided row's current target
+    tokens. ``Z-`` is that sequence's attention output at the target tokens (under the same block-causal mask), and
+    the negative text evolves through the blocks as in the negative prompt's own call (it never sees the target).
+    ``neg_img_mask`` is the negative's text-slot mask (no target slots; None: text only). Without a negative the
+    model runs unguided (an independent re-implementation of the stock forward). Returns the whole sequence's output.
+    """
+    kw = forward_kwargs
+    x, t = kw["hidden_states"], kw["timestep"]
+    b = x.shape[0]
+    rows = [] if neg_encoder_hidden_states is None else _rows_or_all(cond_rows, b)
+    causal = bool(tr.config.causal_condition)
+    pos, rope, is_target, bias = _qwen21_layout(tr, x, kw["encoder_hidden_states"], kw.get("encoder_hidden_states_mask"),
+                                                kw["img_shapes"], kw["img_mask"])
+    if not rows:
+        temb = tr.time_text_embed((torch.cat([t, t.new_zeros(1)]) if causal else t).to(x.dtype), x)
+        mod = tr.modulation(temb)
+        for block in tr.transformer_blocks:
+            pos, _ = _qwen21_block(block, pos, mod, rope, bias, is_target, causal)
+        return _qwen21_output(tr, pos, temb, is_target, causal)
+    target_slots = kw["img_mask"].shape[1] - kw["encoder_hidden_states"].shape[1]
+    n = len(rows)
+    if neg_img_mask is None:
+        neg_img_mask = torch.zeros(n, neg_encoder_hidden_states.shape[1], dtype=torch.bool)
+    neg_img_mask = torch.cat([neg_img_mask.bool(), torch.ones(n, target_slots, dtype=torch.bool)], dim=1)
+    neg_x, neg_shapes = x[rows], [kw["img_shapes"][0]] * n  # every sample has sample 0's layout
+    if not bool(neg_img_mask[0, :-target_slots].any()):  # a text-only negative: its sequence has no condition images
+        neg_x, neg_shapes = neg_x[:, -math.prod(neg_shapes[0][-1]):], [shapes[-1:] for shapes in neg_shapes]
+    neg, neg_rope, neg_is_target, neg_bias = _qwen21_layout(tr, neg_x, neg_encoder_hidden_states,
+                                                            neg_encoder_hidden_states_mask, neg_shapes, neg_img_mask)
+
+    def modulation(timestep):
+        steps = torch.cat([timestep, timestep.new_zeros(1)]) if causal else timestep
+        temb = tr.time_text_embed(steps.to(x.dtype), x)
+        return temb, tr.modulation(temb)
+
+    temb, mod = modulation(t)
+    _, neg_mod = modulation(t[rows])
+    for block in tr.transformer_blocks:
+        neg = neg.clone()
+        neg[:, neg_is_target] = pos[rows][:, is_target]
+        neg_next, z_neg = _qwen21_block(block, neg, neg_mod, neg_rope, neg_bias, neg_is_target, causal)
+
+        def guide(z, z_neg=z_neg):
+            z = z.clone()
+            for j, r in enumerate(rows):
+                z[r, is_target] = naive_combine(z[r, is_target], z_neg[j, neg_is_target], scale, tau, alpha, p)
+            return z
+
+        pos, _ = _qwen21_block(block, pos, mod, rope, bias, is_target, causal, guide)
+        neg = neg_next
+    return _qwen21_output(tr, pos, temb, is_target, causal)

@@ -1125,6 +1125,87 @@ _BASE_KWARGS.update(
 SINGLE_PROMPT.add("qwenimage_edit_plus")
 
 
+def make_qwen3_vl_processor(seed: int = 0, hidden_size: int = 16):
+    """A tiny Qwen3-VL with a working vision tower (one merged vision token per 32x32 pixels, the 2x2 latent tokens
+    Qwen-Image 2.1 expands each vision slot into), its tokenizer with the vision specials and a minimal chat
+    template (what QwenImage21Pipeline reads to count the system tokens it drops), and a Qwen3VLProcessor."""
+    from transformers import (Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor)
+
+    class TinyQwen3VLProcessor(Qwen3VLProcessor):
+        # without torchvision, transformers 5 cannot build or check the (unused) video processor
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None
+
+    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
+    words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+    vocab, merges = _bpe_tables(specials, chars, words)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, additional_special_tokens=specials[1:])
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=8, pad_token_id=tok.pad_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden_size,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    with _seeded(seed):
+        model = Qwen3VLForConditionalGeneration(config)
+    images = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                                   max_pixels=64 * 64)
+    processor = TinyQwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=None, chat_template=template)
+    return processor, model.eval()
+
+
+def qwenimage21(causal_condition: bool = True):
+    """QwenImage21Pipeline: one block-causal single-stream transformer over ``[text with condition-image slots, target
+    image]``; true CFG (one call per branch, cond first); a key/value cache of the text prefix across steps when
+    ``causal_condition`` (the text modulated from t = 0). 32x32 pixels -> 2x2 latent -> 4 target tokens."""
+    from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
+                           QwenImage21Transformer2DModel)
+
+    processor, text_encoder = make_qwen3_vl_processor(seed=0)
+    with _seeded(1):  # five stages: the 16x spatial compression the pipeline assumes
+        vae = AutoencoderKLQwenImage21(base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1] * 5, num_res_blocks=1,
+                                       attn_scales=[], temperal_downsample=[False, True, True, True],
+                                       latents_mean=[0.0] * 8, latents_std=[1.0] * 8).eval()
+    with _seeded(2):
+        transformer = QwenImage21Transformer2DModel(
+            patch_size=1, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6), causal_condition=causal_condition,
+        ).eval()
+    return _finish(QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                       processor=processor, transformer=transformer))
+
+
+def qwenimage21_timestep_text():
+    """QwenImage21Pipeline without ``causal_condition``: the text is modulated by the sampled timestep, so its
+    prefix changes every step (and the pipeline runs without its key/value cache)."""
+    return qwenimage21(causal_condition=False)
+
+
+def qwenimage21_condition_image():
+    """QwenImage21Pipeline with a condition image: its latents (4 tokens) fill the vision slot in the text, for the
+    negative prompt's encoding too."""
+    return qwenimage21()
+
+
+FAMILY_FACTORIES.update(qwenimage21=qwenimage21, qwenimage21_timestep_text=qwenimage21_timestep_text,
+                        qwenimage21_condition_image=qwenimage21_condition_image)
+for _name in ("qwenimage21", "qwenimage21_timestep_text", "qwenimage21_condition_image"):
+    CFG_INFO[_name] = dict(CFG_INFO["qwenimage"], text_mask="encoder_hidden_states_mask, None when every token is valid")
+    _BASE_KWARGS[_name] = dict(height=32, width=32, output_type="latent")
+# one condition image, shared by the batch (the pipeline puts every image into every prompt)
+_BASE_KWARGS["qwenimage21_condition_image"].update(image=_pil_frame(19), output_resolution=32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Models that join text and image themselves (tests/test_families_concat.py)
 # --------------------------------------------------------------------------------------------------

@@ -588,6 +588,80 @@ class RowsPerSampleImageFirstAttentionNAG(RowsPerSampleAttentionNAG):
         return [(r, 0, 0, call.image_lengths[r]) for r in call.cond_rows.tolist()]
 
 
+#: ``runtime.scratch`` key set while the negative prefix's own call runs: the prefix processors record into it.
+PREFIX_RECORDING = "causal_prefix_recording"
+#: ``runtime.cache`` key of the recorded negative prefix (per generation).
+NEGATIVE_PREFIX = "causal_prefix"
+
+
+class PrefixKeysValues:
+    """One layer's prefix keys and values, filled by the stock processor (``store``) and read back (``get``)
+    in the shape the model's own per-layer key/value cache has."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.values is None:
+            raise RuntimeError("NAG's negative prefix has no keys/values for this layer")
+        return self.keys, self.values
+
+
+class CausalPrefixAttentionNAG(NAGProcessor):
+    """Attention over one causal sequence ``[text with condition images, target image]`` (Qwen-Image 2.1's
+    block-causal processor, layout ``"prefix"``).
+
+    While the negative prompt's own call runs (``runtime.scratch[PREFIX_RECORDING]`` set), the stock processor
+    runs as in the model's cache-filling step and this layer's prefix keys/values, the target image's rotary
+    tables and the key mask of that call are recorded. In a guided call the stock processor runs twice: the
+    guided rows' target-image tokens alone, at the negative call's target positions, attending to
+    ``[recorded negative prefix, themselves]`` (the model's cached-decode step: ``Z-``), then the stock call
+    with the guided rows' target-image ``Z+`` replaced by the NAG combination before the output projection.
+    The text and the stock rows are never touched.
+    """
+
+    role = "causal_prefix"
+
+    def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        recording = self.runtime.scratch.get(PREFIX_RECORDING)
+        if recording is None or self.runtime.call is not None:
+            return super().__call__(attn, *args, **kwargs)
+        arguments = dict(self._signature.bind(attn, *args, **kwargs).arguments)
+        segments = arguments.get("segments")
+        prefix_len = segments[-1][1] if segments else 0
+        layer = PrefixKeysValues()
+        recording.setdefault("layers", {})[attn] = layer
+        rotary = arguments.get("rotary_emb")
+        recording.setdefault("rotary", rotary[prefix_len:] if rotary is not None else None)
+        recording.setdefault("key_valid", arguments.get("key_valid"))
+        return self.run_stock(attn, arguments, layer_cache=layer, kv_cache_mode="extract",
+                              cache_write_slice=slice(0, prefix_len))
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        prefix = self.runtime.cache[NEGATIVE_PREFIX]
+        hidden = arguments["hidden_states"]
+        start = hidden.shape[1] - call.image_lengths[0]
+        key_valid = prefix["key_valid"]
+
+        def run_negative(view: Any) -> Any:
+            return self.run_stock(
+                view, arguments, hidden_states=hidden[call.cond_rows, start:], rotary_emb=prefix["rotary"],
+                attention_mask=None if key_valid is None else key_valid[:, None, None, :],
+                layer_cache=prefix["layers"][attn], kv_cache_mode="cached", cache_write_slice=None, segments=None,
+                key_valid=None,
+            )
+
+        def run_positive(view: Any) -> Any:
+            return self.run_stock(view, arguments)
+
+        _, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive, start, 0)
+        return positive
+
+
 def _branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:
     """One branch's rows of a mask over ``[padded text, image]`` (keys on the last axis, queries
     on the one before when it has that length), restricted to ``[text[:text_len], image]``."""

@@ -12,7 +12,10 @@
 * for families whose model forward joins text and image itself (layout ``"concat"``: Chroma,
   AuraFlow), the negative rows are whole extra batch rows ``[negative text, image]`` from the
   model input on; every attention layer gives them the guided rows' image tokens, and their
-  rows are dropped from the model output.
+  rows are dropped from the model output;
+* for causal single-stream families (layout ``"prefix"``: Qwen-Image 2.1), the negative prompt's prefix runs in a
+  denoiser call of its own before the first guided call (or before every guided call when the prefix depends on
+  the timestep); its per-layer keys/values are recorded for the attention wrappers, and the stock rows run as stock.
 
 ``Attachment.detach()`` restores every processor and removes every hook. When a call is not
 guided, the hooks pass the stock arguments through unchanged, so the output is bit-identical.
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .attention import wrap_processor
+from .attention import NEGATIVE_PREFIX, PREFIX_RECORDING, wrap_processor
 from .settings import NAGSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -172,8 +175,10 @@ def _rows_for(tensor: Any, count: int, name: str) -> Any:
         if isinstance(tensor, (list, tuple)):
             return list(tensor) * count
         return tensor.expand(count, *tensor.shape[1:])
-    if isinstance(tensor, (list, tuple)) and rows and count % rows == 0:  # one per prompt, images repeated per prompt
-        return [t for t in tensor for _ in range(count // rows)]
+    if rows and count % rows == 0:  # one per prompt, images repeated per prompt
+        if isinstance(tensor, (list, tuple)):
+            return [t for t in tensor for _ in range(count // rows)]
+        return tensor.repeat_interleave(count // rows, dim=0)
     raise ValueError(
         f"negative `{name}` has {rows} rows but the guided batch has {count}; "
         "pass one row, or one row per prompt"
@@ -275,6 +280,11 @@ class Attachment:
         }
         pad_to = (family.text_length(module) or 0) if family.text_length is not None else 0
         call, changes = family.extend_inputs(arguments, negative, cond_rows, pad_to)
+        if family.layout == "prefix":
+            self._prefill_negative(module, arguments, negative, cond_rows)
+            runtime.call = call
+            runtime.guided_calls += 1
+            return None
         if family.text_prefix is not None:
             call.text_prefix = family.text_prefix(module)
         arguments.update(changes)
@@ -285,6 +295,22 @@ class Attachment:
         runtime.call = call
         runtime.guided_calls += 1
         return bound.args, bound.kwargs
+
+    def _prefill_negative(self, module: torch.nn.Module, arguments: dict, negative: dict, cond_rows: torch.Tensor) -> None:
+        """Layout ``"prefix"``: run the negative prompt's own call for the guided rows, recording every layer's prefix
+        keys/values (once per generation when the prefix does not depend on the timestep, else at every step)."""
+        prefix = self.family.causal_prefix
+        rows = cond_rows.tolist()
+        recorded = self.runtime.cache.get(NEGATIVE_PREFIX)
+        if recorded is not None and recorded["rows"] == rows and prefix.step_independent(module):
+            return
+        recording: dict[str, Any] = {}
+        self.runtime.scratch[PREFIX_RECORDING] = recording
+        try:  # `forward`, not the module: hooks watching the denoiser's calls see only the pipeline's
+            module.forward(**prefix.negative_call(arguments, negative, cond_rows))
+        finally:
+            self.runtime.scratch.pop(PREFIX_RECORDING, None)
+        self.runtime.cache[NEGATIVE_PREFIX] = {"rows": rows, **recording}
 
     def _after_denoiser(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         call, self.runtime.call = self.runtime.call, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .attention import (
+    CausalPrefixAttentionNAG,
     CrossAttentionNAG,
     FastCrossAttentionNAG,
     FastJointAttentionNAG,
@@ -36,7 +38,7 @@ from .attention import (
 from .engine import GuidedCall
 from .settings import FamilyDefaults
 
-__all__ = ["Family", "PipelineSpec", "FAMILIES", "PIPELINES", "pipeline_spec"]
+__all__ = ["Family", "CausalPrefix", "PipelineSpec", "FAMILIES", "PIPELINES", "pipeline_spec"]
 
 logger = logging.getLogger("nag")
 
@@ -62,6 +64,10 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_per_sample_image_first", True): RowsPerSampleImageFirstAttentionNAG,
     ("single_fused", False): FusedSingleAttentionNAG,
     ("single_fused", True): FusedSingleAttentionNAG,
+    # causal single-stream models (layout "prefix"): the negative prefix's keys/values are prefilled once, and
+    # the target image's queries attend to them in a second, image-only attention call (no duplicated rows)
+    ("causal_prefix", False): CausalPrefixAttentionNAG,
+    ("causal_prefix", True): CausalPrefixAttentionNAG,
 }
 
 
@@ -118,6 +124,84 @@ def _cogvideox_text_length(denoiser: torch.nn.Module) -> int | None:
     return None
 
 
+def _qwen21_target_tokens(arguments: dict[str, Any]) -> int:
+    """Qwen-Image 2.1: the target image's tokens, the last block of ``img_shapes`` (the sequence's last tokens)."""
+    return math.prod(arguments["img_shapes"][0][-1])
+
+
+def _qwen21_negative_call(arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor) -> dict[str, Any]:
+    """Qwen-Image 2.1: the denoiser arguments of the negative prompt's own call for the guided rows, laid out as the
+    pipeline lays out a classifier-free-guidance call: its own text length, its own image slots (condition images
+    encoded with the negative prompt), the target image's slots appended. Text-only negative embeddings (no image
+    slots) give a prefix without the condition images."""
+    text = arguments["encoder_hidden_states"]
+    negative_text = negative["encoder_hidden_states"].to(text.dtype)
+    target_slots = arguments["img_mask"].shape[1] - text.shape[1]  # the model's img_mask: [text, target slots]
+    slots = negative.get("img_mask")
+    if slots is None:  # precomputed text-only embeddings: no position holds an image
+        slots = torch.zeros(negative_text.shape[:2], dtype=torch.bool, device=text.device)
+    slots = slots.to(text.device, torch.bool)
+    img_mask = torch.cat([slots, slots.new_ones(slots.shape[0], target_slots)], dim=1)
+    timestep = arguments["timestep"]
+    if isinstance(timestep, torch.Tensor) and timestep.ndim and timestep.shape[0] == text.shape[0]:
+        timestep = timestep[cond_rows]
+    # (the model reads the layout of sample 0: the pipeline gives one entry per prompt, not per generated image)
+    image, shapes = arguments["hidden_states"][cond_rows], [arguments["img_shapes"][0]] * len(cond_rows)
+    condition_tokens = image.shape[1] - _qwen21_target_tokens(arguments)
+    negative_condition_tokens = 4 * int(slots[0].sum())  # each vision slot stands for 2x2 latent tokens
+    if negative_condition_tokens == 0 and condition_tokens:  # text-only negative embeddings: no condition image
+        image, shapes = image[:, condition_tokens:], [shape[-1:] for shape in shapes]
+    elif negative_condition_tokens != condition_tokens:
+        raise ValueError(
+            f"the negative conditioning has image slots for {negative_condition_tokens} condition-image tokens but the "
+            f"call's condition images have {condition_tokens}; encode the negative prompt with the same images"
+        )
+    return {
+        "hidden_states": image,
+        "encoder_hidden_states": negative_text,
+        "encoder_hidden_states_mask": negative.get("encoder_attention_mask"),
+        "timestep": timestep,
+        "img_shapes": shapes,
+        "img_mask": img_mask,
+        "attention_kwargs": arguments.get("attention_kwargs"),
+        "return_dict": False,
+    }
+
+
+def _refuse_qwen21_flex(denoiser: torch.nn.Module) -> str | None:
+    flex = [name for name, module in denoiser.named_modules()
+            if type(getattr(module, "processor", None)).__name__ == "QwenImage21FlexAttnProcessor"]
+    if flex:
+        return (f"`{flex[0]}` has QwenImage21FlexAttnProcessor, whose block mask the model builds only for processors "
+                "it recognises; NAG drives the default QwenImage21AttnProcessor (set it with "
+                "transformer.set_attn_processor(QwenImage21AttnProcessor()) before nag.apply)")
+    return None
+
+
+@dataclass(frozen=True)
+class CausalPrefix:
+    """Layout ``"prefix"``: a single-stream model whose sequence is ``[text (with condition images), target image]``
+    under a causal mask, so the text never attends to the target image (Qwen-Image 2.1).
+
+    The negative prompt's prefix is run once through the model in a call of its own, laid out as the pipeline
+    lays out its classifier-free-guidance call; every text-attention layer keeps that call's prefix keys/values.
+    In a guided call the stock rows run as stock, and in every layer the guided rows' target-image queries
+    also attend to ``[negative prefix, target image]`` (target keys from the same image tokens, at the negative
+    layout's positions): that is ``Z-``, combined with the stock ``Z+`` before the output projection.
+
+    Attributes:
+        negative_call: ``(call arguments, negative conditioning, guided rows) -> arguments`` of the negative
+            prompt's own denoiser call for the guided rows.
+        target_tokens: ``call arguments -> tokens`` of the target image, the last tokens of the sequence.
+        step_independent: ``denoiser -> bool``: the prefix does not depend on the timestep (prefilled once per
+            generation) rather than on every step.
+    """
+
+    negative_call: Callable[[dict[str, Any], dict[str, torch.Tensor], torch.Tensor], dict[str, Any]]
+    target_tokens: Callable[[dict[str, Any]], int]
+    step_independent: Callable[[torch.nn.Module], bool]
+
+
 @dataclass(frozen=True)
 class Family:
     """How NAG plugs into one denoiser architecture.
@@ -134,7 +218,9 @@ class Family:
             whose forward joins text and image itself, whole negative rows ``[negative text,
             image]`` are appended along the batch axis from the model input on (the image part a
             copy of the conditional row's); every text-attention layer substitutes the guided
-            rows' image tokens for the copy, and the model output drops the negative rows.
+            rows' image tokens for the copy, and the model output drops the negative rows; ``"prefix"``: for causal
+            single-stream models, the negative prompt's prefix runs in a call of its own and the guided rows'
+            image queries attend to its keys/values in every layer (see :class:`CausalPrefix`).
         text_kwarg / mask_kwarg / timestep_kwarg / image_kwarg: the denoiser's argument names.
         negative_keys: conditioning a negative prompt supplies (denoiser argument names).
         row_kwargs: joint layout: per-row arguments (timestep, guidance) repeated for the
@@ -161,6 +247,7 @@ class Family:
             start with the image (Z-Image).
         text_length: ``denoiser -> tokens or None``: the text length the model requires (CogVideoX
             with positional embeddings over ``[text, image]``); both branches are padded to it.
+        causal_prefix: layout ``"prefix"``: how the negative prompt's own call is made (:class:`CausalPrefix`).
     """
 
     name: str
@@ -185,6 +272,7 @@ class Family:
     text_length: Callable[[torch.nn.Module], int | None] | None = None
     row_text_lengths: Callable[[dict[str, Any]], list[int]] | None = None
     row_image_lengths: Callable[[dict[str, Any]], list[int]] | None = None
+    causal_prefix: CausalPrefix | None = None
 
     def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
         if not hasattr(module, "processor"):
@@ -207,6 +295,12 @@ class Family:
             return self._extend_lists(arguments, negative, cond_rows)
         if self.layout == "cross":
             return self._extend_cross(arguments, negative, cond_rows)
+        if self.layout == "prefix":  # the stock rows run as stock; the negative prefix has a call of its own
+            text = arguments[self.text_kwarg]
+            rows, target = text.shape[0], self.causal_prefix.target_tokens(arguments)
+            negative_len = negative["encoder_hidden_states"].shape[1]
+            call = GuidedCall(rows, cond_rows, text.shape[1], negative_len, text.shape[1], image_lengths=[target] * rows)
+            return call, {}
         if self.layout == "concat":
             return self._extend_concat(arguments, negative, cond_rows, pad_to)
         return self._extend_joint(arguments, negative, cond_rows, pad_to)
@@ -584,6 +678,23 @@ FAMILIES: dict[str, Family] = {
             attention=((r"(vace_)?blocks\.\d+\.attn2", "cross"),),
             layout="cross",
         ),
+        # Qwen-Image 2.1: one block-causal sequence [text with condition-image slots, target image]; the text never
+        # sees the target, so the negative prompt's prefix runs in a call of its own (once per generation when the
+        # text is modulated from t = 0, `causal_condition`) and each layer's target queries attend to its keys/values.
+        Family(
+            name="qwenimage21",
+            denoisers=("QwenImage21Transformer2DModel",),
+            attention=((r"transformer_blocks\.\d+\.attn", "causal_prefix"),),
+            layout="prefix",
+            mask_kwarg="encoder_hidden_states_mask",
+            negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+            causal_prefix=CausalPrefix(
+                negative_call=_qwen21_negative_call,
+                target_tokens=_qwen21_target_tokens,
+                step_independent=lambda denoiser: bool(getattr(denoiser.config, "causal_condition", False)),
+            ),
+            refuse=_refuse_qwen21_flex,
+        ),
     )
 }
 
@@ -644,6 +755,10 @@ PIPELINES: dict[str, PipelineSpec] = {
         # never guided text) and enter the prompt encoding as vision tokens, so the negative prompt is encoded with
         # the same images. Qwen-Image-Edit-2511 (zero_cond_t) is refused by the family.
         PipelineSpec("QwenImageEditPipeline", "qwenimage", "Qwen-Image-Edit", FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
+        # Qwen-Image 2.1 (text-to-image and image-conditioned): no published NAG defaults; FLUX.1's (the closest published
+        # flow-matching image DiT) are used. encode_prompt's third output marks the condition images' slots in the text.
+        PipelineSpec("QwenImage21Pipeline", "qwenimage21", "Qwen-Image 2.1 (text-to-image, image-conditioned)",
+                     FamilyDefaults(5.0, 2.5, 0.25), (_E, _M, "img_mask")),
         PipelineSpec("QwenImageEditPlusPipeline", "qwenimage", "Qwen-Image-Edit-2509 (multiple reference images)",
                      FamilyDefaults(5.0, 2.5, 0.25), (_E, _M)),
         # Chroma: DESIGN.md's Chroma range (3-5, 2.5, 0.25); Flux's 5 within it.

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .attention import NAGProcessor
+from .attention import NEGATIVE_PREFIX, NAGProcessor
 from .engine import Attachment, NAGRuntime, attach, unwrap_compiled
 from .families import FAMILIES, PipelineSpec, pipeline_spec
 from .settings import NAGSettings
@@ -59,6 +59,8 @@ _PROCESSOR_PARAMETERS = {
     "single_fused": ("hidden_states",),
     "joint_rows_per_sample": ("hidden_states", "encoder_hidden_states"),
     "joint_rows_per_sample_image_first": ("hidden_states",),
+    "causal_prefix": ("hidden_states", "attention_mask", "rotary_emb", "layer_cache", "kv_cache_mode", "cache_write_slice",
+                      "segments", "key_valid"),
 }
 
 # diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
@@ -283,6 +285,7 @@ class NAGHandle:
         with self._lock:
             if self._generating_thread is threading.current_thread():
                 self._generating_thread = None
+                self.runtime.cache.pop(NEGATIVE_PREFIX, None)  # the negative prefix's keys/values: freed with the loop
 
     def _check_processors_in_place(self) -> None:
         """Refuse to generate when something replaced NAG's attention processors after ``apply``
