@@ -98,9 +98,9 @@ def test_agrees_with_naive_implementation(name, fast):
 
 
 def test_negative_prefix_runs_once_per_generation_when_the_text_ignores_the_timestep():
-    """With ``causal_condition`` the negative prefix is one extra denoiser pass per generation; with the text
-    modulated by the timestep one per guided step. The pipeline's own calls are unchanged (4: 2 steps x 2 CFG
-    branches)."""
+    """With ``causal_condition`` the negative prefix is one extra denoiser pass per generation (with the smallest
+    target image the model takes); with the text modulated by the timestep one per guided step. The pipeline's own
+    calls are unchanged (4: 2 steps x 2 CFG branches)."""
     for name, extra in (("qwenimage21", 1), ("qwenimage21_timestep_text", 2)):
         pipe = tpl.pipeline(name)
         model = tp.denoiser(pipe)
@@ -108,19 +108,24 @@ def test_negative_prefix_runs_once_per_generation_when_the_text_ignores_the_time
         original = model.forward
 
         def counting_forward(*args, **kwargs):
-            passes.append(kwargs.get("kv_cache_mode"))
+            passes.append((kwargs.get("kv_cache"), kwargs["hidden_states"].shape[1]))
             return original(*args, **kwargs)
 
         with nag.apply(pipe, tpl.NEGATIVE, **tpl.SETTINGS) as handle:
             model.forward = counting_forward
             try:
-                _, calls = tpl.record(pipe, name)
+                _, calls = tpl.record(pipe, name, height=64, width=64)  # 4x4 latent: 16 target tokens
             finally:
                 del model.forward
             assert handle.guided_calls == 2
             assert nag.attention.NEGATIVE_PREFIX not in handle.runtime.cache  # the keys/values are freed after the loop
         assert len(calls) == 4
         assert len(passes) == 4 + extra, (name, passes)
+        # the negative prefix's own passes (no cache of the pipeline's) carry the smallest target image: 2x2 tokens
+        prefills = [tokens for cache, tokens in passes if cache is None]
+        pipeline_passes = [tokens for cache, tokens in passes if cache is not None]
+        if name == "qwenimage21":
+            assert prefills == [4] and pipeline_passes == [16] * 4
 
 
 def test_without_the_pipelines_cache_the_guided_output_is_the_same():

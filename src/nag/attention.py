@@ -616,8 +616,8 @@ class CausalPrefixAttentionNAG(NAGProcessor):
     block-causal processor, layout ``"prefix"``).
 
     While the negative prompt's own call runs (``runtime.scratch[PREFIX_RECORDING]`` set), the stock processor
-    runs as in the model's cache-filling step and this layer's prefix keys/values, the target image's rotary
-    tables and the key mask of that call are recorded. In a guided call the stock processor runs twice: the
+    runs as in the model's cache-filling step and this layer's prefix keys/values and the prefix's key mask are
+    recorded (the engine adds the target image's rotary table at the negative layout's positions). In a guided call the stock processor runs twice: the
     guided rows' target-image tokens alone, at the negative call's target positions, attending to
     ``[recorded negative prefix, themselves]`` (the model's cached-decode step: ``Z-``), then the stock call
     with the guided rows' target-image ``Z+`` replaced by the NAG combination before the output projection.
@@ -635,9 +635,8 @@ class CausalPrefixAttentionNAG(NAGProcessor):
         prefix_len = segments[-1][1] if segments else 0
         layer = PrefixKeysValues()
         recording.setdefault("layers", {})[attn] = layer
-        rotary = arguments.get("rotary_emb")
-        recording.setdefault("rotary", rotary[prefix_len:] if rotary is not None else None)
-        recording.setdefault("key_valid", arguments.get("key_valid"))
+        key_valid = arguments.get("key_valid")
+        recording.setdefault("prefix_key_valid", key_valid[:, :prefix_len] if key_valid is not None else None)
         return self.run_stock(attn, arguments, layer_cache=layer, kv_cache_mode="extract",
                               cache_write_slice=slice(0, prefix_len))
 
@@ -660,6 +659,69 @@ class CausalPrefixAttentionNAG(NAGProcessor):
 
         _, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive, start, 0)
         return positive
+
+
+class _AttributeView:
+    """Stands in for a module, with some attributes replaced."""
+
+    def __init__(self, module: torch.nn.Module, **replaced: Any):
+        object.__setattr__(self, "_module", module)
+        for name, value in replaced.items():
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_module"), name)
+
+
+class FastCausalPrefixAttentionNAG(CausalPrefixAttentionNAG):
+    """:class:`CausalPrefixAttentionNAG` without projecting the target-image tokens twice: the stock call runs first,
+    its query/key/value projections of the guided rows' target tokens are kept, and at its output projection the
+    negative pass runs on them (the model's cached-decode step with the kept projections), giving ``Z-`` to combine
+    with ``Z+`` there."""
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        prefix = self.runtime.cache[NEGATIVE_PREFIX]
+        hidden = arguments["hidden_states"]
+        start = hidden.shape[1] - call.image_lengths[0]
+        key_valid = prefix["key_valid"]
+        kept: dict[str, torch.Tensor] = {}
+        project = attn.to_out[0]
+
+        def keeping(name: str) -> _ProjectionTap:
+            layer = getattr(attn, name)
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                out = layer(x)
+                kept[name] = out[call.cond_rows, start:]
+                return out
+
+            return _ProjectionTap(layer, run)
+
+        def kept_projection(name: str) -> _ProjectionTap:
+            return _ProjectionTap(getattr(attn, name), lambda x: kept[name])
+
+        def combine(z: torch.Tensor) -> torch.Tensor:
+            negative: dict[str, torch.Tensor] = {}
+
+            def capture(z_negative: torch.Tensor) -> torch.Tensor:
+                negative["z"] = z_negative
+                return z_negative  # (the negative pass's output is not used)
+
+            view = _AttributeView(attn, to_q=kept_projection("to_q"), to_k=kept_projection("to_k"),
+                                  to_v=kept_projection("to_v"), to_out=[_ProjectionTap(project, capture), *attn.to_out[1:]])
+            self.run_stock(
+                view, arguments, hidden_states=hidden[call.cond_rows, start:], rotary_emb=prefix["rotary"],
+                attention_mask=None if key_valid is None else key_valid[:, None, None, :],
+                layer_cache=prefix["layers"][attn], kv_cache_mode="cached", cache_write_slice=None, segments=None,
+                key_valid=None,
+            )
+            z = z.clone()
+            z[call.cond_rows, start:] = self.combine(call, z[call.cond_rows, start:], negative["z"])
+            return project(z)
+
+        view = _AttributeView(attn, to_q=keeping("to_q"), to_k=keeping("to_k"), to_v=keeping("to_v"),
+                              to_out=[_ProjectionTap(project, combine), *attn.to_out[1:]])
+        return self.run_stock(view, arguments)
 
 
 def _branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:

@@ -307,10 +307,16 @@ class Attachment:
         recording: dict[str, Any] = {}
         self.runtime.scratch[PREFIX_RECORDING] = recording
         try:  # `forward`, not the module: hooks watching the denoiser's calls see only the pipeline's
-            module.forward(**prefix.negative_call(arguments, negative, cond_rows))
+            module.forward(**prefix.prefill_call(arguments, negative, cond_rows))
         finally:
             self.runtime.scratch.pop(PREFIX_RECORDING, None)
-        self.runtime.cache[NEGATIVE_PREFIX] = {"rows": rows, **recording}
+        key_valid = recording.get("prefix_key_valid")
+        if key_valid is not None:  # every target key is valid
+            key_valid = torch.cat([key_valid, key_valid.new_ones(len(rows), prefix.target_tokens(arguments))], dim=1)
+        self.runtime.cache[NEGATIVE_PREFIX] = {
+            "rows": rows, "layers": recording["layers"], "key_valid": key_valid,
+            "rotary": prefix.target_rotary(module, arguments, negative, cond_rows),
+        }
 
     def _after_denoiser(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         call, self.runtime.call = self.runtime.call, None

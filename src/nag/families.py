@@ -20,6 +20,7 @@ import torch
 from .attention import (
     CausalPrefixAttentionNAG,
     CrossAttentionNAG,
+    FastCausalPrefixAttentionNAG,
     FastCrossAttentionNAG,
     FastJointAttentionNAG,
     FastSingleStreamAttentionNAG,
@@ -67,7 +68,7 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     # causal single-stream models (layout "prefix"): the negative prefix's keys/values are prefilled once, and
     # the target image's queries attend to them in a second, image-only attention call (no duplicated rows)
     ("causal_prefix", False): CausalPrefixAttentionNAG,
-    ("causal_prefix", True): CausalPrefixAttentionNAG,
+    ("causal_prefix", True): FastCausalPrefixAttentionNAG,
 }
 
 
@@ -124,48 +125,70 @@ def _cogvideox_text_length(denoiser: torch.nn.Module) -> int | None:
     return None
 
 
+_QWEN21_TOKENS_PER_SLOT = 4  # each vision slot of Qwen-Image 2.1's text stands for 2x2 latent tokens
+
+
 def _qwen21_target_tokens(arguments: dict[str, Any]) -> int:
     """Qwen-Image 2.1: the target image's tokens, the last block of ``img_shapes`` (the sequence's last tokens)."""
     return math.prod(arguments["img_shapes"][0][-1])
 
 
-def _qwen21_negative_call(arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor) -> dict[str, Any]:
-    """Qwen-Image 2.1: the denoiser arguments of the negative prompt's own call for the guided rows, laid out as the
-    pipeline lays out a classifier-free-guidance call: its own text length, its own image slots (condition images
-    encoded with the negative prompt), the target image's slots appended. Text-only negative embeddings (no image
-    slots) give a prefix without the condition images."""
+def _qwen21_negative_layout(arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor):
+    """Qwen-Image 2.1: the negative prompt's own call for the guided rows, laid out as the pipeline lays out a
+    classifier-free-guidance call (its own text length, its own condition-image slots): ``(condition-image latents,
+    img_shapes without the target, the text's slot mask)``. Text-only negative embeddings (no slots) give a prefix
+    without the condition images."""
     text = arguments["encoder_hidden_states"]
-    negative_text = negative["encoder_hidden_states"].to(text.dtype)
-    target_slots = arguments["img_mask"].shape[1] - text.shape[1]  # the model's img_mask: [text, target slots]
     slots = negative.get("img_mask")
     if slots is None:  # precomputed text-only embeddings: no position holds an image
-        slots = torch.zeros(negative_text.shape[:2], dtype=torch.bool, device=text.device)
+        slots = torch.zeros(negative["encoder_hidden_states"].shape[:2], dtype=torch.bool)
     slots = slots.to(text.device, torch.bool)
-    img_mask = torch.cat([slots, slots.new_ones(slots.shape[0], target_slots)], dim=1)
-    timestep = arguments["timestep"]
-    if isinstance(timestep, torch.Tensor) and timestep.ndim and timestep.shape[0] == text.shape[0]:
-        timestep = timestep[cond_rows]
     # (the model reads the layout of sample 0: the pipeline gives one entry per prompt, not per generated image)
-    image, shapes = arguments["hidden_states"][cond_rows], [arguments["img_shapes"][0]] * len(cond_rows)
-    condition_tokens = image.shape[1] - _qwen21_target_tokens(arguments)
-    negative_condition_tokens = 4 * int(slots[0].sum())  # each vision slot stands for 2x2 latent tokens
-    if negative_condition_tokens == 0 and condition_tokens:  # text-only negative embeddings: no condition image
-        image, shapes = image[:, condition_tokens:], [shape[-1:] for shape in shapes]
-    elif negative_condition_tokens != condition_tokens:
+    conditions = list(arguments["img_shapes"][0][:-1])
+    condition_tokens = arguments["hidden_states"].shape[1] - _qwen21_target_tokens(arguments)
+    negative_condition_tokens = _QWEN21_TOKENS_PER_SLOT * int(slots[0].sum())
+    if negative_condition_tokens not in (0, condition_tokens):
         raise ValueError(
             f"the negative conditioning has image slots for {negative_condition_tokens} condition-image tokens but the "
             f"call's condition images have {condition_tokens}; encode the negative prompt with the same images"
         )
+    if negative_condition_tokens == 0:
+        conditions = []
+    return arguments["hidden_states"][cond_rows, :negative_condition_tokens], conditions, slots
+
+
+def _qwen21_prefill_call(arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor) -> dict[str, Any]:
+    """Qwen-Image 2.1: the negative prompt's own call with the smallest target image (one vision slot, 2x2 tokens):
+    the prefix never attends to the target, so its keys/values are those of the full-size call."""
+    condition_latents, conditions, slots = _qwen21_negative_layout(arguments, negative, cond_rows)
+    rows = len(cond_rows)
+    text = arguments["encoder_hidden_states"]
+    timestep = arguments["timestep"]
+    if isinstance(timestep, torch.Tensor) and timestep.ndim and timestep.shape[0] == text.shape[0]:
+        timestep = timestep[cond_rows]
+    target = condition_latents.new_zeros(rows, _QWEN21_TOKENS_PER_SLOT, condition_latents.shape[2])
     return {
-        "hidden_states": image,
-        "encoder_hidden_states": negative_text,
+        "hidden_states": torch.cat([condition_latents, target], dim=1),
+        "encoder_hidden_states": negative["encoder_hidden_states"].to(text.dtype),
         "encoder_hidden_states_mask": negative.get("encoder_attention_mask"),
         "timestep": timestep,
-        "img_shapes": shapes,
-        "img_mask": img_mask,
+        "img_shapes": [conditions + [(1, 2, 2)]] * rows,
+        "img_mask": torch.cat([slots, slots.new_ones(slots.shape[0], 1)], dim=1),
         "attention_kwargs": arguments.get("attention_kwargs"),
         "return_dict": False,
     }
+
+
+def _qwen21_target_rotary(denoiser: torch.nn.Module, arguments: dict[str, Any], negative: dict[str, torch.Tensor],
+                          cond_rows: torch.Tensor) -> torch.Tensor:
+    """Qwen-Image 2.1: the target image's rotary table in the negative prompt's layout (the model's own rotary
+    embedding of ``[negative text with its slots, target image]``, its last rows)."""
+    _, conditions, slots = _qwen21_negative_layout(arguments, negative, cond_rows)
+    target_shape = arguments["img_shapes"][0][-1]
+    target = math.prod(target_shape)
+    layout = torch.cat([slots[0], slots.new_ones(target // _QWEN21_TOKENS_PER_SLOT)])
+    is_image = torch.repeat_interleave(layout, torch.where(layout, _QWEN21_TOKENS_PER_SLOT, 1))
+    return denoiser.pos_embed(conditions + [target_shape], is_image, device=arguments["hidden_states"].device)[-target:]
 
 
 def _refuse_qwen21_flex(denoiser: torch.nn.Module) -> str | None:
@@ -183,21 +206,25 @@ class CausalPrefix:
     """Layout ``"prefix"``: a single-stream model whose sequence is ``[text (with condition images), target image]``
     under a causal mask, so the text never attends to the target image (Qwen-Image 2.1).
 
-    The negative prompt's prefix is run once through the model in a call of its own, laid out as the pipeline
-    lays out its classifier-free-guidance call; every text-attention layer keeps that call's prefix keys/values.
-    In a guided call the stock rows run as stock, and in every layer the guided rows' target-image queries
-    also attend to ``[negative prefix, target image]`` (target keys from the same image tokens, at the negative
-    layout's positions): that is ``Z-``, combined with the stock ``Z+`` before the output projection.
+    The negative prompt's prefix is run through the model in a call of its own (with the smallest target image:
+    the prefix never attends to it), laid out as the pipeline lays out its classifier-free-guidance call; every
+    text-attention layer keeps that call's prefix keys/values. In a guided call the stock rows run as stock, and in
+    every layer the guided rows' target-image queries also attend to ``[negative prefix, target image]`` (target keys
+    from the same image tokens, at the negative layout's positions): that is ``Z-``, combined with the stock ``Z+``
+    before the output projection.
 
     Attributes:
-        negative_call: ``(call arguments, negative conditioning, guided rows) -> arguments`` of the negative
-            prompt's own denoiser call for the guided rows.
+        prefill_call: ``(call arguments, negative conditioning, guided rows) -> arguments`` of the negative prompt's
+            own denoiser call for the guided rows (its target image may be the smallest the model takes).
+        target_rotary: ``(denoiser, call arguments, negative conditioning, guided rows) -> table``: the target image's
+            rotary table at the negative layout's positions.
         target_tokens: ``call arguments -> tokens`` of the target image, the last tokens of the sequence.
         step_independent: ``denoiser -> bool``: the prefix does not depend on the timestep (prefilled once per
             generation) rather than on every step.
     """
 
-    negative_call: Callable[[dict[str, Any], dict[str, torch.Tensor], torch.Tensor], dict[str, Any]]
+    prefill_call: Callable[[dict[str, Any], dict[str, torch.Tensor], torch.Tensor], dict[str, Any]]
+    target_rotary: Callable[[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
     target_tokens: Callable[[dict[str, Any]], int]
     step_independent: Callable[[torch.nn.Module], bool]
 
@@ -689,7 +716,8 @@ FAMILIES: dict[str, Family] = {
             mask_kwarg="encoder_hidden_states_mask",
             negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
             causal_prefix=CausalPrefix(
-                negative_call=_qwen21_negative_call,
+                prefill_call=_qwen21_prefill_call,
+                target_rotary=_qwen21_target_rotary,
                 target_tokens=_qwen21_target_tokens,
                 step_independent=lambda denoiser: bool(getattr(denoiser.config, "causal_condition", False)),
             ),
