@@ -299,9 +299,10 @@ class Family:
             if value is None:
                 raise ValueError(f"the denoiser call has no `{key}`; NAG needs it to modulate the negative text")
             dim = self.batch_dim(key)
-            if _without_dim(value.shape, dim) != _without_dim(negative[key].shape, dim):
-                raise ValueError(f"negative `{key}` has shape {_without_dim(negative[key].shape, dim)} per row but the call's "
-                                 f"has {_without_dim(value.shape, dim)}; encode the negative prompt with the pipeline's encode_prompt")
+            row, negative_row = _without_dim(value.shape, dim), _without_dim(negative[key].shape, dim)
+            if row != negative_row:
+                raise ValueError(f"negative `{key}` has shape {negative_row} per row but the call's has {row}; "
+                                 "encode the negative prompt with the pipeline's encode_prompt")
             changes[key] = torch.cat([value, negative[key].to(value.dtype)], dim=dim)
         for key in self.row_kwargs:
             value = arguments.get(key)
