@@ -25,7 +25,7 @@ TEST_FILES = ["tests/test_pipelines.py", "tests/test_flux_variants.py", "tests/t
               "tests/test_families_more.py", "tests/test_families_last.py",
               "tests/test_families_flux2.py", "tests/test_families_zimage.py", "tests/test_wan_i2v.py",
               "tests/test_families_hunyuan.py", "tests/test_families_qwen_more.py", "tests/test_families_ltx2.py",
-              "tests/test_families_qwen21.py"]
+              "tests/test_families_qwen21.py", "tests/test_families_hidream.py"]
 
 # Columns: the tests whose outcomes decide them (test function name prefixes).
 COLUMNS = {
@@ -76,6 +76,7 @@ def _pipelines() -> dict[str, dict]:
     from test_families_hunyuan import STRAIGHTFORWARD_ONLY as HUNYUAN_STRAIGHTFORWARD  # noqa: E402
     from test_families_qwen_more import STRAIGHTFORWARD_ONLY as QWEN_MORE_STRAIGHTFORWARD  # noqa: E402
     from test_families_ltx2 import STRAIGHTFORWARD_ONLY as LTX2_STRAIGHTFORWARD  # noqa: E402
+    from test_families_hidream import STRAIGHTFORWARD_ONLY as HIDREAM_STRAIGHTFORWARD  # noqa: E402
     from test_generic import img2img  # noqa: E402
 
     import nag  # noqa: E402
@@ -106,7 +107,8 @@ def _pipelines() -> dict[str, dict]:
             "fast": "cached negative prefix" if family.layout == "prefix" else not any(name in table for table in (STRAIGHTFORWARD_ONLY, CONCAT_STRAIGHTFORWARD, MORE_STRAIGHTFORWARD,
                                                         LAST_STRAIGHTFORWARD, FLUX2_STRAIGHTFORWARD,
                                                         ZIMAGE_STRAIGHTFORWARD, HUNYUAN_STRAIGHTFORWARD,
-                                                        QWEN_MORE_STRAIGHTFORWARD, LTX2_STRAIGHTFORWARD)),
+                                                        QWEN_MORE_STRAIGHTFORWARD, LTX2_STRAIGHTFORWARD,
+                                                        HIDREAM_STRAIGHTFORWARD)),
             "batch": 1 if name in tp.SINGLE_PROMPT else 2,
             "defaults": spec.defaults,
         }
@@ -158,7 +160,7 @@ def render(outcomes: dict[str, str]) -> str:
         "`tests/test_families_joint.py`, `tests/test_families_concat.py`, `tests/test_families_more.py`,",
         "`tests/test_families_last.py`, `tests/test_families_flux2.py`, `tests/test_families_zimage.py`,",
         "`tests/test_wan_i2v.py`, `tests/test_families_hunyuan.py`,",
-        "`tests/test_families_qwen_more.py` and `tests/test_families_ltx2.py`",
+        "`tests/test_families_qwen_more.py`, `tests/test_families_ltx2.py` and `tests/test_families_hidream.py`",
         "(tiny random-weight pipelines).",
         "",
         "- **invariants**: scale 1 / no negative is bit-identical to stock, a negative equal to the positive",

@@ -2106,3 +2106,140 @@ def naive_qwenimage21_forward(tr, forward_kwargs, neg_encoder_hidden_states, neg
         pos, _ = _qwen21_block(block, pos, mod, rope, bias, is_target, causal, guide)
         neg = neg_next
     return _qwen21_output(tr, pos, temb, is_target, causal)
+# HiDream-I1
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _hidream_rope(x, freqs):
+    """HiDream's rotary embedding on (B, S, H, D): tables (B, S, 1, W/2, 2, 2) rotate the (2i, 2i + 1) feature
+    pairs of the first W features of every head (W = D, or D / 2 when the tables cover half a head)."""
+    width = freqs.shape[-3] * 2
+    rotated, kept = x[..., :width], x[..., width:]
+    pairs = rotated.float().reshape(*rotated.shape[:-1], -1, 1, 2)
+    out = freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]
+    return torch.cat([out.reshape(rotated.shape).to(x.dtype), kept], dim=-1)
+
+
+def _hidream_qkv(attn, x, rope, key_mask=None, text=False):
+    """Queries, keys (RMS-normed, masked, rotated) and values of ``x`` with the image (or ``text``) projections."""
+    suffix = "_t" if text else ""
+    q = _split_heads(getattr(attn, "q_rms_norm" + suffix)(getattr(attn, "to_q" + suffix)(x)), attn.heads)
+    k = _split_heads(getattr(attn, "k_rms_norm" + suffix)(getattr(attn, "to_k" + suffix)(x)), attn.heads)
+    v = _split_heads(getattr(attn, "to_v" + suffix)(x), attn.heads)
+    if key_mask is not None:
+        k = k * key_mask[:, :, None, None]
+    return _hidream_rope(q, rope), _hidream_rope(k, rope), v
+
+
+def _hidream_attention(image_qkv, text_qkv):
+    """Attention over [image, text]; returns the image and the text tokens' outputs (before the projections)."""
+    q, k, v = (torch.cat([i, t], dim=1) for i, t in zip(image_qkv, text_qkv))
+    out = naive_attention(q, k, v)
+    image_len = image_qkv[0].shape[1]
+    return out[:, :image_len], out[:, image_len:]
+
+
+def _hidream_double_block(block, img, txt, temb, rope, img_mask, neg, rows, nag):
+    """neg: None or dict(txt, temb, rope) of the negative stream (one row per guided row). The image tokens come
+    first in the rotary tables."""
+    attn = block.attn1
+    image_len = img.shape[1]
+    m = block.adaLN_modulation(temb)[:, None].chunk(12, dim=-1)
+    image_qkv = _hidream_qkv(attn, block.norm1_i(img) * (1 + m[1]) + m[0], rope[:, :image_len], img_mask)
+
+    def text_side(x, mods, qkv, text_rope):
+        text_qkv = _hidream_qkv(attn, block.norm1_t(x) * (1 + mods[7]) + mods[6], text_rope, text=True)
+        img_attn, txt_attn = _hidream_attention(qkv, text_qkv)
+        x = x + mods[8] * attn.to_out_t(txt_attn)
+        x = x + mods[11] * block.ff_t(block.norm3_t(x) * (1 + mods[10]) + mods[9])
+        return img_attn, x
+
+    img_attn, txt = text_side(txt, m, image_qkv, rope[:, image_len:])
+    if neg is not None:
+        mods = block.adaLN_modulation(neg["temb"])[:, None].chunk(12, dim=-1)
+        img_attn_neg, txt_neg = text_side(neg["txt"], mods, tuple(t[rows] for t in image_qkv), neg["rope"][:, image_len:])
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+        neg = {**neg, "txt": txt_neg}
+    img = img + m[2] * attn.to_out(img_attn)
+    img = img + m[5] * block.ff_i(block.norm3_i(img) * (1 + m[4]) + m[3])
+    return img, txt, neg
+
+
+def _hidream_single_block(block, img, txt, temb, rope, img_mask, neg, rows, nag):
+    """Stock: one stream [image, text] with shared projections, attention, one output projection and the
+    mixture-of-experts feed-forward over every token; here on the parts, the negative text attending to
+    [guided image, negative text]."""
+    attn = block.attn1
+    image_len = img.shape[1]
+    m = block.adaLN_modulation(temb)[:, None].chunk(6, dim=-1)
+    image_qkv = _hidream_qkv(attn, block.norm1_i(img) * (1 + m[1]) + m[0], rope[:, :image_len], img_mask)
+
+    def text_side(x, mods, qkv, text_rope):
+        text_qkv = _hidream_qkv(attn, block.norm1_i(x) * (1 + mods[1]) + mods[0], text_rope)
+        img_attn, txt_attn = _hidream_attention(qkv, text_qkv)
+        x = x + mods[2] * attn.to_out(txt_attn)
+        x = x + mods[5] * block.ff_i(block.norm3_i(x) * (1 + mods[4]) + mods[3])
+        return img_attn, x
+
+    img_attn, txt = text_side(txt, m, image_qkv, rope[:, image_len:])
+    if neg is not None:
+        mods = block.adaLN_modulation(neg["temb"])[:, None].chunk(6, dim=-1)
+        img_attn_neg, txt_neg = text_side(neg["txt"], mods, tuple(t[rows] for t in image_qkv), neg["rope"][:, image_len:])
+        img_attn = img_attn.clone()
+        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
+        neg = {**neg, "txt": txt_neg}
+    img = img + m[2] * attn.to_out(img_attn)
+    img = img + m[5] * block.ff_i(block.norm3_i(img) * (1 + m[4]) + m[3])
+    return img, txt, neg
+
+
+def naive_hidream_forward(
+    transformer, hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3, pooled_embeds,
+    neg_encoder_hidden_states_t5, neg_encoder_hidden_states_llama3, neg_pooled_embeds, scale, tau, alpha, p=1,
+    cond_rows=None,
+):
+    """HiDreamImageTransformer2DModel forward (latents (B, C, H, W)) with NAG, block by block.
+
+    Every block attends over [image, T5, last Llama-3 layer (carried from block to block), the block's own Llama-3
+    layer (fresh)]. The negative text stream (its own T5 and Llama-3 states, ``neg_encoder_hidden_states_llama3``
+    shaped (layers, guided rows, tokens, width)) is carried alongside with the modulation of the guided rows'
+    timestep and the negative pooled embedding, and attends to [guided image, negative text]. The image's key
+    mask (non-square latents, padded to the model's maximum) applies to the image keys."""
+    tr = transformer
+    batch = hidden_states.shape[0]
+    rows = _rows_or_all(cond_rows, batch)
+    nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
+    latents, img_mask, img_sizes, img_ids = tr.patchify(hidden_states)
+    img = tr.x_embedder(latents)
+    layers = tr.config.llama_layers
+
+    def text_stream(t5, llama, image_ids):
+        """The projected Llama-3 layer of every block, the carried text [T5, last Llama-3 layer], and the rotary
+        tables over [image, carried text, one block's Llama-3 layer] (every text position is 0)."""
+        per_block = [projection(llama[k]) for projection, k in zip(tr.caption_projection[:-1], layers)]
+        carried = torch.cat([tr.caption_projection[-1](t5), per_block[-1]], dim=1)
+        text_ids = image_ids.new_zeros(len(image_ids), carried.shape[1] + per_block[0].shape[1], 3)
+        return per_block, carried, tr.pe_embedder(torch.cat([image_ids, text_ids], dim=1))
+
+    temb = tr.t_embedder(timesteps, hidden_states.dtype) + tr.p_embedder(pooled_embeds)
+    per_block, carried, rope = text_stream(encoder_hidden_states_t5, encoder_hidden_states_llama3, img_ids)
+    neg = neg_per_block = None
+    if neg_encoder_hidden_states_t5 is not None and rows:
+        neg_temb = tr.t_embedder(timesteps[rows], hidden_states.dtype) + tr.p_embedder(neg_pooled_embeds)
+        neg_per_block, neg_carried, neg_rope = text_stream(neg_encoder_hidden_states_t5, neg_encoder_hidden_states_llama3,
+                                                           img_ids[rows])
+        neg = dict(txt=neg_carried, temb=neg_temb, rope=neg_rope)
+    carried_len = carried.shape[1]
+    blocks = [(b.block, _hidream_double_block) for b in tr.double_stream_blocks]
+    blocks += [(b.block, _hidream_single_block) for b in tr.single_stream_blocks]
+    for index, (block, run) in enumerate(blocks):
+        txt = torch.cat([carried, per_block[index]], dim=1)
+        if neg is not None:
+            neg = {**neg, "txt": torch.cat([neg["txt"], neg_per_block[index]], dim=1)}
+        img, txt, neg = run(block, img, txt, temb, rope, img_mask, neg, rows, nag)
+        carried = txt[:, :carried_len]
+        if neg is not None:
+            neg = {**neg, "txt": neg["txt"][:, :carried_len]}
+    out = tr.final_layer(img, temb)
+    return tr.unpatchify(out, img_sizes, False)

@@ -1834,3 +1834,72 @@ for _name in ("ltx2", "ltx2_adaln"):
                                stg_scale=0.0, modality_scale=1.0, guidance_rescale=0.0, audio_guidance_scale=1.0,
                                audio_stg_scale=0.0, audio_modality_scale=1.0, audio_guidance_rescale=0.0,
                                spatio_temporal_guidance_blocks=None, use_cross_timestep=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# HiDream-I1 (tests/test_families_hidream.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def make_llama_tokenizer(model_max_length: int = 64):
+    """LlamaTokenizer (BPE with the "▁" word prefix); the HiDream pipeline pads with its eos ``</s>``."""
+    from transformers import LlamaTokenizer
+
+    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["▁"]
+    words = [["▁"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
+    vocab, merges = _bpe_tables(["<unk>", "<s>", "</s>"], chars, words)
+    return LlamaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def make_llama(seed: int = 0, hidden_size: int = 16, layers: int = 3):
+    """A tiny LlamaForCausalLM: HiDream reads the hidden states of every layer (with ``output_attentions=True``,
+    which only the eager attention answers without a notice)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_llama_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=24, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attn_implementation="eager")
+    with _seeded(seed):
+        model = LlamaForCausalLM(config)
+    return tok, model.eval()
+
+
+def hidream(max_resolution: tuple[int, int] = (8, 8)):
+    """HiDreamImagePipeline (HiDream-I1): pooled CLIP-L and CLIP-G embeddings (the modulation), T5 states and the
+    hidden states of every Llama-3 layer (stacked: (layers, batch, tokens, width)); double-stream blocks over
+    [image, T5 + last Llama layer + this block's Llama layer], then single-stream blocks over the stream the model
+    joins the same way; mixture-of-experts feed-forwards. CFG batched as [uncond, cond] in one call."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    tokenizer, text_encoder = make_clip(seed=0, hidden_size=32, projection_dim=16, with_projection=True)
+    tokenizer_2, text_encoder_2 = make_clip(seed=1, hidden_size=32, projection_dim=16, with_projection=True)
+    tokenizer_3, text_encoder_3 = make_t5(seed=2, d_model=32)
+    tokenizer_4, text_encoder_4 = make_llama(seed=3, hidden_size=16, layers=3)
+    with _seeded(4):
+        transformer = HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, caption_channels=[32, 16], text_emb_dim=32, num_routed_experts=3,
+            num_activated_experts=2, axes_dims_rope=(4, 6, 6), max_resolution=max_resolution,
+            llama_layers=[0, 1, 2, 1],
+        ).eval()
+    vae = make_vae_kl(seed=5, latent_channels=4, shift_factor=0.1159, scaling_factor=0.3611)
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        text_encoder_4=text_encoder_4, tokenizer_4=tokenizer_4, transformer=transformer,
+    )
+    # the pipeline rescales every request to the area of default_sample_size latents (128: 1024px): 8 -> 16px
+    pipe.default_sample_size = 8
+    return _finish(pipe)
+
+
+FAMILY_FACTORIES.update(hidream=hidream)
+CFG_INFO.update(
+    # HiDream: CFG when guidance_scale > 1, one call on [uncond, cond] (Llama-3 states joined along their batch
+    # axis, dim 1); T5 and Llama-3 padded to max_sequence_length and attended (no mask).
+    hidream=dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
+                 text_mask="none (T5 and Llama-3 padding to max_sequence_length attended)"),
+)
+# 16px (the default area here) -> 8x8 latent -> 4x4 patches: 16 image tokens; 16 T5 + 2 x 16 Llama text tokens.
+_BASE_KWARGS.update(hidream=dict(height=16, width=16, max_sequence_length=16))

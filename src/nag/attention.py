@@ -739,6 +739,103 @@ def _branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len
     return mask
 
 
+class HiDreamJointAttentionNAG(NAGProcessor):
+    """HiDream's double-stream attention on whole negative rows (layout ``"concat"``): ``HiDreamAttnProcessor``
+    joins ``[image, text]`` with separate text projections, and its output projections are single linear layers,
+    ``attn.to_out`` for the image tokens and ``attn.to_out_t`` for the text. Its per-row inputs, the image key mask
+    ``hidden_states_masks`` and the rotary tables over ``[image, text]``, have a row for every row of the call.
+
+    The stock processor runs once on the stock rows and once on the negative rows, whose image tokens, key mask
+    and rotary tables are the guided rows': the negative text attends to ``[guided image, negative text]``. ``Z-``
+    is captured at ``attn.to_out`` and the guided rows' ``Z+`` combined there; the negative rows' image output is
+    the guided rows'. Positive and negative text have the same length (``Family.equal_text_lengths``).
+    """
+
+    role = "hidream_joint"
+    per_row_arguments = ("hidden_states_masks", "image_rotary_emb")
+
+    def per_row_inputs(self, call: "GuidedCall", arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The per-row arguments for the stock rows and for the negative rows (the guided rows' own)."""
+        total = arguments["hidden_states"].shape[0]
+        positive, negative = {}, {}
+        for name in self.per_row_arguments:
+            value = arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[0] == total:
+                positive[name], negative[name] = value[: call.batch], value[call.cond_rows]
+            elif name in arguments:  # None, or one row for all
+                positive[name] = negative[name] = value
+        return positive, negative
+
+    def guided_at_projection(
+        self, attn: torch.nn.Module, call: "GuidedCall", run_negative: Callable[[Any], Any],
+        run_positive: Callable[[Any], Any], image_len: int | None = None,
+    ) -> tuple[Any, Any]:
+        """Like :meth:`NAGProcessor.guided_projection_inputs`, for an output projection ``attn.to_out`` that is
+        one linear layer; the image tokens are the first ``image_len`` (None: all) of the tokens it sees."""
+        captured: dict[str, torch.Tensor] = {}
+        project = attn.to_out
+        image = slice(0, image_len)
+
+        def capture(z: torch.Tensor) -> torch.Tensor:
+            captured["z"] = z
+            return project(z)
+
+        def combine(z: torch.Tensor) -> torch.Tensor:
+            z = z.clone()
+            z[call.cond_rows, image] = self.combine(call, z[call.cond_rows, image], captured["z"][:, image])
+            return project(z)
+
+        # (_FusedOutputView routes calls of a module's single-layer `to_out`)
+        negative = run_negative(_FusedOutputView(attn, capture))
+        if "z" not in captured:
+            raise RuntimeError(
+                f"NAG cannot guide {type(attn).__name__} with {self.stock_kind}: the processor never calls attn.to_out, "
+                "where NAG combines the attention outputs. Restore diffusers' processor or remove NAG."
+            )
+        positive = run_positive(_FusedOutputView(attn, combine))
+        return negative, positive
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        b, rows = call.batch, call.cond_rows
+        image, text = arguments["hidden_states"][:b], arguments["encoder_hidden_states"]
+        positive_inputs, negative_inputs = self.per_row_inputs(call, arguments)
+
+        def run_negative(view: Any) -> Any:
+            return self.run_stock(view, arguments, hidden_states=image[rows], encoder_hidden_states=text[b:],
+                                  **negative_inputs)
+
+        def run_positive(view: Any) -> Any:
+            return self.run_stock(view, arguments, hidden_states=image, encoder_hidden_states=text[:b], **positive_inputs)
+
+        negative, positive = self.guided_at_projection(attn, call, run_negative, run_positive)
+        image_out = positive[0]
+        return torch.cat([image_out, image_out[rows]]), torch.cat([positive[1], negative[1]])
+
+
+class HiDreamSingleAttentionNAG(HiDreamJointAttentionNAG):
+    """HiDream's single-stream attention on whole negative rows: the block's stream ``[image, text]`` (joined by
+    the model, ``call.text_lengths`` text tokens per row) with shared projections and one output projection
+    ``attn.to_out`` over all tokens; the key mask covers the whole stream.
+
+    The negative rows' stream is ``[guided image, negative text]``, with the guided rows' key mask and rotary
+    tables; ``Z-`` is captured at the output projection and the guided rows' image tokens (the first ones) are
+    combined there; the negative rows' image output is the guided rows'."""
+
+    role = "hidream_single"
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        b, rows = call.batch, call.cond_rows
+        stream = arguments["hidden_states"]
+        image_len = stream.shape[1] - call.text_lengths[0]
+        negative_stream = torch.cat([stream[:b][rows, :image_len], stream[b:, image_len:]], dim=1)
+        positive_inputs, negative_inputs = self.per_row_inputs(call, arguments)
+        negative, positive = self.guided_at_projection(
+            attn, call, lambda view: self.run_stock(view, arguments, hidden_states=negative_stream, **negative_inputs),
+            lambda view: self.run_stock(view, arguments, hidden_states=stream[:b], **positive_inputs), image_len,
+        )
+        return torch.cat([positive, torch.cat([positive[rows, :image_len], negative[:, image_len:]], dim=1)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Fast paths: NAG-aware attention math for the stock processors we know. Image tokens are
 # projected once; cross-attention caches the negative keys/values for the generation; joint

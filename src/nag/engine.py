@@ -166,19 +166,20 @@ def conditional_rows(text: Any, reference: Any) -> torch.Tensor | None:
     return torch.arange(rows - n, rows, device=text.device)
 
 
-def _rows_for(tensor: Any, count: int, name: str) -> Any:
-    """One negative input for ``count`` guided rows: a tensor (rows first) or a list of per-row tensors."""
-    rows = len(tensor) if isinstance(tensor, (list, tuple)) else tensor.shape[0]
+def _rows_for(tensor: Any, count: int, name: str, dim: int = 0) -> Any:
+    """One negative input for ``count`` guided rows: a tensor (rows along ``dim``, the first axis unless the
+    family says otherwise) or a list of per-row tensors."""
+    rows = len(tensor) if isinstance(tensor, (list, tuple)) else tensor.shape[dim]
     if rows == count:
         return tensor
     if rows == 1:
         if isinstance(tensor, (list, tuple)):
             return list(tensor) * count
-        return tensor.expand(count, *tensor.shape[1:])
+        return tensor.expand(*tensor.shape[:dim], count, *tensor.shape[dim + 1:])
     if rows and count % rows == 0:  # one per prompt, images repeated per prompt
         if isinstance(tensor, (list, tuple)):
             return [t for t in tensor for _ in range(count // rows)]
-        return tensor.repeat_interleave(count // rows, dim=0)
+        return tensor.repeat_interleave(count // rows, dim=dim)
     raise ValueError(
         f"negative `{name}` has {rows} rows but the guided batch has {count}; "
         "pass one row, or one row per prompt"
@@ -275,7 +276,7 @@ class Attachment:
         per_sample = isinstance(text, (list, tuple))  # list inputs (Z-Image): negative tensors become per-row lists
         negative = {
             key: _to_device(_rows_for(list(value) if per_sample and isinstance(value, torch.Tensor) else value,
-                                      len(cond_rows), key), device)
+                                      len(cond_rows), key, family.batch_dim(key)), device)
             for key, value in runtime.negative.items()
         }
         pad_to = (family.text_length(module) or 0) if family.text_length is not None else 0
@@ -320,7 +321,7 @@ class Attachment:
 
     def _after_denoiser(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         call, self.runtime.call = self.runtime.call, None
-        if call is None or self.family.layout != "concat":
+        if call is None or output is None or self.family.layout != "concat":  # (None: the call raised)
             return None
         return _stock_rows_of_output(output, call.batch)
 

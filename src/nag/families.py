@@ -25,6 +25,8 @@ from .attention import (
     FastJointAttentionNAG,
     FastSingleStreamAttentionNAG,
     FusedSingleAttentionNAG,
+    HiDreamJointAttentionNAG,
+    HiDreamSingleAttentionNAG,
     JointAttentionNAG,
     NAGProcessor,
     RowsImageFirstAttentionNAG,
@@ -69,6 +71,10 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     # the target image's queries attend to them in a second, image-only attention call (no duplicated rows)
     ("causal_prefix", False): CausalPrefixAttentionNAG,
     ("causal_prefix", True): FastCausalPrefixAttentionNAG,
+    ("hidream_joint", False): HiDreamJointAttentionNAG,
+    ("hidream_joint", True): HiDreamJointAttentionNAG,
+    ("hidream_single", False): HiDreamSingleAttentionNAG,
+    ("hidream_single", True): HiDreamSingleAttentionNAG,
 }
 
 
@@ -227,6 +233,16 @@ class CausalPrefix:
     target_rotary: Callable[[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
     target_tokens: Callable[[dict[str, Any]], int]
     step_independent: Callable[[torch.nn.Module], bool]
+def _hidream_text_lengths(arguments: dict[str, Any]) -> list[int]:
+    """HiDream: the text every block attends to, per row: the T5 tokens, the last Llama-3 layer's tokens (carried
+    from block to block) and the block's own Llama-3 layer's tokens."""
+    t5, llama = arguments["encoder_hidden_states_t5"], arguments["encoder_hidden_states_llama3"]
+    return [t5.shape[1] + 2 * llama.shape[2]] * t5.shape[0]
+
+
+def _without_dim(shape: torch.Size, dim: int) -> tuple[int, ...]:
+    """A tensor's shape without its batch axis ``dim``: the shape of one row."""
+    return tuple(size for axis, size in enumerate(shape) if axis != dim)
 
 
 @dataclass(frozen=True)
@@ -275,6 +291,12 @@ class Family:
         text_length: ``denoiser -> tokens or None``: the text length the model requires (CogVideoX
             with positional embeddings over ``[text, image]``); both branches are padded to it.
         causal_prefix: layout ``"prefix"``: how the negative prompt's own call is made (:class:`CausalPrefix`).
+        batch_dims: ``(argument, axis)`` pairs for conditioning whose batch axis is not the first
+            (HiDream's stacked Llama-3 states, ``(layers, batch, tokens, width)``): negative rows are
+            counted, repeated and appended along that axis.
+        equal_text_lengths: the model joins the text with further streams and attends to all of it
+            without a mask (HiDream): padding cannot be cut out again, so positive and negative text
+            must have the same length (a clear error otherwise).
     """
 
     name: str
@@ -300,6 +322,12 @@ class Family:
     row_text_lengths: Callable[[dict[str, Any]], list[int]] | None = None
     row_image_lengths: Callable[[dict[str, Any]], list[int]] | None = None
     causal_prefix: CausalPrefix | None = None
+    batch_dims: tuple[tuple[str, int], ...] = ()
+    equal_text_lengths: bool = False
+
+    def batch_dim(self, key: str) -> int:
+        """The batch axis of the conditioning ``key`` (0 unless ``batch_dims`` says otherwise)."""
+        return dict(self.batch_dims).get(key, 0)
 
     def attention_role(self, name: str, module: torch.nn.Module) -> str | None:
         if not hasattr(module, "processor"):
@@ -360,6 +388,12 @@ class Family:
         rows, positive_len = text.shape[:2]
         negative_text = negative["encoder_hidden_states"].to(text.dtype)
         negative_len = negative_text.shape[1]
+        if self.equal_text_lengths and negative_len != positive_len:
+            raise ValueError(
+                f"the negative text has {negative_len} tokens but the call's `{self.text_kwarg}` has {positive_len}; "
+                f"{self.name} attends to all of its text without a mask, so NAG needs both at the same length: encode "
+                "the negative prompt with the same max_sequence_length as the prompt (or pass the negative prompt as text)"
+            )
         padded = max(positive_len, negative_len, pad_to)
         changes: dict[str, Any] = {
             self.text_kwarg: torch.cat([pad_tokens(text, padded), pad_tokens(negative_text, padded)])
@@ -383,10 +417,12 @@ class Family:
             value = arguments.get(key)
             if value is None:
                 raise ValueError(f"the denoiser call has no `{key}`; NAG needs it to modulate the negative text")
-            if value.shape[1:] != negative[key].shape[1:]:
-                raise ValueError(f"negative `{key}` has shape {tuple(negative[key].shape[1:])} per row but the call's has "
-                                 f"{tuple(value.shape[1:])}; encode the negative prompt with the pipeline's encode_prompt")
-            changes[key] = torch.cat([value, negative[key].to(value.dtype)])
+            dim = self.batch_dim(key)
+            row, negative_row = _without_dim(value.shape, dim), _without_dim(negative[key].shape, dim)
+            if row != negative_row:
+                raise ValueError(f"negative `{key}` has shape {negative_row} per row but the call's has {row}; "
+                                 "encode the negative prompt with the pipeline's encode_prompt")
+            changes[key] = torch.cat([value, negative[key].to(value.dtype)], dim=dim)
         for key in self.row_kwargs:
             value = arguments.get(key)
             if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
@@ -596,6 +632,29 @@ FAMILIES: dict[str, Family] = {
             row_kwargs=("timestep", "timestep_r", "image_embeds"),
             static_text=False,
         ),
+        # HiDream-I1: double-stream blocks over [image, text] (separate text projections, an image-only output
+        # projection), then single-stream blocks over the [image, text] stream the model joins itself (shared
+        # projections, one output projection over all tokens); every block's text is [T5, last Llama-3 layer
+        # (carried through the blocks), the block's own Llama-3 layer (fresh)]; the modulation includes the pooled
+        # CLIP embeddings; mixture-of-experts feed-forwards route every token on its own (extra rows change no
+        # other row's routing). Whole negative rows carry the negative T5 states, Llama-3 states (batch axis 1)
+        # and pooled embeddings; no text mask, so both branches' texts must have the same length (the pipeline
+        # pads both to max_sequence_length).
+        Family(
+            name="hidream",
+            denoisers=("HiDreamImageTransformer2DModel",),
+            attention=((r"double_stream_blocks\.\d+\.block\.attn1", "hidream_joint"),
+                       (r"single_stream_blocks\.\d+\.block\.attn1", "hidream_single")),
+            layout="concat",
+            text_kwarg="encoder_hidden_states_t5",
+            timestep_kwarg="timesteps",
+            negative_keys=("encoder_hidden_states", "encoder_hidden_states_llama3", "pooled_embeds"),
+            row_kwargs=("timesteps", "img_ids", "img_sizes", "hidden_states_masks"),
+            static_text=False,
+            row_text_lengths=_hidream_text_lengths,
+            batch_dims=(("encoder_hidden_states_llama3", 1),),
+            equal_text_lengths=True,
+        ),
         # Flux2 (FLUX.2 dev / klein): Flux-like double blocks ([text, image], separate text projections),
         # then the model joins [text, image] for parallel single blocks whose one output projection mixes
         # attention and MLP (NAG combines the attention columns before it); all modulation comes from the
@@ -750,6 +809,9 @@ class PipelineSpec:
     # A pipeline component that turns encode_prompt's output into the denoiser's text (LTX-2's `connectors`):
     # the conditional rows are recognised in its output, and the negative prompt is run through it as well.
     text_connector: str | None = None
+    # The names under which this pipeline's encode_prompt takes precomputed negative embeddings, mapped to the
+    # conditioning they feed, where they differ from the common ones (HiDream: `negative_prompt_embeds_t5`, ...).
+    negative_embed_names: dict[str, str] = field(default_factory=dict)
 
     def name_outputs(self, values: Any) -> dict[str, torch.Tensor]:
         """``encode_prompt``'s result as ``{denoiser argument: tensor}``."""
@@ -827,6 +889,14 @@ PIPELINES: dict[str, PipelineSpec] = {
         # encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
         PipelineSpec("HunyuanVideo15Pipeline", "hunyuanvideo15", "HunyuanVideo 1.5 text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _M, "encoder_hidden_states_2", "encoder_attention_mask_2")),
+        # HiDream-I1 (full / dev / fast; CFG batched as [uncond, cond]): no published NAG defaults; FLUX.1's (the
+        # closest published flow-matching image DiT) are used. encode_prompt returns T5, Llama-3 (all layers,
+        # batch on axis 1) and pooled CLIP embeddings, each followed by its CFG negative.
+        PipelineSpec("HiDreamImagePipeline", "hidream", "HiDream-I1", FamilyDefaults(5.0, 2.5, 0.25),
+                     (_E, None, "encoder_hidden_states_llama3", None, "pooled_embeds", None),
+                     negative_embed_names={"negative_prompt_embeds_t5": _E,
+                                           "negative_prompt_embeds_llama3": "encoder_hidden_states_llama3",
+                                           "negative_pooled_prompt_embeds": "pooled_embeds"}),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),

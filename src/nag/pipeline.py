@@ -34,6 +34,8 @@ NEGATIVE_EMBED_NAMES = {
 }
 _EMBED_NDIM = {"encoder_hidden_states": 3, "pooled_projections": 2, "encoder_attention_mask": 2,
                "encoder_hidden_states_2": 3, "encoder_attention_mask_2": 2}
+# HiDream's stacked Llama-3 states (every layer) and pooled CLIP embeddings (PipelineSpec.negative_embed_names)
+_EMBED_NDIM.update(encoder_hidden_states_llama3=4, pooled_embeds=2)
 _EMBED_LAYOUT = {
     "encoder_hidden_states": "(rows, tokens, width)",
     "pooled_projections": "(rows, width)",
@@ -41,11 +43,13 @@ _EMBED_LAYOUT = {
     "encoder_hidden_states_2": "(rows, tokens, width)",
     "encoder_attention_mask_2": "(rows, tokens)",
 }
+_EMBED_LAYOUT.update(encoder_hidden_states_llama3="(layers, rows, tokens, width)", pooled_embeds="(rows, width)")
 # Denoiser config entries that give the width each negative input must have, in order of preference
 # (PixArt/Sana: `caption_channels` is the text width, `cross_attention_dim` the projected one).
 _WIDTH_CONFIG = {
     "encoder_hidden_states": ("joint_attention_dim", "caption_channels", "text_dim", "cross_attention_dim"),
     "pooled_projections": ("pooled_projection_dim",),
+    "pooled_embeds": ("text_emb_dim",),
 }
 # The text-attention processor parameters NAG binds by name, per role.
 _PROCESSOR_PARAMETERS = {
@@ -61,6 +65,8 @@ _PROCESSOR_PARAMETERS = {
     "joint_rows_per_sample_image_first": ("hidden_states",),
     "causal_prefix": ("hidden_states", "attention_mask", "rotary_emb", "layer_cache", "kv_cache_mode", "cache_write_slice",
                       "segments", "key_valid"),
+    "hidream_joint": ("hidden_states", "encoder_hidden_states"),
+    "hidream_single": ("hidden_states",),
 }
 
 # diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
@@ -318,7 +324,8 @@ class NAGHandle:
             if self.negative_prompt is not None:
                 negative = self._encode_negative(encode, signature, arguments, prompts)
             elif self.negative_embeds:
-                _check_widths_against_positive(self.negative_embeds, positive)
+                _check_widths_against_positive(self.negative_embeds, positive,
+                                               self.spec.negative_embed_names or NEGATIVE_EMBED_NAMES)
                 negative = self._expand_negative_embeds(prompts, per_prompt, rows, reference)
         self.runtime.begin_generation(negative, reference)
         if self._connector_hook is not None:
@@ -388,12 +395,14 @@ class NAGHandle:
 
     def _expand_negative_embeds(self, prompts: int, per_prompt: int, rows: int, reference: torch.Tensor) -> dict:
         expanded = {}
+        family = FAMILIES[self.spec.family]
         for key, value in self.negative_embeds.items():
-            if value.shape[0] == prompts and per_prompt > 1:
-                value = value.repeat_interleave(per_prompt, dim=0)
-            if value.shape[0] not in (1, rows):
+            dim = family.batch_dim(key)
+            if value.shape[dim] == prompts and per_prompt > 1:
+                value = value.repeat_interleave(per_prompt, dim=dim)
+            if value.shape[dim] not in (1, rows):
                 raise ValueError(
-                    f"negative embeddings `{key}` have {value.shape[0]} rows; expected 1, {prompts} (one per prompt) "
+                    f"negative embeddings `{key}` have {value.shape[dim]} rows; expected 1, {prompts} (one per prompt) "
                     f"or {rows} (one per generated sample)"
                 )
             expanded[key] = value.to(reference[0].device if isinstance(reference, (list, tuple)) else reference.device)
@@ -562,15 +571,20 @@ def _expected_widths(denoiser: torch.nn.Module | None) -> dict[str, tuple[str, i
     return widths
 
 
-def _check_widths_against_positive(negative: dict[str, torch.Tensor], positive: dict[str, torch.Tensor]) -> None:
-    """At encode time: the negative embeddings must have the width of the positive ones."""
+def _check_widths_against_positive(
+    negative: dict[str, torch.Tensor], positive: dict[str, torch.Tensor], names: dict[str, str] = NEGATIVE_EMBED_NAMES
+) -> None:
+    """At encode time: the negative embeddings must have the width of the positive ones (``names``: the
+    pipeline's names of precomputed negative embeddings, for the error message)."""
     for key, value in negative.items():
         reference = positive.get(key)
         if key.startswith("encoder_attention_mask") or not isinstance(reference, torch.Tensor):
             continue
         if value.shape[-1] != reference.shape[-1]:
-            name = next(n for n, k in NEGATIVE_EMBED_NAMES.items() if k == key)
+            name = next(n for n, k in names.items() if k == key)
             expected = ("rows", "tokens", reference.shape[-1]) if value.ndim == 3 else ("rows", reference.shape[-1])
+            if value.ndim == 4:  # (HiDream's stacked Llama-3 states)
+                expected = ("layers", "rows", "tokens", reference.shape[-1])
             raise ValueError(
                 f"`{name}` has width {value.shape[-1]} but this call's prompt embeddings have width "
                 f"{reference.shape[-1]}: expected shape {expected}. Encode the negative prompt with "
@@ -588,7 +602,8 @@ def _validate_negative_embeds(
     generation.
     """
     family = FAMILIES[spec.family]
-    accepted = {name: key for name, key in NEGATIVE_EMBED_NAMES.items() if key in family.negative_keys}
+    names = spec.negative_embed_names or NEGATIVE_EMBED_NAMES
+    accepted = {name: key for name, key in names.items() if key in family.negative_keys}
     unknown = sorted(set(embeds) - set(accepted))
     if unknown:
         raise TypeError(
@@ -635,7 +650,7 @@ def _validate_negative_embeds(
     for key, (entry, width) in _expected_widths(denoiser).items():
         value = converted.get(key)
         if value is not None and value.shape[-1] != width:
-            name = next(n for n, k in NEGATIVE_EMBED_NAMES.items() if k == key)
+            name = next(n for n, k in accepted.items() if k == key)
             expected = ("rows", "tokens", width) if value.ndim == 3 else ("rows", width)
             raise ValueError(
                 f"`{name}` has width {value.shape[-1]} but {spec.pipeline}'s {spec.denoiser_attr} expects "
