@@ -118,6 +118,40 @@ def chroma_case(full: bool, text_len: int) -> Case:
                 lambda: ChromaTransformer2DModel(**config), inputs, _text_negative)
 
 
+def flux2_case(full: bool, text_len: int) -> Case:
+    """FLUX.2: double blocks with the image stream at the stock batch, parallel single blocks whose negative text
+    runs beside the stock rows (the fast path); ``fast=False`` carries whole negative rows through the single
+    blocks. ``full``: the diffusers defaults (FLUX.2 dev)."""
+    from diffusers import Flux2Transformer2DModel
+
+    if full:
+        config = dict(num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
+                      joint_attention_dim=15360, in_channels=128, guidance_embeds=False)
+        side = 64
+    else:
+        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
+                      joint_attention_dim=1024, in_channels=128, timestep_guidance_channels=256, guidance_embeds=False)
+        side = 32
+    tokens = side * side
+
+    def inputs(batch, device, dtype):
+        ids = torch.zeros(side, side, 4)
+        ids[..., 1] = torch.arange(side)[:, None]
+        ids[..., 2] = torch.arange(side)[None, :]
+        text_ids = torch.zeros(text_len, 4)
+        text_ids[:, 3] = torch.arange(text_len)
+        return dict(
+            hidden_states=_randn(batch, tokens, 128, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
+            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+            img_ids=ids.reshape(-1, 4).to(device),
+            txt_ids=text_ids.to(device),
+        )
+
+    return Case("flux2", f"FLUX.2 ({tokens} image + {text_len} text tokens)",
+                lambda: Flux2Transformer2DModel(**config), inputs, _text_negative)
+
+
 def sd3_case(full: bool) -> Case:
     from diffusers import SD3Transformer2DModel
 
@@ -260,6 +294,7 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "sana": lambda: [sana_case(full)],
         "wan": lambda: [wan_case(full, "1.3B"), wan_case(full, "14B")],
         "chroma": lambda: [chroma_case(full, 512)],
+        "flux2": lambda: [flux2_case(full, 512)],
     }
     return [case for family in families for case in makers[family]()]
 

@@ -20,9 +20,8 @@ import test_pipelines as tpl
 import tiny_pipelines as tp
 
 NAMES = ["flux2"]
-STRAIGHTFORWARD_ONLY = {
-    "flux2": "Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor on whole negative rows: straightforward wrappers only",
-}
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}  # (FLUX.2 has a fast path: double blocks at the stock image batch,
+# single blocks on the stock rows with the negative text beside them)
 SETTINGS = tpl.SETTINGS
 
 

@@ -22,7 +22,6 @@ NAMES = ["cogvideox_i2v", "flux2_klein", "lumina2"]
 STRAIGHTFORWARD_ONLY = {
     "cogvideox_i2v": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "lumina2": "Lumina2AttnProcessor2_0 on whole negative rows of per-sample lengths: straightforward wrappers only",
-    "flux2_klein": "Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor on whole negative rows: straightforward wrappers only",
 }
 SETTINGS = tpl.SETTINGS
 

@@ -1219,7 +1219,7 @@ def chroma():
     tokenizer, text_encoder = make_t5(seed=1, d_model=32)
     with _seeded(2):
         transformer = ChromaTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
             approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1,
         ).eval()
@@ -1476,7 +1476,7 @@ def flux2_klein():
     tokenizer, text_encoder = make_qwen3(seed=1)
     with _seeded(2):
         transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16, mlp_ratio=2.0,
             axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
         ).eval()
@@ -1576,7 +1576,7 @@ def flux2():
     tokenizer, text_encoder = make_mistral3(seed=1)
     with _seeded(2):
         transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16, mlp_ratio=2.0,
             axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
         ).eval()

@@ -851,7 +851,7 @@ _CROSS_FLAT_NORM = {
     "SkyReelsV2AttnProcessor": True,
     "LTXVideoAttnProcessor": True,
 }
-_JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0"}
+_JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0", "Flux2AttnProcessor"}
 # Joint processors whose rotary tables come as (image, text) instead of one table over [text, image].
 _SPLIT_ROTARY_PROCESSORS = {"QwenDoubleStreamAttnProcessor2_0"}
 # Cross-attention processors that also attend to an image context placed before the text
@@ -1052,3 +1052,42 @@ class FastSingleStreamAttentionNAG(SingleStreamAttentionNAG):
         z, text_positive, text_negative = _guided_image_and_text(self, call, image, text, (qn, kn, vn))
         state["attention"] = pad_tokens(text_negative, padded)
         return torch.cat([pad_tokens(text_positive, padded), z], dim=1).to(hidden.dtype)
+
+
+def _fused_qkv_mlp(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A parallel block's fused input projection: query/key/value heads (with their norms) and the MLP half."""
+    fused = attn.to_qkv_mlp_proj(x)
+    qkv, mlp = fused.split([3 * attn.inner_dim, fused.shape[-1] - 3 * attn.inner_dim], dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
+    return attn.norm_q(q), attn.norm_k(k), v, mlp
+
+
+class FastFusedSingleAttentionNAG(FusedSingleAttentionNAG):
+    """FLUX.2 single-stream fast path: the block runs on the stock rows only; the negative text rows' modulated
+    input arrives through ``runtime.scratch`` (set by the joined-block hook), and their output (attention and MLP
+    through the fused output projection) leaves the same way. Image tokens are projected and attended once
+    (image->image attention merged by log-sum-exp with each branch's image->text attention)."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind == "Flux2ParallelSelfAttnProcessor" and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None or arguments.get("attention_mask") is not None:
+            return super().guided(attn, call, arguments)
+        hidden = arguments["hidden_states"]
+        rotary = arguments.get(self.rotary_argument)
+        padded = call.text_prefix + call.padded_text_len
+        q, k, v, mlp = _fused_qkv_mlp(attn, hidden)
+        qn, kn, vn, mlp_negative = _fused_qkv_mlp(attn, state["normed"])
+        if rotary is not None:
+            q, k = _rotate(q, rotary, 0, None), _rotate(k, rotary, 0, None)
+            qn, kn = _rotate(qn, rotary, 0, padded), _rotate(kn, rotary, 0, padded)
+        image = (q[:, padded:], k[:, padded:], v[:, padded:])
+        text = (q[:, :padded], k[:, :padded], v[:, :padded])
+        z, text_positive, text_negative = _guided_image_and_text(self, call, image, text, (qn, kn, vn))
+        attended = torch.cat([pad_tokens(text_positive, padded), z], dim=1).to(hidden.dtype)
+        state["attention"] = attn.to_out(torch.cat([pad_tokens(text_negative, padded).to(hidden.dtype),
+                                                    attn.mlp_act_fn(mlp_negative)], dim=-1))
+        return attn.to_out(torch.cat([attended, attn.mlp_act_fn(mlp)], dim=-1))

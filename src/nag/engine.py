@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .attention import NEGATIVE_PREFIX, PREFIX_RECORDING, wrap_processor
+from .attention import NEGATIVE_PREFIX, PREFIX_RECORDING, NAGProcessor, wrap_processor
 from .settings import NAGSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -238,6 +238,12 @@ class Attachment:
                 self._hooks.append(module.register_forward_pre_hook(self._stock_rows_of_conditioning, with_kwargs=True))
             if family.image_modulations and re.fullmatch(family.image_modulations, name):
                 self._hooks.append(module.register_forward_pre_hook(self._stock_rows_of_inputs, with_kwargs=True))
+            if family.stock_image_blocks and re.fullmatch(family.stock_image_blocks, name):
+                self._hooks.append(module.register_forward_pre_hook(self._stock_image_rows, with_kwargs=True))
+                self._hooks.append(module.register_forward_hook(self._restore_image_rows))
+            if family.joined_blocks and re.fullmatch(family.joined_blocks, name) and self.fast and family.single_block_text:
+                self._hooks.append(module.register_forward_pre_hook(self._split_joined_rows, with_kwargs=True))
+                self._hooks.append(module.register_forward_hook(self._join_joined_rows))
             if family.concatenating_blocks and re.fullmatch(family.concatenating_blocks, name):
                 if self.fast and family.single_block_text is not None:
                     self._hooks.append(module.register_forward_pre_hook(self._split_text_rows, with_kwargs=True))
@@ -374,6 +380,54 @@ class Attachment:
             return None
         return self.family.drop_image_rows(output, call.batch)
 
+    def _stock_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Double-stream blocks of a concat-layout model: the image stream (and its per-row modulation) at the
+        stock batch; the negative text rows attend to the guided image in the joint attention wrapper."""
+        call = self.runtime.call
+        if call is None:
+            return None
+        bound = _bind(module, args, kwargs)
+        for name in (self.family.image_kwarg, *self.family.stock_image_kwargs):
+            value = bound.arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] > call.batch:
+                bound.arguments[name] = value[: call.batch]
+        return bound.args, bound.kwargs
+
+    def _restore_image_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """... and its image output with the guided rows' copies again (the model joins text and image rows)."""
+        call = self.runtime.call
+        if call is None or not isinstance(output, tuple):
+            return None
+        return tuple(torch.cat([x, x[call.cond_rows]]) if isinstance(x, torch.Tensor) and x.shape[0] == call.batch else x
+                     for x in output)
+
+    def _split_joined_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path for single-stream blocks whose input the model joined as ``[text, image]``: the block runs
+        on the stock rows; the negative rows' text takes the family's text-only path around it."""
+        call = self.runtime.call
+        processor = _text_attention_processor(module)
+        if call is None or not getattr(processor, "takes_split_text", lambda: False)():
+            return None
+        bound = _bind(module, args, kwargs)
+        joined, modulation = bound.arguments[self.family.image_kwarg], bound.arguments[self.family.joined_block_modulation]
+        b, text_len = call.batch, call.text_prefix + call.padded_text_len
+        negative_modulation = modulation[b:] if modulation.shape[0] > b else modulation
+        start, _ = self.family.single_block_text
+        self.runtime.scratch["single_block"] = start(module, joined[b:, :text_len], negative_modulation)
+        bound.arguments[self.family.image_kwarg] = joined[:b]
+        bound.arguments[self.family.joined_block_modulation] = modulation[:b] if modulation.shape[0] > b else modulation
+        return bound.args, bound.kwargs
+
+    def _join_joined_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        call = self.runtime.call
+        state = self.runtime.scratch.pop("single_block", None)
+        if call is None or state is None:
+            return None
+        _, finish = self.family.single_block_text
+        text_len = call.text_prefix + call.padded_text_len
+        negative = torch.cat([finish(module, state), output[call.cond_rows, text_len:]], dim=1)
+        return torch.cat([output, negative])
+
     def _split_text_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """Fast path for blocks that concatenate ``[text, image]``: the block runs on the stock
         rows; the negative text rows take the family's text-only path around it."""
@@ -397,6 +451,15 @@ class Attachment:
         _, finish = self.family.single_block_text
         text, image = output
         return torch.cat([text, finish(module, state)]), image
+
+
+def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    return inspect.signature(module.forward).bind(*args, **kwargs)
+
+
+def _text_attention_processor(block: torch.nn.Module) -> Any:
+    """The NAG wrapper of a block's text attention (None if it has none)."""
+    return next((m.processor for m in block.modules() if isinstance(getattr(m, "processor", None), NAGProcessor)), None)
 
 
 def _stock_rows_of_output(output: Any, rows: int) -> Any:

@@ -22,6 +22,7 @@ from .attention import (
     CrossAttentionNAG,
     FastCausalPrefixAttentionNAG,
     FastCrossAttentionNAG,
+    FastFusedSingleAttentionNAG,
     FastJointAttentionNAG,
     FastSingleStreamAttentionNAG,
     FusedSingleAttentionNAG,
@@ -66,7 +67,7 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_per_sample_image_first", False): RowsPerSampleImageFirstAttentionNAG,
     ("joint_rows_per_sample_image_first", True): RowsPerSampleImageFirstAttentionNAG,
     ("single_fused", False): FusedSingleAttentionNAG,
-    ("single_fused", True): FusedSingleAttentionNAG,
+    ("single_fused", True): FastFusedSingleAttentionNAG,
     # causal single-stream models (layout "prefix"): the negative prefix's keys/values are prefilled once, and
     # the target image's queries attend to them in a second, image-only attention call (no duplicated rows)
     ("causal_prefix", False): CausalPrefixAttentionNAG,
@@ -88,6 +89,19 @@ def _flux_single_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> t
     """... after attention: the block's output projection, gate and residual."""
     out = block.proj_out(torch.cat([state["attention"].to(state["mlp"].dtype), state["mlp"]], dim=2))
     out = state["residual"] + state["gate"].unsqueeze(1) * out
+    return out.clip(-65504, 65504) if out.dtype == torch.float16 else out
+
+
+def _flux2_single_text_start(block: torch.nn.Module, text: torch.Tensor, modulation: torch.Tensor) -> dict[str, Any]:
+    """FLUX.2 single-stream block, negative text rows, before attention: the modulated norm (the block's shift, scale
+    and gate are the three chunks of its per-row modulation)."""
+    shift, scale, gate = (modulation.unsqueeze(1) if modulation.ndim == 2 else modulation).chunk(3, dim=-1)
+    return {"residual": text, "normed": (1 + scale) * block.norm(text) + shift, "gate": gate}
+
+
+def _flux2_single_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (the fused attention + MLP output): gate and residual."""
+    out = state["residual"] + state["gate"] * state["attention"]
     return out.clip(-65504, 65504) if out.dtype == torch.float16 else out
 
 
@@ -275,6 +289,15 @@ class Family:
         single_block_text: for those blocks, the text-only path of the negative rows as
             ``(start(block, text, temb) -> state, finish(block, state) -> text)``, which lets the
             fast path run the block on the stock rows only (no duplicated image tokens).
+        stock_image_blocks: concat layout: regex of blocks with separate text and image streams (double-stream
+            blocks) that run the image stream at the stock batch: their ``image_kwarg`` and the per-row
+            ``stock_image_kwargs`` (image-side modulation) are cut to the stock rows, the negative text rows attend
+            to the guided image (role ``"joint"``), and the block's image output gets the guided rows' copies
+            again for the model's later concatenation.
+        joined_blocks: concat layout: regex of single-stream blocks whose input the model joined as
+            ``[text, image]``; with the fast path the block runs on the stock rows and the negative rows' text
+            takes ``single_block_text`` around it (``joined_block_modulation``: the block's per-row modulation
+            argument), so no image token is duplicated.
         image_modulations: regex of image-side modules all of whose inputs are per-row
             conditioning (e.g. Qwen-Image's ``img_mod(temb)``): they see the stock rows only.
         static_text: cross layout: the model's text preprocessing does not depend on the
@@ -313,6 +336,10 @@ class Family:
     image_norms: str | None = None
     concatenating_blocks: str | None = None
     single_block_text: tuple[Callable, Callable] | None = None
+    stock_image_blocks: str | None = None
+    stock_image_kwargs: tuple[str, ...] = ()
+    joined_blocks: str | None = None
+    joined_block_modulation: str = "temb"
     image_modulations: str | None = None
     static_text: bool = True
     refuse: Callable[[torch.nn.Module], str | None] | None = None
@@ -659,14 +686,21 @@ FAMILIES: dict[str, Family] = {
         # then the model joins [text, image] for parallel single blocks whose one output projection mixes
         # attention and MLP (NAG combines the attention columns before it); all modulation comes from the
         # timestep (and guidance) alone; text positions count along the text (padding never attended); no mask.
+        # The double blocks run the image stream at the stock batch (negative text rows only); with the fast path
+        # the single blocks run on the stock rows and the negative text takes the block's text path beside them.
         Family(
             name="flux2",
             denoisers=("Flux2Transformer2DModel",),
-            attention=((r"transformer_blocks\.\d+\.attn", "joint_rows"),
+            attention=((r"transformer_blocks\.\d+\.attn", "joint"),
                        (r"single_transformer_blocks\.\d+\.attn", "single_fused")),
             layout="concat",
             row_kwargs=("timestep", "guidance"),
             text_ids_kwarg="txt_ids",
+            stock_image_blocks=r"transformer_blocks\.\d+",
+            stock_image_kwargs=("temb_mod_img",),
+            joined_blocks=r"single_transformer_blocks\.\d+",
+            joined_block_modulation="temb_mod",
+            single_block_text=(_flux2_single_text_start, _flux2_single_text_finish),
         ),
         # Lumina2: the caption (embedded without the timestep, refined by its own unmodulated blocks) and the
         # image are joined per sample as [caption (its valid length), image, padding]; the image's offset and
