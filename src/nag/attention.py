@@ -401,7 +401,8 @@ class RowsJointAttentionNAG(NAGProcessor):
     """Joint attention with separate text projections in a model whose negative rows are whole
     batch rows (layout ``"concat"``: Chroma double blocks, AuraFlow joint blocks).
 
-    Text and image both hold the stock rows followed by one row per guided row. The negative
+    Text and image both hold the stock rows followed by one row per guided row (or the image only the stock
+    rows, in blocks that run the image stream at the stock batch: ``Family.stock_image_blocks``). The negative
     rows' image tokens are a placeholder: the negative text attends to ``[negative text, guided
     image]`` (the stock rows' image tokens), and the negative rows' image output is the guided
     rows' image output. Masks over ``[text, image]`` (``(rows, 1, L, L)`` or ``(rows, L)``) are
@@ -436,7 +437,9 @@ class RowsJointAttentionNAG(NAGProcessor):
 
         starts = (lp, ln) if self.projection_sees_text else (0, 0)
         negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive, *starts)
-        image_out = torch.cat([positive[0], positive[0][call.cond_rows]])
+        image_out = positive[0]
+        if arguments["hidden_states"].shape[0] > b:  # whole negative rows: their image part is the guided rows'
+            image_out = torch.cat([image_out, image_out[call.cond_rows]])
         text_out = torch.cat([pad_tokens(positive[1], padded), pad_tokens(negative[1], padded)])
         return (image_out, text_out, *positive[2:])
 

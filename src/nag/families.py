@@ -565,7 +565,8 @@ FAMILIES: dict[str, Family] = {
         ),
         # Chroma: Flux-like blocks whose modulation comes from the timestep alone (a distilled
         # approximator, no pooled text); the model itself joins [text, image] before the single
-        # blocks and its mask spans [text, image]: whole negative rows, mask per branch.
+        # blocks and its mask spans [text, image]: whole negative rows, mask per branch; the double
+        # blocks carry the negative text rows only.
         Family(
             name="chroma",
             denoisers=("ChromaTransformer2DModel",),
@@ -576,6 +577,9 @@ FAMILIES: dict[str, Family] = {
             negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
             row_kwargs=("timestep",),
             text_ids_kwarg="txt_ids",
+            # double blocks: the image stream at the stock batch (its modulation norm takes the stock rows)
+            stock_image_blocks=r"transformer_blocks\.\d+",
+            image_norms=r"transformer_blocks\.\d+\.norm1",
         ),
         # AuraFlow: register tokens before the text, joint blocks, then single blocks over the
         # [registers, text, image] the model joins itself; timestep-only modulation, no mask.
