@@ -2139,52 +2139,31 @@ def _hidream_attention(image_qkv, text_qkv):
     return out[:, :image_len], out[:, image_len:]
 
 
-def _hidream_double_block(block, img, txt, temb, rope, img_mask, neg, rows, nag):
-    """neg: None or dict(txt, temb, rope) of the negative stream (one row per guided row). The image tokens come
-    first in the rotary tables."""
-    attn = block.attn1
-    image_len = img.shape[1]
-    m = block.adaLN_modulation(temb)[:, None].chunk(12, dim=-1)
-    image_qkv = _hidream_qkv(attn, block.norm1_i(img) * (1 + m[1]) + m[0], rope[:, :image_len], img_mask)
-
-    def text_side(x, mods, qkv, text_rope):
-        text_qkv = _hidream_qkv(attn, block.norm1_t(x) * (1 + mods[7]) + mods[6], text_rope, text=True)
-        img_attn, txt_attn = _hidream_attention(qkv, text_qkv)
-        x = x + mods[8] * attn.to_out_t(txt_attn)
-        x = x + mods[11] * block.ff_t(block.norm3_t(x) * (1 + mods[10]) + mods[9])
-        return img_attn, x
-
-    img_attn, txt = text_side(txt, m, image_qkv, rope[:, image_len:])
-    if neg is not None:
-        mods = block.adaLN_modulation(neg["temb"])[:, None].chunk(12, dim=-1)
-        img_attn_neg, txt_neg = text_side(neg["txt"], mods, tuple(t[rows] for t in image_qkv), neg["rope"][:, image_len:])
-        img_attn = img_attn.clone()
-        img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
-        neg = {**neg, "txt": txt_neg}
-    img = img + m[2] * attn.to_out(img_attn)
-    img = img + m[5] * block.ff_i(block.norm3_i(img) * (1 + m[4]) + m[3])
-    return img, txt, neg
-
-
-def _hidream_single_block(block, img, txt, temb, rope, img_mask, neg, rows, nag):
-    """Stock: one stream [image, text] with shared projections, attention, one output projection and the
-    mixture-of-experts feed-forward over every token; here on the parts, the negative text attending to
+def _hidream_block(block, img, txt, temb, rope, img_mask, neg, rows, nag):
+    """One HiDream block. Double-stream blocks give the text its own norms, projections, output projection and
+    feed-forward (modulation chunks 6-11); single-stream blocks run the text through the image's (chunks 0-5, the
+    mixture-of-experts feed-forward over every token). Either way the image tokens come first in the rotary
+    tables. neg: None or dict(txt, temb, rope) of the negative stream (one row per guided row), attending to
     [guided image, negative text]."""
     attn = block.attn1
+    single = attn.single
     image_len = img.shape[1]
-    m = block.adaLN_modulation(temb)[:, None].chunk(6, dim=-1)
+    m = block.adaLN_modulation(temb)[:, None].chunk(6 if single else 12, dim=-1)
     image_qkv = _hidream_qkv(attn, block.norm1_i(img) * (1 + m[1]) + m[0], rope[:, :image_len], img_mask)
+    first = 0 if single else 6  # the text's modulation chunks
+    norm1, norm3, ff, out = ((block.norm1_i, block.norm3_i, block.ff_i, attn.to_out) if single
+                             else (block.norm1_t, block.norm3_t, block.ff_t, attn.to_out_t))
 
     def text_side(x, mods, qkv, text_rope):
-        text_qkv = _hidream_qkv(attn, block.norm1_i(x) * (1 + mods[1]) + mods[0], text_rope)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[first : first + 6]
+        text_qkv = _hidream_qkv(attn, norm1(x) * (1 + scale) + shift, text_rope, text=not single)
         img_attn, txt_attn = _hidream_attention(qkv, text_qkv)
-        x = x + mods[2] * attn.to_out(txt_attn)
-        x = x + mods[5] * block.ff_i(block.norm3_i(x) * (1 + mods[4]) + mods[3])
-        return img_attn, x
+        x = x + gate * out(txt_attn)
+        return img_attn, x + gate_mlp * ff(norm3(x) * (1 + scale_mlp) + shift_mlp)
 
     img_attn, txt = text_side(txt, m, image_qkv, rope[:, image_len:])
     if neg is not None:
-        mods = block.adaLN_modulation(neg["temb"])[:, None].chunk(6, dim=-1)
+        mods = block.adaLN_modulation(neg["temb"])[:, None].chunk(6 if single else 12, dim=-1)
         img_attn_neg, txt_neg = text_side(neg["txt"], mods, tuple(t[rows] for t in image_qkv), neg["rope"][:, image_len:])
         img_attn = img_attn.clone()
         img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
@@ -2231,13 +2210,12 @@ def naive_hidream_forward(
                                                            img_ids[rows])
         neg = dict(txt=neg_carried, temb=neg_temb, rope=neg_rope)
     carried_len = carried.shape[1]
-    blocks = [(b.block, _hidream_double_block) for b in tr.double_stream_blocks]
-    blocks += [(b.block, _hidream_single_block) for b in tr.single_stream_blocks]
-    for index, (block, run) in enumerate(blocks):
+    blocks = [b.block for b in tr.double_stream_blocks] + [b.block for b in tr.single_stream_blocks]
+    for index, block in enumerate(blocks):
         txt = torch.cat([carried, per_block[index]], dim=1)
         if neg is not None:
             neg = {**neg, "txt": torch.cat([neg["txt"], neg_per_block[index]], dim=1)}
-        img, txt, neg = run(block, img, txt, temb, rope, img_mask, neg, rows, nag)
+        img, txt, neg = _hidream_block(block, img, txt, temb, rope, img_mask, neg, rows, nag)
         carried = txt[:, :carried_len]
         if neg is not None:
             neg = {**neg, "txt": neg["txt"][:, :carried_len]}

@@ -1023,10 +1023,23 @@ _BASE_KWARGS.update(qwenimage_inpaint=dict(
 ))
 
 
+def _qwen_vl_tokenizer():
+    """Qwen2Tokenizer (byte-level BPE) with the chat and vision specials, and the specials' ids."""
+    from transformers import Qwen2Tokenizer
+
+    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
+    words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+    vocab, merges = _bpe_tables(specials, chars, words)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, additional_special_tokens=specials[1:])
+    return tok, {s: tok.convert_tokens_to_ids(s) for s in specials}
+
+
 def make_qwen25_vl_processor(seed: int = 0, hidden_size: int = 32):
     """A tiny Qwen2.5-VL with a working vision tower, its tokenizer (with the vision specials) and a
     Qwen2VLProcessor whose image processor shrinks every image to 56x56 pixels (4 merged image tokens)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
     from transformers import Qwen2VLImageProcessor
 
     class TinyQwen2VLProcessor(Qwen2VLProcessor):
@@ -1035,13 +1048,7 @@ def make_qwen25_vl_processor(seed: int = 0, hidden_size: int = 32):
         def check_argument_for_proper_class(self, argument_name, argument):
             return None
 
-    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
-    words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                "<|video_pad|>"]
-    vocab, merges = _bpe_tables(specials, chars, words)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, additional_special_tokens=specials[1:])
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    tok, ids = _qwen_vl_tokenizer()
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
@@ -1129,21 +1136,14 @@ def make_qwen3_vl_processor(seed: int = 0, hidden_size: int = 16):
     """A tiny Qwen3-VL with a working vision tower (one merged vision token per 32x32 pixels, the 2x2 latent tokens
     Qwen-Image 2.1 expands each vision slot into), its tokenizer with the vision specials and a minimal chat
     template (what QwenImage21Pipeline reads to count the system tokens it drops), and a Qwen3VLProcessor."""
-    from transformers import (Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                              Qwen3VLProcessor)
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
     class TinyQwen3VLProcessor(Qwen3VLProcessor):
         # without torchvision, transformers 5 cannot build or check the (unused) video processor
         def check_argument_for_proper_class(self, argument_name, argument):
             return None
 
-    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
-    words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                "<|video_pad|>"]
-    vocab, merges = _bpe_tables(specials, chars, words)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, additional_special_tokens=specials[1:])
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    tok, ids = _qwen_vl_tokenizer()
     template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
                 "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
     config = Qwen3VLConfig(
