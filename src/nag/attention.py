@@ -139,16 +139,22 @@ class NAGProcessor:
 
     def guided_projection_inputs(
         self, attn: torch.nn.Module, call: "GuidedCall", run_negative: Callable[[Any], Any], run_positive: Callable[[Any], Any],
-        positive_image_start: int = 0, negative_image_start: int = 0,
+        positive_image_start: int = 0, negative_image_start: int = 0, image_len: int | None = None,
     ) -> tuple[Any, Any]:
         """Run the negative pass capturing ``Z-`` at the output projection, then the positive pass
         with the guided rows' ``Z+`` replaced by the NAG combination.
 
         When the projection also sees text tokens (single-stream processors that project
         ``[text, image]`` together), the image tokens start at ``positive_image_start`` /
-        ``negative_image_start`` in each pass; only they are combined."""
+        ``negative_image_start`` in each pass (and are ``image_len`` long; None: to the end); only they are
+        combined. The output projection is ``attn.to_out[0]``, or ``attn.to_out`` where that is one layer."""
         captured: dict[str, torch.Tensor] = {}
-        project = attn.to_out[0]
+        single_layer = isinstance(attn.to_out, torch.nn.Linear)
+        project = attn.to_out if single_layer else attn.to_out[0]
+        view = _FusedOutputView if single_layer else _OutputProjectionView
+
+        def tokens(start: int) -> slice:
+            return slice(start, None if image_len is None else start + image_len)
 
         def capture(z: torch.Tensor) -> torch.Tensor:
             captured["z"] = z
@@ -156,19 +162,20 @@ class NAGProcessor:
 
         def combine(z: torch.Tensor) -> torch.Tensor:
             z = z.clone()
-            z[call.cond_rows, positive_image_start:] = self.combine(
-                call, z[call.cond_rows, positive_image_start:], captured["z"][:, negative_image_start:]
+            positive_tokens = tokens(positive_image_start)
+            z[call.cond_rows, positive_tokens] = self.combine(
+                call, z[call.cond_rows, positive_tokens], captured["z"][:, tokens(negative_image_start)]
             )
             return project(z)
 
-        negative = run_negative(_OutputProjectionView(attn, capture))
+        negative = run_negative(view(attn, capture))
         if "z" not in captured:
             raise RuntimeError(
                 f"NAG cannot guide {type(attn).__name__} with {self.stock_kind}: the processor never calls "
-                "attn.to_out[0], where NAG combines the attention outputs. Restore diffusers' processor "
+                "attn.to_out, where NAG combines the attention outputs. Restore diffusers' processor "
                 "(e.g. pipe.transformer.set_default_attn_processor()) or remove NAG."
             )
-        positive = run_positive(_OutputProjectionView(attn, combine))
+        positive = run_positive(view(attn, combine))
         return negative, positive
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
@@ -769,35 +776,6 @@ class HiDreamJointAttentionNAG(NAGProcessor):
                 positive[name] = negative[name] = value
         return positive, negative
 
-    def guided_at_projection(
-        self, attn: torch.nn.Module, call: "GuidedCall", run_negative: Callable[[Any], Any],
-        run_positive: Callable[[Any], Any], image_len: int | None = None,
-    ) -> tuple[Any, Any]:
-        """Like :meth:`NAGProcessor.guided_projection_inputs`, for an output projection ``attn.to_out`` that is
-        one linear layer; the image tokens are the first ``image_len`` (None: all) of the tokens it sees."""
-        captured: dict[str, torch.Tensor] = {}
-        project = attn.to_out
-        image = slice(0, image_len)
-
-        def capture(z: torch.Tensor) -> torch.Tensor:
-            captured["z"] = z
-            return project(z)
-
-        def combine(z: torch.Tensor) -> torch.Tensor:
-            z = z.clone()
-            z[call.cond_rows, image] = self.combine(call, z[call.cond_rows, image], captured["z"][:, image])
-            return project(z)
-
-        # (_FusedOutputView routes calls of a module's single-layer `to_out`)
-        negative = run_negative(_FusedOutputView(attn, capture))
-        if "z" not in captured:
-            raise RuntimeError(
-                f"NAG cannot guide {type(attn).__name__} with {self.stock_kind}: the processor never calls attn.to_out, "
-                "where NAG combines the attention outputs. Restore diffusers' processor or remove NAG."
-            )
-        positive = run_positive(_FusedOutputView(attn, combine))
-        return negative, positive
-
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         b, rows = call.batch, call.cond_rows
         image, text = arguments["hidden_states"][:b], arguments["encoder_hidden_states"]
@@ -810,7 +788,7 @@ class HiDreamJointAttentionNAG(NAGProcessor):
         def run_positive(view: Any) -> Any:
             return self.run_stock(view, arguments, hidden_states=image, encoder_hidden_states=text[:b], **positive_inputs)
 
-        negative, positive = self.guided_at_projection(attn, call, run_negative, run_positive)
+        negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
         image_out = positive[0]
         return torch.cat([image_out, image_out[rows]]), torch.cat([positive[1], negative[1]])
 
@@ -832,9 +810,9 @@ class HiDreamSingleAttentionNAG(HiDreamJointAttentionNAG):
         image_len = stream.shape[1] - call.text_lengths[0]
         negative_stream = torch.cat([stream[:b][rows, :image_len], stream[b:, image_len:]], dim=1)
         positive_inputs, negative_inputs = self.per_row_inputs(call, arguments)
-        negative, positive = self.guided_at_projection(
+        negative, positive = self.guided_projection_inputs(
             attn, call, lambda view: self.run_stock(view, arguments, hidden_states=negative_stream, **negative_inputs),
-            lambda view: self.run_stock(view, arguments, hidden_states=stream[:b], **positive_inputs), image_len,
+            lambda view: self.run_stock(view, arguments, hidden_states=stream[:b], **positive_inputs), image_len=image_len,
         )
         return torch.cat([positive, torch.cat([positive[rows, :image_len], negative[:, image_len:]], dim=1)])
 
