@@ -116,29 +116,42 @@ CONDITIONING = {
 
 @pytest.mark.parametrize("name", list(CONDITIONING))
 def test_conditioning_is_left_unguided(name):
+    check_conditioning_is_left_unguided(name, [CONDITIONING[name]])
+
+
+def check_conditioning_is_left_unguided(name, parts, **overrides):
     """The conditioning reaches every guided call exactly as the pipeline sets it (as in the stock run),
     the negative rows see the guided rows' conditioning (a negative equal to the positive prompt gives
-    the stock output on the denoiser), and only the text tells the branches apart."""
+    the stock output on the denoiser), and only the text tells the branches apart.
+
+    ``parts``: ``(argument, index into it)`` of the denoiser calls that carry the conditioning; the first one
+    is made to differ between the rows for the denoiser check where the pipeline gives every row the same.
+    ``overrides``: call arguments (see ``tpl.generate``)."""
     pipe = tpl.pipeline(name)
     model = tp.denoiser(pipe)
-    _, stock_calls = tpl.record(pipe, name)
+    _, stock_calls = tpl.record(pipe, name, **overrides)
     with nag.apply(pipe, tpl.NEGATIVE, **SETTINGS) as handle:
-        _, guided_calls = tpl.record(pipe, name)
+        _, guided_calls = tpl.record(pipe, name, **overrides)
         assert handle.guided_calls == 2
-    key, index = CONDITIONING[name]
     assert len(stock_calls) == len(guided_calls)
     for stock, guided in zip(stock_calls, guided_calls):
-        assert torch.equal(guided["inputs"][key][index], stock["inputs"][key][index])
+        for key, index in parts:
+            assert torch.equal(guided["inputs"][key][index], stock["inputs"][key][index]), key
     assert (guided_calls[-1]["output"] - stock_calls[-1]["output"]).abs().max() > 1e-4
     # On the denoiser: different conditioning per row, the negative text equal to the conditional row's
     # text -> the stock output (the negative rows carry the guided rows' conditioning, not their own).
     inputs = {k: v for k, v in stock_calls[0]["inputs"].items() if k not in ("return_dict", "attention_kwargs")}
+    key, index = parts[0]
+    if torch.equal(inputs[key][index][0], inputs[key][index][-1]):
+        inputs[key] = inputs[key].clone()
+        inputs[key][index][-1] = inputs[key][index][-1].flip(-1) + 0.5
     assert not torch.equal(inputs[key][index][0], inputs[key][index][-1])
     rows = tpl.batch_rows(name)
-    text = inputs["encoder_hidden_states"]
+    family = nag.families.FAMILIES[nag.families.pipeline_spec(pipe).family]
+    negative = {k: inputs[k][-rows:] for k in family.negative_keys if inputs.get(k) is not None}
     with torch.no_grad():
         stock = model(**inputs, return_dict=False)[0]
-        with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": text[-rows:]}, fast=False,
-                                            positive_reference=text[-rows:], **SETTINGS):
+        with nag.denoiser.apply_to_denoiser(model, negative, fast=False,
+                                            positive_reference=inputs["encoder_hidden_states"][-rows:], **SETTINGS):
             same = model(**inputs, return_dict=False)[0]
     torch.testing.assert_close(same, stock, rtol=0, atol=1e-5)

@@ -58,10 +58,10 @@ class ListRecorder:
             handle.remove()
 
 
-def record(pipe, cfg=True, prompts=PROMPTS, **overrides):
+def record(pipe, cfg=True, prompts=PROMPTS, name=NAME, **overrides):
     recorder = ListRecorder(tp.denoiser(pipe))
     try:
-        out = tpl.generate(pipe, NAME, cfg=cfg, prompts=prompts, **overrides)
+        out = tpl.generate(pipe, name, cfg=cfg, prompts=prompts, **overrides)
     finally:
         recorder.close()
     return out, recorder.calls
@@ -148,17 +148,22 @@ def naive_output(model, inputs, negative, cond_rows):
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 def test_agrees_with_naive_implementation(fast):
+    check_agrees_with_naive_implementation(NAME, fast)
+
+
+def check_agrees_with_naive_implementation(name, fast, naive_output=naive_output):
     """Through the pipeline with CFG ([conditional, unconditional] in one call): the conditional rows guided, the
-    unconditional ones stock, for negatives shorter and longer than the positives."""
-    pipe = tpl.pipeline(NAME)
+    unconditional ones stock, for negatives shorter and longer than the positives. ``naive_output(model, inputs,
+    negative, cond_rows)``: the naive forward of one recorded call."""
+    pipe = tpl.pipeline(name)
     model = tp.denoiser(pipe)
-    _, stock_calls = record(pipe)
+    _, stock_calls = record(pipe, name=name)
     with torch.no_grad():  # the reference itself reproduces the stock model
         assert_lists_close(naive_output(model, stock_calls[0]["inputs"], None, None), stock_calls[0]["output"])
     for kind, negatives in NEGATIVES.items():
         negative = negative_captions(pipe, negatives)
         with nag.apply(pipe, negatives, **SETTINGS, fast=fast) as handle:
-            _, calls = record(pipe)
+            _, calls = record(pipe, name=name)
             assert handle.guided_calls == 2, kind
         assert len(calls) == 2
         with torch.no_grad():

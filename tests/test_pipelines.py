@@ -54,8 +54,26 @@ def state_of(pipe):
     return processors, hooks, tuple(sorted(pipe.__dict__))
 
 
+def snapshot(value):
+    """A copy of a call argument or output: tensors cloned, also inside lists, tuples and dicts (Z-Image's
+    per-sample lists, ControlNet hints)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    return value
+
+
+def stacked(output):
+    """A denoiser output as one tensor (Z-Image's list of per-sample outputs of one size stacked)."""
+    return torch.stack(list(output)) if isinstance(output, (list, tuple)) else output
+
+
 class Recorder:
-    """Records every denoiser call: the stock arguments (by name) and the output."""
+    """Records every denoiser call: the stock arguments (by name) and the output (tensors copied, also the
+    per-sample lists of Z-Image)."""
 
     def __init__(self, model):
         self.model = model
@@ -68,12 +86,11 @@ class Recorder:
 
     def _before(self, module, args, kwargs):
         bound = self.signature.bind_partial(*args, **kwargs)
-        copy = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in bound.arguments.items()}
-        self.calls.append({"inputs": copy})
+        self.calls.append({"inputs": {k: snapshot(v) for k, v in bound.arguments.items()}})
 
     def _after(self, module, args, output):
         sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-        self.calls[-1]["output"] = sample.detach().clone()
+        self.calls[-1]["output"] = snapshot(sample)
 
     def close(self):
         for handle in self._handles:
@@ -216,17 +233,21 @@ def test_cfg_unconditional_branch_is_untouched(name):
     check_cfg_unconditional_branch_is_untouched(name)
 
 
-def check_cfg_unconditional_branch_is_untouched(name):
-    pipe = pipeline(name)
-    _, stock_calls = record(pipe, name)
+def check_cfg_unconditional_branch_is_untouched(name, pipe=None, mode=None, **overrides):
+    """``pipe``: another pipeline of ``name`` (e.g. with a CFG guider); ``mode``: its CFG arrangement when
+    it is not ``name``'s (``tp.CFG_INFO``); ``overrides``: call arguments (see ``generate``)."""
+    pipe = pipeline(name) if pipe is None else pipe
+    _, stock_calls = record(pipe, name, **overrides)
     with nag.apply(pipe, NEGATIVE, **SETTINGS):
-        _, guided_calls = record(pipe, name)
-    mode = tp.CFG_INFO[name]["mode"]
-    if mode == "batched":  # [uncond, cond] in one call; the first step has the same inputs in both runs
-        rows = batch_rows(name)
-        first_stock, first_guided = stock_calls[0]["output"], guided_calls[0]["output"]
-        torch.testing.assert_close(first_guided[:rows], first_stock[:rows], rtol=0, atol=1e-6)
-        assert (first_guided[rows:] - first_stock[rows:]).abs().max() > 1e-4
+        _, guided_calls = record(pipe, name, **overrides)
+    mode = tp.CFG_INFO[name]["mode"] if mode is None else mode
+    if mode in ("batched", "batched_cond_first"):  # one call; the first step has the same inputs in both runs
+        rows = len(overrides.get("prompts", [None] * batch_rows(name)))
+        first_stock, first_guided = stacked(stock_calls[0]["output"]), stacked(guided_calls[0]["output"])
+        assert first_guided.shape == first_stock.shape
+        cond, uncond = (slice(rows, None), slice(None, rows)) if mode == "batched" else (slice(None, rows), slice(rows, None))
+        torch.testing.assert_close(first_guided[uncond], first_stock[uncond], rtol=0, atol=1e-6)
+        assert (first_guided[cond] - first_stock[cond]).abs().max() > 1e-4
     else:  # one call per branch: cond first, then uncond
         torch.testing.assert_close(guided_calls[1]["output"], stock_calls[1]["output"], rtol=0, atol=1e-6)
         assert (guided_calls[0]["output"] - stock_calls[0]["output"]).abs().max() > 1e-4
@@ -247,7 +268,7 @@ def check_steps_outside_the_window_are_stock(name):
     with torch.no_grad():
         for call in late:
             out = model(**{**call["inputs"], "return_dict": False})[0]
-            assert torch.equal(out, call["output"])
+            assert torch.equal(stacked(out), stacked(call["output"]))
     with nag.apply(pipe, NEGATIVE, start=0.5, **SETTINGS) as handle:
         record(pipe, name)
         assert handle.guided_calls == 1
