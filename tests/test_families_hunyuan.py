@@ -91,6 +91,8 @@ CASES = {
     ),
 }
 NAMES = list(CASES)
+# HunyuanVideo 1.5 image-to-video: the same text streams (its checks run in test_families_image_conditioned)
+CASES["hunyuanvideo15_i2v"] = CASES["hunyuanvideo15"]
 
 
 @lru_cache(maxsize=None)

@@ -139,9 +139,9 @@ def test_connector_hook_is_removed_and_other_ltx2_pipelines_are_refused():
     with nag.apply(pipe, tpl.NEGATIVE, **SETTINGS):
         assert len(pipe.connectors._forward_hooks) == hooks + 1
     assert len(pipe.connectors._forward_hooks) == hooks
-    from diffusers import LTX2ImageToVideoPipeline
+    from diffusers import LTX2InContextPipeline
 
-    other = LTX2ImageToVideoPipeline(**{k: v for k, v in pipe.components.items()
-                                        if k in LTX2ImageToVideoPipeline._get_signature_keys(LTX2ImageToVideoPipeline)[0]})
-    with pytest.raises(NotImplementedError, match="LTX2Pipeline"):
+    other = LTX2InContextPipeline(**{k: v for k, v in pipe.components.items()
+                                     if k in LTX2InContextPipeline._get_signature_keys(LTX2InContextPipeline)[0]})
+    with pytest.raises(NotImplementedError, match="LTX2InContextPipeline.*LTX2Pipeline, LTX2ImageToVideoPipeline"):
         nag.apply(other, tpl.NEGATIVE)

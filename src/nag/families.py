@@ -674,6 +674,10 @@ PIPELINES: dict[str, PipelineSpec] = {
         # Z-Image (Turbo: few-step distilled, no CFG; base: CFG with the conditional rows first): no published
         # NAG defaults; FLUX.1's (the closest published flow-matching DiT, also distilled) are used.
         PipelineSpec("ZImagePipeline", "zimage", "Z-Image (Turbo / base)", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        # Z-Image image-to-image / inpainting: the image enters as the starting latents (and, inpainting, the kept region
+        # blended back by the pipeline), never as text. Z-Image's defaults.
+        PipelineSpec("ZImageImg2ImgPipeline", "zimage", "Z-Image image-to-image", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        PipelineSpec("ZImageInpaintPipeline", "zimage", "Z-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
         # HunyuanImage 2.1 (CFG through its guider component, one call per branch; the distilled model without):
         # no published NAG defaults; FLUX.1's (the closest published flow-matching image DiT) are used. The
         # negative prompt is encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
@@ -684,8 +688,19 @@ PIPELINES: dict[str, PipelineSpec] = {
         # encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
         PipelineSpec("HunyuanVideo15Pipeline", "hunyuanvideo15", "HunyuanVideo 1.5 text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _M, "encoder_hidden_states_2", "encoder_attention_mask_2")),
+        # HunyuanVideo 1.5 image-to-video: the image enters as latent channels and as SigLIP image embeddings the model
+        # joins before the text; the negative rows carry the guided rows' copies of both. The prompt encoding is text
+        # only. The text-to-video pipeline's defaults.
+        PipelineSpec("HunyuanVideo15ImageToVideoPipeline", "hunyuanvideo15", "HunyuanVideo 1.5 image-to-video",
+                     FamilyDefaults(9.0, 2.5, 0.12), (_E, _M, "encoder_hidden_states_2", "encoder_attention_mask_2")),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
+        # HunyuanVideo image-to-video (`latent_concat`: the encoded image as latent channels; `token_replace`: as the
+        # first latent frame, modulated as at timestep 0): the negative rows carry copies of the guided rows' image
+        # tokens. The image also enters the Llava prompt encoding (its vision tokens before the text), so the negative
+        # prompt is encoded with the same image. HunyuanVideo's defaults.
+        PipelineSpec("HunyuanVideoImageToVideoPipeline", "hunyuanvideo", "HunyuanVideo image-to-video",
+                     FamilyDefaults(9.0, 2.5, 0.12), (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),
@@ -703,6 +718,12 @@ PIPELINES: dict[str, PipelineSpec] = {
         # LTX-2: no published NAG defaults; LTX-Video's are used. The denoiser's text is the `connectors` output.
         PipelineSpec("LTX2Pipeline", "ltx2", "LTX-2 text-to-video+audio (video stream guided)", FamilyDefaults(3.0, 2.5, 0.5),
                      (_E, _M, None, None), text_connector="connectors"),
+        # LTX-2 image-to-video / frame conditions: the images enter as clean latent tokens (timestep 0 there, keyframes
+        # appended), never as text; the text path is LTX2Pipeline's. LTX2Pipeline's defaults.
+        PipelineSpec("LTX2ImageToVideoPipeline", "ltx2", "LTX-2 image-to-video+audio (video stream guided)",
+                     FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), text_connector="connectors"),
+        PipelineSpec("LTX2ConditionPipeline", "ltx2", "LTX-2 frame conditions, video+audio (video stream guided)",
+                     FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), text_connector="connectors"),
         PipelineSpec("WanVACEPipeline", "wan_vace", "Wan 2.1 VACE (control / reference video)", FamilyDefaults(9.0, 2.5, 0.25),
                      (_E, None), expert_attrs=("transformer_2",)),
         PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None),
