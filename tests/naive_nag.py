@@ -1786,13 +1786,23 @@ def _zimage_caption(tr, cap):
 
 
 def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau, alpha, p=1, cond_rows=None,
-                         patch_size=2, f_patch_size=1):
+                         patch_size=2, f_patch_size=1, controlnet=None, control_context=None, conditioning_scale=1.0):
     """ZImageTransformer2DModel forward (lists in, a list out) with NAG, one sample at a time, unpadded across the
     batch: each sample's sequence is [image (padded to a multiple of 32 with the pad token), caption (likewise)],
     the image positions following the padded caption's length. The negative caption (embedded and refined like
     the positive) attends to [guided image, negative caption] with the guided image tokens' queries, keys, values
-    and rotary tables; ``neg_cap_feats`` has one entry per guided row."""
+    and rotary tables; ``neg_cap_feats`` has one entry per guided row.
+
+    ``controlnet`` (a ZImageControlNetModel, run as stock on one sample at a time with ``control_context``): its
+    hints are added to each sample's [image, caption] sequence after their layers; the negative sequence gets the
+    hints the ControlNet gives for the guided row's latents and control with the negative caption."""
     tr = transformer
+
+    def control_hints(i, caption):
+        if controlnet is None:
+            return {}
+        return controlnet([x[i]], t[i : i + 1], [caption], [control_context[i]], conditioning_scale=conditioning_scale,
+                          patch_size=patch_size, f_patch_size=f_patch_size)
     rows = _rows_or_all(cond_rows, len(x))
     nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
     pf, ph, pw = f_patch_size, patch_size, patch_size
@@ -1816,12 +1826,19 @@ def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau
         for layer in tr.noise_refiner:
             img = layer(img, None, img_freqs[None], adaln)
         seq, freqs = torch.cat([img, cap], dim=1), torch.cat([img_freqs, cap_freqs])
+        hints, neg_hints = control_hints(i, cap_feats[i]), {}
         neg = None
         if neg_cap_feats is not None and i in rows:
-            neg_cap, neg_freqs, _ = _zimage_caption(tr, neg_cap_feats[rows.index(i)].to(image.dtype))
+            neg_caption = neg_cap_feats[rows.index(i)].to(image.dtype)
+            neg_cap, neg_freqs, _ = _zimage_caption(tr, neg_caption)
             neg = dict(image_len=image_len, x=torch.cat([img, neg_cap], dim=1), freqs=torch.cat([img_freqs, neg_freqs]))
-        for block in tr.layers:
+            neg_hints = control_hints(i, neg_caption)
+        for index, block in enumerate(tr.layers):
             seq, neg = _zimage_block(block, seq, freqs, adaln, neg, nag)
+            if index in hints:
+                seq = seq + hints[index]
+            if neg is not None and index in neg_hints:
+                neg = {**neg, "x": neg["x"] + neg_hints[index]}
         out = tr.all_final_layer[f"{patch_size}-{f_patch_size}"](seq, c=adaln)[0, :n_img]
         out = out.view(*grid, pf, ph, pw, channels).permute(6, 0, 3, 1, 4, 2, 5).reshape(channels, frames, height, width)
         outputs.append(out)

@@ -1962,3 +1962,49 @@ _BASE_KWARGS.update(
     zimage_img2img=dict(_BASE_KWARGS["zimage"], image=_image_batch(35, size=16), strength=1.0),
     zimage_inpaint=dict(_BASE_KWARGS["zimage"], image=_image_batch(36, size=16), mask_image=_zimage_mask(), strength=1.0),
 )
+
+
+def _zimage_controlnet(control_in_dim: int):
+    from diffusers import ZImageControlNetModel
+
+    with _seeded(9):
+        controlnet = ZImageControlNetModel(
+            control_layers_places=[0, 1], control_in_dim=control_in_dim, all_patch_size=(2,), all_f_patch_size=(1,),
+            dim=32, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+        ).eval()
+        # zero-initialised projections in the stock model: random ones make the control visible
+        for module in controlnet.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                torch.nn.init.normal_(module.weight, std=0.2)
+    return controlnet
+
+
+def zimage_controlnet():
+    """ZImageControlNetPipeline: a Z-Image ControlNet (sharing the transformer's embedders and refiners) turns the
+    encoded control image, the latents and the captions into hints the transformer adds to its whole [image,
+    caption] sequence after main layers 0 and 1; CFG one call on [conditional, unconditional] lists."""
+    from diffusers import ZImageControlNetPipeline
+
+    return _finish(ZImageControlNetPipeline(**zimage().components, controlnet=_zimage_controlnet(control_in_dim=4)))
+
+
+def zimage_controlnet_inpaint():
+    """ZImageControlNetInpaintPipeline: the ControlNet's input is [control image latents, mask, masked image
+    latents] (9 channels)."""
+    from diffusers import ZImageControlNetInpaintPipeline
+
+    return _finish(ZImageControlNetInpaintPipeline(**zimage().components,
+                                                   controlnet=_zimage_controlnet(control_in_dim=9)))
+
+
+
+FAMILY_FACTORIES.update(zimage_controlnet=zimage_controlnet, zimage_controlnet_inpaint=zimage_controlnet_inpaint)
+for _name in ("zimage_controlnet", "zimage_controlnet_inpaint"):
+    CFG_INFO[_name] = dict(CFG_INFO["zimage"])
+# one control image per prompt; the inpainting pipeline joins the control latents with a mask of the mask's own
+# batch: one mask per prompt
+_BASE_KWARGS.update(
+    zimage_controlnet=dict(_BASE_KWARGS["zimage"], control_image=_image_batch(37, size=16)),
+    zimage_controlnet_inpaint=dict(_BASE_KWARGS["zimage"], image=_image_batch(38, size=16),
+                                   mask_image=_zimage_mask(rows=2), control_image=_image_batch(39, size=16)),
+)

@@ -611,6 +611,9 @@ class PipelineSpec:
     # A pipeline component that turns encode_prompt's output into the denoiser's text (LTX-2's `connectors`):
     # the conditional rows are recognised in its output, and the negative prompt is run through it as well.
     text_connector: str | None = None
+    # A pipeline component run before the denoiser whose output the denoiser adds to its text tokens too (Z-Image's
+    # `controlnet`, see nag.control): NAG's negative rows get its output for their own text.
+    control_model: str | None = None
 
     def name_outputs(self, values: Any) -> dict[str, torch.Tensor]:
         """``encode_prompt``'s result as ``{denoiser argument: tensor}``."""
@@ -678,6 +681,13 @@ PIPELINES: dict[str, PipelineSpec] = {
         # blended back by the pipeline), never as text. Z-Image's defaults.
         PipelineSpec("ZImageImg2ImgPipeline", "zimage", "Z-Image image-to-image", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
         PipelineSpec("ZImageInpaintPipeline", "zimage", "Z-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        # Z-Image ControlNet (also inpainting): the control image enters the ControlNet, whose hints the transformer adds
+        # to its [image, caption] sequence; the negative rows get the ControlNet's hints for their own caption (with the
+        # guided rows' latents and control), the stock rows the stock hints. Z-Image's defaults.
+        PipelineSpec("ZImageControlNetPipeline", "zimage", "Z-Image ControlNet", FamilyDefaults(5.0, 2.5, 0.25), (_E, None),
+                     control_model="controlnet"),
+        PipelineSpec("ZImageControlNetInpaintPipeline", "zimage", "Z-Image ControlNet inpainting",
+                     FamilyDefaults(5.0, 2.5, 0.25), (_E, None), control_model="controlnet"),
         # HunyuanImage 2.1 (CFG through its guider component, one call per branch; the distilled model without):
         # no published NAG defaults; FLUX.1's (the closest published flow-matching image DiT) are used. The
         # negative prompt is encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
