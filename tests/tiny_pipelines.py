@@ -1613,6 +1613,17 @@ _BASE_KWARGS.update(hunyuanimage=dict(height=32, width=32, distilled_guidance_sc
 # --------------------------------------------------------------------------------------------------
 
 
+def _tiny_hunyuanvideo15_transformer(seed: int, task_type: str):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    with _seeded(seed):
+        return HunyuanVideo15Transformer3DModel(
+            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
+            image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=32, task_type=task_type,
+        ).eval()
+
+
 def hunyuanvideo15(guider=None):
     """HunyuanVideo15Pipeline (HunyuanVideo 1.5 text-to-video): Qwen2.5-VL text-model states (through the model's
     timestep-dependent token refiner, with a mask) and a byT5 stream for quoted text (its own mask); the model joins
@@ -1620,7 +1631,7 @@ def hunyuanvideo15(guider=None):
     of which its [video, text] double blocks put the video. CFG comes from the `guider` component (one call per
     branch, conditional first); the default guider here has scale 1 (no CFG: one call per step)."""
     from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
-                           HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+                           HunyuanVideo15Pipeline)
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
     tokenizer = make_qwen_tokenizer()
@@ -1644,12 +1655,7 @@ def hunyuanvideo15(guider=None):
         vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
                                           layers_per_block=1, spatial_compression_ratio=4,
                                           temporal_compression_ratio=4).eval()
-    with _seeded(2):
-        transformer = HunyuanVideo15Transformer3DModel(
-            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-            num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
-            image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=32, task_type="t2v",
-        ).eval()
+    transformer = _tiny_hunyuanvideo15_transformer(seed=2, task_type="t2v")
     pipe = HunyuanVideo15Pipeline(
         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
@@ -1859,27 +1865,18 @@ def hunyuanvideo15_i2v(guider=None):
     """HunyuanVideo15ImageToVideoPipeline: HunyuanVideo 1.5's text streams; the image enters as latent channels (the
     encoded first frame and its mask, concatenated to the noisy latents) and as SigLIP image embeddings the model joins
     before the text (its valid tokens first). The prompt encoding is text only. CFG from the `guider` (scale 1 here)."""
-    from diffusers import ClassifierFreeGuidance, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Transformer3DModel
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
     from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
-    base = hunyuanvideo15()
+    base = hunyuanvideo15(guider)
     with _seeded(7):
         image_encoder = SiglipVisionModel(SiglipVisionConfig(
             hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
             patch_size=14)).eval()
     feature_extractor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
-    with _seeded(8):
-        transformer = HunyuanVideo15Transformer3DModel(
-            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-            num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
-            image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=32, task_type="i2v",
-        ).eval()
-    pipe = HunyuanVideo15ImageToVideoPipeline(
-        text_encoder=base.text_encoder, tokenizer=base.tokenizer, transformer=transformer, vae=base.vae,
-        scheduler=base.scheduler, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
-        guider=guider if guider is not None else ClassifierFreeGuidance(guidance_scale=1.0),
-        image_encoder=image_encoder, feature_extractor=feature_extractor,
-    )
+    transformer = _tiny_hunyuanvideo15_transformer(seed=8, task_type="i2v")
+    pipe = HunyuanVideo15ImageToVideoPipeline(**{**base.components, "transformer": transformer},
+                                              image_encoder=image_encoder, feature_extractor=feature_extractor)
     for attr in ("system_message", "prompt_template_encode_start_idx", "tokenizer_max_length", "tokenizer_2_max_length"):
         setattr(pipe, attr, getattr(base, attr))
     pipe.vision_num_semantic_tokens = 4  # 28x28 pixels, 14x14 patches
