@@ -32,9 +32,7 @@ import torch.nn.functional as F
 
 import nag
 import test_families_hunyuan as thf
-import test_families_last as tfl
 import test_families_ltx2 as tl2
-import test_families_more as tfm
 import test_families_zimage as tzi
 import test_pipelines as tpl
 import tiny_pipelines as tp
@@ -56,9 +54,9 @@ SETTINGS = tpl.SETTINGS
 ALL = slice(None)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_invariants(name):
-    tpl.check_invariants(name)
+test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
+test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
 
 
 def hunyuanvideo_i2v_cfg_call(name):
@@ -77,29 +75,16 @@ def test_cfg_unconditional_branch_is_untouched(name):
         tpl.check_cfg_unconditional_branch_is_untouched(name)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_guided_without_cfg_on_its_attention_path(name):
-    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
-
-
 # ---------------------------------------------------------------------------------------------
 # agreement with the naive reference
 # ---------------------------------------------------------------------------------------------
-
-
-def hunyuanvideo_naive_output(name, model, inputs, negative, cond_rows=None):
-    return tfm.naive_output("hunyuanvideo", model, inputs, negative, cond_rows)
-
-
-def hunyuanvideo_random_negative(name, inputs, length_delta, rows=None):
-    return tfm.random_negative("hunyuanvideo", inputs, length_delta, rows)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("name", NAMES)
 def test_agrees_with_naive_implementation(name, fast):
     if name.startswith("hunyuanvideo_i2v"):
-        tfm.check_agrees_with_naive_implementation(name, fast, hunyuanvideo_naive_output, hunyuanvideo_random_negative)
+        tpl.check_agrees_with_naive_implementation(name, fast)
     elif name == "hunyuanvideo15_i2v":
         thf.check_agrees_with_naive_implementation(name, fast)
     elif name.startswith("ltx2"):
@@ -142,15 +127,15 @@ def test_hunyuanvideo_i2v_with_cfg_agrees_with_naive_implementation():
     model = tp.denoiser(pipe)
     call = hunyuanvideo_i2v_cfg_call(name)
     _, stock_calls = tpl.record(pipe, name, **call)
-    negative = tfm.random_negative("hunyuanvideo", stock_calls[0]["inputs"], 4)
+    negative = tpl.random_negative(name, stock_calls[0]["inputs"], 4)
     with nag.apply(pipe, **negative, **SETTINGS):
         _, calls = tpl.record(pipe, name, **call)
     assert len(calls) == 4
     with torch.no_grad():
         for index, recorded in enumerate(calls):
             guided = index % 2 == 0
-            expected = hunyuanvideo_naive_output(name, model, recorded["inputs"], negative if guided else None,
-                                                 [0] if guided else None)
+            expected = tpl.naive_output(name, model, recorded["inputs"], negative if guided else None,
+                                        [0] if guided else None)
             torch.testing.assert_close(recorded["output"], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(calls[1]["output"], stock_calls[1]["output"], rtol=0, atol=1e-6)
 
@@ -188,7 +173,7 @@ def test_conditioning_is_left_unguided(name):
     if name.startswith("zimage"):
         check_zimage_conditioning_is_left_unguided(name)
         return
-    tfl.check_conditioning_is_left_unguided(name, conditioning_parts(name))
+    tpl.check_conditioning_is_left_unguided(name, conditioning_parts(name))
     if name.startswith("ltx2"):  # the first frame of the result is the encoded image, as stock
         pipe = tpl.pipeline(name)
         stock = tpl.generate(pipe, name, output_type="latent")

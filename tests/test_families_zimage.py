@@ -10,15 +10,11 @@ differ between rows) and negatives shorter and longer than the positives.
 
 from __future__ import annotations
 
-import copy
-import inspect
-
 import pytest
 import torch
 
 import naive_nag
 import nag
-import test_families_more as tfm
 import test_pipelines as tpl
 import tiny_pipelines as tp
 
@@ -35,36 +31,8 @@ NEGATIVES = {"shorter": ["ugly", "blurry"],
                         "low quality, watermark text"]}
 
 
-class ListRecorder:
-    """Every denoiser call of a Z-Image pipeline: the stock arguments (lists copied) and the output list."""
-
-    def __init__(self, model):
-        self.signature = inspect.signature(model.forward)
-        self.calls = []
-        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True, prepend=True),
-                         model.register_forward_hook(self._after)]
-
-    def _before(self, module, args, kwargs):
-        arguments = self.signature.bind_partial(*args, **kwargs).arguments
-        self.calls.append({"inputs": {k: copy.deepcopy(v) if isinstance(v, (list, torch.Tensor)) else v
-                                      for k, v in arguments.items()}})
-
-    def _after(self, module, args, output):
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        self.calls[-1]["output"] = [s.detach().clone() for s in sample]
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
-
-
 def record(pipe, cfg=True, prompts=PROMPTS, name=NAME, **overrides):
-    recorder = ListRecorder(tp.denoiser(pipe))
-    try:
-        out = tpl.generate(pipe, name, cfg=cfg, prompts=prompts, **overrides)
-    finally:
-        recorder.close()
-    return out, recorder.calls
+    return tpl.record(pipe, name, cfg=cfg, prompts=prompts, **overrides)
 
 
 def rerun(model, inputs):
