@@ -25,7 +25,8 @@ TEST_FILES = ["tests/test_pipelines.py", "tests/test_flux_variants.py", "tests/t
               "tests/test_families_more.py", "tests/test_families_last.py",
               "tests/test_families_flux2.py", "tests/test_families_zimage.py", "tests/test_wan_i2v.py",
               "tests/test_families_hunyuan.py", "tests/test_families_qwen_more.py", "tests/test_families_ltx2.py",
-              "tests/test_families_qwen21.py", "tests/test_families_hidream.py"]
+              "tests/test_families_qwen21.py", "tests/test_families_hidream.py",
+              "tests/test_families_image_conditioned.py"]
 
 # Columns: the tests whose outcomes decide them (test function name prefixes).
 COLUMNS = {
@@ -77,6 +78,7 @@ def _pipelines() -> dict[str, dict]:
     from test_families_qwen_more import STRAIGHTFORWARD_ONLY as QWEN_MORE_STRAIGHTFORWARD  # noqa: E402
     from test_families_ltx2 import STRAIGHTFORWARD_ONLY as LTX2_STRAIGHTFORWARD  # noqa: E402
     from test_families_hidream import STRAIGHTFORWARD_ONLY as HIDREAM_STRAIGHTFORWARD  # noqa: E402
+    from test_families_image_conditioned import STRAIGHTFORWARD_ONLY as IMAGE_STRAIGHTFORWARD  # noqa: E402
     from test_generic import img2img  # noqa: E402
 
     import nag  # noqa: E402
@@ -98,8 +100,10 @@ def _pipelines() -> dict[str, dict]:
             "pipeline": type(pipe).__name__,
             "family": spec.family,
             "layout": family.layout,
-            # (cfg_by_guider: CFG set by the pipeline's guider component, tested with one in the family's file)
-            "cfg": True if name == "wan_i2v" else bool(info.get("mode") or info.get("cfg_by_guider"))
+            # (cfg_by_guider: CFG set by the pipeline's guider component, tested with one in the family's file;
+            # cfg_batch_one: CFG that runs one prompt only, tested so in the family's file)
+            "cfg": True if name == "wan_i2v" else bool(info.get("mode") or info.get("cfg_by_guider")
+                                                        or info.get("cfg_batch_one"))
             if name in tp.CFG_INFO else None,
             "mask": family.mask_kwarg is not None and "none" not in str(info.get("text_mask", "none")),
             "video": "3D" in type(denoiser).__name__,
@@ -108,7 +112,7 @@ def _pipelines() -> dict[str, dict]:
                                                         LAST_STRAIGHTFORWARD, FLUX2_STRAIGHTFORWARD,
                                                         ZIMAGE_STRAIGHTFORWARD, HUNYUAN_STRAIGHTFORWARD,
                                                         QWEN_MORE_STRAIGHTFORWARD, LTX2_STRAIGHTFORWARD,
-                                                        HIDREAM_STRAIGHTFORWARD)),
+                                                        HIDREAM_STRAIGHTFORWARD, IMAGE_STRAIGHTFORWARD)),
             "batch": 1 if name in tp.SINGLE_PROMPT else 2,
             "defaults": spec.defaults,
         }
@@ -160,7 +164,8 @@ def render(outcomes: dict[str, str]) -> str:
         "`tests/test_families_joint.py`, `tests/test_families_concat.py`, `tests/test_families_more.py`,",
         "`tests/test_families_last.py`, `tests/test_families_flux2.py`, `tests/test_families_zimage.py`,",
         "`tests/test_wan_i2v.py`, `tests/test_families_hunyuan.py`,",
-        "`tests/test_families_qwen_more.py`, `tests/test_families_ltx2.py` and `tests/test_families_hidream.py`",
+        "`tests/test_families_qwen_more.py`, `tests/test_families_ltx2.py`, `tests/test_families_qwen21.py`,",
+        "`tests/test_families_hidream.py` and `tests/test_families_image_conditioned.py`",
         "(tiny random-weight pipelines).",
         "",
         "- **invariants**: scale 1 / no negative is bit-identical to stock, a negative equal to the positive",
@@ -174,12 +179,15 @@ def render(outcomes: dict[str, str]) -> str:
         "  processor in guided calls; \"straightforward\": the family has no fast path yet and `fast=True` runs",
         "  the straightforward wrappers (each stock processor once per branch; correct, slower).",
         "- **conditioning unguided**: the image/video conditioning of image-to-video pipelines (the",
-        "  conditioning frame, the encoded image's latent channels) and the reference-image tokens of editing",
-        "  pipelines reach the denoiser and come out as the pipeline sets them; \"-\": not such a pipeline or",
-        "  not tested there.",
+        "  conditioning frame, the encoded image's latent channels or embeddings), the reference-image tokens of",
+        "  editing pipelines, the starting latents (and kept region) of image-to-image and inpainting pipelines",
+        "  and the control image of ControlNet pipelines (with the ControlNet's hints) reach the denoiser and come",
+        "  out as the pipeline sets them; \"-\": not such a pipeline or not tested there.",
         "- **batch**: prompts per test generation (`WanVACEPipeline` takes one prompt per call; its batch of",
         "  two is checked on the denoiser against the naive reference; `QwenImageEditPlusPipeline` puts every",
-        "  reference image into every prompt, so one prompt, and two images per prompt against the naive reference).",
+        "  reference image into every prompt, so one prompt, and two images per prompt against the naive reference;",
+        "  `HunyuanVideoImageToVideoPipeline`'s true CFG encodes the negative prompts with one black image, so its",
+        "  CFG + NAG check runs one prompt).",
         "- **layout**: `cross` (negative context appended along the tokens), `joint` (negative text rows carried",
         "  through the text stream), `concat` (models that join text and image themselves: whole negative rows",
         "  `[negative text, image]` whose image tokens every attention layer replaces by the guided ones),",
@@ -202,6 +210,8 @@ def render(outcomes: dict[str, str]) -> str:
             label += " (text modulated by the timestep)"
         if name == "qwenimage21_condition_image":
             label += " (condition image)"
+        if name in ("hunyuanvideo_i2v", "hunyuanvideo_i2v_token_replace"):
+            label += " (token_replace)" if name.endswith("token_replace") else " (latent_concat)"
         d = row["defaults"]
         lines.append(
             f"| `{label}` | {row['family']} ({row['layout']}) | {d.scale:g} / {d.tau:g} / {d.alpha:g} | "

@@ -1342,11 +1342,36 @@ def _hunyuan_qkv(attn, x, rope=None, added=False):
     return q, k, v
 
 
-def _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag):
-    """neg: None or dict(txt, temb, bias) of the negative text stream (one row per guided row)."""
+def _hunyuan_image_params(norm, temb, n, img, replace):
+    """The image stream's modulation: ``n`` (B, dim) pieces of ``linear(silu(temb))``, or, with ``replace = (token
+    replace embedding, first-frame tokens)`` (HunyuanVideo-I2V ``token_replace``), per-token (B, tokens, dim)
+    pieces whose first-frame tokens take the pieces of the token replace embedding (the timestep-0 one)."""
+    params = _ada_params(norm, temb, n)
+    if replace is None:
+        return params
+    tr_emb, first = replace
+    tokens = img.shape[1]
+    return tuple(torch.cat([t[:, None].expand(-1, first, -1), p[:, None].expand(-1, tokens - first, -1)], dim=1)
+                 for p, t in zip(params, _ada_params(norm, tr_emb, n)))
+
+
+def _hunyuan_image_modulate(x, shift, scale):
+    """``_modulate`` for (B, dim) or per-token (B, tokens, dim) pieces."""
+    if shift.ndim == 2:
+        return _modulate(x, shift, scale)
+    return x * (1 + scale) + shift
+
+
+def _hunyuan_gate(gate):
+    return gate[:, None] if gate.ndim == 2 else gate
+
+
+def _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag, replace=None):
+    """neg: None or dict(txt, temb, bias) of the negative text stream (one row per guided row); replace: see
+    ``_hunyuan_image_params``."""
     attn = block.attn
-    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _ada_params(block.norm1, temb, 6)
-    img_qkv = _hunyuan_qkv(attn, _modulate(block.norm1.norm(img), shift, scale), rope)
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _hunyuan_image_params(block.norm1, temb, 6, img, replace)
+    img_qkv = _hunyuan_qkv(attn, _hunyuan_image_modulate(block.norm1.norm(img), shift, scale), rope)
 
     def text_side(x, t, b, image_qkv):
         c = _ada_params(block.norm1_context, t, 6)
@@ -1362,17 +1387,17 @@ def _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag):
         img_attn = img_attn.clone()
         img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
         neg = {**neg, "txt": txt_neg}
-    img = img + gate[:, None] * attn.to_out[0](img_attn)
-    img = img + gate_mlp[:, None] * block.ff(_modulate(block.norm2(img), shift_mlp, scale_mlp))
+    img = img + _hunyuan_gate(gate) * attn.to_out[0](img_attn)
+    img = img + _hunyuan_gate(gate_mlp) * block.ff(_hunyuan_image_modulate(block.norm2(img), shift_mlp, scale_mlp))
     return img, txt, neg
 
 
-def _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag):
+def _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag, replace=None):
     """Stock: x = [video, text]; norm; attention with shared projections (no output projection) || MLP;
     proj_out(cat); here on the parts, the negative text attending to [guided video, negative text]."""
     attn = block.attn
-    shift, scale, gate = _ada_params(block.norm, temb, 3)
-    img_n = _modulate(block.norm.norm(img), shift, scale)
+    shift, scale, gate = _hunyuan_image_params(block.norm, temb, 3, img, replace)
+    img_n = _hunyuan_image_modulate(block.norm.norm(img), shift, scale)
 
     def text_side(x, t, b, image_qkv, image_mlp):
         s, sc, g = _ada_params(block.norm, t, 3)
@@ -1388,7 +1413,7 @@ def _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag):
         img_attn = img_attn.clone()
         img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
         neg = {**neg, "txt": txt_neg}
-    img = img + gate[:, None] * block.proj_out(torch.cat([img_attn, img_mlp], dim=2))
+    img = img + _hunyuan_gate(gate) * block.proj_out(torch.cat([img_attn, img_mlp], dim=2))
     return img, txt, neg
 
 
@@ -1398,13 +1423,17 @@ def naive_hunyuanvideo_forward(
 ):
     """HunyuanVideoTransformer3DModel forward with NAG, block by block. The negative text goes through the
     model's token refiner with its own mask, and its modulation uses its own pooled embedding; it attends to
-    [guided video, negative text] with its own key mask."""
+    [guided video, negative text] with its own key mask. ``token_replace`` models (HunyuanVideo-I2V): the first
+    frame's video tokens are modulated by the timestep-0 embedding (with the row's pooled embedding), the text as
+    usual."""
     tr = transformer
     batch_size, _, frames, height, width = hidden_states.shape
     rows = _rows_or_all(cond_rows, batch_size)
     nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
     rope = tr.rope(hidden_states)
-    temb, _ = tr.time_text_embed(timestep, pooled_projections, guidance)
+    temb, tr_emb = tr.time_text_embed(timestep, pooled_projections, guidance)
+    first = (height // tr.config.patch_size) * (width // tr.config.patch_size)
+    replace = None if tr_emb is None else (tr_emb, first)
     img = tr.x_embedder(hidden_states)
     txt = tr.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
     bias = _hunyuan_bias(img.shape[1], encoder_attention_mask)
@@ -1418,9 +1447,9 @@ def naive_hunyuanvideo_forward(
                    temb=tr.time_text_embed(t_rows, neg_pooled_projections, g_rows)[0],
                    bias=_hunyuan_bias(img.shape[1], neg_mask))
     for block in tr.transformer_blocks:
-        img, txt, neg = _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag)
+        img, txt, neg = _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag, replace)
     for block in tr.single_transformer_blocks:
-        img, txt, neg = _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag)
+        img, txt, neg = _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag, replace)
     img = tr.proj_out(tr.norm_out(img, temb))
     p_, pt = tr.config.patch_size, tr.config.patch_size_t
     img = img.reshape(batch_size, frames // pt, height // p_, width // p_, -1, pt, p_, p_)
@@ -1759,13 +1788,23 @@ def _zimage_caption(tr, cap):
 
 
 def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau, alpha, p=1, cond_rows=None,
-                         patch_size=2, f_patch_size=1):
+                         patch_size=2, f_patch_size=1, controlnet=None, control_context=None, conditioning_scale=1.0):
     """ZImageTransformer2DModel forward (lists in, a list out) with NAG, one sample at a time, unpadded across the
     batch: each sample's sequence is [image (padded to a multiple of 32 with the pad token), caption (likewise)],
     the image positions following the padded caption's length. The negative caption (embedded and refined like
     the positive) attends to [guided image, negative caption] with the guided image tokens' queries, keys, values
-    and rotary tables; ``neg_cap_feats`` has one entry per guided row."""
+    and rotary tables; ``neg_cap_feats`` has one entry per guided row.
+
+    ``controlnet`` (a ZImageControlNetModel, run as stock on one sample at a time with ``control_context``): its
+    hints are added to each sample's [image, caption] sequence after their layers; the negative sequence gets the
+    hints the ControlNet gives for the guided row's latents and control with the negative caption."""
     tr = transformer
+
+    def control_hints(i, caption):
+        if controlnet is None:
+            return {}
+        return controlnet([x[i]], t[i : i + 1], [caption], [control_context[i]], conditioning_scale=conditioning_scale,
+                          patch_size=patch_size, f_patch_size=f_patch_size)
     rows = _rows_or_all(cond_rows, len(x))
     nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
     pf, ph, pw = f_patch_size, patch_size, patch_size
@@ -1789,12 +1828,19 @@ def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau
         for layer in tr.noise_refiner:
             img = layer(img, None, img_freqs[None], adaln)
         seq, freqs = torch.cat([img, cap], dim=1), torch.cat([img_freqs, cap_freqs])
+        hints, neg_hints = control_hints(i, cap_feats[i]), {}
         neg = None
         if neg_cap_feats is not None and i in rows:
-            neg_cap, neg_freqs, _ = _zimage_caption(tr, neg_cap_feats[rows.index(i)].to(image.dtype))
+            neg_caption = neg_cap_feats[rows.index(i)].to(image.dtype)
+            neg_cap, neg_freqs, _ = _zimage_caption(tr, neg_caption)
             neg = dict(image_len=image_len, x=torch.cat([img, neg_cap], dim=1), freqs=torch.cat([img_freqs, neg_freqs]))
-        for block in tr.layers:
+            neg_hints = control_hints(i, neg_caption)
+        for index, block in enumerate(tr.layers):
             seq, neg = _zimage_block(block, seq, freqs, adaln, neg, nag)
+            if index in hints:
+                seq = seq + hints[index]
+            if neg is not None and index in neg_hints:
+                neg = {**neg, "x": neg["x"] + neg_hints[index]}
         out = tr.all_final_layer[f"{patch_size}-{f_patch_size}"](seq, c=adaln)[0, :n_img]
         out = out.view(*grid, pf, ph, pw, channels).permute(6, 0, 3, 1, 4, 2, 5).reshape(channels, frames, height, width)
         outputs.append(out)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import naive_nag
 import nag
-import test_families_more as tfm
 import test_pipelines as tpl
 import tiny_pipelines as tp
 
@@ -25,14 +23,9 @@ STRAIGHTFORWARD_ONLY: dict[str, str] = {}  # (FLUX.2 has a fast path: double blo
 SETTINGS = tpl.SETTINGS
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_invariants(name):
-    tpl.check_invariants(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_guided_without_cfg_on_its_attention_path(name):
-    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
+test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
+test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
 
 
 def test_spec_and_defaults():
@@ -41,14 +34,6 @@ def test_spec_and_defaults():
     assert (spec.pipeline, spec.family, spec.few_step) == ("Flux2Pipeline", "flux2", False)
     assert (spec.defaults.scale, spec.defaults.tau, spec.defaults.alpha) == (5.0, 2.5, 0.25)
     assert tp.CFG_INFO["flux2"]["mode"] is None  # no CFG: every denoiser call is a guided one
-
-
-def naive_output(model, inputs, negative, cond_rows=None):
-    neg_text = None if negative is None else negative["negative_prompt_embeds"]
-    return naive_nag.naive_flux2_forward(
-        model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["img_ids"],
-        inputs["txt_ids"], inputs.get("guidance"), neg_text, cond_rows=cond_rows, **SETTINGS, p=1,
-    )
 
 
 def _reference_images():
@@ -69,16 +54,17 @@ def test_agrees_with_naive_implementation(name, fast, with_images):
     if with_images:  # the reference images' tokens follow the noisy latents' (16 of them)
         assert first["hidden_states"].shape[1] > 16
     with torch.no_grad():  # the reference itself reproduces the stock model
-        torch.testing.assert_close(naive_output(model, first, None), stock_calls[0]["output"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tpl.naive_output(name, model, first, None), stock_calls[0]["output"],
+                                   rtol=1e-4, atol=1e-5)
     for length_delta in (-3, 5):
-        negative = tfm.random_negative("flux2", first, length_delta)
+        negative = tpl.random_negative(name, first, length_delta)
         with nag.apply(pipe, **negative, **SETTINGS, fast=fast) as handle:
             _, calls = tpl.record(pipe, "flux2", **extra)
             assert handle.guided_calls == 2
         assert len(calls) == 2  # 2 steps, one call each
         with torch.no_grad():
             for call in calls:
-                expected = naive_output(model, call["inputs"], negative, list(range(call["output"].shape[0])))
+                expected = tpl.naive_output(name, model, call["inputs"], negative, list(range(call["output"].shape[0])))
                 torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
         if with_images:  # the reference image tokens reach every guided call as the pipeline sets them
             for stock, guided in zip(stock_calls, calls):
@@ -90,24 +76,7 @@ def test_agrees_with_naive_implementation(name, fast, with_images):
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
     """On the denoiser: two rows of different texts, only row 1 guided (row 0 stock)."""
-    pipe = tpl.pipeline("flux2")
-    model = tp.denoiser(pipe)
-    _, calls = tpl.record(pipe, "flux2")
-    inputs = {k: v for k, v in calls[0]["inputs"].items() if k not in ("return_dict", "joint_attention_kwargs")}
-    text = inputs["encoder_hidden_states"]
-    assert not torch.equal(text[0], text[1])
-    for length_delta in (-3, 5):
-        negative = tfm.random_negative("flux2", inputs, length_delta, rows=1)
-        with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative["negative_prompt_embeds"]},
-                                            fast=fast, positive_reference=text[1:], **SETTINGS):
-            with torch.no_grad():
-                out = model(**inputs, return_dict=False)[0]
-        with torch.no_grad():
-            stock = model(**inputs, return_dict=False)[0]
-            expected = naive_output(model, inputs, negative, cond_rows=[1])
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)
-        assert (out[1] - stock[1]).abs().max() > 1e-4
+    tpl.check_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast)
 
 
 @pytest.mark.parametrize("name", NAMES)

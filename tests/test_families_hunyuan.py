@@ -91,6 +91,8 @@ CASES = {
     ),
 }
 NAMES = list(CASES)
+# HunyuanVideo 1.5 image-to-video: the same text streams (its checks run in test_families_image_conditioned)
+CASES["hunyuanvideo15_i2v"] = CASES["hunyuanvideo15"]
 
 
 @lru_cache(maxsize=None)
@@ -179,6 +181,10 @@ def test_guided_without_cfg_on_its_attention_path(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_cfg_unconditional_branch_is_untouched(name):
+    check_cfg_unconditional_branch_is_untouched(name)
+
+
+def check_cfg_unconditional_branch_is_untouched(name):
     """CFG through the guider, one call per branch (conditional first): the unconditional calls are stock, the
     conditional ones guided and equal to the naive reference."""
     pipe = cfg_pipeline(name)
@@ -204,6 +210,10 @@ def test_cfg_unconditional_branch_is_untouched(name):
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("name", NAMES)
 def test_agrees_with_naive_implementation(name, fast):
+    check_agrees_with_naive_implementation(name, fast)
+
+
+def check_agrees_with_naive_implementation(name, fast):
     """Through the pipeline: negatives encoded by the pipeline (both streams; quoted text in one of them), and
     precomputed negatives with Qwen streams of other token lengths (5 shorter, 7 longer, partial masks)."""
     pipe = tpl.pipeline(name)

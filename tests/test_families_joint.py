@@ -22,28 +22,11 @@ STRAIGHTFORWARD_ONLY = {
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_invariants(name):
-    tpl.check_invariants(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_cfg_unconditional_branch_is_untouched(name):
-    tpl.check_cfg_unconditional_branch_is_untouched(name)
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
-@pytest.mark.parametrize("name", NAMES)
-def test_agrees_with_naive_implementation(name, fast):
-    for length_delta in (-3, 5):
-        tpl.check_agrees_with_naive_implementation(name, length_delta, fast)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_guided_without_cfg_on_its_attention_path(name):
-    """NAG alone (no CFG) guides every step; the fast path never calls the stock processor where the
-    family has one, and ``fast=True`` falls back to the straightforward wrappers where it has not."""
-    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
+test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_agrees_with_naive_implementation = tpl.each_configuration_and_path(tpl.check_agrees_with_naive_implementation, NAMES)
+test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
 
 
 def test_qwen_zero_cond_t_is_refused_clearly():

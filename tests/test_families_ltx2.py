@@ -42,24 +42,19 @@ def connector_output(pipe, text, mask):
     return video, video_mask
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_invariants(name):
-    tpl.check_invariants(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_cfg_unconditional_branch_is_untouched(name):
-    tpl.check_cfg_unconditional_branch_is_untouched(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_fast_path_never_calls_the_stock_processor(name):
-    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
+test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_fast_path_never_calls_the_stock_processor = tpl.each_configuration(
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("name", NAMES)
 def test_agrees_with_naive_implementation(name, fast):
+    check_agrees_with_naive_implementation(name, fast)
+
+
+def check_agrees_with_naive_implementation(name, fast):
     """Precomputed negative embeddings (the connectors' input) shorter and longer than the prompts', with
     partial masks: every guided call agrees with the naive reference fed the connectors' output for them."""
     pipe = tpl.pipeline(name)
@@ -135,9 +130,9 @@ def test_connector_hook_is_removed_and_other_ltx2_pipelines_are_refused():
     with nag.apply(pipe, tpl.NEGATIVE, **SETTINGS):
         assert len(pipe.connectors._forward_hooks) == hooks + 1
     assert len(pipe.connectors._forward_hooks) == hooks
-    from diffusers import LTX2ImageToVideoPipeline
+    from diffusers import LTX2InContextPipeline
 
-    other = LTX2ImageToVideoPipeline(**{k: v for k, v in pipe.components.items()
-                                        if k in LTX2ImageToVideoPipeline._get_signature_keys(LTX2ImageToVideoPipeline)[0]})
-    with pytest.raises(NotImplementedError, match="LTX2Pipeline"):
+    other = LTX2InContextPipeline(**{k: v for k, v in pipe.components.items()
+                                     if k in LTX2InContextPipeline._get_signature_keys(LTX2InContextPipeline)[0]})
+    with pytest.raises(NotImplementedError, match="LTX2InContextPipeline.*LTX2Pipeline, LTX2ImageToVideoPipeline"):
         nag.apply(other, tpl.NEGATIVE)

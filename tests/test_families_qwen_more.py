@@ -31,56 +31,11 @@ STRAIGHTFORWARD_ONLY = {
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_invariants(name):
-    tpl.check_off_is_bit_identical(name)
-    tpl.check_negative_equal_to_positive_is_unguided(name)
-    tpl.check_negative_prompt_changes_the_output(name)
-    tpl.check_removal_restores_everything(name)
-    tpl.check_exception_inside_a_generation_leaves_nothing_behind(name)
-    tpl.check_steps_outside_the_window_are_stock(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_cfg_unconditional_branch_is_untouched(name):
-    tpl.check_cfg_unconditional_branch_is_untouched(name)
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
-@pytest.mark.parametrize("name", NAMES)
-def test_agrees_with_naive_implementation(name, fast):
-    """Precomputed negatives shorter and longer than the prompt, with partial masks."""
-    for length_delta in (-3, 5):
-        _check_agrees_with_naive_implementation(name, length_delta, fast)
-
-
-def _check_agrees_with_naive_implementation(name, length_delta, fast):
-    """``test_pipelines``' check, with a negative per row also for a batch of one (a partial mask on row 0)."""
-    pipe = tpl.pipeline(name)
-    model = tp.denoiser(pipe)
-    _, stock_calls = tpl.record(pipe, name)
-    text = stock_calls[0]["inputs"]["encoder_hidden_states"]
-    rows, length = tpl.batch_rows(name), text.shape[1] + length_delta
-    g = torch.Generator().manual_seed(7)
-    mask = torch.ones(rows, length)
-    mask[0, -3:] = 0
-    negative = {"negative_prompt_embeds": torch.randn(rows, length, text.shape[2], generator=g),
-                "negative_prompt_attention_mask": mask}
-    with nag.apply(pipe, **negative, **tpl.SETTINGS, fast=fast):
-        _, calls = tpl.record(pipe, name)
-    assert len(calls) == 4
-    with torch.no_grad():
-        for index, call in enumerate(calls):
-            if index % 2 == 1:  # one call per branch, conditional first: the unconditional call is stock
-                expected = tpl.naive_output(name, model, call["inputs"], None, None)
-            else:
-                expected = tpl.naive_output(name, model, call["inputs"], negative, list(range(rows)))
-            torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_guided_without_cfg_on_its_attention_path(name):
-    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
+test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_agrees_with_naive_implementation = tpl.each_configuration_and_path(tpl.check_agrees_with_naive_implementation, NAMES)
+test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -144,14 +99,8 @@ def test_edit_plus_two_images_per_prompt_agrees_with_naive_implementation():
     pipe = tpl.pipeline(name)
     model = tp.denoiser(pipe)
     _, stock_calls = tpl.record(pipe, name, num_images_per_prompt=2)
-    text = stock_calls[0]["inputs"]["encoder_hidden_states"]
-    assert text.shape[0] == 2
-    g = torch.Generator().manual_seed(8)
-    length = text.shape[1] + 4
-    mask = torch.ones(2, length)
-    mask[0, -2:] = 0
-    negative = {"negative_prompt_embeds": torch.randn(2, length, text.shape[2], generator=g),
-                "negative_prompt_attention_mask": mask}
+    assert stock_calls[0]["inputs"]["encoder_hidden_states"].shape[0] == 2
+    negative = tpl.random_negative(name, stock_calls[0]["inputs"], 4, seed=8)
     with nag.apply(pipe, **negative, **tpl.SETTINGS):
         _, calls = tpl.record(pipe, name, num_images_per_prompt=2)
     assert len(calls) == 4

@@ -15,32 +15,16 @@ import torch
 import naive_nag
 import nag
 import test_pipelines as tpl
-import tiny_pipelines as tp
 
 NAMES = ["ltx_i2v", "ltx_condition", "wan_vace"]
 SETTINGS = tpl.SETTINGS
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_invariants(name):
-    tpl.check_invariants(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_cfg_unconditional_branch_is_untouched(name):
-    tpl.check_cfg_unconditional_branch_is_untouched(name)
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
-@pytest.mark.parametrize("name", NAMES)
-def test_agrees_with_naive_implementation(name, fast):
-    for length_delta in (-3, 5):
-        tpl.check_agrees_with_naive_implementation(name, length_delta, fast)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_fast_path_never_calls_the_stock_processor(name):
-    tpl.check_fast_path_never_calls_the_stock_processor(name)
+test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_agrees_with_naive_implementation = tpl.each_configuration_and_path(tpl.check_agrees_with_naive_implementation, NAMES)
+test_fast_path_never_calls_the_stock_processor = tpl.each_configuration(
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES)
 
 
 @pytest.mark.parametrize("name", ["ltx_i2v", "ltx_condition"])

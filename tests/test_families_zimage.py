@@ -10,15 +10,11 @@ differ between rows) and negatives shorter and longer than the positives.
 
 from __future__ import annotations
 
-import copy
-import inspect
-
 import pytest
 import torch
 
 import naive_nag
 import nag
-import test_families_more as tfm
 import test_pipelines as tpl
 import tiny_pipelines as tp
 
@@ -35,36 +31,8 @@ NEGATIVES = {"shorter": ["ugly", "blurry"],
                         "low quality, watermark text"]}
 
 
-class ListRecorder:
-    """Every denoiser call of a Z-Image pipeline: the stock arguments (lists copied) and the output list."""
-
-    def __init__(self, model):
-        self.signature = inspect.signature(model.forward)
-        self.calls = []
-        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True, prepend=True),
-                         model.register_forward_hook(self._after)]
-
-    def _before(self, module, args, kwargs):
-        arguments = self.signature.bind_partial(*args, **kwargs).arguments
-        self.calls.append({"inputs": {k: copy.deepcopy(v) if isinstance(v, (list, torch.Tensor)) else v
-                                      for k, v in arguments.items()}})
-
-    def _after(self, module, args, output):
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        self.calls[-1]["output"] = [s.detach().clone() for s in sample]
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
-
-
-def record(pipe, cfg=True, prompts=PROMPTS, **overrides):
-    recorder = ListRecorder(tp.denoiser(pipe))
-    try:
-        out = tpl.generate(pipe, NAME, cfg=cfg, prompts=prompts, **overrides)
-    finally:
-        recorder.close()
-    return out, recorder.calls
+def record(pipe, cfg=True, prompts=PROMPTS, name=NAME, **overrides):
+    return tpl.record(pipe, name, cfg=cfg, prompts=prompts, **overrides)
 
 
 def rerun(model, inputs):
@@ -148,17 +116,22 @@ def naive_output(model, inputs, negative, cond_rows):
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 def test_agrees_with_naive_implementation(fast):
+    check_agrees_with_naive_implementation(NAME, fast)
+
+
+def check_agrees_with_naive_implementation(name, fast, naive_output=naive_output):
     """Through the pipeline with CFG ([conditional, unconditional] in one call): the conditional rows guided, the
-    unconditional ones stock, for negatives shorter and longer than the positives."""
-    pipe = tpl.pipeline(NAME)
+    unconditional ones stock, for negatives shorter and longer than the positives. ``naive_output(model, inputs,
+    negative, cond_rows)``: the naive forward of one recorded call."""
+    pipe = tpl.pipeline(name)
     model = tp.denoiser(pipe)
-    _, stock_calls = record(pipe)
+    _, stock_calls = record(pipe, name=name)
     with torch.no_grad():  # the reference itself reproduces the stock model
         assert_lists_close(naive_output(model, stock_calls[0]["inputs"], None, None), stock_calls[0]["output"])
     for kind, negatives in NEGATIVES.items():
         negative = negative_captions(pipe, negatives)
         with nag.apply(pipe, negatives, **SETTINGS, fast=fast) as handle:
-            _, calls = record(pipe)
+            _, calls = record(pipe, name=name)
             assert handle.guided_calls == 2, kind
         assert len(calls) == 2
         with torch.no_grad():

@@ -9,13 +9,10 @@ from functools import lru_cache
 import pytest
 import torch
 
-import naive_nag
 import nag
+import test_pipelines as tpl
 import tiny_pipelines as tp
-from test_pipelines import Recorder, state_of
-
-PROMPTS = ["a red circle on a blue background", "a small green square"]
-SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
+from test_pipelines import PROMPTS, SETTINGS, state_of
 
 
 @lru_cache(maxsize=None)
@@ -94,22 +91,14 @@ def test_agrees_with_naive_implementation(name):
     pipe = variant(name)
     model = pipe.transformer
     g = torch.Generator().manual_seed(7)
-    negative = torch.randn(2, 11, model.config.joint_attention_dim, generator=g)
-    pooled = torch.randn(2, model.config.pooled_projection_dim, generator=g)
-    with nag.apply(pipe, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=pooled, **SETTINGS):
-        recorder = Recorder(model)
-        try:
-            generate(pipe, name)
-        finally:
-            recorder.close()
-    assert recorder.calls
+    negative = {"negative_prompt_embeds": torch.randn(2, 11, model.config.joint_attention_dim, generator=g),
+                "negative_pooled_prompt_embeds": torch.randn(2, model.config.pooled_projection_dim, generator=g)}
+    with nag.apply(pipe, **negative, **SETTINGS):
+        _, calls = tpl.record_calls(model, generate, pipe, name)
+    assert calls
     with torch.no_grad():
-        for call in recorder.calls:
-            i = call["inputs"]
-            expected = naive_nag.naive_flux_forward(
-                model, i["hidden_states"], i["encoder_hidden_states"], i["pooled_projections"], i["timestep"],
-                i["img_ids"], i["txt_ids"], i.get("guidance"), negative, pooled, None, p=1, **SETTINGS,
-            )
+        for call in calls:
+            expected = tpl.naive_output("flux", model, call["inputs"], negative)
             torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
 
 

@@ -7,13 +7,10 @@ import logging
 import pytest
 import torch
 
-import naive_nag
 import nag
+import test_pipelines as tpl
 import tiny_pipelines as tp
-from test_pipelines import Recorder, state_of
-
-PROMPTS = ["a red circle on a blue background", "a small green square"]
-SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
+from test_pipelines import PROMPTS, SETTINGS, state_of
 
 
 def img2img(custom_denoiser: bool):
@@ -58,19 +55,13 @@ def test_generic_cross_attention_path(custom_denoiser, caplog):
     with nag.apply(pipe, PROMPTS, **SETTINGS):
         torch.testing.assert_close(generate(pipe), stock, rtol=0, atol=1e-5)
 
-    negative = torch.randn(2, 9, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(3))
-    with nag.apply(pipe, negative_prompt_embeds=negative, **SETTINGS):
-        recorder = Recorder(pipe.unet)
-        try:
-            generate(pipe)
-        finally:
-            recorder.close()
+    g = torch.Generator().manual_seed(3)
+    negative = {"negative_prompt_embeds": torch.randn(2, 9, pipe.unet.config.cross_attention_dim, generator=g)}
+    with nag.apply(pipe, **negative, **SETTINGS):
+        _, calls = tpl.record_calls(pipe.unet, generate, pipe)
     with torch.no_grad():
-        for call in recorder.calls:
-            expected = naive_nag.naive_cross_attention_forward(
-                pipe.unet, "unet", {k: v for k, v in call["inputs"].items() if k != "return_dict"}, negative, None,
-                cond_rows=[2, 3], p=1, **SETTINGS,
-            )
+        for call in calls:
+            expected = tpl.naive_output("unet", pipe.unet, call["inputs"], negative, cond_rows=[2, 3])
             torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
 
 

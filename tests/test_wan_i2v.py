@@ -10,13 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import naive_nag
 import nag
+import test_pipelines as tpl
 import tiny_pipelines as tp
-from test_pipelines import Recorder, state_of
-
-PROMPTS = ["a red circle on a blue background", "a small green square"]
-SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
+from test_pipelines import PROMPTS, SETTINGS, state_of
 
 
 @lru_cache(maxsize=None)
@@ -51,21 +48,14 @@ def test_invariants():
 def test_agrees_with_naive_implementation():
     pipe = pipeline()
     model = pipe.transformer
-    negative = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7))
-    with nag.apply(pipe, negative_prompt_embeds=negative, **SETTINGS):
-        recorder = Recorder(model)
-        try:
-            generate(pipe)
-        finally:
-            recorder.close()
+    negative = {"negative_prompt_embeds": torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7))}
+    with nag.apply(pipe, **negative, **SETTINGS):
+        _, calls = tpl.record_calls(model, generate, pipe)
     with torch.no_grad():
-        for index, call in enumerate(recorder.calls):
-            inputs = {k: v for k, v in call["inputs"].items() if k != "return_dict"}
+        for index, call in enumerate(calls):
             guided = index % 2 == 0  # cond call first, then uncond
-            expected = naive_nag.naive_cross_attention_forward(
-                model, "wan", inputs, negative if guided else None, None,
-                cond_rows=[0, 1] if guided else None, p=1, **SETTINGS,
-            )
+            expected = tpl.naive_output("wan", model, call["inputs"], negative if guided else None,
+                                        cond_rows=[0, 1] if guided else None)
             torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
 
 

@@ -1694,6 +1694,17 @@ _BASE_KWARGS.update(hunyuanimage=dict(height=32, width=32, distilled_guidance_sc
 # --------------------------------------------------------------------------------------------------
 
 
+def _tiny_hunyuanvideo15_transformer(seed: int, task_type: str):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    with _seeded(seed):
+        return HunyuanVideo15Transformer3DModel(
+            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
+            image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=32, task_type=task_type,
+        ).eval()
+
+
 def hunyuanvideo15(guider=None):
     """HunyuanVideo15Pipeline (HunyuanVideo 1.5 text-to-video): Qwen2.5-VL text-model states (through the model's
     timestep-dependent token refiner, with a mask) and a byT5 stream for quoted text (its own mask); the model joins
@@ -1701,7 +1712,7 @@ def hunyuanvideo15(guider=None):
     of which its [video, text] double blocks put the video. CFG comes from the `guider` component (one call per
     branch, conditional first); the default guider here has scale 1 (no CFG: one call per step)."""
     from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
-                           HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+                           HunyuanVideo15Pipeline)
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
     tokenizer = make_qwen_tokenizer()
@@ -1725,12 +1736,7 @@ def hunyuanvideo15(guider=None):
         vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
                                           layers_per_block=1, spatial_compression_ratio=4,
                                           temporal_compression_ratio=4).eval()
-    with _seeded(2):
-        transformer = HunyuanVideo15Transformer3DModel(
-            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-            num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
-            image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=32, task_type="t2v",
-        ).eval()
+    transformer = _tiny_hunyuanvideo15_transformer(seed=2, task_type="t2v")
     pipe = HunyuanVideo15Pipeline(
         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
@@ -1759,7 +1765,7 @@ _BASE_KWARGS.update(hunyuanvideo15=dict(height=32, width=32, num_frames=5, outpu
 
 
 def _ltx2(cross_attn_mod: bool):
-    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+    from diffusers import (AutoencoderKLLTX2Audio, FlowMatchEulerDiscreteScheduler,
                            LTX2Pipeline, LTX2VideoTransformer3DModel)
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
@@ -1783,15 +1789,7 @@ def _ltx2(cross_attn_mod: bool):
             audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
             rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
         ).eval()
-    with _seeded(23):
-        vae = AutoencoderKLLTX2Video(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
-            layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
-            decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
-            upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1,
-            patch_size_t=1, encoder_causal=True, decoder_causal=False,
-        ).eval()
-        vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    vae = _ltx2_video_vae(patch_size=1)
     with _seeded(24):
         audio_vae = AutoencoderKLLTX2Audio(
             base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
@@ -1810,6 +1808,22 @@ def _ltx2(cross_attn_mod: bool):
             tokenizer=tokenizer, connectors=connectors, transformer=transformer, vocoder=vocoder,
         )
     )
+
+
+def _ltx2_video_vae(patch_size: int):
+    """LTX-2's video VAE, one block: spatial compression 2 * ``patch_size``, temporal 2."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    with _seeded(23):
+        vae = AutoencoderKLLTX2Video(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+            layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+            decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+            upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=patch_size,
+            patch_size_t=1, encoder_causal=True, decoder_causal=False,
+        ).eval()
+        vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    return vae
 
 
 def ltx2():
@@ -1903,3 +1917,238 @@ CFG_INFO.update(
 )
 # 16px (the default area here) -> 8x8 latent -> 4x4 patches: 16 image tokens; 16 T5 + 2 x 16 Llama text tokens.
 _BASE_KWARGS.update(hidream=dict(height=16, width=16, max_sequence_length=16))
+# Image-conditioned pipelines of supported families (tests/test_families_image_conditioned.py)
+# --------------------------------------------------------------------------------------------------
+
+_LLAVA_SPECIALS = ["<pad>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>", "assistant"]
+# HunyuanVideo-I2V's prompt template made small: the image's vision tokens go where `<image>` stands; the
+# pipeline keeps them (every `image_embed_interleave`-th one) before the user text, and cuts the template
+# around the text by token counts: exactly four tokens `<|eot_id|><|start_header_id|>assistant<|end_header_id|>`
+# after the text, the last `<|end_header_id|>` being the third of the prompt.
+_HUNYUAN_I2V_TEMPLATE = ("<|start_header_id|>system<|end_header_id|>\n\n<image>\ndraw it:<|eot_id|>\n\n"
+                         "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant"
+                         "<|end_header_id|>\n\n")
+_LLAVA_IMAGE_TOKENS = 4  # 28x28 pixels, 14x14 patches, the CLS token dropped
+
+
+def make_llava(seed: int = 0, hidden_size: int = 32):
+    """A tiny LlavaForConditionalGeneration (CLIP vision tower, Llama text model) with a byte-level BPE tokenizer
+    carrying HunyuanVideo-I2V's template specials, and a CLIP image processor that makes every image 28x28 pixels."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, Qwen2Tokenizer
+
+    chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
+    words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
+    vocab, merges = _bpe_tables(_LLAVA_SPECIALS, chars, words)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, pad_token="<pad>", unk_token=None,
+                         additional_special_tokens=_LLAVA_SPECIALS[1:])
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=37,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=256, pad_token_id=tok.pad_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    with _seeded(seed):
+        model = LlavaForConditionalGeneration(config)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return tok, images, model.eval()
+
+
+def _hunyuan_i2v_template(tokenizer) -> dict[str, Any]:
+    head = tokenizer(_HUNYUAN_I2V_TEMPLATE.split("{}")[0]).input_ids
+    start = head.index(tokenizer.convert_tokens_to_ids("<image>"))
+    return {"template": _HUNYUAN_I2V_TEMPLATE, "crop_start": len(head), "image_emb_start": start,
+            "image_emb_end": start + _LLAVA_IMAGE_TOKENS, "image_emb_len": _LLAVA_IMAGE_TOKENS}
+
+
+def _hunyuanvideo_i2v(image_condition_type: str):
+    from diffusers import HunyuanVideoImageToVideoPipeline, HunyuanVideoTransformer3DModel
+
+    base = hunyuanvideo()
+    tokenizer, image_processor, text_encoder = make_llava(seed=1)
+    with _seeded(6):
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4 * 2 + 1 if image_condition_type == "latent_concat" else 4, out_channels=4,
+            num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+            patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=32,
+            rope_axes_dim=(4, 6, 6), image_condition_type=image_condition_type,
+        ).eval()
+    return _finish(HunyuanVideoImageToVideoPipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=base.vae, scheduler=base.scheduler,
+        text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, image_processor=image_processor))
+
+
+def hunyuanvideo_i2v():
+    """HunyuanVideoImageToVideoPipeline, `latent_concat` (HunyuanVideo-I2V-33ch style): the encoded image, as the
+    first latent frame of a conditioning video, and its mask are concatenated to the noisy latents on the channel
+    axis; the image also enters the Llava prompt encoding (vision tokens kept before the text)."""
+    return _hunyuanvideo_i2v("latent_concat")
+
+
+def hunyuanvideo_i2v_token_replace():
+    """HunyuanVideoImageToVideoPipeline, `token_replace` (HunyuanVideo-I2V style): the encoded image replaces the
+    first latent frame, whose tokens are modulated as at timestep 0 in every block."""
+    return _hunyuanvideo_i2v("token_replace")
+
+
+FAMILY_FACTORIES.update(hunyuanvideo_i2v=hunyuanvideo_i2v, hunyuanvideo_i2v_token_replace=hunyuanvideo_i2v_token_replace)
+for _name in ("hunyuanvideo_i2v", "hunyuanvideo_i2v_token_replace"):
+    # True CFG (true_cfg_scale > 1 and a negative prompt, one call per branch, cond first) encodes the negative
+    # prompts with ONE black image: with a batch of two prompts the Llava encoder gets 2 x 4 image tokens for 4
+    # image features and fails without NAG too (diffusers 0.42.1). The default calls run a batch of two prompts
+    # (one image each) without CFG; `cfg_batch_one`: the CFG checks run one prompt.
+    CFG_INFO[_name] = dict(mode=None, scale_arg=None, on=None, off=None, negative_prompt=True, cfg_batch_one=True,
+                           embedded_guidance_scale=6.0,
+                           text_mask="encoder_attention_mask, (B, image tokens + max_seq), 1 = real token")
+    # 32px -> 4x4 latent; 5 frames -> 2 latent frames: 32 video tokens
+    _BASE_KWARGS[_name] = dict(image=[_pil_frame(30), _pil_frame(31)], height=32, width=32, num_frames=5,
+                               max_sequence_length=16, guidance_scale=6.0,
+                               prompt_template=_hunyuan_i2v_template(make_llava()[0]))
+
+
+def hunyuanvideo15_i2v(guider=None):
+    """HunyuanVideo15ImageToVideoPipeline: HunyuanVideo 1.5's text streams; the image enters as latent channels (the
+    encoded first frame and its mask, concatenated to the noisy latents) and as SigLIP image embeddings the model joins
+    before the text (its valid tokens first). The prompt encoding is text only. CFG from the `guider` (scale 1 here)."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    base = hunyuanvideo15(guider)
+    with _seeded(7):
+        image_encoder = SiglipVisionModel(SiglipVisionConfig(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+            patch_size=14)).eval()
+    feature_extractor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    transformer = _tiny_hunyuanvideo15_transformer(seed=8, task_type="i2v")
+    pipe = HunyuanVideo15ImageToVideoPipeline(**{**base.components, "transformer": transformer},
+                                              image_encoder=image_encoder, feature_extractor=feature_extractor)
+    for attr in ("system_message", "prompt_template_encode_start_idx", "tokenizer_max_length", "tokenizer_2_max_length"):
+        setattr(pipe, attr, getattr(base, attr))
+    pipe.vision_num_semantic_tokens = 4  # 28x28 pixels, 14x14 patches
+    return _finish(pipe)
+
+
+FAMILY_FACTORIES.update(hunyuanvideo15_i2v=hunyuanvideo15_i2v)
+CFG_INFO.update(hunyuanvideo15_i2v=dict(CFG_INFO["hunyuanvideo15"]))
+# The pipeline takes its size from the image (32x32 pixels: 8x8 latents) and one image for every prompt; latents only
+# (the tiny VAE's decoder cannot decode a batch of two, see hunyuanvideo15).
+_BASE_KWARGS.update(hunyuanvideo15_i2v=dict(image=_pil_frame(32), num_frames=5, output_type="latent"))
+
+
+def _ltx2_components():
+    """LTX2Pipeline's components with a 4x (not 2x) spatial VAE: the image-conditioned pipelines give every video token
+    its own timestep (0 on the clean ones), so the model's modulation runs per token; 8x8 latents keep that fast."""
+    return {**{k: v for k, v in ltx2().components.items() if v is not None}, "vae": _ltx2_video_vae(patch_size=2)}
+
+
+def ltx2_i2v():
+    """LTX2ImageToVideoPipeline: LTX-2's transformer and text `connectors`; the encoded image is the first latent
+    frame (kept clean: timestep 0 on its tokens)."""
+    from diffusers import LTX2ImageToVideoPipeline
+
+    return _finish(LTX2ImageToVideoPipeline(**_ltx2_components()))
+
+
+def ltx2_condition():
+    """LTX2ConditionPipeline: frame conditions; one at frame 0 (overwrites the first latent frame's tokens) and a
+    keyframe at the last latent frame (its tokens appended to the video tokens, with their own positions)."""
+    from diffusers import LTX2ConditionPipeline
+
+    return _finish(LTX2ConditionPipeline(**_ltx2_components()))
+
+
+def _ltx2_conditions():
+    from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+
+    # crf 0: no H.264 re-compression of the condition images (it needs PyAV)
+    return [LTX2VideoCondition(frames=_pil_frame(33), index=0, crf=0),
+            LTX2VideoCondition(frames=_pil_frame(34), index=2, strength=0.8, crf=0)]
+
+
+FAMILY_FACTORIES.update(ltx2_i2v=ltx2_i2v, ltx2_condition=ltx2_condition)
+CFG_INFO.update(ltx2_i2v=dict(CFG_INFO["ltx2"]), ltx2_condition=dict(CFG_INFO["ltx2"]))
+# image_crf 0: no H.264 re-compression of the image (it needs PyAV); latents (test speed: no video and audio decoding)
+_BASE_KWARGS.update(ltx2_i2v=dict(_BASE_KWARGS["ltx2"], image=_pil_frame(33), image_crf=0, output_type="latent"),
+                    ltx2_condition=dict(_BASE_KWARGS["ltx2"], conditions=_ltx2_conditions(), output_type="latent"))
+
+
+def zimage_img2img():
+    """ZImageImg2ImgPipeline: Z-Image's transformer starting from the encoded image."""
+    from diffusers import ZImageImg2ImgPipeline
+
+    return _finish(ZImageImg2ImgPipeline(**zimage().components))
+
+
+def zimage_inpaint():
+    """ZImageInpaintPipeline: Z-Image's transformer; the kept region is blended back from the encoded image by the
+    pipeline after every step."""
+    from diffusers import ZImageInpaintPipeline
+
+    return _finish(ZImageInpaintPipeline(**zimage().components))
+
+
+def _zimage_mask(size: int = 16, rows: int = 1) -> torch.Tensor:
+    """Repaint the right half of the middle rows (and, for a second row, the left half)."""
+    mask = torch.zeros(rows, 1, size, size)
+    mask[0, :, size // 4 : 3 * size // 4, size // 2 :] = 1.0
+    mask[1:, :, size // 4 : 3 * size // 4, : size // 2] = 1.0
+    return mask
+
+
+FAMILY_FACTORIES.update(zimage_img2img=zimage_img2img, zimage_inpaint=zimage_inpaint)
+for _name in ("zimage_img2img", "zimage_inpaint"):
+    CFG_INFO[_name] = dict(CFG_INFO["zimage"])
+# strength 1: every step of the 2-step schedule runs (the window checks count steps from the noisy end); one image
+# per prompt
+_BASE_KWARGS.update(
+    zimage_img2img=dict(_BASE_KWARGS["zimage"], image=_image_batch(35, size=16), strength=1.0),
+    zimage_inpaint=dict(_BASE_KWARGS["zimage"], image=_image_batch(36, size=16), mask_image=_zimage_mask(), strength=1.0),
+)
+
+
+def _zimage_controlnet(control_in_dim: int):
+    from diffusers import ZImageControlNetModel
+
+    with _seeded(9):
+        controlnet = ZImageControlNetModel(
+            control_layers_places=[0, 1], control_in_dim=control_in_dim, all_patch_size=(2,), all_f_patch_size=(1,),
+            dim=32, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+        ).eval()
+        # zero-initialised projections in the stock model: random ones make the control visible
+        for module in controlnet.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                torch.nn.init.normal_(module.weight, std=0.2)
+    return controlnet
+
+
+def zimage_controlnet():
+    """ZImageControlNetPipeline: a Z-Image ControlNet (sharing the transformer's embedders and refiners) turns the
+    encoded control image, the latents and the captions into hints the transformer adds to its whole [image,
+    caption] sequence after main layers 0 and 1; CFG one call on [conditional, unconditional] lists."""
+    from diffusers import ZImageControlNetPipeline
+
+    return _finish(ZImageControlNetPipeline(**zimage().components, controlnet=_zimage_controlnet(control_in_dim=4)))
+
+
+def zimage_controlnet_inpaint():
+    """ZImageControlNetInpaintPipeline: the ControlNet's input is [control image latents, mask, masked image
+    latents] (9 channels)."""
+    from diffusers import ZImageControlNetInpaintPipeline
+
+    return _finish(ZImageControlNetInpaintPipeline(**zimage().components,
+                                                   controlnet=_zimage_controlnet(control_in_dim=9)))
+
+
+
+FAMILY_FACTORIES.update(zimage_controlnet=zimage_controlnet, zimage_controlnet_inpaint=zimage_controlnet_inpaint)
+for _name in ("zimage_controlnet", "zimage_controlnet_inpaint"):
+    CFG_INFO[_name] = dict(CFG_INFO["zimage"])
+# one control image per prompt; the inpainting pipeline joins the control latents with a mask of the mask's own
+# batch: one mask per prompt
+_BASE_KWARGS.update(
+    zimage_controlnet=dict(_BASE_KWARGS["zimage"], control_image=_image_batch(37, size=16)),
+    zimage_controlnet_inpaint=dict(_BASE_KWARGS["zimage"], image=_image_batch(38, size=16),
+                                   mask_image=_zimage_mask(rows=2), control_image=_image_batch(39, size=16)),
+)

@@ -850,6 +850,9 @@ class PipelineSpec:
     # The names under which this pipeline's encode_prompt takes precomputed negative embeddings, mapped to the
     # conditioning they feed, where they differ from the common ones (HiDream: `negative_prompt_embeds_t5`, ...).
     negative_embed_names: dict[str, str] = field(default_factory=dict)
+    # A pipeline component run before the denoiser whose output the denoiser adds to its text tokens too (Z-Image's
+    # `controlnet`, see nag.control): NAG's negative rows get its output for their own text.
+    control_model: str | None = None
 
     def name_outputs(self, values: Any) -> dict[str, torch.Tensor]:
         """``encode_prompt``'s result as ``{denoiser argument: tensor}``."""
@@ -917,6 +920,17 @@ PIPELINES: dict[str, PipelineSpec] = {
         # Z-Image (Turbo: few-step distilled, no CFG; base: CFG with the conditional rows first): no published
         # NAG defaults; FLUX.1's (the closest published flow-matching DiT, also distilled) are used.
         PipelineSpec("ZImagePipeline", "zimage", "Z-Image (Turbo / base)", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        # Z-Image image-to-image / inpainting: the image enters as the starting latents (and, inpainting, the kept region
+        # blended back by the pipeline), never as text. Z-Image's defaults.
+        PipelineSpec("ZImageImg2ImgPipeline", "zimage", "Z-Image image-to-image", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        PipelineSpec("ZImageInpaintPipeline", "zimage", "Z-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        # Z-Image ControlNet (also inpainting): the control image enters the ControlNet, whose hints the transformer adds
+        # to its [image, caption] sequence; the negative rows get the ControlNet's hints for their own caption (with the
+        # guided rows' latents and control), the stock rows the stock hints. Z-Image's defaults.
+        PipelineSpec("ZImageControlNetPipeline", "zimage", "Z-Image ControlNet", FamilyDefaults(5.0, 2.5, 0.25), (_E, None),
+                     control_model="controlnet"),
+        PipelineSpec("ZImageControlNetInpaintPipeline", "zimage", "Z-Image ControlNet inpainting",
+                     FamilyDefaults(5.0, 2.5, 0.25), (_E, None), control_model="controlnet"),
         # HunyuanImage 2.1 (CFG through its guider component, one call per branch; the distilled model without):
         # no published NAG defaults; FLUX.1's (the closest published flow-matching image DiT) are used. The
         # negative prompt is encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
@@ -935,8 +949,19 @@ PIPELINES: dict[str, PipelineSpec] = {
                      negative_embed_names={"negative_prompt_embeds_t5": _E,
                                            "negative_prompt_embeds_llama3": "encoder_hidden_states_llama3",
                                            "negative_pooled_prompt_embeds": "pooled_embeds"}),
+        # HunyuanVideo 1.5 image-to-video: the image enters as latent channels and as SigLIP image embeddings the model
+        # joins before the text; the negative rows carry the guided rows' copies of both. The prompt encoding is text
+        # only. The text-to-video pipeline's defaults.
+        PipelineSpec("HunyuanVideo15ImageToVideoPipeline", "hunyuanvideo15", "HunyuanVideo 1.5 image-to-video",
+                     FamilyDefaults(9.0, 2.5, 0.12), (_E, _M, "encoder_hidden_states_2", "encoder_attention_mask_2")),
         PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
                      (_E, _P, _M)),
+        # HunyuanVideo image-to-video (`latent_concat`: the encoded image as latent channels; `token_replace`: as the
+        # first latent frame, modulated as at timestep 0): the negative rows carry copies of the guided rows' image
+        # tokens. The image also enters the Llava prompt encoding (its vision tokens before the text), so the negative
+        # prompt is encoded with the same image. HunyuanVideo's defaults.
+        PipelineSpec("HunyuanVideoImageToVideoPipeline", "hunyuanvideo", "HunyuanVideo image-to-video",
+                     FamilyDefaults(9.0, 2.5, 0.12), (_E, _P, _M)),
         PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (_E, None, _P, None)),
         PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (_E, None, None, None), denoiser_attr="unet"),
         PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (_E, None), denoiser_attr="unet"),
@@ -954,6 +979,12 @@ PIPELINES: dict[str, PipelineSpec] = {
         # LTX-2: no published NAG defaults; LTX-Video's are used. The denoiser's text is the `connectors` output.
         PipelineSpec("LTX2Pipeline", "ltx2", "LTX-2 text-to-video+audio (video stream guided)", FamilyDefaults(3.0, 2.5, 0.5),
                      (_E, _M, None, None), text_connector="connectors"),
+        # LTX-2 image-to-video / frame conditions: the images enter as clean latent tokens (timestep 0 there, keyframes
+        # appended), never as text; the text path is LTX2Pipeline's. LTX2Pipeline's defaults.
+        PipelineSpec("LTX2ImageToVideoPipeline", "ltx2", "LTX-2 image-to-video+audio (video stream guided)",
+                     FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), text_connector="connectors"),
+        PipelineSpec("LTX2ConditionPipeline", "ltx2", "LTX-2 frame conditions, video+audio (video stream guided)",
+                     FamilyDefaults(3.0, 2.5, 0.5), (_E, _M, None, None), text_connector="connectors"),
         PipelineSpec("WanVACEPipeline", "wan_vace", "Wan 2.1 VACE (control / reference video)", FamilyDefaults(9.0, 2.5, 0.25),
                      (_E, None), expert_attrs=("transformer_2",)),
         PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (_E, None),

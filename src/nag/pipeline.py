@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .attention import NEGATIVE_PREFIX, NAGProcessor
+from .control import ControlAttachment, attach_control
 from .engine import Attachment, NAGRuntime, attach, unwrap_compiled
 from .families import FAMILIES, PipelineSpec, pipeline_spec
 from .settings import NAGSettings
@@ -126,6 +127,7 @@ class NAGHandle:
         self._attachment: Attachment | None = None
         self._connector_pending: tuple[dict | None, torch.Tensor] | None = None
         self._connector_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._control: ControlAttachment | None = None
         self._lock = threading.Lock()
         self._generating_thread: threading.Thread | None = None
         self.denoiser = _denoiser_of(pipe, spec)
@@ -153,6 +155,11 @@ class NAGHandle:
             # Until a pipeline call encodes its prompt, direct denoiser calls guide every row.
             self.runtime.begin_generation(dict(negative_embeds), None)
         try:
+            # A control model whose output the denoiser adds to its text tokens too (Z-Image's ControlNet): the
+            # negative rows get its output for their own text.
+            control = getattr(pipe, spec.control_model, None) if spec.control_model else None
+            if control is not None:
+                self._control = attach_control(control, self.denoiser, self.runtime)
             self._patch_pipeline()
         except BaseException:
             self.remove()
@@ -189,6 +196,9 @@ class NAGHandle:
         if self._connector_hook is not None:
             self._connector_hook.remove()
             self._connector_hook = None
+        if self._control is not None:
+            self._control.remove()
+            self._control = None
         self._connector_pending = None
         for name in list(self._saved_attributes):
             previous = self._saved_attributes.pop(name)
