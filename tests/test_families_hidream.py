@@ -68,20 +68,11 @@ def test_prompts_fill_every_stream():
 
 
 # (the tests that scripts/support_matrix.py reads are parametrized by the configuration's name)
-@pytest.mark.parametrize("name", NAMES)
-def test_invariants(name):
-    tpl.check_invariants(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_cfg_unconditional_branch_is_untouched(name):
-    tpl.check_cfg_unconditional_branch_is_untouched(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_guided_without_cfg_on_its_attention_path(name):
-    """NAG alone guides every step; no fast path: ``fast=True`` falls back to the straightforward wrappers."""
-    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=name not in STRAIGHTFORWARD_ONLY)
+# the invariants, CFG's unconditional branch, NAG alone on its attention path (test_pipelines' checks)
+test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
 
 
 def test_mixture_of_experts_rows_are_independent():

@@ -28,20 +28,12 @@ NAMES = ["qwenimage21", "qwenimage21_timestep_text", "qwenimage21_condition_imag
 TARGET_TOKENS = 4
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_invariants(name):
-    tpl.check_invariants(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_cfg_unconditional_branch_is_untouched(name):
-    tpl.check_cfg_unconditional_branch_is_untouched(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_guided_without_cfg_on_its_attention_path(name):
-    # the stock processor does all attention math, also for the negative pass (target queries only)
-    tpl.check_fast_path_never_calls_the_stock_processor(name, fast_path=False)
+# the invariants, CFG's unconditional branch, NAG alone on its attention path (test_pipelines' checks); the stock
+# processor does all attention math, also for the negative pass (target queries only)
+test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, fast_path=False)
 
 
 def _naive_target(model, inputs, negative, cond_rows):
