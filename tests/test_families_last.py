@@ -2,8 +2,8 @@
 
 Every configuration runs the invariant checks of ``test_pipelines`` (tiny random-weight pipelines, batch 2 with
 prompts of different lengths, CFG on) and agrees with the naive block-by-block reference in ``naive_nag`` for
-negatives shorter and longer than the positive. ``test_conditioning_is_left_unguided`` shows, per image-to-video
-or edit pipeline, that the image/video conditioning reaches the denoiser exactly as the pipeline sets it in
+negatives shorter and longer than the positive. ``test_conditioning_is_left_unguided`` shows, per image-to-video,
+edit or inpainting pipeline, that the image/video conditioning reaches the denoiser exactly as the pipeline sets it in
 guided calls and that only the text differs between the guided branches.
 """
 
@@ -13,7 +13,7 @@ import pytest
 
 import test_pipelines as tpl
 
-NAMES = ["cogvideox_i2v", "flux2_klein", "lumina2"]
+NAMES = ["cogvideox_i2v", "flux2_klein", "flux2_klein_inpaint", "lumina2"]
 STRAIGHTFORWARD_ONLY = {
     "cogvideox_i2v": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "lumina2": "Lumina2AttnProcessor2_0 on whole negative rows of per-sample lengths: straightforward wrappers only",
@@ -36,9 +36,33 @@ SETTINGS = tpl.SETTINGS
 CONDITIONING = {
     # the encoded image: latent channels 4: of the (B, F, C, H, W) input
     "cogvideox_i2v": ("hidden_states", (slice(None), slice(None), slice(4, None))),
+    # the encoded (masked) image: the 16 condition tokens after the 16 noisy ones of the packed (B, tokens, C) input
+    "flux2_klein_inpaint": ("hidden_states", (slice(None), slice(16, None))),
 }
 
 
 @pytest.mark.parametrize("name", list(CONDITIONING))
 def test_conditioning_is_left_unguided(name):
     tpl.check_conditioning_is_left_unguided(name, [CONDITIONING[name]])
+
+
+def test_inpainting_keeps_the_kept_region():
+    """FLUX.2 klein inpainting: the region the mask keeps is the encoded image's in the result, as stock; the
+    repainted region is guided."""
+    import torch
+
+    import nag
+    import tiny_pipelines as tp
+
+    name = "flux2_klein_inpaint"
+    pipe = tpl.pipeline(name)
+    stock = tpl.generate(pipe, name, output_type="latent")
+    with nag.apply(pipe, tpl.NEGATIVE, **SETTINGS) as handle:
+        guided = tpl.generate(pipe, name, output_type="latent")
+        assert handle.guided_calls == 2
+    # the mask repaints the right half (the pipeline resizes it to the 4x4 packed grid, 2x2 latent pixels each)
+    assert tp.call_kwargs(name)["mask_image"][..., :8].max() == 0 and tp.call_kwargs(name)["mask_image"][..., 8:].min() == 1
+    repainted = torch.zeros_like(stock, dtype=torch.bool)
+    repainted[..., stock.shape[-1] // 2:] = True
+    assert torch.equal(guided[~repainted], stock[~repainted])
+    assert (guided[repainted] - stock[repainted]).abs().max() > 1e-4

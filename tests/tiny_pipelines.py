@@ -1500,6 +1500,22 @@ CFG_INFO.update(
 _BASE_KWARGS.update(flux2_klein=dict(height=16, width=16, max_sequence_length=24, text_encoder_out_layers=(1, 2, 3)))
 
 
+def flux2_klein_inpaint():
+    """Flux2KleinInpaintPipeline: FLUX.2 klein's components; the kept image region is blended back by the pipeline."""
+    from diffusers import Flux2KleinInpaintPipeline
+
+    return _finish(Flux2KleinInpaintPipeline(**flux2_klein().components))
+
+
+FAMILY_FACTORIES.update(flux2_klein_inpaint=flux2_klein_inpaint)
+CFG_INFO.update(flux2_klein_inpaint=dict(CFG_INFO["flux2_klein"]))
+# strength 1: every step of the 2-step schedule runs (the window checks count steps from the noisy end)
+_BASE_KWARGS.update(flux2_klein_inpaint=dict(
+    _BASE_KWARGS["flux2_klein"], image=_image_batch(23, size=16), strength=1.0,
+    mask_image=torch.cat([torch.zeros(2, 1, 16, 8), torch.ones(2, 1, 16, 8)], dim=3),  # repaint the right half
+))
+
+
 def lumina2():
     """Lumina2Pipeline: Gemma2 text (its second-to-last hidden states, a right-padded mask), per-sample
     [caption, image] sequences whose image offset is each caption's valid length; CFG one call per branch."""

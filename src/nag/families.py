@@ -911,6 +911,8 @@ PIPELINES: dict[str, PipelineSpec] = {
                      (_E, None)),
         # FLUX.2 klein: no published NAG defaults; FLUX.1's (the closest published family) are used.
         PipelineSpec("Flux2KleinPipeline", "flux2", "FLUX.2 klein", FamilyDefaults(5.0, 2.5, 0.25), (_E, None)),
+        PipelineSpec("Flux2KleinInpaintPipeline", "flux2", "FLUX.2 klein inpainting", FamilyDefaults(5.0, 2.5, 0.25),
+                     (_E, None)),
         # FLUX.2 dev: the same transformer with a guidance embedding, Mistral-Small-3 text (Mistral3); guidance-
         # distilled, so no CFG and no negative prompt in the pipeline: NAG is its only negative prompt. No published
         # NAG defaults; FLUX.1's (the closest published family) are used.
