@@ -1100,6 +1100,19 @@ def _rotate_complex(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
+def _unguided_ranges(rows: int, guided: Any) -> list[slice]:
+    """The rows ``range(rows)`` not in ``guided``, as runs of consecutive rows (slices: no index tensor to copy)."""
+    runs: list[slice] = []
+    start = None
+    for row in range(rows + 1):
+        if row < rows and row not in guided:
+            start = row if start is None else start
+        elif start is not None:
+            runs.append(slice(start, row))
+            start = None
+    return runs
+
+
 def _project_out(attn: Any, z: torch.Tensor) -> torch.Tensor:
     """An attention module's output projection (and its dropout, when it has one)."""
     out = attn.to_out[0](z)
@@ -1131,13 +1144,11 @@ class FastRowsPerSampleImageFirstAttentionNAG(RowsPerSampleImageFirstAttentionNA
             q, k = _rotate_complex(q, rotary), _rotate_complex(k, rotary)
         if state["rotary"] is not None:
             qn, kn = _rotate_complex(qn, state["rotary"]), _rotate_complex(kn, state["rotary"])
-        negative_of = {r: j for j, r in enumerate(call.cond_rows.tolist())}
-        others = [i for i in range(hidden.shape[0]) if i not in negative_of]
+        negative_of = {r: j for j, r in enumerate(state["guided_rows"])}
         z = q.new_zeros(q.shape)
-        if others:  # unguided rows (the unconditional ones with CFG): stock attention
-            index = torch.tensor(others, device=q.device)
-            key_mask = mask[index][:, None, None, :] if mask is not None and mask.ndim == 2 else mask
-            z[index] = attention(q[index], k[index], v[index], key_mask)
+        for rows in _unguided_ranges(hidden.shape[0], negative_of):  # (the unconditional rows with CFG): stock attention
+            key_mask = mask[rows][:, None, None, :] if mask is not None and mask.ndim == 2 else mask
+            z[rows] = attention(q[rows], k[rows], v[rows], key_mask)
         z = z.flatten(2)
         z_negative = qn.new_zeros(qn.shape).flatten(2)
         for r, j in negative_of.items():

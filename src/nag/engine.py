@@ -472,6 +472,8 @@ class Attachment:
         processor = _text_attention_processor(module)
         if call is None or not getattr(processor, "takes_split_text", lambda: False)():
             return None
+        if call.image_lengths is None or call.text_lengths is None:  # (the family gives no per-row spans)
+            return None
         family = self.family
         bound = _bind(module, args, kwargs)
         arguments = bound.arguments
@@ -489,7 +491,11 @@ class Attachment:
         start, _ = family.single_block_text
         state = start(module, text_spans(stream), modulation[b:] if per_row else modulation)
         rotary = arguments.get(family.sample_block_rotary) if family.sample_block_rotary else None
-        state.update(spans=spans, rotary=text_spans(rotary) if rotary is not None else None, stream=stream)
+        cached = self.runtime.scratch.get("guided_rows")
+        if cached is None or cached[0] is not call:  # (once per call: reading device indices waits for the device)
+            cached = self.runtime.scratch["guided_rows"] = (call, call.cond_rows.tolist())
+        state.update(spans=spans, rotary=text_spans(rotary) if rotary is not None else None, stream=stream,
+                     guided_rows=cached[1])
         for name, value in list(arguments.items()):  # per-row arguments: the stock rows; per-token ones: their tokens
             if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows:
                 value = value[:b]
