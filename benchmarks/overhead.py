@@ -152,6 +152,35 @@ def flux2_case(full: bool, text_len: int) -> Case:
                 lambda: Flux2Transformer2DModel(**config), inputs, _text_negative)
 
 
+def zimage_case(full: bool, text_len: int) -> Case:
+    """Z-Image (Turbo): per-sample lists in, each sample joined as [image, caption] by the model; the fast path runs the
+    main layers on the stock rows with the negative caption beside them and the image refiner and final layer on the
+    stock rows; ``fast=False`` carries whole negative rows [image copy, negative caption] through the model.
+    ``full``: the diffusers defaults (6B) at 1024x1024."""
+    from diffusers import ZImageTransformer2DModel
+
+    if full:
+        config = dict()
+        latent = 128  # 1024 px -> 128 latent -> 64x64 patches
+    else:
+        config = dict(dim=512, n_layers=4, n_refiner_layers=2, n_heads=4, n_kv_heads=4)
+        latent = 64  # 512 px
+    tokens = (latent // 2) ** 2
+
+    def inputs(batch, device, dtype):
+        return dict(
+            x=[_randn(16, 1, latent, latent, device=device, dtype=dtype, seed=i) for i in range(batch)],
+            cap_feats=[_randn(text_len, 2560, device=device, dtype=dtype, seed=10 + i) for i in range(batch)],
+            t=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        )
+
+    def negative(inputs):
+        return {"encoder_hidden_states": [inputs["cap_feats"][-1] * -0.5 + 0.1]}
+
+    return Case("zimage", f"Z-Image ({tokens} image + {text_len} caption tokens)",
+                lambda: ZImageTransformer2DModel(**config), inputs, negative)
+
+
 def sd3_case(full: bool) -> Case:
     from diffusers import SD3Transformer2DModel
 
@@ -295,6 +324,7 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "wan": lambda: [wan_case(full, "1.3B"), wan_case(full, "14B")],
         "chroma": lambda: [chroma_case(full, 512)],
         "flux2": lambda: [flux2_case(full, 512)],
+        "zimage": lambda: [zimage_case(full, 200)],
     }
     return [case for family in families for case in makers[family]()]
 

@@ -5,7 +5,10 @@ transformer with lists of latents and captions (with CFG once on ``[conditional,
 list back; the model joins each sample as ``[image, caption, padding]``, image and caption each padded to a
 multiple of 32, the image's rotary positions following each sample's padded caption length. The tests use batch 2
 with prompts of different lengths (one caption past 32 tokens, so the padded lengths and the image positions
-differ between rows) and negatives shorter and longer than the positives.
+differ between rows) and negatives shorter and longer than the positives. The fast path (the main blocks on the stock
+rows with the negative captions beside them; the image refiner and the final layer on the stock rows) and the
+straightforward one (whole negative rows) are both checked against the naive implementation, with CFG (Z-Image base)
+and without (Z-Image-Turbo).
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ import test_pipelines as tpl
 import tiny_pipelines as tp
 
 NAME = "zimage"
-STRAIGHTFORWARD_ONLY = {
-    "zimage": "ZSingleStreamAttnProcessor on whole negative rows of per-sample lengths: straightforward wrappers only",
-}
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}  # (Z-Image has a fast path: the main blocks run on the stock rows with the
+# negative captions beside them; the image refiner and the final layer run on the stock rows)
 SETTINGS = tpl.SETTINGS
 # the first caption is longer than 32 tokens (padded to 64), the second shorter (padded to 32)
 PROMPTS = ["a red circle on a blue background with a small green square and a yellow star in the corner of it",
@@ -92,7 +94,7 @@ def test_cfg_unconditional_branch_is_untouched():
 
 
 def test_guided_without_cfg_on_its_attention_path():
-    tpl.check_fast_path_never_calls_the_stock_processor(NAME, fast_path=False)
+    tpl.check_fast_path_never_calls_the_stock_processor(NAME, fast_path=NAME not in STRAIGHTFORWARD_ONLY)
 
 
 def test_encoded_captions_have_per_sample_lengths():
@@ -183,3 +185,164 @@ def test_num_images_per_prompt_negative_list_and_precomputed_embeddings():
         by_embeds = tpl.generate(pipe, NAME, prompts=PROMPTS)
     torch.testing.assert_close(by_embeds, by_text, rtol=0, atol=1e-6)
     assert tpl.state_of(pipe) == tpl.state_of(tpl.pipeline(NAME))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_turbo_without_cfg_agrees_with_naive_implementation(fast):
+    """Z-Image-Turbo style (no CFG: every row guided), negatives shorter and longer than the positives."""
+    pipe = tpl.pipeline(NAME)
+    model = tp.denoiser(pipe)
+    for kind, negatives in NEGATIVES.items():
+        negative = negative_captions(pipe, negatives)
+        with nag.apply(pipe, negatives, **SETTINGS, fast=fast) as handle:
+            _, calls = record(pipe, cfg=False)
+            assert handle.guided_calls == 2, kind
+        assert len(calls) == 2 and len(calls[0]["inputs"]["cap_feats"]) == 2
+        with torch.no_grad():
+            for call in calls:
+                assert_lists_close(call["output"], naive_output(model, call["inputs"], negative, [0, 1]))
+
+
+class TokenCounter:
+    """Rows and tokens every image refiner layer, main-layer feed-forward and final layer of a model processes."""
+
+    def __init__(self, model):
+        self.seen = {"noise_refiner": [], "feed_forward": [], "final_layer": []}
+        modules = [("noise_refiner", m) for m in model.noise_refiner]
+        modules += [("feed_forward", layer.feed_forward) for layer in model.layers]
+        modules += [("final_layer", m) for m in model.all_final_layer.values()]
+        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
+                                                     with_kwargs=True) for key, m in modules]
+
+    def _count(self, key, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.seen[key].append(tuple(x.shape[:2]))
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def test_fast_path_never_processes_the_negative_rows_image_tokens():
+    """fast=True: the image refiner and the final layer see the stock rows only, and the main layers' feed-forward
+    the stock rows plus one negative caption per guided row (no image token of theirs); fast=False carries whole
+    negative rows through all of them."""
+    pipe = tpl.pipeline(NAME)
+    model = tp.denoiser(pipe)
+    for cfg in (True, False):
+        rows = 4 if cfg else 2
+        for fast in (True, False):
+            with nag.apply(pipe, NEGATIVES["longer"], **SETTINGS, fast=fast):
+                counter = TokenCounter(model)  # (after NAG's hooks: what the modules themselves get)
+                try:
+                    _, calls = record(pipe, cfg=cfg)
+                finally:
+                    counter.close()
+            inputs = calls[0]["inputs"]
+            image = 32  # 16 image tokens, padded by the model to 32
+            captions = [len(c) + (-len(c)) % 32 for c in inputs["cap_feats"]]
+            negatives = [len(c) + (-len(c)) % 32 for c in negative_captions(pipe, NEGATIVES["longer"])]
+            full = max(image + n for n in captions + negatives)
+            layers, steps = len(model.layers), len(calls)
+            if fast:
+                stock = max(image + n for n in captions)
+                assert counter.seen["noise_refiner"] == [(rows, image)] * len(model.noise_refiner) * steps
+                assert counter.seen["final_layer"] == [(rows, full)] * steps
+                assert sorted(counter.seen["feed_forward"]) == sorted([(rows, stock), (2, max(negatives))] * layers * steps)
+            else:
+                assert counter.seen["noise_refiner"] == [(rows + 2, image)] * len(model.noise_refiner) * steps
+                assert counter.seen["final_layer"] == [(rows + 2, full)] * steps
+                assert counter.seen["feed_forward"] == [(rows + 2, full)] * layers * steps
+
+
+class CountingProcessor:
+    """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's) and
+    counts its calls."""
+
+    def __init__(self, stock, counts):
+        self._stock, self._counts = stock, counts
+
+    def __call__(self, *args, **kwargs):
+        self._counts.append(1)
+        return self._stock(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._stock, name)
+
+
+def _count_stock_calls(model):
+    """Put a counter around the stock processor inside every NAG wrapper; returns the list it appends to."""
+    counts = []
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, nag.attention.NAGProcessor):
+            processor.stock = CountingProcessor(processor.stock, counts)
+    return counts
+
+
+class OwnProcessor:
+    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+        self._inner = ZSingleStreamAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+
+
+@pytest.mark.parametrize("change", ["processor", "backend"])
+def test_other_processor_or_backend_takes_the_straightforward_path(change):
+    """fast=True falls back to the straightforward wrappers (whole negative rows through the main blocks, each stock
+    processor called per branch) when the processor is not the stock one or the attention backend is not the
+    default, and still agrees with the naive implementation."""
+    pipe = tpl.pipeline(NAME)
+    model = tp.denoiser(pipe)
+    stock = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    for name, module in model.named_modules():
+        if name.startswith("layers.") and name.endswith(".attention"):
+            if change == "processor":
+                module.set_processor(OwnProcessor())
+            else:
+                module.processor._attention_backend = "_native_math"
+    try:
+        negative = negative_captions(pipe, NEGATIVES["longer"])
+        with nag.apply(pipe, NEGATIVES["longer"], **SETTINGS) as handle:
+            counts = _count_stock_calls(model)
+            _, calls = record(pipe)
+            assert handle.guided_calls == 2
+        assert len(counts) == 2 * len(model.layers) * len(calls)  # negative and positive pass per layer and call
+        with torch.no_grad():
+            for call in calls:
+                assert_lists_close(call["output"], naive_output(model, call["inputs"], negative, [0, 1]))
+    finally:
+        for name, module in model.named_modules():
+            if name in stock:
+                module.set_processor(stock[name])
+                vars(module.processor).pop("_attention_backend", None)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_images_of_different_sizes_agree_with_naive_implementation(fast):
+    """On the denoiser: rows with images of different sizes (different image spans, and image padding in one of
+    them only) and captions of different lengths, both rows guided, negatives of their own lengths."""
+    pipe = tpl.pipeline(NAME)
+    model = tp.denoiser(pipe)
+    g = torch.Generator().manual_seed(3)
+    width = model.config.cap_feat_dim
+    inputs = {"x": [torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 16, generator=g)],
+              "t": torch.tensor([0.7, 0.7]),
+              "cap_feats": [torch.randn(40, width, generator=g), torch.randn(9, width, generator=g)]}
+    negative = [torch.randn(5, width, generator=g), torch.randn(70, width, generator=g)]
+    with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative}, fast=fast, **SETTINGS) as handle:
+        counts = _count_stock_calls(model)
+        with torch.no_grad():
+            out = model(**inputs, return_dict=False)[0]
+    assert (len(counts) == 0) == fast
+    with torch.no_grad():
+        expected = naive_nag.naive_zimage_forward(model, inputs["x"], inputs["t"], inputs["cap_feats"], negative,
+                                                  p=1, **SETTINGS)
+        stock = model(**inputs, return_dict=False)[0]
+    assert_lists_close(out, expected)
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(out, stock))

@@ -1072,3 +1072,80 @@ class FastFusedSingleAttentionNAG(FusedSingleAttentionNAG):
         state["attention"] = attn.to_out(torch.cat([pad_tokens(text_negative, padded).to(hidden.dtype),
                                                     attn.mlp_act_fn(mlp_negative)], dim=-1))
         return attn.to_out(torch.cat([attended, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+def _rotate_complex(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding from a complex table ``(B, L, D/2)`` (Z-Image's ``freqs_cis``), as its processor applies it."""
+    with torch.amp.autocast("cuda", enabled=False):
+        rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * table.unsqueeze(2)
+        return torch.view_as_real(rotated).flatten(3).type_as(x)
+
+
+def _unguided_ranges(rows: int, guided: Any) -> list[slice]:
+    """The rows ``range(rows)`` not in ``guided``, as runs of consecutive rows (slices: no index tensor to copy)."""
+    runs: list[slice] = []
+    start = None
+    for row in range(rows + 1):
+        if row < rows and row not in guided:
+            start = row if start is None else start
+        elif start is not None:
+            runs.append(slice(start, row))
+            start = None
+    return runs
+
+
+def _project_out(attn: Any, z: torch.Tensor) -> torch.Tensor:
+    """An attention module's output projection (and its dropout, when it has one)."""
+    out = attn.to_out[0](z)
+    return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+
+class FastRowsPerSampleImageFirstAttentionNAG(RowsPerSampleImageFirstAttentionNAG):
+    """Z-Image main-block fast path: the block runs on the stock rows only (each ``[image, caption, padding]``); the
+    negative rows' captions arrive beside them through ``runtime.scratch`` (set by the sample-block hook: modulated
+    input, rotary tables, lengths), and their attention output leaves the same way. Every image token is projected
+    once. For each guided row, image->image attention is computed once and merged by log-sum-exp with
+    image->caption attention (``Z+``) and image->negative-caption attention (``Z-``); the negative caption's queries
+    attend to ``[guided image, negative caption]``, the guided image with its own tables, the caption with its own
+    row's (as the straightforward path gives them). The other stock rows get the stock attention with their mask."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind == "ZSingleStreamAttnProcessor" and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        hidden = arguments["hidden_states"]
+        mask, rotary = arguments.get("attention_mask"), arguments.get(self.rotary_kwarg)
+        q, k, v = _image_qkv(attn, hidden)
+        qn, kn, vn = _image_qkv(attn, state["normed"])
+        if rotary is not None:
+            q, k = _rotate_complex(q, rotary), _rotate_complex(k, rotary)
+        if state["rotary"] is not None:
+            qn, kn = _rotate_complex(qn, state["rotary"]), _rotate_complex(kn, state["rotary"])
+        negative_of = {r: j for j, r in enumerate(state["guided_rows"])}
+        z = q.new_zeros(q.shape)
+        for rows in _unguided_ranges(hidden.shape[0], negative_of):  # (the unconditional rows with CFG): stock attention
+            key_mask = mask[rows][:, None, None, :] if mask is not None and mask.ndim == 2 else mask
+            z[rows] = attention(q[rows], k[rows], v[rows], key_mask)
+        z = z.flatten(2)
+        z_negative = qn.new_zeros(qn.shape).flatten(2)
+        for r, j in negative_of.items():
+            image, valid = call.image_lengths[r], call.image_lengths[r] + call.text_lengths[r]
+            length = state["spans"][j][1]
+            qi, ki, vi = q[r : r + 1, :image], k[r : r + 1, :image], v[r : r + 1, :image]
+            kt, vt = kn[j : j + 1, :length], vn[j : j + 1, :length]
+            image_image, lse_image = attention_with_lse(qi, ki, vi)
+            image_positive, lse_positive = attention_with_lse(qi, k[r : r + 1, image:valid], v[r : r + 1, image:valid])
+            image_negative, lse_negative = attention_with_lse(qi, kt, vt)
+            z_positive = merge_attention(image_image, lse_image, image_positive, lse_positive).flatten(2)
+            z_guided = merge_attention(image_image, lse_image, image_negative, lse_negative).flatten(2)
+            z[r, :image] = self.combine(call, z_positive, z_guided)[0]
+            # the caption's (and the row padding's) queries over the row's valid keys, as the stock mask has it
+            z[r, image:] = attention(q[r : r + 1, image:], k[r : r + 1, :valid], v[r : r + 1, :valid]).flatten(2)[0]
+            z_negative[j, :length] = attention(qn[j : j + 1, :length], torch.cat([ki, kt], dim=1),
+                                               torch.cat([vi, vt], dim=1)).flatten(2)[0]
+        state["attention"] = _project_out(attn, z_negative.to(hidden.dtype))
+        return _project_out(attn, z.to(hidden.dtype))

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .attention import NEGATIVE_PREFIX, PREFIX_RECORDING, NAGProcessor, wrap_processor
+from .attention import pad_tokens
 from .settings import NAGSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -251,6 +253,12 @@ class Attachment:
                 else:
                     self._hooks.append(module.register_forward_pre_hook(self._add_image_rows, with_kwargs=True))
                     self._hooks.append(module.register_forward_hook(self._drop_image_rows))
+            if family.sample_blocks and re.fullmatch(family.sample_blocks, name) and self.fast and family.single_block_text:
+                self._hooks.append(module.register_forward_pre_hook(self._split_sample_rows, with_kwargs=True))
+                self._hooks.append(module.register_forward_hook(self._join_sample_rows))
+            if family.stock_row_modules and re.fullmatch(family.stock_row_modules, name) and self.fast:
+                self._hooks.append(module.register_forward_pre_hook(self._stock_image_rows, with_kwargs=True))
+                self._hooks.append(module.register_forward_hook(self._restore_image_rows))
 
     def detach(self) -> None:
         for hook in self._hooks:
@@ -396,6 +404,8 @@ class Attachment:
     def _restore_image_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         """... and its image output with the guided rows' copies again (the model joins text and image rows)."""
         call = self.runtime.call
+        if call is not None and isinstance(output, torch.Tensor) and output.ndim and output.shape[0] == call.batch:
+            return torch.cat([output, output[call.cond_rows]])  # (a module returning the image alone)
         if call is None or not isinstance(output, tuple):
             return None
         return tuple(torch.cat([x, x[call.cond_rows]]) if isinstance(x, torch.Tensor) and x.shape[0] == call.batch else x
@@ -451,6 +461,64 @@ class Attachment:
         _, finish = self.family.single_block_text
         text, image = output
         return torch.cat([text, finish(module, state)]), image
+
+    def _split_sample_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path for blocks over per-sample rows ``[image, text, padding]`` (Z-Image's main layers; each row's
+        ``call.image_lengths`` and ``call.text_lengths``): the block runs on the stock rows, cut to their longest
+        valid length (the padding a longer negative text adds is never attended); each negative row's text span takes
+        the family's text-only path around it, with its modulation and its span of the rotary tables."""
+        call = self.runtime.call
+        self.runtime.scratch.pop("single_block", None)  # (left behind only by a block that raised)
+        processor = _text_attention_processor(module)
+        if call is None or not getattr(processor, "takes_split_text", lambda: False)():
+            return None
+        if call.image_lengths is None or call.text_lengths is None:  # (the family gives no per-row spans)
+            return None
+        family = self.family
+        bound = _bind(module, args, kwargs)
+        arguments = bound.arguments
+        stream, modulation = arguments[family.image_kwarg], arguments.get(family.joined_block_modulation)
+        b, rows, tokens = call.batch, stream.shape[0], stream.shape[1]
+        if rows != b + len(call.cond_rows):
+            return None
+        spans = [(call.image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
+        keep = max(call.image_lengths[i] + call.text_lengths[i] for i in range(b))
+
+        def text_spans(value: torch.Tensor) -> torch.Tensor:
+            return pad_sequence([value[b + j, s : s + n] for j, (s, n) in enumerate(spans)], batch_first=True)
+
+        per_row = isinstance(modulation, torch.Tensor) and modulation.ndim and modulation.shape[0] == rows
+        start, _ = family.single_block_text
+        state = start(module, text_spans(stream), modulation[b:] if per_row else modulation)
+        rotary = arguments.get(family.sample_block_rotary) if family.sample_block_rotary else None
+        cached = self.runtime.scratch.get("guided_rows")
+        if cached is None or cached[0] is not call:  # (once per call: reading device indices waits for the device)
+            cached = self.runtime.scratch["guided_rows"] = (call, call.cond_rows.tolist())
+        state.update(spans=spans, rotary=text_spans(rotary) if rotary is not None else None, stream=stream,
+                     guided_rows=cached[1])
+        for name, value in list(arguments.items()):  # per-row arguments: the stock rows; per-token ones: their tokens
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows:
+                value = value[:b]
+                if name != family.joined_block_modulation and value.ndim >= 2 and value.shape[1] == tokens:
+                    value = value[:, :keep]
+                arguments[name] = value
+        self.runtime.scratch["single_block"] = state
+        return bound.args, bound.kwargs
+
+    def _join_sample_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """... and the block's output for every row again: the negative rows keep their input but for their text
+        spans, which take the text path's output (their image tokens are never read: every attention gives them
+        the guided rows')."""
+        call = self.runtime.call
+        state = self.runtime.scratch.pop("single_block", None)
+        if call is None or state is None:
+            return None
+        _, finish = self.family.single_block_text
+        text, stream = finish(module, state), state["stream"]
+        joined = torch.cat([pad_tokens(output, stream.shape[1]), stream[call.batch :]])
+        for j, (start, length) in enumerate(state["spans"]):
+            joined[call.batch + j, start : start + length] = text[j, :length]
+        return joined
 
 
 def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:

@@ -24,6 +24,7 @@ from .attention import (
     FastCrossAttentionNAG,
     FastFusedSingleAttentionNAG,
     FastJointAttentionNAG,
+    FastRowsPerSampleImageFirstAttentionNAG,
     FastSingleStreamAttentionNAG,
     FusedSingleAttentionNAG,
     HiDreamJointAttentionNAG,
@@ -65,7 +66,7 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_per_sample", False): RowsPerSampleAttentionNAG,
     ("joint_rows_per_sample", True): RowsPerSampleAttentionNAG,
     ("joint_rows_per_sample_image_first", False): RowsPerSampleImageFirstAttentionNAG,
-    ("joint_rows_per_sample_image_first", True): RowsPerSampleImageFirstAttentionNAG,
+    ("joint_rows_per_sample_image_first", True): FastRowsPerSampleImageFirstAttentionNAG,
     ("single_fused", False): FusedSingleAttentionNAG,
     ("single_fused", True): FastFusedSingleAttentionNAG,
     # causal single-stream models (layout "prefix"): the negative prefix's keys/values are prefilled once, and
@@ -128,6 +129,32 @@ def _zimage_image_lengths(arguments: dict[str, Any]) -> list[int]:
         tokens = (frames // frame_patch) * (height // patch) * (width // patch)
         lengths.append(tokens + (-tokens) % 32)
     return lengths
+
+
+def _zimage_text_lengths(arguments: dict[str, Any]) -> list[int]:
+    """Z-Image: each row's caption tokens, padded by the model to a multiple of 32 (the span after the image)."""
+    return [len(caption) + (-len(caption)) % 32 for caption in arguments["cap_feats"]]
+
+
+def _zimage_text_start(block: torch.nn.Module, text: torch.Tensor, modulation: torch.Tensor | None) -> dict[str, Any]:
+    """Z-Image main block, negative caption tokens, before attention: the modulated norm (the block's scale and
+    gates from its per-row modulation, as ``ZImageTransformerBlock`` computes them)."""
+    if not block.modulation:
+        return {"residual": text, "normed": block.attention_norm1(text), "gates": None}
+    scale_msa, gate_msa, scale_mlp, gate_mlp = block.adaLN_modulation(modulation).unsqueeze(1).chunk(4, dim=2)
+    return {"residual": text, "normed": block.attention_norm1(text) * (1.0 + scale_msa),
+            "gates": (gate_msa.tanh(), gate_mlp.tanh()), "scale_mlp": 1.0 + scale_mlp}
+
+
+def _zimage_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): the gated residuals of attention and feed-forward."""
+    x, gates = state["residual"], state["gates"]
+    if gates is None:
+        x = x + block.attention_norm2(state["attention"])
+        return x + block.ffn_norm2(block.feed_forward(block.ffn_norm1(x)))
+    gate_msa, gate_mlp = gates
+    x = x + gate_msa * block.attention_norm2(state["attention"])
+    return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * state["scale_mlp"]))
 
 
 def _refuse_qwen_zero_cond_t(denoiser: torch.nn.Module) -> str | None:
@@ -320,6 +347,17 @@ class Family:
         equal_text_lengths: the model joins the text with further streams and attends to all of it
             without a mask (HiDream): padding cannot be cut out again, so positive and negative text
             must have the same length (a clear error otherwise).
+        sample_blocks: concat layout with per-sample rows ``[image, text, padding]`` (``row_image_lengths`` and
+            ``row_text_lengths`` give each row's spans; Z-Image's main layers): with the fast path the block runs
+            on the stock rows (every per-row argument cut to them, every per-token one also to their longest valid
+            length) and each negative row's text span takes ``single_block_text`` around it
+            (``joined_block_modulation``: the block's per-row modulation argument), so no image token is duplicated.
+        sample_block_rotary: the rotary-table argument of ``sample_blocks``, whose negative rows' text spans the
+            attention wrapper gets with the negative text.
+        stock_row_modules: concat layout, fast path: regex of modules that work on each row alone and whose output
+            for the negative rows is never read (Z-Image's image refiner and final layer): they run on the stock
+            rows (``image_kwarg`` and ``stock_image_kwargs`` cut to them) and their output gets the guided rows'
+            copies for the negative rows.
     """
 
     name: str
@@ -351,6 +389,9 @@ class Family:
     causal_prefix: CausalPrefix | None = None
     batch_dims: tuple[tuple[str, int], ...] = ()
     equal_text_lengths: bool = False
+    sample_blocks: str | None = None
+    sample_block_rotary: str | None = None
+    stock_row_modules: str | None = None
 
     def batch_dim(self, key: str) -> int:
         """The batch axis of the conditioning ``key`` (0 unless ``batch_dims`` says otherwise)."""
@@ -725,6 +766,9 @@ FAMILIES: dict[str, Family] = {
         # (image and caption each padded to a multiple of 32); the image's rotary positions follow each
         # sample's padded caption length; a bool (batch, tokens) mask when lengths differ. Whole negative rows
         # appended to the lists; the main blocks' wrapper gives them the guided rows' image tokens and tables.
+        # With the fast path the main blocks run on the stock rows with each negative caption beside them (its own
+        # row's rotary tables: positions 1.. along the first axis, whatever the image), and the image refiner and
+        # the final layer run on the stock rows: the negative rows' image tokens are never processed.
         Family(
             name="zimage",
             denoisers=("ZImageTransformer2DModel",),
@@ -735,6 +779,14 @@ FAMILIES: dict[str, Family] = {
             timestep_kwarg="t",
             row_kwargs=("t",),
             row_image_lengths=_zimage_image_lengths,
+            row_text_lengths=_zimage_text_lengths,
+            sample_blocks=r"layers\.\d+",
+            sample_block_rotary="freqs_cis",
+            joined_block_modulation="adaln_input",
+            single_block_text=(_zimage_text_start, _zimage_text_finish),
+            # (the blocks' and the final layer's image argument is `x`, like the model's own)
+            stock_row_modules=r"noise_refiner\.\d+|all_final_layer\.[^.]+",
+            stock_image_kwargs=("attn_mask", "freqs_cis", "adaln_input", "c"),
         ),
         Family(
             name="unet",
