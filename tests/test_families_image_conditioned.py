@@ -40,16 +40,14 @@ import tiny_pipelines as tp
 NAMES = ["hunyuanvideo_i2v", "hunyuanvideo_i2v_token_replace", "hunyuanvideo15_i2v", "ltx2_i2v", "ltx2_condition",
          "zimage_img2img", "zimage_inpaint", "zimage_controlnet", "zimage_controlnet_inpaint"]
 CONTROLNETS = ["zimage_controlnet", "zimage_controlnet_inpaint"]
-# No NAG-aware fast path in these families: `fast=True` runs the straightforward wrappers.
+# No NAG-aware fast path in these families yet: `fast=True` runs the straightforward wrappers.
 STRAIGHTFORWARD_ONLY = {
     "hunyuanvideo_i2v": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "hunyuanvideo_i2v_token_replace": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "hunyuanvideo15_i2v": "HunyuanVideo15AttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "ltx2_i2v": "LTX2AudioVideoAttnProcessor has no fast path yet: straightforward wrappers (also with fast=True)",
     "ltx2_condition": "LTX2AudioVideoAttnProcessor has no fast path yet: straightforward wrappers (also with fast=True)",
-    **{name: "ZSingleStreamAttnProcessor on whole negative rows of per-sample lengths: straightforward wrappers only"
-       for name in ("zimage_img2img", "zimage_inpaint", *CONTROLNETS)},
-}
+}  # (Z-Image has a fast path: the main layers run on the stock rows, the negative captions beside them)
 SETTINGS = tpl.SETTINGS
 ALL = slice(None)
 
