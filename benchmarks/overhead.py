@@ -5,7 +5,7 @@ model sizes and resolutions (meant for ``--device cuda --dtype bfloat16``); ``--
 keeps each architecture but with fewer layers/heads and a lower resolution, so it runs on a
 laptop CPU. Every figure is reported as a ratio to no guidance measured in the same run.
 
-    python benchmarks/overhead.py --preset cpu                 # the default families, CPU (add ",chroma" to --families)
+    python benchmarks/overhead.py --preset cpu                 # every family with a case, CPU
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --preset full --families flux,sdxl
 
 Modes (one denoiser forward each; batch 1 image):
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan")
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")
