@@ -328,3 +328,28 @@ def test_controlnet_hints_must_come_from_the_latest_controlnet_call():
         out = model(**inputs, controlnet_block_samples=hints, return_dict=False)[0]
         assert len(out) == len(inputs["x"])
     assert (len(controlnet._forward_hooks), len(model._forward_pre_hooks)) == hooks
+
+
+def test_bare_denoiser_with_controlnet_hints_is_refused():
+    """NAG on the bare Z-Image transformer (no pipeline, so no ControlNet attachment) cannot give its negative rows
+    the ControlNet's hints for their own captions: a guided call carrying hints gets a clear error that says what to
+    do; the same call without hints, or unguided, runs."""
+    name = "zimage_controlnet"
+    pipe = tpl.pipeline(name)
+    model, controlnet = tp.denoiser(pipe), pipe.controlnet
+    control = tpl.Recorder(controlnet)
+    try:
+        _, calls = tpl.record(pipe, name)
+    finally:
+        control.close()
+    inputs = {k: v for k, v in calls[0]["inputs"].items() if k in ("x", "t", "cap_feats")}
+    negative = {"encoder_hidden_states": tzi.negative_captions(pipe, ["ugly"])}
+    with torch.no_grad():
+        hints = controlnet(**control.calls[0]["inputs"])
+        stock = model(**inputs, controlnet_block_samples=hints, return_dict=False)[0]
+        with nag.denoiser.apply_to_denoiser(model, negative, **SETTINGS):
+            with pytest.raises(ValueError, match="apply NAG to the pipeline"):
+                model(**inputs, controlnet_block_samples=hints)
+            assert len(model(**inputs, return_dict=False)[0]) == len(inputs["x"])
+        after = model(**inputs, controlnet_block_samples=hints, return_dict=False)[0]
+    assert all(torch.equal(a, b) for a, b in zip(after, stock))

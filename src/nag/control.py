@@ -78,6 +78,7 @@ class ControlAttachment:
         self._control_signature = inspect.signature(control.forward)
         self._denoiser_signature = inspect.signature(denoiser.forward)
         self._last: tuple[dict[str, Any], Any] | None = None  # the control model's latest call: (arguments, output)
+        runtime.control_attached = True
         self._running = False
         # the denoiser hook runs after NAG's own pre-hook (registered before it, prepended): it sees the extended call
         self._hooks = [
@@ -90,6 +91,7 @@ class ControlAttachment:
             hook.remove()
         self._hooks.clear()
         self._last = None
+        self.runtime.control_attached = False
 
     @contextlib.contextmanager
     def _own_call(self) -> Iterator[None]:

@@ -84,6 +84,7 @@ class NAGRuntime:
     last_timestep: torch.Tensor | None = None
     guided_calls: int = 0
     denoiser_calls: int = 0
+    control_attached: bool = False  # a control model's hints are extended for the negative rows (nag.control)
     cache: dict = field(default_factory=dict)  # per generation (e.g. projected negative keys/values)
     scratch: dict = field(default_factory=dict)  # per block (fast single-stream path)
 
@@ -286,6 +287,13 @@ class Attachment:
         cond_rows = conditional_rows(text, runtime.positive_reference)
         if cond_rows is None:
             return None
+        hints = family.control_hints_kwarg
+        if hints and arguments.get(hints) is not None and not runtime.control_attached:
+            raise ValueError(
+                f"NAG on a bare {type(module).__name__} cannot give its negative rows `{hints}` (a control model's "
+                f"output for the negative text); apply NAG to the pipeline (nag.apply), which runs the control model "
+                f"for them, or call the denoiser without `{hints}`"
+            )
         device = cond_rows.device
         per_sample = isinstance(text, (list, tuple))  # list inputs (Z-Image): negative tensors become per-row lists
         negative = {

@@ -341,6 +341,9 @@ class Family:
         text_length: ``denoiser -> tokens or None``: the text length the model requires (CogVideoX
             with positional embeddings over ``[text, image]``); both branches are padded to it.
         causal_prefix: layout ``"prefix"``: how the negative prompt's own call is made (:class:`CausalPrefix`).
+        control_hints_kwarg: the denoiser argument taking a control model's per-row output (Z-Image's ControlNet
+            hints): the negative rows need it for their own text, which only a pipeline-level control attachment
+            (``nag.control``) provides; a guided call carrying it without one is refused with a clear error.
         batch_dims: ``(argument, axis)`` pairs for conditioning whose batch axis is not the first
             (HiDream's stacked Llama-3 states, ``(layers, batch, tokens, width)``): negative rows are
             counted, repeated and appended along that axis.
@@ -387,6 +390,7 @@ class Family:
     row_text_lengths: Callable[[dict[str, Any]], list[int]] | None = None
     row_image_lengths: Callable[[dict[str, Any]], list[int]] | None = None
     causal_prefix: CausalPrefix | None = None
+    control_hints_kwarg: str | None = None
     batch_dims: tuple[tuple[str, int], ...] = ()
     equal_text_lengths: bool = False
     sample_blocks: str | None = None
@@ -778,6 +782,7 @@ FAMILIES: dict[str, Family] = {
             image_kwarg="x",
             timestep_kwarg="t",
             row_kwargs=("t",),
+            control_hints_kwarg="controlnet_block_samples",
             row_image_lengths=_zimage_image_lengths,
             row_text_lengths=_zimage_text_lengths,
             sample_blocks=r"layers\.\d+",
