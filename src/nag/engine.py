@@ -12,7 +12,11 @@
 * for families whose model forward joins text and image itself (layout ``"concat"``: Chroma,
   AuraFlow), the negative rows are whole extra batch rows ``[negative text, image]`` from the
   model input on; every attention layer gives them the guided rows' image tokens, and their
-  rows are dropped from the model output;
+  rows are dropped from the model output. Where that is exact, the copies are dropped inside the
+  model: double-stream blocks run the image stream at the stock batch (``Family.stock_image_blocks``),
+  and with the fast path single-stream blocks run on the stock rows while the negative text takes the
+  block's text-only path beside them (``joined_blocks``: FLUX.2; ``sample_blocks``: Z-Image's per-sample
+  rows; ``stock_row_modules``: modules the negative rows' copies need not pass at all);
 * for causal single-stream families (layout ``"prefix"``: Qwen-Image 2.1), the negative prompt's prefix runs in a
   denoiser call of its own before the first guided call (or before every guided call when the prefix depends on
   the timestep); its per-layer keys/values are recorded for the attention wrappers, and the stock rows run as stock.
