@@ -14,12 +14,8 @@ import pytest
 import test_pipelines as tpl
 
 NAMES = ["qwenimage", "qwenimage_inpaint"]
-# Families guided by the straightforward wrappers in both modes (their stock processor has no
-# NAG-aware fast path yet): `fast=True` is correct there but calls the stock processor per branch.
-STRAIGHTFORWARD_ONLY = {
-    "qwenimage": "QwenDoubleStreamAttnProcessor2_0 (masked joint attention, split rotary tables) has no fast path yet",
-    "qwenimage_inpaint": "QwenDoubleStreamAttnProcessor2_0 (masked joint attention, split rotary tables) has no fast path yet",
-}
+# (Qwen-Image has a fast path: masked joint attention with every token projected once.)
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}
 
 
 test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)

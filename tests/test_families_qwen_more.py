@@ -23,12 +23,8 @@ import tiny_pipelines as tp
 
 NAMES = ["qwenimage_edit", "qwenimage_edit_plus"]
 TARGET_TOKENS = 4  # 256x256 output, 64x VAE, 2x2 patches
-# Qwen-Image's processor (QwenDoubleStreamAttnProcessor2_0) has no NAG-aware fast path yet: `fast=True` runs the
-# straightforward wrappers.
-STRAIGHTFORWARD_ONLY = {
-    "qwenimage_edit": "QwenDoubleStreamAttnProcessor2_0 (masked joint attention, split rotary tables) has no fast path yet",
-    "qwenimage_edit_plus": "QwenDoubleStreamAttnProcessor2_0 (masked joint attention, split rotary tables) has no fast path yet",
-}
+# (Qwen-Image has a fast path: masked joint attention with every token projected once.)
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}
 
 
 test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)

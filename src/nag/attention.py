@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .combine import nag_combine
-from .kernels import attention, attention_with_lse, merge_attention
+from .kernels import attention, attention_with_lse, attention_with_lse_over_valid_keys, merge_attention
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import GuidedCall, NAGRuntime
@@ -832,7 +832,7 @@ _CROSS_FLAT_NORM = {
     "SkyReelsV2AttnProcessor": True,
     "LTXVideoAttnProcessor": True,
 }
-_JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0", "Flux2AttnProcessor"}
+_JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0", "Flux2AttnProcessor", "QwenDoubleStreamAttnProcessor2_0"}
 # Joint processors whose rotary tables come as (image, text) instead of one table over [text, image].
 _SPLIT_ROTARY_PROCESSORS = {"QwenDoubleStreamAttnProcessor2_0"}
 # Cross-attention processors that also attend to an image context placed before the text
@@ -956,32 +956,51 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         return out / getattr(attn, "rescale_output_factor", 1.0)
 
 
+def _text_and_image_key_mask(text_mask: torch.Tensor | None, image_len: int) -> torch.Tensor | None:
+    """A ``(rows, 1, 1, text + image)`` boolean key mask: the text's own, every image key valid."""
+    if text_mask is None:
+        return None
+    valid = text_mask.bool()
+    return torch.cat([valid, valid.new_ones(valid.shape[0], image_len)], dim=1)[:, None, None, :]
+
+
 def _guided_image_and_text(
     processor: NAGProcessor,
     call: "GuidedCall",
     image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     positive_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     negative_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    positive_mask: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Joint attention for the guided call, every image token projected and attended once.
 
-    Returns the guided image rows' attention output (NAG applied to the conditional rows) and the
-    positive and negative text queries' outputs, all with heads flattened.
+    ``positive_mask`` / ``negative_mask``: ``(rows, text)`` key masks of each branch's text (its own length; every
+    image key valid, as Qwen-Image's processor builds its joint mask). Returns the guided image rows' attention
+    output (NAG applied to the conditional rows) and the positive and negative text queries' outputs, all with
+    heads flattened.
     """
     rows = call.cond_rows
     qi, ki, vi = image
     qp, kp, vp = (t[:, : call.positive_text_len] for t in positive_text)
     qn, kn, vn = (t[:, : call.negative_text_len] for t in negative_text)
+    if positive_mask is not None:
+        positive_mask = positive_mask[:, : call.positive_text_len]
+    if negative_mask is not None:
+        negative_mask = negative_mask[:, : call.negative_text_len]
 
     image_image, lse_image = attention_with_lse(qi, ki, vi)
-    image_positive, lse_positive = attention_with_lse(qi, kp, vp)
-    image_negative, lse_negative = attention_with_lse(qi[rows], kn, vn)
+    image_positive, lse_positive = attention_with_lse_over_valid_keys(qi, kp, vp, positive_mask)
+    image_negative, lse_negative = attention_with_lse_over_valid_keys(qi[rows], kn, vn, negative_mask)
     z = merge_attention(image_image, lse_image, image_positive, lse_positive).flatten(2)
     z_negative = merge_attention(image_image[rows], lse_image[rows], image_negative, lse_negative).flatten(2)
     z[rows] = processor.combine(call, z[rows], z_negative)
 
-    text_positive = attention(qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1)).flatten(2)
-    text_negative = attention(qn, torch.cat([kn, ki[rows]], dim=1), torch.cat([vn, vi[rows]], dim=1)).flatten(2)
+    image_len = qi.shape[1]
+    text_positive = attention(qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1),
+                              _text_and_image_key_mask(positive_mask, image_len)).flatten(2)
+    text_negative = attention(qn, torch.cat([kn, ki[rows]], dim=1), torch.cat([vn, vi[rows]], dim=1),
+                              _text_and_image_key_mask(negative_mask, image_len)).flatten(2)
     return z, text_positive, text_negative
 
 
@@ -997,12 +1016,20 @@ class FastJointAttentionNAG(JointAttentionNAG):
         padded = text.shape[1]
         qi, ki, vi = _image_qkv(attn, hidden)
         qt, kt, vt = _text_qkv(attn, text)
-        if rotary is not None:
+        if rotary is not None and self.stock_kind in _SPLIT_ROTARY_PROCESSORS:  # (image, text) tables, complex
+            from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+            image_table, text_table = rotary
+            qi, ki = (apply_rotary_emb_qwen(x, image_table, use_real=False) for x in (qi, ki))
+            qt, kt = (apply_rotary_emb_qwen(x, text_table[:padded], use_real=False) for x in (qt, kt))
+        elif rotary is not None:
             qi, ki = _rotate(qi, rotary, padded, None), _rotate(ki, rotary, padded, None)
             qt, kt = _rotate(qt, rotary, 0, padded), _rotate(kt, rotary, 0, padded)
         b = call.batch
+        mask = arguments.get(self.text_mask_argument)
         z, text_positive, text_negative = _guided_image_and_text(
-            self, call, (qi, ki, vi), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:])
+            self, call, (qi, ki, vi), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:]),
+            *((mask[:b], mask[b:]) if mask is not None else ()),
         )
         image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
         text_out = torch.cat([pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)])

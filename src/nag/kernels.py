@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "attention_with_lse", "merge_attention"]
+__all__ = ["attention", "attention_with_lse", "attention_with_lse_over_valid_keys", "merge_attention"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,6 +52,38 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     if out is None:
         out, lse = _lse_math(qt, kt, vt)
     lse = lse.reshape(qt.shape[:3]).float()
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def attention_with_lse_over_valid_keys(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_with_lse` over the keys ``key_mask`` (``(B, Lk)``, true/nonzero = attend) keeps. A query
+    with no key left gets a zero output and a log-sum-exp of ``-inf`` (it then adds nothing when merged). Rows whose
+    valid keys are a prefix (a tokenizer's padding at the end) run :func:`attention_with_lse` on that prefix;
+    other masks the explicit math."""
+    if key_mask is None:
+        return attention_with_lse(q, k, v)
+    valid = key_mask.bool()
+    lengths = valid.sum(dim=1)
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    if torch.equal(valid, positions[None, :] < lengths[:, None]):
+        outs, lses = [], []
+        for row, length in enumerate(lengths.tolist()):
+            if length == 0:
+                outs.append(q.new_zeros(1, q.shape[1], q.shape[2], v.shape[3]))
+                lses.append(q.new_full((1, q.shape[1], q.shape[2]), float("-inf"), dtype=torch.float32))
+                continue
+            out, lse = attention_with_lse(q[row : row + 1], k[row : row + 1, :length], v[row : row + 1, :length])
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses)
+    qt, kt, vt = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
+    out = torch.matmul(weights, vt).to(q.dtype)
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
