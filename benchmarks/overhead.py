@@ -181,6 +181,36 @@ def zimage_case(full: bool, text_len: int) -> Case:
                 lambda: ZImageTransformer2DModel(**config), inputs, negative)
 
 
+def qwenimage_case(full: bool, text_len: int) -> Case:
+    """Qwen-Image: joint attention with split complex rotary tables and a text mask (a few padding tokens masked);
+    one image stream, the negative text rows beside it. ``full``: the diffusers defaults (20B) at 1024x1024."""
+    from diffusers import QwenImageTransformer2DModel
+
+    if full:
+        config = dict()
+        side = 64  # 1024 px -> 128 latent -> 64x64 patches
+    else:
+        config = dict(num_layers=2, attention_head_dim=128, num_attention_heads=4, joint_attention_dim=1024)
+        side = 32
+    tokens = side * side
+
+    def inputs(batch, device, dtype):
+        mask = torch.ones(batch, text_len, dtype=torch.long, device=device)
+        mask[:, -8:] = 0  # the tokenizer's padding
+        return dict(
+            hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config.get("joint_attention_dim", 3584), device=device,
+                                         dtype=dtype, seed=1),
+            encoder_hidden_states_mask=mask,
+            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+            img_shapes=[[(1, side, side)]] * batch,
+        )
+
+    return Case("qwenimage", f"Qwen-Image ({tokens} image + {text_len} text tokens)",
+                lambda: QwenImageTransformer2DModel(**config), inputs,
+                lambda i: {**_text_negative(i), "encoder_attention_mask": i["encoder_hidden_states_mask"][-1:]})
+
+
 def sd3_case(full: bool) -> Case:
     from diffusers import SD3Transformer2DModel
 
@@ -325,6 +355,7 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "chroma": lambda: [chroma_case(full, 512)],
         "flux2": lambda: [flux2_case(full, 512)],
         "zimage": lambda: [zimage_case(full, 200)],
+        "qwenimage": lambda: [qwenimage_case(full, 256)],
     }
     return [case for family in families for case in makers[family]()]
 
@@ -435,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage")
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")
