@@ -205,7 +205,7 @@ def render(outcomes: dict[str, str]) -> str:
         if name in ("flux_dev", "sd35"):
             label += " (dev-style)" if name == "flux_dev" else " (SD3.5 dual attention)"
         if name == "ltx2_adaln":
-            label += " (cross-attention AdaLN, LTX-2.3 style)"
+            label += " (cross-attention AdaLN, LTX-2.3 style; gated attention)"
         if name == "qwenimage21_timestep_text":
             label += " (text modulated by the timestep)"
         if name == "qwenimage21_condition_image":

@@ -89,15 +89,22 @@ def naive_attention(q, k, v, bias=None):
     return out.to(dtype)
 
 
-def _guided_attention(q, k_pos, v_pos, bias_pos, k_neg, v_neg, bias_neg, rows, nag):
+def _guided_attention(q, k_pos, v_pos, bias_pos, k_neg, v_neg, bias_neg, rows, nag, head_gates=None):
     """Attention for all rows with the positive keys; for ``rows`` NAG-combine with the negative keys.
 
-    q: (B, Sq, H, D); k_neg / v_neg have len(rows) rows.  Returns (B, Sq, H * D) (before the output projection).
+    q: (B, Sq, H, D); k_neg / v_neg have len(rows) rows; ``head_gates``: (B, Sq, H) factors on each head's output
+    (both branches), applied before the combination.  Returns (B, Sq, H * D) (before the output projection).
     """
-    z_pos = naive_attention(q, k_pos, v_pos, bias_pos)
+
+    def gated(z, gates):
+        if gates is None:
+            return z
+        return (z.unflatten(-1, (gates.shape[-1], -1)) * gates.unsqueeze(-1)).flatten(-2)
+
+    z_pos = gated(naive_attention(q, k_pos, v_pos, bias_pos), head_gates)
     if k_neg is None or len(rows) == 0:
         return z_pos
-    z_neg = naive_attention(q[rows], k_neg, v_neg, bias_neg)
+    z_neg = gated(naive_attention(q[rows], k_neg, v_neg, bias_neg), None if head_gates is None else head_gates[rows])
     out = z_pos.clone()
     out[rows] = naive_combine(z_pos[rows], z_neg, **nag)
     return out
@@ -1928,9 +1935,10 @@ class _NaiveLTX2VideoTextProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
                  key_rotary_emb=None):
-        if getattr(attn, "to_gate_logits", None) is not None:
-            raise NotImplementedError("naive reference: gated LTX-2 attention is not covered")
         heads = attn.heads
+        gates = None  # per-head output gates (gated attention): 2 * sigmoid of a projection of the queries' input
+        if getattr(attn, "to_gate_logits", None) is not None:
+            gates = 2.0 * torch.sigmoid(attn.to_gate_logits(hidden_states))
 
         def project_kv(ctx):
             k = attn.norm_k(attn.to_k(ctx))  # RMS norm across heads, on the flat projection
@@ -1945,7 +1953,7 @@ class _NaiveLTX2VideoTextProcessor:
             k_neg, v_neg = project_kv(negative)
             bias_neg = None if self.state["bias"] is None else self.state["bias"][:, None]
         out = _guided_attention(q, k, v, bias, k_neg, v_neg, bias_neg, self.rows if negative is not None else [],
-                                self.nag)
+                                self.nag, gates)
         return attn.to_out[1](attn.to_out[0](out))
 
 

@@ -45,8 +45,6 @@ STRAIGHTFORWARD_ONLY = {
     "hunyuanvideo_i2v": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "hunyuanvideo_i2v_token_replace": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "hunyuanvideo15_i2v": "HunyuanVideo15AttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-    "ltx2_i2v": "LTX2AudioVideoAttnProcessor has no fast path yet: straightforward wrappers (also with fast=True)",
-    "ltx2_condition": "LTX2AudioVideoAttnProcessor has no fast path yet: straightforward wrappers (also with fast=True)",
 }  # (Z-Image has a fast path: the main layers run on the stock rows, the negative captions beside them)
 SETTINGS = tpl.SETTINGS
 ALL = slice(None)

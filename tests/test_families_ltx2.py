@@ -24,10 +24,7 @@ import tiny_pipelines as tp
 
 NAMES = ["ltx2", "ltx2_adaln"]
 SETTINGS = tpl.SETTINGS
-STRAIGHTFORWARD_ONLY = {
-    "ltx2": "LTX2AudioVideoAttnProcessor has no fast path yet: straightforward wrappers (also with fast=True)",
-    "ltx2_adaln": "LTX2AudioVideoAttnProcessor has no fast path yet: straightforward wrappers (also with fast=True)",
-}
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}  # (LTX-2's text cross-attention has the cross-attention fast path)
 
 
 def latents(pipe, name, **overrides):

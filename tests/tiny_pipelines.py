@@ -1795,6 +1795,7 @@ def _ltx2(cross_attn_mod: bool):
             cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
             audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
             caption_channels=32, rope_double_precision=False, rope_type="split", cross_attn_mod=cross_attn_mod,
+            gated_attn=cross_attn_mod, audio_gated_attn=cross_attn_mod,
         ).eval()
     with _seeded(22):
         connectors = LTX2TextConnectors(
@@ -1849,7 +1850,8 @@ def ltx2():
 
 
 def ltx2_adaln():
-    """LTX2Pipeline with cross-attention AdaLN (LTX-2.3 style): the text is modulated per block and per step."""
+    """LTX2Pipeline with cross-attention AdaLN (LTX-2.3 style: the text is modulated per block and per step), and the
+    model's per-head gated attention switched on (each head's output scaled by a gate from the queries' input)."""
     return _ltx2(cross_attn_mod=True)
 
 

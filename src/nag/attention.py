@@ -831,6 +831,7 @@ _CROSS_FLAT_NORM = {
     "WanAttnProcessor": True,
     "SkyReelsV2AttnProcessor": True,
     "LTXVideoAttnProcessor": True,
+    "LTX2AudioVideoAttnProcessor": True,  # (text cross-attention: no rotary tables; optional per-head output gates)
 }
 _JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0", "Flux2AttnProcessor", "QwenDoubleStreamAttnProcessor2_0"}
 # Joint processors whose rotary tables come as (image, text) instead of one table over [text, image].
@@ -911,7 +912,8 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         hidden, context = arguments["hidden_states"], arguments.get("encoder_hidden_states")
-        if context is None or not self._supported(attn, hidden):
+        rotary = arguments.get("query_rotary_emb") is not None or arguments.get("key_rotary_emb") is not None
+        if context is None or rotary or not self._supported(attn, hidden):
             return super().guided(attn, call, arguments)
         flat = _CROSS_FLAT_NORM[self.stock_kind]
         split = context.shape[1] - call.negative_text_len
@@ -941,8 +943,12 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         if mask is not None:
             positive_mask = self._mask(attn, mask[..., :split], rows)
             negative_mask = self._mask(attn, _split_rows(mask[..., split:], call.cond_rows), len(call.cond_rows))
-        z = attention(query, key, value, positive_mask).flatten(2)
-        z_negative = attention(query[call.cond_rows], negative_key, negative_value, negative_mask).flatten(2)
+        z = attention(query, key, value, positive_mask)
+        z_negative = attention(query[call.cond_rows], negative_key, negative_value, negative_mask)
+        if getattr(attn, "to_gate_logits", None) is not None:  # LTX-2: per-head output gates from the queries' input
+            gates = 2.0 * torch.sigmoid(attn.to_gate_logits(hidden)).unsqueeze(-1)
+            z, z_negative = z * gates, z_negative * gates[call.cond_rows]
+        z, z_negative = z.flatten(2), z_negative.flatten(2)
         z[call.cond_rows] = self.combine(call, z[call.cond_rows], z_negative)
         if image_len:
             image = context[:, :image_len]
