@@ -1044,6 +1044,22 @@ class FastJointAttentionNAG(JointAttentionNAG):
         return image_out, text_out
 
 
+def _single_stream_attention(
+    processor: NAGProcessor, call: "GuidedCall", qkv: Any, negative_qkv: Any, rotary: Any, padded: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A single-stream block's attention on the stock rows ``[text (padded), image]`` with the negative text rows
+    beside them (queries/keys/values of each, rotary tables over ``[text, image]``): the stock rows' output with NAG
+    on the guided rows' image tokens, and the negative text's output, both with heads flattened, text padded."""
+    (q, k, v), (qn, kn, vn) = qkv, negative_qkv
+    if rotary is not None:
+        q, k = _rotate(q, rotary, 0, None), _rotate(k, rotary, 0, None)
+        qn, kn = _rotate(qn, rotary, 0, padded), _rotate(kn, rotary, 0, padded)
+    image = (q[:, padded:], k[:, padded:], v[:, padded:])
+    text = (q[:, :padded], k[:, :padded], v[:, :padded])
+    z, text_positive, text_negative = _guided_image_and_text(processor, call, image, text, (qn, kn, vn))
+    return torch.cat([pad_tokens(text_positive, padded), z], dim=1), pad_tokens(text_negative, padded)
+
+
 class FastSingleStreamAttentionNAG(SingleStreamAttentionNAG):
     """Flux single-stream fast path: the block runs on the stock rows only; the negative text
     rows' modulated input arrives through ``runtime.scratch`` (set by the block hook), and their
@@ -1056,16 +1072,10 @@ class FastSingleStreamAttentionNAG(SingleStreamAttentionNAG):
         hidden = arguments["hidden_states"]
         rotary = arguments.get(self.rotary_argument)
         padded = call.padded_text_len
-        q, k, v = _image_qkv(attn, hidden)
-        qn, kn, vn = _image_qkv(attn, state["normed"])
-        if rotary is not None:
-            q, k = _rotate(q, rotary, 0, None), _rotate(k, rotary, 0, None)
-            qn, kn = _rotate(qn, rotary, 0, padded), _rotate(kn, rotary, 0, padded)
-        image = (q[:, padded:], k[:, padded:], v[:, padded:])
-        text = (q[:, :padded], k[:, :padded], v[:, :padded])
-        z, text_positive, text_negative = _guided_image_and_text(self, call, image, text, (qn, kn, vn))
-        state["attention"] = pad_tokens(text_negative, padded)
-        return torch.cat([pad_tokens(text_positive, padded), z], dim=1).to(hidden.dtype)
+        attended, text_negative = _single_stream_attention(
+            self, call, _image_qkv(attn, hidden), _image_qkv(attn, state["normed"]), rotary, padded)
+        state["attention"] = text_negative
+        return attended.to(hidden.dtype)
 
 
 def _fused_qkv_mlp(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1093,17 +1103,11 @@ class FastFusedSingleAttentionNAG(FusedSingleAttentionNAG):
         hidden = arguments["hidden_states"]
         rotary = arguments.get(self.rotary_argument)
         padded = call.text_prefix + call.padded_text_len
-        q, k, v, mlp = _fused_qkv_mlp(attn, hidden)
-        qn, kn, vn, mlp_negative = _fused_qkv_mlp(attn, state["normed"])
-        if rotary is not None:
-            q, k = _rotate(q, rotary, 0, None), _rotate(k, rotary, 0, None)
-            qn, kn = _rotate(qn, rotary, 0, padded), _rotate(kn, rotary, 0, padded)
-        image = (q[:, padded:], k[:, padded:], v[:, padded:])
-        text = (q[:, :padded], k[:, :padded], v[:, :padded])
-        z, text_positive, text_negative = _guided_image_and_text(self, call, image, text, (qn, kn, vn))
-        attended = torch.cat([pad_tokens(text_positive, padded), z], dim=1).to(hidden.dtype)
-        state["attention"] = attn.to_out(torch.cat([pad_tokens(text_negative, padded).to(hidden.dtype),
-                                                    attn.mlp_act_fn(mlp_negative)], dim=-1))
+        *qkv, mlp = _fused_qkv_mlp(attn, hidden)
+        *negative_qkv, mlp_negative = _fused_qkv_mlp(attn, state["normed"])
+        attended, text_negative = _single_stream_attention(self, call, qkv, negative_qkv, rotary, padded)
+        attended = attended.to(hidden.dtype)
+        state["attention"] = attn.to_out(torch.cat([text_negative.to(hidden.dtype), attn.mlp_act_fn(mlp_negative)], dim=-1))
         return attn.to_out(torch.cat([attended, attn.mlp_act_fn(mlp)], dim=-1))
 
 
