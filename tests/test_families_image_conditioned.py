@@ -42,10 +42,9 @@ NAMES = ["hunyuanvideo_i2v", "hunyuanvideo_i2v_token_replace", "hunyuanvideo15_i
 CONTROLNETS = ["zimage_controlnet", "zimage_controlnet_inpaint"]
 # No NAG-aware fast path in these families yet: `fast=True` runs the straightforward wrappers.
 STRAIGHTFORWARD_ONLY = {
-    "hunyuanvideo_i2v": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-    "hunyuanvideo_i2v_token_replace": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "hunyuanvideo15_i2v": "HunyuanVideo15AttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-}  # (Z-Image has a fast path: the main layers run on the stock rows, the negative captions beside them)
+}  # (Z-Image has a fast path: the main layers run on the stock rows, the negative captions beside them; HunyuanVideo
+#     too: the video stream at the stock batch, the negative text beside it)
 SETTINGS = tpl.SETTINGS
 ALL = slice(None)
 

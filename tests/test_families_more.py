@@ -21,8 +21,7 @@ NAMES = ["cogview4", "cogvideox", "hunyuanvideo"]
 STRAIGHTFORWARD_ONLY = {
     "cogview4": "CogView4AttnProcessor on whole negative rows: straightforward wrappers only",
     "cogvideox": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-    "hunyuanvideo": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-}
+}  # (HunyuanVideo has a fast path: the video stream at the stock batch, the negative text beside it)
 SETTINGS = tpl.SETTINGS
 
 
