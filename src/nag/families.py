@@ -729,6 +729,12 @@ FAMILIES: dict[str, Family] = {
                            "encoder_attention_mask_2"),
             row_kwargs=("timestep", "timestep_r", "guidance"),
             static_text=False,
+            # fast path: HunyuanVideo's (the image stream at the stock batch, the negative text beside it)
+            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+            stock_image_entry=r"x_embedder",
+            image_first_blocks=r"single_transformer_blocks\.\d+",
+            single_block_text=(_hunyuanvideo_single_text_start, _hunyuanvideo_single_text_finish),
+            stock_row_modules=r"proj_out",
         ),
         # HunyuanVideo 1.5: HunyuanImage's arrangement on video: [video, text] double blocks only (separate text
         # projections), a timestep-dependent token refiner (masked), modulation from the timestep (and the meanflow
@@ -746,6 +752,11 @@ FAMILIES: dict[str, Family] = {
                            "encoder_attention_mask_2"),
             row_kwargs=("timestep", "timestep_r", "image_embeds"),
             static_text=False,
+            # fast path: the video stream at the stock batch from the patch embedding to the output projection (the
+            # blocks' and the final layer's video-side modulation take the stock rows of the timestep embedding)
+            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+            stock_image_entry=r"x_embedder",
+            stock_row_modules=r"proj_out",
         ),
         # HiDream-I1: double-stream blocks over [image, text] (separate text projections, an image-only output
         # projection), then single-stream blocks over the [image, text] stream the model joins itself (shared
