@@ -16,7 +16,8 @@
   model: double-stream blocks run the image stream at the stock batch (``Family.stock_image_blocks``),
   and with the fast path single-stream blocks run on the stock rows while the negative text takes the
   block's text-only path beside them (``joined_blocks``: FLUX.2; ``sample_blocks``: Z-Image's per-sample
-  rows; ``stock_row_modules``: modules the negative rows' copies need not pass at all);
+  rows; ``stock_row_modules``: modules the negative rows' copies need not pass at all; ``stock_image_entry`` with
+  ``image_first_blocks``: the Hunyuan models' image stream at the stock batch from the patch embedding on);
 * for causal single-stream families (layout ``"prefix"``: Qwen-Image 2.1), the negative prompt's prefix runs in a
   denoiser call of its own before the first guided call (or before every guided call when the prefix depends on
   the timestep); its per-layer keys/values are recorded for the attention wrappers, and the stock rows run as stock.
