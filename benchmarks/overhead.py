@@ -211,6 +211,41 @@ def qwenimage_case(full: bool, text_len: int) -> Case:
                 lambda i: {**_text_negative(i), "encoder_attention_mask": i["encoder_hidden_states_mask"][-1:]})
 
 
+def hunyuanvideo_case(full: bool, text_len: int) -> Case:
+    """HunyuanVideo: [video, text] double and single blocks, a masked text (a few padding tokens), the pooled CLIP
+    embedding in the modulation. The fast path keeps the video at the stock batch through every block (the negative
+    text beside it); ``fast=False`` carries whole negative rows [video copy, negative text] through the model.
+    ``full``: the diffusers defaults (13B) at 720x1280, 129 frames."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    if full:
+        config = dict()
+        frames, height, width = 33, 90, 160  # 129 frames at 720x1280 -> 33 latent frames of 45x80 patches
+    else:
+        config = dict(num_attention_heads=4, attention_head_dim=128, num_layers=2, num_single_layers=4,
+                      text_embed_dim=1024)
+        frames, height, width = 5, 32, 32  # 5 latent frames of 16x16 patches
+    tokens = frames * (height // 2) * (width // 2)
+
+    def inputs(batch, device, dtype):
+        mask = torch.ones(batch, text_len, dtype=torch.long, device=device)
+        mask[:, -24:] = 0  # the tokenizer's padding
+        return dict(
+            hidden_states=_randn(batch, 16, frames, height, width, device=device, dtype=dtype),
+            timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
+                                         dtype=dtype, seed=1),
+            encoder_attention_mask=mask,
+            pooled_projections=_randn(batch, 768, device=device, dtype=dtype, seed=2),
+            guidance=torch.full((batch,), 6000.0, device=device, dtype=dtype),
+        )
+
+    return Case("hunyuanvideo", f"HunyuanVideo ({tokens} video + {text_len} text tokens)",
+                lambda: HunyuanVideoTransformer3DModel(**config), inputs,
+                lambda i: {**_text_negative(i, ("encoder_hidden_states", "pooled_projections")),
+                           "encoder_attention_mask": i["encoder_attention_mask"][-1:]})
+
+
 def sd3_case(full: bool) -> Case:
     from diffusers import SD3Transformer2DModel
 
@@ -356,6 +391,7 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "flux2": lambda: [flux2_case(full, 512)],
         "zimage": lambda: [zimage_case(full, 200)],
         "qwenimage": lambda: [qwenimage_case(full, 256)],
+        "hunyuanvideo": lambda: [hunyuanvideo_case(full, 256)],
     }
     return [case for family in families for case in makers[family]()]
 
@@ -466,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage")
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")

@@ -40,12 +40,9 @@ import tiny_pipelines as tp
 NAMES = ["hunyuanvideo_i2v", "hunyuanvideo_i2v_token_replace", "hunyuanvideo15_i2v", "ltx2_i2v", "ltx2_condition",
          "zimage_img2img", "zimage_inpaint", "zimage_controlnet", "zimage_controlnet_inpaint"]
 CONTROLNETS = ["zimage_controlnet", "zimage_controlnet_inpaint"]
-# No NAG-aware fast path in these families yet: `fast=True` runs the straightforward wrappers.
-STRAIGHTFORWARD_ONLY = {
-    "hunyuanvideo_i2v": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-    "hunyuanvideo_i2v_token_replace": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-    "hunyuanvideo15_i2v": "HunyuanVideo15AttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-}  # (Z-Image has a fast path: the main layers run on the stock rows, the negative captions beside them)
+# Every family here has a fast path (Z-Image: the main layers run on the stock rows, the negative captions beside
+# them; HunyuanVideo and HunyuanVideo 1.5: the video stream at the stock batch, the negative text beside it).
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}
 SETTINGS = tpl.SETTINGS
 ALL = slice(None)
 

@@ -21,8 +21,7 @@ NAMES = ["cogview4", "cogvideox", "hunyuanvideo"]
 STRAIGHTFORWARD_ONLY = {
     "cogview4": "CogView4AttnProcessor on whole negative rows: straightforward wrappers only",
     "cogvideox": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-    "hunyuanvideo": "HunyuanVideoAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-}
+}  # (HunyuanVideo has a fast path: the video stream at the stock batch, the negative text beside it)
 SETTINGS = tpl.SETTINGS
 
 
@@ -51,3 +50,131 @@ def test_cogvideox_with_text_positions_pads_the_negative_to_the_model_text_lengt
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)
     assert (out[1] - stock[1]).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# HunyuanVideo: the fast path keeps the video at the stock batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _watch_rows(model):
+    """Records ``(rows, tokens)`` of the first input of every call to the modules that see video tokens (the patch
+    embedding, the double blocks' video and text feed-forwards, the single blocks' MLP input projection, the final
+    norm): ``(records by module name, hook handles)``."""
+    seen, handles = {}, []
+    watched = ("x_embedder", "norm_out", *(f"transformer_blocks.{i}.{part}" for i in range(len(model.transformer_blocks))
+                                           for part in ("ff", "ff_context")),
+               *(f"single_transformer_blocks.{i}.proj_mlp" for i in range(len(model.single_transformer_blocks))))
+    for name, module in model.named_modules():
+        if name in watched:
+            def record(module, args, _name=name):
+                shape = args[0].shape  # (the patch embedding's input: the latents, (B, C, F, H, W))
+                seen.setdefault(_name, []).append((shape[0],) if _name == "x_embedder" else tuple(shape[:2]))
+            handles.append(module.register_forward_pre_hook(record))
+    return seen, handles
+
+
+def _count_stock_calls(model):
+    """Counts calls of each NAG wrapper's stock processor, by module name."""
+    counts = {}
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, nag.attention.NAGProcessor):
+            def counting(*args, _stock=processor.stock, _name=name, **kwargs):
+                counts[_name] = counts.get(_name, 0) + 1
+                return _stock(*args, **kwargs)
+
+            counting._attention_backend = getattr(processor.stock, "_attention_backend", None)  # (as the stock one's)
+            processor.stock = counting
+    return counts
+
+
+def _hunyuanvideo_guided_call(fast, length_delta=5):
+    """One denoiser call (row 0 stock, row 1 guided by a negative ``length_delta`` tokens longer than the call's text,
+    partial masks): the output, the naive reference's, the rows seen by the video-side modules, the stock processors'
+    calls."""
+    model, inputs = tpl.denoiser_batch("hunyuanvideo")
+    negative = tpl.random_negative("hunyuanvideo", inputs, length_delta, rows=1)
+    with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
+                                        positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+        counts = _count_stock_calls(model)
+        seen, handles = _watch_rows(model)  # (after NAG's hooks: the inputs the modules compute on)
+        try:
+            with torch.no_grad():
+                out = model(**inputs, return_dict=False)[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+    with torch.no_grad():
+        expected = tpl.naive_output("hunyuanvideo", model, inputs, negative, cond_rows=[1])
+    return model, inputs, out, expected, seen, counts
+
+
+@pytest.mark.parametrize("length_delta", [-3, 5])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_hunyuanvideo_fast_path_runs_the_video_at_the_stock_batch(fast, length_delta):
+    """Batch of 2, one guided row: with the fast path every video-side module sees the 2 stock rows only (the negative
+    row's text: the double blocks' text feed-forward and the single blocks' MLP on its text alone); the
+    straightforward path carries a third, whole negative row. Both agree with the naive reference."""
+    model, inputs, out, expected, seen, counts = _hunyuanvideo_guided_call(fast, length_delta)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    video = inputs["hidden_states"].shape[2:].numel()  # (patch size 1)
+    text = max(inputs["encoder_hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1] + length_delta)
+    rows = 2 if fast else 3
+    assert seen["x_embedder"] == [(rows,)] and seen["norm_out"] == [(rows, video)]
+    for i in range(len(model.transformer_blocks)):
+        assert seen[f"transformer_blocks.{i}.ff"] == [(rows, video)]
+        assert seen[f"transformer_blocks.{i}.ff_context"] == [(3, text)]
+    for i in range(len(model.single_transformer_blocks)):
+        expected_calls = [(1, text), (2, video + text)] if fast else [(3, video + text)]
+        assert sorted(seen[f"single_transformer_blocks.{i}.proj_mlp"]) == expected_calls
+    assert (sum(counts.values()) == 0) == fast
+
+
+class OwnProcessor:
+    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+        self._inner = HunyuanVideoAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+@pytest.mark.parametrize("change", ["backend", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn",
+                                    "single_transformer_blocks.1.attn"])
+def test_hunyuanvideo_other_processor_or_backend_takes_the_straightforward_path(change):
+    """fast=True gives the negative rows their own copy of the video (no row split) where the fast attention cannot
+    serve them: with a processor of the user's own in any block, or another attention backend, the video stream
+    enters the blocks at the whole batch (as on the straightforward path); single blocks whose attention the fast path
+    serves still run on the stock rows, the others on whole rows (the video copied for the negative rows again after
+    a split one). The modules it cannot serve call their stock processor once per branch; the result agrees with the
+    naive reference."""
+    model, _ = tpl.denoiser_batch("hunyuanvideo")
+    stock = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    for name, module in model.named_modules():
+        if change == "backend" and name.endswith(".attn") and "transformer_blocks" in name:
+            module.processor._attention_backend = "_native_math"
+        elif name == change:
+            module.set_processor(OwnProcessor())
+    try:
+        _, _, out, expected, seen, counts = _hunyuanvideo_guided_call(fast=True)
+    finally:
+        for name, module in model.named_modules():
+            if name in stock:
+                module.set_processor(stock[name])
+                vars(module.processor).pop("_attention_backend", None)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert seen["x_embedder"] == [(3,)]
+    assert all(calls == [(3, calls[0][1])] for name, calls in seen.items() if name.endswith(".ff"))
+    for i in range(len(model.single_transformer_blocks)):
+        split = change != "backend" and change != f"single_transformer_blocks.{i}.attn"
+        assert [rows for rows, _ in sorted(seen[f"single_transformer_blocks.{i}.proj_mlp"])] == ([1, 2] if split else [3])
+    assert seen["norm_out"][0][0] == (2 if split else 3)  # (after the last single block)
+    # the negative and the positive pass in the double blocks (whole rows) and the single blocks not split
+    straightforward = {f"transformer_blocks.{i}.attn" for i in range(len(model.transformer_blocks))}
+    straightforward |= {f"single_transformer_blocks.{i}.attn" for i in range(len(model.single_transformer_blocks))
+                        if change in ("backend", f"single_transformer_blocks.{i}.attn")}
+    assert counts == {name: 2 for name in straightforward}

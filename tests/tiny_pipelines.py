@@ -1397,8 +1397,8 @@ def hunyuanvideo():
         ).eval()
     with _seeded(2):
         transformer = HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
             text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6),
         ).eval()
     return _finish(HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
@@ -1679,8 +1679,8 @@ def hunyuanimage(guider=None, distilled=True):
                                         scaling_factor=0.75).eval()
     with _seeded(2):
         transformer = HunyuanImageTransformer2DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-            num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=32, text_embed_2_dim=16,
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_single_layers=2, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=32, text_embed_2_dim=16,
             rope_axes_dim=(8, 8), guidance_embeds=distilled, use_meanflow=distilled,
         ).eval()
     pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
@@ -1989,7 +1989,7 @@ def _hunyuanvideo_i2v(image_condition_type: str):
     with _seeded(6):
         transformer = HunyuanVideoTransformer3DModel(
             in_channels=4 * 2 + 1 if image_condition_type == "latent_concat" else 4, out_channels=4,
-            num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+            num_attention_heads=2, attention_head_dim=16, num_layers=2, num_single_layers=2, num_refiner_layers=1,
             patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=32,
             rope_axes_dim=(4, 6, 6), image_condition_type=image_condition_type,
         ).eval()

@@ -11,6 +11,7 @@ processor runs with the stock arguments, untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -516,6 +517,8 @@ class RowsImageFirstAttentionNAG(NAGProcessor):
             negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
             image_out = positive[0]
         text_out = torch.cat([pad_tokens(positive[1], padded), pad_tokens(negative[1], padded)])
+        if arguments["hidden_states"].shape[0] == b:  # (the image stream at the stock batch: image rows as given)
+            return image_out, text_out
         return torch.cat([image_out, image_out[rows]]), text_out
 
 
@@ -1186,3 +1189,100 @@ class FastRowsPerSampleImageFirstAttentionNAG(RowsPerSampleImageFirstAttentionNA
                                                torch.cat([vi, vt], dim=1)).flatten(2)[0]
         state["attention"] = _project_out(attn, z_negative.to(hidden.dtype))
         return _project_out(attn, z.to(hidden.dtype))
+
+
+def _text_key_mask(mask: torch.Tensor | None, image_len: int, rows: int) -> torch.Tensor | None:
+    """The text keys' part ``(rows, text)`` of a boolean key mask over ``[image, text]`` shaped ``(rows or 1, 1, 1,
+    keys)`` (as HunyuanVideo and HunyuanImage build it: every image key valid, the text's valid tokens first), or of
+    a text-only one shaped ``(rows or 1, text)`` (HunyuanVideo 1.5's); None without a mask."""
+    if mask is None:
+        return None
+    return (mask if mask.ndim == 2 else mask[:, 0, 0, image_len:]).expand(rows, -1)
+
+
+def _is_image_first_key_mask(mask: torch.Tensor | None, image_len: int, text_len: int) -> bool:
+    if mask is None:
+        return True
+    if mask.dtype != torch.bool:
+        return False
+    if mask.ndim == 2:
+        return mask.shape[1] == text_len
+    return mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] == image_len + text_len
+
+
+# Processors over [image, text] whose math the image-first fast path reproduces: the text's keys take a key mask
+# (HunyuanVideo 1.5's processor also masks the padding text tokens' queries, whose outputs no valid token reads).
+_IMAGE_FIRST_PROCESSORS = {"HunyuanVideoAttnProcessor2_0", "HunyuanImageAttnProcessor", "HunyuanVideo15AttnProcessor2_0"}
+
+
+class FastRowsImageFirstAttentionNAG(RowsImageFirstAttentionNAG):
+    """HunyuanVideo / HunyuanImage 2.1 / HunyuanVideo 1.5 fast path (their stock processors, ``_IMAGE_FIRST_PROCESSORS``,
+    on the default attention backend), with the image stream at the stock batch (``Family.stock_image_entry``): every
+    image token is projected once, and for the guided rows image->image attention is computed once and merged by
+    log-sum-exp with image->text attention (``Z+``) and image->negative-text attention (``Z-``), each over its own
+    valid text keys. Text the model adds to the input text before its padding (the byT5 stream, the image embedding)
+    is part of each branch's text.
+
+    - Double blocks (separate text projections): the text holds the stock rows and one negative row per guided row;
+      the negative text queries attend to ``[guided video, negative text]``.
+    - Single blocks (shared projections, no output projection): the block runs on the stock rows; the negative rows'
+      modulated text and their key mask arrive through ``runtime.scratch`` (``Family.image_first_blocks``), and their
+      attention output leaves the same way.
+
+    Anything else (another processor or backend, the video on whole negative rows) takes the straightforward path.
+    """
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hooks may take the negative rows' video out of the blocks (this path can serve them)."""
+        return self.stock_kind in _IMAGE_FIRST_PROCESSORS and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        hidden, text = arguments["hidden_states"], arguments.get("encoder_hidden_states")
+        mask = arguments.get("attention_mask")
+        b, negative_rows = call.batch, len(call.cond_rows)
+        separate = getattr(attn, "add_q_proj", None) is not None
+        if separate:
+            supported = (state is None and self.takes_split_text() and text is not None and hidden.shape[0] == b
+                         and text.shape[0] == b + negative_rows and text.shape[1] >= call.padded_text_len
+                         and _is_image_first_key_mask(mask, hidden.shape[1], text.shape[1]))
+            if not supported:
+                return super().guided(attn, call, arguments)
+        elif state is None:
+            return super().guided(attn, call, arguments)
+        elif not all(_is_image_first_key_mask(m, hidden.shape[1], text.shape[1])
+                     for m in (mask, state["inputs"].get("attention_mask"))):
+            raise NotImplementedError(
+                f"NAG's fast path takes a boolean (batch, 1, 1, keys) attention mask in {type(attn).__name__}, as the "
+                "model builds it; apply NAG with fast=False for other masks"
+            )
+        image_len, padded = hidden.shape[1], text.shape[1]
+        extra = padded - call.padded_text_len  # (the model's own text before the padding NAG added: both branches')
+        if extra:
+            call = dataclasses.replace(call, positive_text_len=call.positive_text_len + extra,
+                                       negative_text_len=call.negative_text_len + extra)
+        rotary = arguments.get("image_rotary_emb")
+        qi, ki, vi = _image_qkv(attn, hidden)
+        if rotary is not None:
+            qi, ki = _rotate(qi, rotary, 0, None), _rotate(ki, rotary, 0, None)
+        if separate:
+            qt, kt, vt = _text_qkv(attn, text)
+            positive, negative = (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:])
+            text_mask = _text_key_mask(mask, image_len, b + negative_rows)
+            masks = (text_mask[:b], text_mask[b:]) if text_mask is not None else (None, None)
+        else:
+            positive, negative = _image_qkv(attn, text), _image_qkv(attn, state["normed"])
+            masks = (_text_key_mask(mask, image_len, b),
+                     _text_key_mask(state["inputs"].get("attention_mask"), image_len, negative_rows))
+        z, text_positive, text_negative = _guided_image_and_text(self, call, (qi, ki, vi), positive, negative, *masks)
+        z = z.to(qi.dtype)
+        text_positive, text_negative = pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)
+        if not separate:
+            state["attention"] = text_negative.to(qi.dtype)
+            return z, text_positive.to(qi.dtype)
+        if getattr(attn, "to_out", None) is not None:
+            z = attn.to_out[1](attn.to_out[0](z))
+        text_out = torch.cat([text_positive, text_negative]).to(qi.dtype)
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return z, text_out

@@ -16,7 +16,8 @@
   model: double-stream blocks run the image stream at the stock batch (``Family.stock_image_blocks``),
   and with the fast path single-stream blocks run on the stock rows while the negative text takes the
   block's text-only path beside them (``joined_blocks``: FLUX.2; ``sample_blocks``: Z-Image's per-sample
-  rows; ``stock_row_modules``: modules the negative rows' copies need not pass at all);
+  rows; ``stock_row_modules``: modules the negative rows' copies need not pass at all; ``stock_image_entry`` with
+  ``image_first_blocks``: the Hunyuan models' image stream at the stock batch from the patch embedding on);
 * for causal single-stream families (layout ``"prefix"``: Qwen-Image 2.1), the negative prompt's prefix runs in a
   denoiser call of its own before the first guided call (or before every guided call when the prefix depends on
   the timestep); its per-layer keys/values are recorded for the attention wrappers, and the stock rows run as stock.
@@ -264,6 +265,11 @@ class Attachment:
             if family.stock_row_modules and re.fullmatch(family.stock_row_modules, name) and self.fast:
                 self._hooks.append(module.register_forward_pre_hook(self._stock_image_rows, with_kwargs=True))
                 self._hooks.append(module.register_forward_hook(self._restore_image_rows))
+            if family.stock_image_entry and re.fullmatch(family.stock_image_entry, name) and self.fast:
+                self._hooks.append(module.register_forward_pre_hook(self._enter_stock_image_rows, with_kwargs=True))
+            if family.image_first_blocks and re.fullmatch(family.image_first_blocks, name) and self.fast and family.single_block_text:
+                self._hooks.append(module.register_forward_pre_hook(self._split_image_first_rows, with_kwargs=True))
+                self._hooks.append(module.register_forward_hook(self._join_image_first_rows))
 
     def detach(self) -> None:
         for hook in self._hooks:
@@ -531,6 +537,63 @@ class Attachment:
         for j, (start, length) in enumerate(state["spans"]):
             joined[call.batch + j, start : start + length] = text[j, :length]
         return joined
+
+    def _serves_split_text(self) -> bool:
+        """Whether every text-attention wrapper of the denoiser can serve negative rows taken out of their block."""
+        return all(getattr(module.processor, "takes_split_text", lambda: False)() for module, _ in self._stock_processors)
+
+    def _enter_stock_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path, the module that takes the image at the model input (``Family.stock_image_entry``): it runs on the
+        stock rows, and its output carries the image stream on at the stock batch, when every text-attention wrapper
+        can serve the negative rows beside the stock rows (else whole negative rows, as the straightforward path)."""
+        if self.runtime.call is None or not self._serves_split_text():
+            return None
+        return self._stock_image_rows(module, args, kwargs)
+
+    def _split_image_first_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path for single-stream blocks that take the image and the text separately and join them as
+        ``[image, text]`` themselves (``Family.image_first_blocks``): the block runs on the stock rows (the image at
+        the stock batch, every other per-row argument cut to the stock rows); the negative rows' text takes the
+        family's text-only path beside it, their per-row arguments (mask, modulation) kept for the attention
+        wrapper. A block whose wrapper cannot serve that gets whole negative rows, the image copied for them."""
+        call = self.runtime.call
+        self.runtime.scratch.pop("single_block", None)  # (left behind only by a block that raised)
+        if call is None:
+            return None
+        family = self.family
+        bound = _bind(module, args, kwargs)
+        arguments = bound.arguments
+        image, text = arguments[family.image_kwarg], arguments["encoder_hidden_states"]
+        b, rows = call.batch, text.shape[0]
+        if rows != b + len(call.cond_rows):
+            return None
+        processor = _text_attention_processor(module)
+        if not getattr(processor, "takes_split_text", lambda: False)():
+            if image.shape[0] == b:  # (the image stream came at the stock batch: copies for the negative rows)
+                arguments[family.image_kwarg] = torch.cat([image, image[call.cond_rows]])
+                return bound.args, bound.kwargs
+            return None
+        negative: dict[str, torch.Tensor] = {}
+        for name, value in list(arguments.items()):
+            if name != family.image_kwarg and isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows:
+                negative[name], arguments[name] = value[b:], value[:b]
+        arguments[family.image_kwarg] = image[:b]
+        start, _ = family.single_block_text
+        state = start(module, negative["encoder_hidden_states"], negative[family.joined_block_modulation])
+        state["inputs"] = negative
+        self.runtime.scratch["single_block"] = state
+        return bound.args, bound.kwargs
+
+    def _join_image_first_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """... and the block's ``(image, text)`` output with the negative rows' text again (the image stays at the
+        stock batch)."""
+        call = self.runtime.call
+        state = self.runtime.scratch.pop("single_block", None)
+        if call is None or state is None:
+            return None
+        _, finish = self.family.single_block_text
+        image, text = output
+        return image, torch.cat([text, finish(module, state)])
 
 
 def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:

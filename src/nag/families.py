@@ -24,6 +24,7 @@ from .attention import (
     FastCrossAttentionNAG,
     FastFusedSingleAttentionNAG,
     FastJointAttentionNAG,
+    FastRowsImageFirstAttentionNAG,
     FastRowsPerSampleImageFirstAttentionNAG,
     FastSingleStreamAttentionNAG,
     FusedSingleAttentionNAG,
@@ -62,7 +63,7 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_shared", False): RowsSharedAttentionNAG,
     ("joint_rows_shared", True): RowsSharedAttentionNAG,
     ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
-    ("joint_rows_image_first", True): RowsImageFirstAttentionNAG,
+    ("joint_rows_image_first", True): FastRowsImageFirstAttentionNAG,
     ("joint_rows_per_sample", False): RowsPerSampleAttentionNAG,
     ("joint_rows_per_sample", True): RowsPerSampleAttentionNAG,
     ("joint_rows_per_sample_image_first", False): RowsPerSampleImageFirstAttentionNAG,
@@ -104,6 +105,22 @@ def _flux2_single_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> 
     """... after attention (the fused attention + MLP output): gate and residual."""
     out = state["residual"] + state["gate"] * state["attention"]
     return out.clip(-65504, 65504) if out.dtype == torch.float16 else out
+
+
+def _hunyuanvideo_single_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """HunyuanVideo single-stream block, negative text rows, before attention: the modulated norm and the MLP branch.
+    The text is modulated by its row's embedding in the token-replace blocks too (their timestep-0 modulation is the
+    first latent frame's)."""
+    norm = block.norm
+    shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    normed = norm.norm(text) * (1 + scale[:, None]) + shift[:, None]
+    return {"residual": text, "normed": normed, "gate": gate, "mlp": block.act_mlp(block.proj_mlp(normed))}
+
+
+def _hunyuanvideo_single_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention: the block's output projection, gate and residual."""
+    out = block.proj_out(torch.cat([state["attention"], state["mlp"]], dim=2))
+    return state["gate"].unsqueeze(1) * out + state["residual"]
 
 
 def _pad_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
@@ -361,6 +378,17 @@ class Family:
             for the negative rows is never read (Z-Image's image refiner and final layer): they run on the stock
             rows (``image_kwarg`` and ``stock_image_kwargs`` cut to them) and their output gets the guided rows'
             copies for the negative rows.
+        stock_image_entry: concat layout, fast path: regex of the module that takes the image at the model input
+            (HunyuanVideo's patch embedding): when every text-attention wrapper can serve the negative rows beside the
+            stock rows, it runs on the stock rows (``image_kwarg`` and ``stock_image_kwargs`` cut to them) and the image
+            stream stays at the stock batch from there on (the blocks after it take it so: ``image_norms``,
+            ``image_first_blocks``); a ``stock_row_modules`` entry at the end gives the output the guided rows'
+            copies for the negative rows again.
+        image_first_blocks: concat layout, fast path: regex of single-stream blocks that take the image and the text
+            separately and join them as ``[image, text]`` themselves, returning ``(image, text)`` (HunyuanVideo's):
+            the block runs on the stock rows (every per-row argument cut to them) and the negative rows' text takes
+            ``single_block_text`` beside it (``joined_block_modulation``: the block's per-row modulation argument);
+            their other per-row arguments (the attention mask) reach the attention wrapper with that text.
     """
 
     name: str
@@ -396,6 +424,8 @@ class Family:
     sample_blocks: str | None = None
     sample_block_rotary: str | None = None
     stock_row_modules: str | None = None
+    stock_image_entry: str | None = None
+    image_first_blocks: str | None = None
 
     def batch_dim(self, key: str) -> int:
         """The batch axis of the conditioning ``key`` (0 unless ``batch_dims`` says otherwise)."""
@@ -674,6 +704,15 @@ FAMILIES: dict[str, Family] = {
             negative_keys=("encoder_hidden_states", "pooled_projections", "encoder_attention_mask"),
             row_kwargs=("timestep", "guidance"),
             static_text=False,
+            # fast path: the video stream at the stock batch from the patch embedding to the output projection (the
+            # double blocks' and the final layer's video-side modulation take the stock rows of the conditioning,
+            # token-replace embedding included); the single blocks run on the stock rows, the negative text beside
+            # them; the negative rows get copies of the guided rows' output only after the output projection
+            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+            stock_image_entry=r"x_embedder",
+            image_first_blocks=r"single_transformer_blocks\.\d+",
+            single_block_text=(_hunyuanvideo_single_text_start, _hunyuanvideo_single_text_finish),
+            stock_row_modules=r"proj_out",
         ),
         # HunyuanImage 2.1: HunyuanVideo's [image, text] double and single blocks and timestep-dependent token
         # refiner (masked), modulation from the timestep (and guidance / meanflow timestep) alone, and a second
@@ -690,6 +729,12 @@ FAMILIES: dict[str, Family] = {
                            "encoder_attention_mask_2"),
             row_kwargs=("timestep", "timestep_r", "guidance"),
             static_text=False,
+            # fast path: HunyuanVideo's (the image stream at the stock batch, the negative text beside it)
+            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+            stock_image_entry=r"x_embedder",
+            image_first_blocks=r"single_transformer_blocks\.\d+",
+            single_block_text=(_hunyuanvideo_single_text_start, _hunyuanvideo_single_text_finish),
+            stock_row_modules=r"proj_out",
         ),
         # HunyuanVideo 1.5: HunyuanImage's arrangement on video: [video, text] double blocks only (separate text
         # projections), a timestep-dependent token refiner (masked), modulation from the timestep (and the meanflow
@@ -707,6 +752,11 @@ FAMILIES: dict[str, Family] = {
                            "encoder_attention_mask_2"),
             row_kwargs=("timestep", "timestep_r", "image_embeds"),
             static_text=False,
+            # fast path: the video stream at the stock batch from the patch embedding to the output projection (the
+            # blocks' and the final layer's video-side modulation take the stock rows of the timestep embedding)
+            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+            stock_image_entry=r"x_embedder",
+            stock_row_modules=r"proj_out",
         ),
         # HiDream-I1: double-stream blocks over [image, text] (separate text projections, an image-only output
         # projection), then single-stream blocks over the [image, text] stream the model joins itself (shared
