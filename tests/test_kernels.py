@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from nag.kernels import attention_with_lse, attention_with_lse_over_valid_keys, merge_attention
+from nag.kernels import (attention_with_lse, attention_with_lse_and_key_bias, attention_with_lse_over_valid_keys,
+                         merge_attention)
 
 
 def reference(q, k, v, key_mask=None):
@@ -63,3 +64,58 @@ def test_no_mask_is_plain_attention_with_lse():
     out, lse = attention_with_lse_over_valid_keys(q, k, v, None)
     expected, expected_lse = attention_with_lse(q, k, v)
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+
+
+def biased_reference(q, k, v, key_bias):
+    """Softmax attention with an additive (B, Lk) key bias and its log-sum-exp, explicit float64 math (a row
+    without a finite bias: zero output, -inf)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    scores = scores + key_bias.double()[:, None, None, :]
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v.double()), lse.transpose(1, 2)
+
+
+NEG = float("-inf")
+KEY_BIASES = {
+    # a tokenizer's float 0/1 mask as SDPA adds it: one or two runs per row
+    "prefix": torch.tensor([[1.0] * 7, [1, 1, 1, 0, 0, 0, 0], [0.0] * 7]),
+    # any values, -inf dropping keys; row 1 has more runs than the kernel path takes (explicit math)
+    "runs": torch.tensor([[0.5, 0.5, NEG, NEG, -2.0, -2.0, 3.0], [1, -1, 1, -1, 1, NEG, 2], [0.25] * 7]),
+    # a boolean mask as biases: row 2 drops every key
+    "masked": torch.tensor([[0, NEG, 0, 0, NEG, 0, 0], [NEG, NEG, NEG, 0, 0, 0, 0], [NEG] * 7]),
+}
+
+
+@pytest.mark.parametrize("kind", list(KEY_BIASES))
+def test_additive_key_bias(kind):
+    """Per-key additive biases: the kernel runs (bias added to each run's log-sum-exp) and the explicit math agree
+    with the float64 reference; merged with attention over other keys they give the union's attention."""
+    q, k, v = tensors(4)
+    bias = KEY_BIASES[kind]
+    out, lse = attention_with_lse_and_key_bias(q, k, v, bias)
+    expected, expected_lse = biased_reference(q, k, v, bias)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
+    math_out, math_lse = attention_with_lse_and_key_bias(q, k, v, bias, max_runs=0)  # every row: explicit math
+    torch.testing.assert_close(math_out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(math_lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
+    q2, k2, v2 = tensors(5, keys=4)
+    other, other_lse = attention_with_lse(q, k2, v2)
+    merged = merge_attention(other, other_lse, out, lse)
+    union, _ = biased_reference(q, torch.cat([k2, k], dim=1), torch.cat([v2, v], dim=1),
+                                torch.cat([torch.zeros(3, 4), bias], dim=1))
+    torch.testing.assert_close(merged.double(), union, rtol=1e-5, atol=1e-5)
+
+
+def test_key_bias_none_or_zero_is_plain_attention_with_lse():
+    q, k, v = tensors(6)
+    expected, expected_lse = attention_with_lse(q, k, v)
+    out, lse = attention_with_lse_and_key_bias(q, k, v, None)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    out, lse = attention_with_lse_and_key_bias(q, k, v, torch.zeros(3, 7))
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    bias = torch.ones(3, 7)  # a bias shared by every key shifts the log-sum-exp only
+    out, lse = attention_with_lse_and_key_bias(q, k, v, bias)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse + 1)
+    assert torch.equal(bias, torch.ones(3, 7))  # (the input is left as it was)

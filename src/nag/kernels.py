@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "attention_with_lse", "attention_with_lse_over_valid_keys", "merge_attention"]
+__all__ = ["attention", "attention_with_lse", "attention_with_lse_over_valid_keys", "attention_with_lse_and_key_bias",
+           "merge_attention"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,6 +82,58 @@ def attention_with_lse_over_valid_keys(
     qt, kt, vt = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
     scores = torch.matmul(qt, kt.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
+    out = torch.matmul(weights, vt).to(q.dtype)
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def attention_with_lse_and_key_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None, max_runs: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_with_lse` with an additive per-key bias ``key_bias`` (``(B, Lk)``, added to the scaled
+    scores of every query of its row, as SDPA adds a float mask; ``-inf`` drops the key). A query with no key left
+    gets a zero output and a log-sum-exp of ``-inf`` (it then adds nothing when merged).
+
+    Each row's keys are cut into runs of equal bias; a run's attention is :func:`attention_with_lse` over its keys
+    with the bias added to its log-sum-exp, and the runs are merged (a tokenizer's 0/1 mask gives one or two runs).
+    Rows with more than ``max_runs`` runs take the explicit math."""
+    if key_bias is None:
+        return attention_with_lse(q, k, v)
+    bias = key_bias.float()
+    outs, lses = [], []
+    for row in range(q.shape[0]):
+        qr, kr, vr = q[row : row + 1], k[row : row + 1], v[row : row + 1]
+        values, counts = torch.unique_consecutive(bias[row], return_counts=True)
+        if len(values) > max_runs:
+            out, lse = _lse_math_with_bias(qr, kr, vr, bias[row : row + 1])
+        else:
+            out = lse = None
+            start = 0
+            for value, count in zip(values.tolist(), counts.tolist()):
+                stop = start + count
+                if value != float("-inf"):
+                    run, run_lse = attention_with_lse(qr, kr[:, start:stop], vr[:, start:stop])
+                    run_lse = run_lse + value
+                    if out is None:
+                        out, lse = run, run_lse
+                    else:
+                        out, lse = merge_attention(out, lse, run, run_lse), torch.logaddexp(lse, run_lse)
+                start = stop
+            if out is None:
+                out = q.new_zeros(1, q.shape[1], q.shape[2], v.shape[3])
+                lse = q.new_full((1, q.shape[1], q.shape[2]), float("-inf"), dtype=torch.float32)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _lse_math_with_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit attention with an additive ``(B, Lk)`` key bias and its log-sum-exp, ``(B, L, H, D)`` layout."""
+    qt, kt, vt = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + key_bias[:, None, None, :]
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
     out = torch.matmul(weights, vt).to(q.dtype)
