@@ -975,6 +975,8 @@ def _rope_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, rope, bias):
     k = _flux_rope(torch.cat([k_txt, k_img], dim=1), cos, sin)
     v = torch.cat([v_txt, v_img], dim=1)
     out = naive_attention(q, k, v, bias)
+    if bias is not None:  # a query without any key (a boolean mask's masked text tokens): SDPA gives it zeros
+        out = out.masked_fill(torch.isneginf(bias).all(-1).any(1)[..., None], 0.0)
     n_txt = q_txt.shape[1]
     return out[:, :n_txt], out[:, n_txt:]
 

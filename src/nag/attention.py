@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .combine import nag_combine
-from .kernels import attention, attention_with_lse, attention_with_lse_over_valid_keys, merge_attention
+from .kernels import attention, attention_with_lse, attention_with_lse_and_key_bias, attention_with_lse_over_valid_keys
+from .kernels import merge_attention
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import GuidedCall, NAGRuntime
@@ -1112,6 +1113,170 @@ class FastFusedSingleAttentionNAG(FusedSingleAttentionNAG):
         attended = attended.to(hidden.dtype)
         state["attention"] = attn.to_out(torch.cat([text_negative.to(hidden.dtype), attn.mlp_act_fn(mlp_negative)], dim=-1))
         return attn.to_out(torch.cat([attended, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+def _image_part_is_one(mask: torch.Tensor, image_start: int) -> bool:
+    """Whether a ``(rows, text + image)`` mask is boolean or floating with every image token's entry True / 1."""
+    image = mask[:, image_start:]
+    if mask.dtype == torch.bool:
+        return bool(image.all())
+    return mask.is_floating_point() and bool((image == 1).all())
+
+
+def _outer_mask_row(mask: torch.Tensor, image_start: int) -> torch.Tensor | None:
+    """For a ``(rows, 1, L, L)`` block mask built as Chroma's blocks build theirs, the outer product
+    ``m[:, None, None, :] * m[:, None, :, None]`` of a ``(rows, L)`` mask ``m`` over ``[text, image]``: the first
+    image query's row when its image part is all ones (True). Then ``m``'s image part is one value ``c`` with
+    ``c * c = 1``, every image query has that row, and its outer product is the block mask again: the ``(rows, L)``
+    mask the fast path works from. None for any other form."""
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3] or not 0 <= image_start < mask.shape[3]:
+        return None
+    row = mask[:, 0, image_start]
+    return row if _image_part_is_one(row, image_start) else None
+
+
+def _outer_mask_parts(mask: torch.Tensor, text_len: int, image_start: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """One branch's attention masks from its ``(rows, L)`` mask ``m`` over ``[padded text, image]`` (image part all
+    ones / True), as the outer product ``m_query * m_key`` gives them for ``[text[:text_len], image]``: the image
+    queries' additive bias over the text keys (``(rows, text_len)``, float32; 0 / ``-inf`` for a boolean mask), the
+    bias they add to every image key (1 for a float mask, 0 for a boolean one), and the text queries' mask
+    ``(rows, 1, text_len, text_len + image)`` in the mask's dtype (SDPA adds a float one, a boolean one masks)."""
+    text = mask[:, :text_len]
+    keys = torch.cat([text, mask[:, image_start:]], dim=1)
+    text_queries = keys[:, None, None, :] * text[:, None, :, None]
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(text.shape, device=mask.device, dtype=torch.float32).masked_fill(~text, float("-inf"))
+        return bias, 0.0, text_queries
+    return text.float(), 1.0, text_queries
+
+
+def _guided_image_and_text_outer_mask(
+    processor: NAGProcessor,
+    call: "GuidedCall",
+    image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    positive_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    negative_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    text_lengths: tuple[int, int],
+    positive_mask: torch.Tensor | None,
+    negative_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_guided_image_and_text` for blocks whose attention mask is the outer product of a ``(rows, L)`` mask
+    over ``[padded text, image]`` (Chroma): ``positive_mask`` / ``negative_mask`` are each branch's ``(rows, L)``
+    masks (image part all ones / True; None: no mask), ``text_lengths`` the branches' own text lengths.
+
+    The image queries' scores get the same bias from every image key (float: +1, boolean: none), added to the
+    image->image log-sum-exp, and a per-key bias from the text keys (:func:`attention_with_lse_and_key_bias`), so
+    image->image attention is still computed once and merged; the text queries attend to ``[own text, guided image]``
+    under their rows of the outer product, as the stock processor gives them."""
+    rows = call.cond_rows
+    (qi, ki, vi), (lp, ln) = image, text_lengths
+    image_start = positive_text[0].shape[1]
+    qp, kp, vp = (t[:, :lp] for t in positive_text)
+    qn, kn, vn = (t[:, :ln] for t in negative_text)
+    key_bias_p, image_bias_p, text_mask_p = (
+        _outer_mask_parts(positive_mask, lp, image_start) if positive_mask is not None else (None, 0.0, None))
+    key_bias_n, image_bias_n, text_mask_n = (
+        _outer_mask_parts(negative_mask, ln, image_start) if negative_mask is not None else (None, 0.0, None))
+
+    image_image, lse_image = attention_with_lse(qi, ki, vi)
+    image_positive, lse_positive = attention_with_lse_and_key_bias(qi, kp, vp, key_bias_p)
+    image_negative, lse_negative = attention_with_lse_and_key_bias(qi[rows], kn, vn, key_bias_n)
+    z = merge_attention(image_image, lse_image + image_bias_p, image_positive, lse_positive).flatten(2)
+    z_negative = merge_attention(image_image[rows], lse_image[rows] + image_bias_n, image_negative, lse_negative).flatten(2)
+    z[rows] = processor.combine(call, z[rows], z_negative)
+
+    text_positive = attention(qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1), text_mask_p).flatten(2)
+    text_negative = attention(qn, torch.cat([kn, ki[rows]], dim=1), torch.cat([vn, vi[rows]], dim=1),
+                              text_mask_n).flatten(2)
+    return z, text_positive, text_negative
+
+
+def _rows_of(mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """A ``(1 or rows, L)`` mask with ``rows`` rows."""
+    return mask.expand(rows, -1) if mask is not None and mask.shape[0] == 1 else mask
+
+
+class FastOuterMaskJointAttentionNAG(RowsJointAttentionNAG):
+    """Chroma double-stream fast path (``FluxAttnProcessor``, the image stream at the stock batch: the text holds the
+    stock rows and one negative row per guided row): every token projected once, image->image attention once,
+    merged by log-sum-exp with each branch's image->text attention, under the block's mask, the outer product of the
+    model's ``(rows, text + image)`` mask (see :func:`_guided_image_and_text_outer_mask`). Masks whose image part is
+    not all ones (True), other processors and attention backends take the straightforward wrapper."""
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        hidden, text = arguments["hidden_states"], arguments.get("encoder_hidden_states")
+        mask = arguments.get(self.mask_argument)
+        b = call.batch
+        if (self.stock_kind != "FluxAttnProcessor" or not _default_backend(self.stock) or text is None
+                or hidden.shape[0] != b or call.text_prefix):
+            return super().guided(attn, call, arguments)
+        padded = text.shape[1]
+        if mask is not None:
+            if mask.ndim != 4 or mask.shape[0] not in (1, text.shape[0]) or mask.shape[-1] != padded + hidden.shape[1]:
+                return super().guided(attn, call, arguments)
+            mask = _rows_of(_outer_mask_row(mask, padded), text.shape[0])
+            if mask is None:
+                return super().guided(attn, call, arguments)
+        rotary = arguments.get(self.rotary_argument)
+        qi, ki, vi = _image_qkv(attn, hidden)
+        qt, kt, vt = _text_qkv(attn, text)
+        if rotary is not None:
+            qi, ki = _rotate(qi, rotary, padded, None), _rotate(ki, rotary, padded, None)
+            qt, kt = _rotate(qt, rotary, 0, padded), _rotate(kt, rotary, 0, padded)
+        z, text_positive, text_negative = _guided_image_and_text_outer_mask(
+            self, call, (qi, ki, vi), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:]),
+            (call.positive_text_len, call.negative_text_len),
+            mask[:b] if mask is not None else None, mask[b:] if mask is not None else None,
+        )
+        image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
+        text_out = torch.cat([pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)])
+        return image_out, attn.to_add_out(text_out.to(hidden.dtype))
+
+
+class FastOuterMaskSingleAttentionNAG(SingleStreamAttentionNAG):
+    """Chroma single-stream fast path (``FluxAttnProcessor``): the block runs on the stock rows only; the negative
+    rows' modulated text arrives through ``runtime.scratch`` (set by the joined-block hook) with their rows of the
+    model's ``(rows, text + image)`` mask, and their attention output leaves the same way. No image token is
+    duplicated; attention as in :func:`_guided_image_and_text_outer_mask`, under the block's mask (the outer product
+    of the stock rows' mask) and the outer product of the negative rows' mask."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind == "FluxAttnProcessor" and _default_backend(self.stock)
+
+    def takes_split_mask(self, call: "GuidedCall", mask: torch.Tensor) -> bool:
+        """Whether this path can serve the block's ``(rows, text + image)`` mask argument: boolean or floating, every
+        image token's entry True / 1 (the Chroma pipeline's float 0/1 mask); the text part may be anything."""
+        return mask.ndim == 2 and _image_part_is_one(mask, call.text_prefix + call.padded_text_len)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        hidden = arguments["hidden_states"]
+        rotary = arguments.get(self.rotary_argument)
+        prefix = call.text_prefix
+        padded = prefix + call.padded_text_len
+        mask, negative_mask = arguments.get(self.mask_argument), state.get("mask")
+        if mask is not None:
+            mask = _rows_of(_outer_mask_row(mask, padded), hidden.shape[0])
+            if mask is None:
+                raise RuntimeError(
+                    f"NAG's fast path expected the block to hand {type(attn).__name__} the outer product of its "
+                    "(rows, text + image) mask; apply NAG with fast=False for this model"
+                )
+        q, k, v = _image_qkv(attn, hidden)
+        qn, kn, vn = _image_qkv(attn, state["normed"])
+        if rotary is not None:
+            q, k = _rotate(q, rotary, 0, None), _rotate(k, rotary, 0, None)
+            qn, kn = _rotate(qn, rotary, 0, padded), _rotate(kn, rotary, 0, padded)
+        z, text_positive, text_negative = _guided_image_and_text_outer_mask(
+            self, call, (q[:, padded:], k[:, padded:], v[:, padded:]), (q[:, :padded], k[:, :padded], v[:, :padded]),
+            (qn, kn, vn), (prefix + call.positive_text_len, prefix + call.negative_text_len),
+            mask, _rows_of(negative_mask, len(call.cond_rows)),
+        )
+        state["attention"] = pad_tokens(text_negative, padded)
+        return torch.cat([pad_tokens(text_positive, padded), z], dim=1).to(hidden.dtype)
 
 
 def _rotate_complex(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

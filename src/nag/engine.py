@@ -437,13 +437,20 @@ class Attachment:
         if call is None or not getattr(processor, "takes_split_text", lambda: False)():
             return None
         bound = _bind(module, args, kwargs)
+        mask_name = self.family.joined_block_mask
+        mask = bound.arguments.get(mask_name) if mask_name else None
+        if mask is not None and not getattr(processor, "takes_split_mask", lambda call, mask: False)(call, mask):
+            return None  # (a mask form the fast path does not take: the whole rows run through the block)
         joined, modulation = bound.arguments[self.family.image_kwarg], bound.arguments[self.family.joined_block_modulation]
         b, text_len = call.batch, call.text_prefix + call.padded_text_len
         negative_modulation = modulation[b:] if modulation.shape[0] > b else modulation
         start, _ = self.family.single_block_text
-        self.runtime.scratch["single_block"] = start(module, joined[b:, :text_len], negative_modulation)
+        state = self.runtime.scratch["single_block"] = start(module, joined[b:, :text_len], negative_modulation)
         bound.arguments[self.family.image_kwarg] = joined[:b]
         bound.arguments[self.family.joined_block_modulation] = modulation[:b] if modulation.shape[0] > b else modulation
+        if mask is not None:  # the block's mask for the stock rows; the negative rows' for the text path
+            state["mask"] = mask[b:] if mask.shape[0] > b else mask
+            bound.arguments[mask_name] = mask[:b] if mask.shape[0] > b else mask
         return bound.args, bound.kwargs
 
     def _join_joined_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:

@@ -24,6 +24,8 @@ from .attention import (
     FastCrossAttentionNAG,
     FastFusedSingleAttentionNAG,
     FastJointAttentionNAG,
+    FastOuterMaskJointAttentionNAG,
+    FastOuterMaskSingleAttentionNAG,
     FastRowsImageFirstAttentionNAG,
     FastRowsPerSampleImageFirstAttentionNAG,
     FastSingleStreamAttentionNAG,
@@ -70,6 +72,12 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_per_sample_image_first", True): FastRowsPerSampleImageFirstAttentionNAG,
     ("single_fused", False): FusedSingleAttentionNAG,
     ("single_fused", True): FastFusedSingleAttentionNAG,
+    # blocks whose attention mask is the outer product of the model's (rows, text + image) mask (Chroma): the fast
+    # paths take the float and boolean forms whose image part is all ones, else the straightforward wrappers
+    ("joint_rows_outer_mask", False): RowsJointAttentionNAG,
+    ("joint_rows_outer_mask", True): FastOuterMaskJointAttentionNAG,
+    ("single_outer_mask", False): SingleStreamAttentionNAG,
+    ("single_outer_mask", True): FastOuterMaskSingleAttentionNAG,
     # causal single-stream models (layout "prefix"): the negative prefix's keys/values are prefilled once, and
     # the target image's queries attend to them in a second, image-only attention call (no duplicated rows)
     ("causal_prefix", False): CausalPrefixAttentionNAG,
@@ -342,6 +350,10 @@ class Family:
             ``[text, image]``; with the fast path the block runs on the stock rows and the negative rows' text
             takes ``single_block_text`` around it (``joined_block_modulation``: the block's per-row modulation
             argument), so no image token is duplicated.
+        joined_block_mask: the joined blocks' ``(rows, tokens)`` mask argument (Chroma's ``attention_mask`` over
+            ``[text, image]``): with the fast path the block gets its stock rows and the text path its negative rows
+            (``state["mask"]``); the rows are split only when the attention wrapper's ``takes_split_mask(call, mask)``
+            accepts the mask.
         image_modulations: regex of image-side modules all of whose inputs are per-row
             conditioning (e.g. Qwen-Image's ``img_mod(temb)``): they see the stock rows only.
         static_text: cross layout: the model's text preprocessing does not depend on the
@@ -409,6 +421,7 @@ class Family:
     stock_image_kwargs: tuple[str, ...] = ()
     joined_blocks: str | None = None
     joined_block_modulation: str = "temb"
+    joined_block_mask: str | None = None
     image_modulations: str | None = None
     static_text: bool = True
     refuse: Callable[[torch.nn.Module], str | None] | None = None
@@ -641,11 +654,15 @@ FAMILIES: dict[str, Family] = {
         # Chroma: Flux-like blocks whose modulation comes from the timestep alone (a distilled
         # approximator, no pooled text); the model itself joins [text, image] before the single
         # blocks and its mask spans [text, image]: whole negative rows, mask per branch; the double
-        # blocks carry the negative text rows only.
+        # blocks carry the negative text rows only. Every block hands attention the outer product
+        # mask[:, None, None, :] * mask[:, None, :, None] (the pipeline's float 0/1 mask: a +1 bias on
+        # valid-valid pairs). With the fast path the single blocks run on the stock rows and the negative
+        # text takes the block's text path beside them (Flux's single-block structure, `norm(x, emb=temb)`).
         Family(
             name="chroma",
             denoisers=("ChromaTransformer2DModel",),
-            attention=((r"transformer_blocks\.\d+\.attn", "joint_rows"), (r"single_transformer_blocks\.\d+\.attn", "single")),
+            attention=((r"transformer_blocks\.\d+\.attn", "joint_rows_outer_mask"),
+                       (r"single_transformer_blocks\.\d+\.attn", "single_outer_mask")),
             layout="concat",
             mask_kwarg="attention_mask",
             mask_covers_image=True,
@@ -655,6 +672,9 @@ FAMILIES: dict[str, Family] = {
             # double blocks: the image stream at the stock batch (its modulation norm takes the stock rows)
             stock_image_blocks=r"transformer_blocks\.\d+",
             image_norms=r"transformer_blocks\.\d+\.norm1",
+            joined_blocks=r"single_transformer_blocks\.\d+",
+            joined_block_mask="attention_mask",
+            single_block_text=(_flux_single_text_start, _flux_single_text_finish),
         ),
         # AuraFlow: register tokens before the text, joint blocks, then single blocks over the
         # [registers, text, image] the model joins itself; timestep-only modulation, no mask.

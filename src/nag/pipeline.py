@@ -68,6 +68,8 @@ _PROCESSOR_PARAMETERS = {
                       "segments", "key_valid"),
     "hidream_joint": ("hidden_states", "encoder_hidden_states"),
     "hidream_single": ("hidden_states",),
+    "joint_rows_outer_mask": ("hidden_states", "encoder_hidden_states"),
+    "single_outer_mask": ("hidden_states",),
 }
 
 # diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
