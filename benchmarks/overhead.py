@@ -87,8 +87,10 @@ def flux_case(full: bool, text_len: int) -> Case:
 
 
 def chroma_case(full: bool, text_len: int) -> Case:
-    """Chroma: Flux-like blocks that NAG guides on the concatenating layout (whole negative rows, straightforward
-    processors only: its NAG and straightforward columns measure the same path)."""
+    """Chroma: Flux-like blocks that NAG guides on the concatenating layout (whole negative rows from the model input
+    on; with the fast path the double blocks run the image stream at the stock batch and the single blocks the stock
+    rows, the negative text beside them), with the (rows, text + image) float 0/1 mask the pipeline passes (a quarter
+    of the text valid for the prompt, an eighth for the negative)."""
     from diffusers import ChromaTransformer2DModel
 
     if full:
@@ -112,10 +114,23 @@ def chroma_case(full: bool, text_len: int) -> Case:
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
             img_ids=ids.reshape(-1, 3).to(device),
             txt_ids=torch.zeros(text_len, 3, device=device),
+            attention_mask=_chroma_mask(batch, text_len // 4, text_len, tokens, device, dtype),
         )
 
+    def negative(inputs):
+        mask = _chroma_mask(1, text_len // 8, text_len, 0, inputs["attention_mask"].device, inputs["attention_mask"].dtype)
+        return {**_text_negative(inputs), "encoder_attention_mask": mask}
+
     return Case("chroma", f"Chroma ({tokens} image + {text_len} text tokens)",
-                lambda: ChromaTransformer2DModel(**config), inputs, _text_negative)
+                lambda: ChromaTransformer2DModel(**config), inputs, negative)
+
+
+def _chroma_mask(batch: int, valid: int, text_len: int, image_len: int, device, dtype) -> torch.Tensor:
+    """The Chroma pipeline's mask: float 1 on the prompt's tokens and one padding token, 0 on the rest of the text,
+    1 on every image token."""
+    mask = torch.ones(batch, text_len + image_len, device=device, dtype=dtype)
+    mask[:, valid + 1 : text_len] = 0
+    return mask
 
 
 def flux2_case(full: bool, text_len: int) -> Case:
