@@ -1258,7 +1258,14 @@ class FastOuterMaskSingleAttentionNAG(SingleStreamAttentionNAG):
         prefix = call.text_prefix
         padded = prefix + call.padded_text_len
         mask, negative_mask = arguments.get(self.mask_argument), state.get("mask")
+        if (mask is None) != (negative_mask is None):
+            raise RuntimeError("NAG's fast path got a mask for only one branch of a single-stream block")
         if mask is not None:
+            if mask.shape[-1] != hidden.shape[1] or negative_mask.shape[-1] != hidden.shape[1]:
+                raise ValueError(
+                    f"the attention mask covers {negative_mask.shape[-1]} tokens but the block's [text, image] has "
+                    f"{hidden.shape[1]}; pass a (batch, text + image) mask"
+                )
             mask = _rows_of(_outer_mask_row(mask, padded), hidden.shape[0])
             if mask is None:
                 raise RuntimeError(
