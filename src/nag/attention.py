@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .combine import nag_combine
-from .kernels import attention, attention_with_lse, attention_with_lse_and_key_bias, attention_with_lse_over_valid_keys
-from .kernels import merge_attention
+from .kernels import attention, attention_with_lse, attention_with_lse_over_valid_keys, merge_attention
+from .kernels import attention_with_lse_and_key_bias
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import GuidedCall, NAGRuntime
