@@ -112,3 +112,32 @@ def test_img2img_window_counts_the_skipped_start():
     with nag.apply(pipe, "blurry", start=0.5, **SETTINGS) as handle:
         pipe(prompt=PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
         assert handle.guided_calls == 2
+
+
+def test_single_blocks_with_another_processor_or_backend_take_the_straightforward_path():
+    """Flux single-stream blocks leave the fast path (which does its own attention) where the stock processor is
+    not diffusers' FluxAttnProcessor or the attention backend is not the default: there the block carries whole
+    rows and the user's processor runs for both branches; the result agrees with the naive reference."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class OwnFluxProcessor(FluxAttnProcessor):  # another tool's processor with the stock signature
+        calls = 0
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+            type(self).calls += 1
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    pipe = tp.FACTORIES["flux"]()
+    model = tp.denoiser(pipe)
+    model.single_transformer_blocks[0].attn.set_processor(OwnFluxProcessor())
+    _, stock_calls = tpl.record(pipe, "flux")
+    negative = tpl.random_negative("flux", stock_calls[0]["inputs"], 5)
+    OwnFluxProcessor.calls = 0
+    with nag.apply(pipe, **negative, **SETTINGS) as handle:
+        _, calls = tpl.record(pipe, "flux", true_cfg_scale=1.0)
+        assert handle.guided_calls == 2
+    assert OwnFluxProcessor.calls == 2 * 2  # both branches, in each guided call
+    with torch.no_grad():
+        for call in calls:
+            expected = tpl.naive_output("flux", model, call["inputs"], negative, [0, 1])
+            torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)

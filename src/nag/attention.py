@@ -1069,6 +1069,10 @@ class FastSingleStreamAttentionNAG(SingleStreamAttentionNAG):
     rows' modulated input arrives through ``runtime.scratch`` (set by the block hook), and their
     attention output leaves the same way. No image token is duplicated."""
 
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind == "FluxAttnProcessor" and _default_backend(self.stock)
+
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
         if state is None:

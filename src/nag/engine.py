@@ -469,6 +469,10 @@ class Attachment:
         call = self.runtime.call
         if call is None:
             return None
+        if not getattr(_text_attention_processor(module), "takes_split_text", lambda: False)():
+            # another processor or attention backend: whole rows through the block (the straightforward wrapper)
+            self.runtime.scratch["single_block_whole_rows"] = True
+            return self._add_image_rows(module, args, kwargs)
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         arguments = bound.arguments
         text, temb = arguments["encoder_hidden_states"], arguments["temb"]
@@ -482,6 +486,8 @@ class Attachment:
         call = self.runtime.call
         if call is None:
             return None
+        if self.runtime.scratch.pop("single_block_whole_rows", False):
+            return self._drop_image_rows(module, args, output)
         state = self.runtime.scratch.pop("single_block")
         _, finish = self.family.single_block_text
         text, image = output
