@@ -26,9 +26,8 @@ import tiny_pipelines as tp
 
 NAME = "hidream"
 NAMES = [NAME]
-# No NAG-aware fast path: `fast=True` runs the straightforward wrappers (each stock processor once per branch), and
-# the negative rows carry a copy of the image tokens through the blocks' feed-forwards.
-STRAIGHTFORWARD_ONLY = {NAME: "HiDreamAttnProcessor on whole negative rows: straightforward wrappers only"}
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}  # (HiDream has a fast path: the double- and single-stream blocks run on the
+# stock rows with the negative text beside them, the final layer on the stock rows; no stock processor is called)
 SETTINGS = tpl.SETTINGS
 # precomputed negative embeddings as HiDreamImagePipeline names them, and the denoiser argument each one feeds
 EMBED_NAMES = {"negative_prompt_embeds_t5": "encoder_hidden_states_t5",

@@ -1462,3 +1462,103 @@ class FastRowsImageFirstAttentionNAG(RowsImageFirstAttentionNAG):
         if getattr(attn, "to_add_out", None) is not None:
             text_out = attn.to_add_out(text_out)
         return z, text_out
+
+
+# HiDream-I1 fast paths (``HiDreamAttnProcessor``): the blocks run on the stock rows and the negative text beside them
+# (``Family.image_first_blocks`` for the double-stream blocks, ``Family.sample_blocks`` for the single-stream ones).
+_HIDREAM_PROCESSORS = {"HiDreamAttnProcessor"}
+
+
+def _hidream_qkv(attn: Any, x: torch.Tensor, key_mask: torch.Tensor | None = None, text: bool = False):
+    """Queries, keys and values of ``x`` (heads split) as ``HiDreamAttnProcessor`` builds them: RMS-normed queries
+    and keys (the ``*_t`` projections for a double-stream block's text), keys multiplied by the ``(rows, tokens)``
+    key mask."""
+    suffix = "_t" if text else ""
+    dtype = x.dtype
+    q = getattr(attn, "q_rms_norm" + suffix)(getattr(attn, "to_q" + suffix)(x)).to(dtype=dtype)
+    k = getattr(attn, "k_rms_norm" + suffix)(getattr(attn, "to_k" + suffix)(x)).to(dtype=dtype)
+    v = getattr(attn, "to_v" + suffix)(x)
+    q, k, v = (t.unflatten(-1, (attn.heads, -1)) for t in (q, k, v))
+    if key_mask is not None:
+        k = k * key_mask[:, :, None, None]
+    return q, k, v
+
+
+def _hidream_rope(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HiDream's rotary embedding of some tokens (``table``: their rows of the tables, which act on each token
+    alone): every feature of a head, or the first half when the tables cover half a head, as the processor does."""
+    from diffusers.models.transformers.transformer_hidream_image import apply_rope
+
+    if q.shape[-1] == table.shape[-3] * 2:
+        return apply_rope(q, k, table)
+    (q1, q2), (k1, k2) = q.chunk(2, dim=-1), k.chunk(2, dim=-1)
+    q1, k1 = apply_rope(q1, k1, table)
+    return torch.cat([q1, q2], dim=-1), torch.cat([k1, k2], dim=-1)
+
+
+def _guided_rows_of(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The guided rows of a per-row table (a table of one row serves every row)."""
+    return table if table.shape[0] == 1 else table[rows]
+
+
+class FastHiDreamJointAttentionNAG(HiDreamJointAttentionNAG):
+    """HiDream double-stream fast path: the block runs on the stock rows only (``Family.image_first_blocks``); the
+    negative text's modulated input arrives through ``runtime.scratch`` (set by the block hook) and its attention
+    output (after ``attn.to_out_t``) leaves the same way. Every image token is projected once: image->image attention is computed
+    once and merged by log-sum-exp with image->positive-text attention (``Z+``) and image->negative-text attention
+    (``Z-``); the negative text attends to ``[guided image, negative text]`` with the guided rows' key mask and
+    rotary tables (as the straightforward path gives them)."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind in _HIDREAM_PROCESSORS and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        image, text = arguments["hidden_states"], arguments["encoder_hidden_states"]
+        mask, rotary = arguments.get("hidden_states_masks"), arguments["image_rotary_emb"]
+        rows, image_len = call.cond_rows, image.shape[1]
+        qi, ki, vi = _hidream_qkv(attn, image, mask)
+        qt, kt, vt = _hidream_qkv(attn, text, text=True)
+        qn, kn, vn = _hidream_qkv(attn, state["normed"], text=True)
+        qi, ki = _hidream_rope(qi, ki, rotary[:, :image_len])
+        qt, kt = _hidream_rope(qt, kt, rotary[:, image_len:])
+        qn, kn = _hidream_rope(qn, kn, _guided_rows_of(rotary, rows)[:, image_len:])
+        # (the blocks' text, T5 and Llama-3 tokens, has the same length in both branches: no padding to cut)
+        lengths = dataclasses.replace(call, positive_text_len=text.shape[1], negative_text_len=text.shape[1])
+        z, text_positive, text_negative = _guided_image_and_text(self, lengths, (qi, ki, vi), (qt, kt, vt), (qn, kn, vn))
+        state["attention"] = attn.to_out_t(text_negative.to(image.dtype))
+        return attn.to_out(z.to(image.dtype)), attn.to_out_t(text_positive.to(image.dtype))
+
+
+class FastHiDreamSingleAttentionNAG(HiDreamSingleAttentionNAG):
+    """HiDream single-stream fast path: the block runs on the stock rows only, each ``[image, text]``
+    (``Family.sample_blocks``); the negative text's modulated input arrives through ``runtime.scratch`` (set by the
+    block hook) and its attention output (after ``attn.to_out``) leaves the same way. Every image token is projected
+    once, image->image attention computed once and merged by log-sum-exp with each branch's image->text attention."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind in _HIDREAM_PROCESSORS and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        stream = arguments["hidden_states"]
+        mask, rotary = arguments.get("hidden_states_masks"), arguments["image_rotary_emb"]
+        rows = call.cond_rows
+        negative = state["normed"]
+        image_len = stream.shape[1] - negative.shape[1]
+        q, k, v = _hidream_qkv(attn, stream, mask)
+        q, k = _hidream_rope(q, k, rotary)
+        qn, kn, vn = _hidream_qkv(attn, negative, _guided_rows_of(mask, rows)[:, image_len:] if mask is not None else None)
+        qn, kn = _hidream_rope(qn, kn, _guided_rows_of(rotary, rows)[:, image_len:])
+        lengths = dataclasses.replace(call, positive_text_len=negative.shape[1], negative_text_len=negative.shape[1])
+        z, text_positive, text_negative = _guided_image_and_text(
+            self, lengths, (q[:, :image_len], k[:, :image_len], v[:, :image_len]),
+            (q[:, image_len:], k[:, image_len:], v[:, image_len:]), (qn, kn, vn))
+        state["attention"] = attn.to_out(text_negative.to(stream.dtype))
+        return attn.to_out(torch.cat([z, text_positive], dim=1).to(stream.dtype))

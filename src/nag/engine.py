@@ -503,7 +503,7 @@ class Attachment:
         processor = _text_attention_processor(module)
         if call is None or not getattr(processor, "takes_split_text", lambda: False)():
             return None
-        if call.image_lengths is None or call.text_lengths is None:  # (the family gives no per-row spans)
+        if call.text_lengths is None:  # (the family gives no per-row spans)
             return None
         family = self.family
         bound = _bind(module, args, kwargs)
@@ -512,8 +512,11 @@ class Attachment:
         b, rows, tokens = call.batch, stream.shape[0], stream.shape[1]
         if rows != b + len(call.cond_rows):
             return None
-        spans = [(call.image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
-        keep = max(call.image_lengths[i] + call.text_lengths[i] for i in range(b))
+        image_lengths = call.image_lengths
+        if image_lengths is None:  # (no image lengths from the family: each row's text ends it, the image is the rest)
+            image_lengths = [tokens - length for length in call.text_lengths]
+        spans = [(image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
+        keep = max(image_lengths[i] + call.text_lengths[i] for i in range(b))
 
         def text_spans(value: torch.Tensor) -> torch.Tensor:
             return pad_sequence([value[b + j, s : s + n] for j, (s, n) in enumerate(spans)], batch_first=True)
@@ -594,18 +597,22 @@ class Attachment:
         start, _ = family.single_block_text
         state = start(module, negative["encoder_hidden_states"], negative[family.joined_block_modulation])
         state["inputs"] = negative
+        state["whole_image_rows"] = image.shape[0] > b  # (the image came on whole rows: it leaves so, see below)
         self.runtime.scratch["single_block"] = state
         return bound.args, bound.kwargs
 
     def _join_image_first_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         """... and the block's ``(image, text)`` output with the negative rows' text again (the image stays at the
-        stock batch)."""
+        stock batch; a block that got it on whole rows returns it so, the guided rows' copies for the negative rows,
+        which every attention replaces by the guided rows' image)."""
         call = self.runtime.call
         state = self.runtime.scratch.pop("single_block", None)
         if call is None or state is None:
             return None
         _, finish = self.family.single_block_text
         image, text = output
+        if state.get("whole_image_rows"):
+            image = torch.cat([image, image[call.cond_rows]])
         return image, torch.cat([text, finish(module, state)])
 
 

@@ -23,6 +23,8 @@ from .attention import (
     FastCausalPrefixAttentionNAG,
     FastCrossAttentionNAG,
     FastFusedSingleAttentionNAG,
+    FastHiDreamJointAttentionNAG,
+    FastHiDreamSingleAttentionNAG,
     FastJointAttentionNAG,
     FastOuterMaskJointAttentionNAG,
     FastOuterMaskSingleAttentionNAG,
@@ -83,9 +85,9 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("causal_prefix", False): CausalPrefixAttentionNAG,
     ("causal_prefix", True): FastCausalPrefixAttentionNAG,
     ("hidream_joint", False): HiDreamJointAttentionNAG,
-    ("hidream_joint", True): HiDreamJointAttentionNAG,
+    ("hidream_joint", True): FastHiDreamJointAttentionNAG,
     ("hidream_single", False): HiDreamSingleAttentionNAG,
-    ("hidream_single", True): HiDreamSingleAttentionNAG,
+    ("hidream_single", True): FastHiDreamSingleAttentionNAG,
 }
 
 
@@ -306,6 +308,28 @@ def _hidream_text_lengths(arguments: dict[str, Any]) -> list[int]:
     return [t5.shape[1] + 2 * llama.shape[2]] * t5.shape[0]
 
 
+def _hidream_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """HiDream block (double- or single-stream), negative text rows, before attention: the text's modulated norm.
+    A double-stream block's text has its own norms, modulation chunks (6-11 of 12), output projection and
+    feed-forward; a single-stream block's text shares the image's (chunks 0-5 of 6, the mixture-of-experts
+    feed-forward)."""
+    single = block.attn1.single
+    chunks = block.adaLN_modulation(temb)[:, None].chunk(6 if single else 12, dim=-1)
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = chunks[:6] if single else chunks[6:]
+    normed = (block.norm1_i if single else block.norm1_t)(text).to(dtype=text.dtype) * (1 + scale) + shift
+    return {"residual": text, "normed": normed, "gate": gate, "mlp": (shift_mlp, scale_mlp, gate_mlp)}
+
+
+def _hidream_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): the gated residuals of attention and feed-forward."""
+    single = block.attn1.single
+    norm3, ff = (block.norm3_i, block.ff_i) if single else (block.norm3_t, block.ff_t)
+    text = state["gate"] * state["attention"] + state["residual"]
+    shift, scale, gate = state["mlp"]
+    normed = norm3(text).to(dtype=text.dtype) * (1 + scale) + shift
+    return gate * ff(normed) + text
+
+
 def _without_dim(shape: torch.Size, dim: int) -> tuple[int, ...]:
     """A tensor's shape without its batch axis ``dim``: the shape of one row."""
     return tuple(size for axis, size in enumerate(shape) if axis != dim)
@@ -384,6 +408,8 @@ class Family:
             on the stock rows (every per-row argument cut to them, every per-token one also to their longest valid
             length) and each negative row's text span takes ``single_block_text`` around it
             (``joined_block_modulation``: the block's per-row modulation argument), so no image token is duplicated.
+            Without ``row_image_lengths`` each row's text ends it and its image is the rest (HiDream's single-stream
+            blocks over ``[image, text]``).
         sample_block_rotary: the rotary-table argument of ``sample_blocks``, whose negative rows' text spans the
             attention wrapper gets with the negative text.
         stock_row_modules: concat layout, fast path: regex of modules that work on each row alone and whose output
@@ -400,7 +426,10 @@ class Family:
             separately and join them as ``[image, text]`` themselves, returning ``(image, text)`` (HunyuanVideo's):
             the block runs on the stock rows (every per-row argument cut to them) and the negative rows' text takes
             ``single_block_text`` beside it (``joined_block_modulation``: the block's per-row modulation argument);
-            their other per-row arguments (the attention mask) reach the attention wrapper with that text.
+            their other per-row arguments (the attention mask) reach the attention wrapper with that text. Also
+            double-stream blocks whose one per-row modulation feeds both streams (HiDream's: the image side then
+            takes the stock rows', the negative text its own rows'); a block that gets the image on whole rows
+            (no ``stock_image_entry``) returns it on whole rows, the guided rows' copies for the negative rows.
     """
 
     name: str
@@ -800,6 +829,14 @@ FAMILIES: dict[str, Family] = {
             row_text_lengths=_hidream_text_lengths,
             batch_dims=(("encoder_hidden_states_llama3", 1),),
             equal_text_lengths=True,
+            # fast path: the double-stream blocks run on the stock rows with the negative text beside them (its own
+            # rows' modulation; the image side the stock rows'), the single-stream blocks likewise (the stream ends
+            # with the text, so its image is the rest), the final layer on the stock rows
+            image_first_blocks=r"double_stream_blocks\.\d+\.block",
+            sample_blocks=r"single_stream_blocks\.\d+\.block",
+            single_block_text=(_hidream_text_start, _hidream_text_finish),
+            stock_row_modules=r"final_layer",
+            stock_image_kwargs=("temb",),
         ),
         # Flux2 (FLUX.2 dev / klein): Flux-like double blocks ([text, image], separate text projections),
         # then the model joins [text, image] for parallel single blocks whose one output projection mixes
