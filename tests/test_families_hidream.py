@@ -7,11 +7,13 @@ blocks with separate text projections, then single-stream blocks over the stream
 feed-forwards are mixtures of experts. There is no text mask: T5 and Llama-3 are padded to ``max_sequence_length``.
 
 NAG's negative rows are whole extra rows (layout ``"concat"``) carrying the negative T5 states, Llama-3 states (along
-axis 1) and pooled embeddings; every attention layer gives them the guided rows' image tokens. The tiny pipeline has
-two double and two single blocks with three experts (two active), CFG batched as ``[uncond, cond]``, batch 2. The
-invariants and CFG checks are ``test_pipelines``'s; the agreement checks compare every denoiser call with the naive
-block-by-block reference in ``naive_nag.py``, square latents and non-square ones (padded by the model, with a key
-mask over the image).
+axis 1) and pooled embeddings; every attention layer gives them the guided rows' image tokens. With the fast path
+(``fast=True``) the double- and single-stream blocks run on the stock rows with the negative text beside them and the
+final layer on the stock rows, so no image token of the negative rows is processed; ``fast=False`` carries the whole
+negative rows through the model. The tiny pipeline has two double and two single blocks with three experts (two
+active), CFG batched as ``[uncond, cond]``, batch 2. The invariants and CFG checks are ``test_pipelines``'s; the
+agreement checks compare every denoiser call with the naive block-by-block reference in ``naive_nag.py`` on both
+paths, with CFG and without, square latents and non-square ones (padded by the model, with a key mask over the image).
 """
 
 from __future__ import annotations
@@ -89,14 +91,16 @@ def test_mixture_of_experts_rows_are_independent():
     torch.testing.assert_close(extended_out[:2], out, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 @pytest.mark.parametrize("name", NAMES)
-def test_agrees_with_naive_implementation(name, fast):
-    """Through the pipeline with CFG on ([uncond, cond] rows, the conditional ones guided): negatives encoded by the
-    pipeline (one per prompt), precomputed random ones, and non-square latents (the model's image key mask)."""
+def test_agrees_with_naive_implementation(name, fast, cfg):
+    """Through the pipeline, with CFG on ([uncond, cond] rows, the conditional ones guided) and off (HiDream-I1-Fast
+    style: every row guided): negatives encoded by the pipeline (one per prompt), precomputed random ones, and
+    non-square latents (the model's image key mask)."""
     pipe = tpl.pipeline(name)
     model = pipe.transformer
-    _, stock_calls = tpl.record(pipe, name)
+    _, stock_calls = tpl.record(pipe, name, cfg=cfg)
     with torch.no_grad():  # the reference itself reproduces the stock model
         torch.testing.assert_close(naive_output(model, stock_calls[0]["inputs"], None, None),
                                    stock_calls[0]["output"], rtol=1e-4, atol=1e-5)
@@ -106,19 +110,25 @@ def test_agrees_with_naive_implementation(name, fast):
     cases = [("encoded", dict(negative_prompt=list(NEGATIVES)), encoded, {}),
              ("precomputed", random, random, {}),
              ("non-square", dict(negative_prompt=list(NEGATIVES)), encoded, NON_SQUARE)]
+    rows, guided = (4, [2, 3]) if cfg else (2, [0, 1])
     for kind, arguments, negative, size in cases:
-        _, stock_calls = tpl.record(pipe, name, **size)
+        _, stock_calls = tpl.record(pipe, name, cfg=cfg, **size)
         with nag.apply(pipe, **arguments, **SETTINGS, fast=fast) as handle:
-            _, calls = tpl.record(pipe, name, **size)
+            counts = _count_stock_calls(model)
+            _, calls = tpl.record(pipe, name, cfg=cfg, **size)
             assert handle.guided_calls == 2, kind
-        assert len(calls) == 2 and calls[0]["output"].shape[0] == 4, kind
+        assert len(calls) == 2 and calls[0]["output"].shape[0] == rows, kind
+        assert (len(counts) == 0) == fast, kind  # the fast path does all attention itself, in every block
+        height, width = calls[0]["inputs"]["hidden_states"].shape[-2:]
+        assert (height != width) == bool(size), kind  # non-square: padded by the model, a key mask over the image
         with torch.no_grad():
             for call in calls:
-                expected = naive_output(model, call["inputs"], negative, [2, 3])
+                expected = naive_output(model, call["inputs"], negative, guided)
                 torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5, msg=kind)
         # the first step's inputs are the stock ones: the unconditional rows come out as stock, the others guided
-        torch.testing.assert_close(calls[0]["output"][:2], stock_calls[0]["output"][:2], rtol=0, atol=1e-6, msg=kind)
-        assert (calls[0]["output"][2:] - stock_calls[0]["output"][2:]).abs().max() > 1e-3, kind
+        torch.testing.assert_close(calls[0]["output"][: rows - 2], stock_calls[0]["output"][: rows - 2], rtol=0,
+                                   atol=1e-6, msg=kind)
+        assert (calls[0]["output"][rows - 2 :] - stock_calls[0]["output"][rows - 2 :]).abs().max() > 1e-3, kind
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
@@ -137,8 +147,10 @@ def test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
     keys = {name: key if key != "encoder_hidden_states_t5" else "encoder_hidden_states" for name, key in EMBED_NAMES.items()}
     with nag.denoiser.apply_to_denoiser(model, {keys[k]: v for k, v in negative.items()}, fast=fast,
                                         positive_reference=inputs["encoder_hidden_states_t5"][1:], **SETTINGS):
+        counts = _count_stock_calls(model)
         with torch.no_grad():
             out = model(**inputs, return_dict=False)[0]
+    assert (len(counts) == 0) == fast
     with torch.no_grad():
         stock = model(**inputs, return_dict=False)[0]
         expected = naive_output(model, inputs, negative, [1])
@@ -192,3 +204,132 @@ def test_precomputed_embeddings_are_checked():
                 tpl.generate(pipe, NAME, output_type="latent")
         assert tpl.state_of(pipe) == before
     assert torch.equal(tpl.generate(pipe, NAME), tpl.stock(NAME))
+
+
+class TokenCounter:
+    """Rows and tokens (the input shape's first two axes) every counted module of the model processes, by key."""
+
+    def __init__(self, model):
+        self.seen = {key: [] for key in ("double_image_ff", "double_text_ff", "double_image_query", "single_ff",
+                                          "single_query", "final_layer")}
+        modules = [(key, getattr(b.block, attr)) for b in model.double_stream_blocks
+                   for key, attr in (("double_image_ff", "ff_i"), ("double_text_ff", "ff_t"))]
+        modules += [("double_image_query", b.block.attn1.to_q) for b in model.double_stream_blocks]
+        modules += [("single_ff", b.block.ff_i) for b in model.single_stream_blocks]
+        modules += [("single_query", b.block.attn1.to_q) for b in model.single_stream_blocks]
+        modules += [("final_layer", model.final_layer)]
+        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
+                                                     with_kwargs=True) for key, m in modules]
+
+    def _count(self, key, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.seen[key].append(tuple(x.shape[:2]))
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
+def test_fast_path_never_processes_the_negative_rows_image_tokens(cfg):
+    """fast=True: the image side of the double-stream blocks (queries, mixture-of-experts feed-forward) and the final
+    layer see the stock rows only, and the single-stream blocks the stock rows plus one negative text per guided row
+    (no image token of theirs); fast=False carries whole negative rows through all of them and projects the guided
+    rows' image tokens once more for the negative pass."""
+    pipe = tpl.pipeline(NAME)
+    model = pipe.transformer
+    rows, negatives = (4, 2) if cfg else (2, 2)
+    for fast in (True, False):
+        with nag.apply(pipe, list(NEGATIVES), **SETTINGS, fast=fast):
+            counter = TokenCounter(model)  # (after NAG's hooks: what the modules themselves get)
+            try:
+                _, calls = tpl.record(pipe, NAME, cfg=cfg)
+            finally:
+                counter.close()
+        image, text = 16, 16 + 2 * 16  # 4x4 patches; T5 + last Llama-3 layer + the block's own Llama-3 layer
+        doubles, singles, steps = len(model.double_stream_blocks), len(model.single_stream_blocks), len(calls)
+        seen = {key: sorted(value) for key, value in counter.seen.items()}
+        if fast:
+            expected = {"double_image_ff": [(rows, image)] * doubles, "double_image_query": [(rows, image)] * doubles,
+                        "double_text_ff": [(rows, text), (negatives, text)] * doubles,
+                        "single_ff": [(rows, image + text), (negatives, text)] * singles,
+                        "single_query": [(rows, image + text), (negatives, text)] * singles,
+                        "final_layer": [(rows, image)]}
+        else:
+            expected = {"double_image_ff": [(rows + negatives, image)] * doubles,
+                        "double_image_query": [(rows, image), (negatives, image)] * doubles,
+                        "double_text_ff": [(rows + negatives, text)] * doubles,
+                        "single_ff": [(rows + negatives, image + text)] * singles,
+                        "single_query": [(rows, image + text), (negatives, image + text)] * singles,
+                        "final_layer": [(rows + negatives, image)]}
+        assert seen == {key: sorted(value * steps) for key, value in expected.items()}, fast
+
+
+class CountingProcessor:
+    """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's) and
+    counts its calls."""
+
+    def __init__(self, stock, counts):
+        self._stock, self._counts = stock, counts
+
+    def __call__(self, *args, **kwargs):
+        self._counts.append(1)
+        return self._stock(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._stock, name)
+
+
+def _count_stock_calls(model):
+    """Put a counter around the stock processor inside every NAG wrapper; returns the list it appends to."""
+    counts = []
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, nag.attention.NAGProcessor):
+            processor.stock = CountingProcessor(processor.stock, counts)
+    return counts
+
+
+class OwnProcessor:
+    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_hidream_image import HiDreamAttnProcessor
+
+        self._inner = HiDreamAttnProcessor()
+
+    def __call__(self, attn, hidden_states, hidden_states_masks=None, encoder_hidden_states=None, image_rotary_emb=None):
+        return self._inner(attn, hidden_states, hidden_states_masks, encoder_hidden_states, image_rotary_emb)
+
+
+@pytest.mark.parametrize("change", ["processor", "backend"])
+def test_other_processor_or_backend_takes_the_straightforward_path(change):
+    """fast=True falls back to the straightforward wrappers (whole negative rows through the blocks, each stock
+    processor called per branch) when the processor is not the stock one or the attention backend is not the
+    default, and still agrees with the naive implementation (non-square latents: the image key mask)."""
+    pipe = tpl.pipeline(NAME)
+    model = pipe.transformer
+    stock = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    for name, module in model.named_modules():
+        if name.endswith(".attn1"):
+            if change == "processor":
+                module.set_processor(OwnProcessor())
+            else:
+                module.processor._attention_backend = "_native_math"
+    try:
+        encoded = encode(pipe, NEGATIVES)
+        with nag.apply(pipe, list(NEGATIVES), **SETTINGS) as handle:
+            counts = _count_stock_calls(model)
+            _, calls = tpl.record(pipe, NAME, **NON_SQUARE)
+            assert handle.guided_calls == 2
+        layers = len(model.double_stream_blocks) + len(model.single_stream_blocks)
+        assert len(counts) == 2 * layers * len(calls)  # negative and positive pass per layer and call
+        with torch.no_grad():
+            for call in calls:
+                torch.testing.assert_close(call["output"], naive_output(model, call["inputs"], encoded, [2, 3]),
+                                           rtol=1e-4, atol=1e-5)
+    finally:
+        for name, module in model.named_modules():
+            if name in stock:
+                module.set_processor(stock[name])
+                vars(module.processor).pop("_attention_backend", None)
