@@ -261,6 +261,50 @@ def hunyuanvideo_case(full: bool, text_len: int) -> Case:
                            "encoder_attention_mask": i["encoder_attention_mask"][-1:]})
 
 
+def hidream_case(full: bool) -> Case:
+    """HiDream-I1: double-stream blocks over [image, text] (separate text projections), single-stream blocks over
+    the [image, text] stream the model joins, mixture-of-experts feed-forwards; every block's text is [T5, last
+    Llama-3 layer, the block's own Llama-3 layer]. The fast path runs both kinds of blocks on the stock rows with the
+    negative text beside them and the final layer on the stock rows; ``fast=False`` carries whole negative rows
+    [image copy, negative text] through the model. ``full``: the published configuration (17B) at 1024x1024 with the
+    pipeline's 128 T5 and 128 Llama-3 tokens; ``cpu``: a few blocks at a reduced width, 1024 image tokens and the
+    text lengths scaled by the same factor (32 + 32)."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    if full:
+        config = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
+                      attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048,
+                      num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
+                      max_resolution=(128, 128), llama_layers=list(range(32)) + [31] * 16)
+        latent, text_len, llama_states = 128, 128, 32  # 1024 px -> 128 latent -> 64x64 patches
+    else:
+        config = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=4,
+                      attention_head_dim=128, num_attention_heads=4, caption_channels=[1024, 1024], text_emb_dim=2048,
+                      num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
+                      max_resolution=(128, 128), llama_layers=[0, 1, 2, 3, 3, 3])
+        latent, text_len, llama_states = 64, 32, 4  # 512 px -> 64 latent -> 32x32 patches
+    tokens = (latent // 2) ** 2
+    t5_width, llama_width = config["caption_channels"]
+
+    def inputs(batch, device, dtype):
+        return dict(
+            hidden_states=_randn(batch, 16, latent, latent, device=device, dtype=dtype),
+            timesteps=torch.full((batch,), 500.0, device=device, dtype=dtype),
+            encoder_hidden_states_t5=_randn(batch, text_len, t5_width, device=device, dtype=dtype, seed=1),
+            encoder_hidden_states_llama3=_randn(llama_states, batch, text_len, llama_width, device=device, dtype=dtype,
+                                                seed=2),
+            pooled_embeds=_randn(batch, 2048, device=device, dtype=dtype, seed=3),
+        )
+
+    def negative(inputs):  # (the Llama-3 states have their batch on axis 1)
+        return {"encoder_hidden_states": inputs["encoder_hidden_states_t5"][-1:] * -0.5 + 0.1,
+                "encoder_hidden_states_llama3": inputs["encoder_hidden_states_llama3"][:, -1:] * -0.5 + 0.1,
+                "pooled_embeds": inputs["pooled_embeds"][-1:] * -0.5 + 0.1}
+
+    return Case("hidream", f"HiDream-I1 ({tokens} image + {3 * text_len} text tokens)",
+                lambda: HiDreamImageTransformer2DModel(**config), inputs, negative)
+
+
 def sd3_case(full: bool) -> Case:
     from diffusers import SD3Transformer2DModel
 
@@ -407,6 +451,7 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "zimage": lambda: [zimage_case(full, 200)],
         "qwenimage": lambda: [qwenimage_case(full, 256)],
         "hunyuanvideo": lambda: [hunyuanvideo_case(full, 256)],
+        "hidream": lambda: [hidream_case(full)],
     }
     return [case for family in families for case in makers[family]()]
 
@@ -517,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo")
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")
