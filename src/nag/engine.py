@@ -597,14 +597,15 @@ class Attachment:
         start, _ = family.single_block_text
         state = start(module, negative["encoder_hidden_states"], negative[family.joined_block_modulation])
         state["inputs"] = negative
-        state["whole_image_rows"] = image.shape[0] > b  # (the image came on whole rows: it leaves so, see below)
+        # (a family without stock_image_entry carries the image on whole rows between blocks: it leaves as it came)
+        state["whole_image_rows"] = image.shape[0] > b and not family.stock_image_entry
         self.runtime.scratch["single_block"] = state
         return bound.args, bound.kwargs
 
     def _join_image_first_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         """... and the block's ``(image, text)`` output with the negative rows' text again (the image stays at the
-        stock batch; a block that got it on whole rows returns it so, the guided rows' copies for the negative rows,
-        which every attention replaces by the guided rows' image)."""
+        stock batch; in a family without ``stock_image_entry`` a block that got it on whole rows returns it so, the
+        guided rows' copies for the negative rows, which every attention replaces by the guided rows' image)."""
         call = self.runtime.call
         state = self.runtime.scratch.pop("single_block", None)
         if call is None or state is None:

@@ -428,8 +428,8 @@ class Family:
             ``single_block_text`` beside it (``joined_block_modulation``: the block's per-row modulation argument);
             their other per-row arguments (the attention mask) reach the attention wrapper with that text. Also
             double-stream blocks whose one per-row modulation feeds both streams (HiDream's: the image side then
-            takes the stock rows', the negative text its own rows'); a block that gets the image on whole rows
-            (no ``stock_image_entry``) returns it on whole rows, the guided rows' copies for the negative rows.
+            takes the stock rows', the negative text its own rows'); without ``stock_image_entry`` the image
+            comes to these blocks on whole rows and leaves them so, the guided rows' copies for the negative rows.
     """
 
     name: str
