@@ -513,9 +513,11 @@ class Attachment:
         if rows != b + len(call.cond_rows):
             return None
         image_lengths = call.image_lengths
-        if image_lengths is None:  # (no image lengths from the family: each row's text ends it, the image is the rest)
+        if image_lengths is None and family.sample_text_first:  # (rows [text, image, padding]: the longest row is full)
+            image_lengths = [tokens - max(call.text_lengths)] * rows
+        elif image_lengths is None:  # (no image lengths from the family: each row's text ends it, the image is the rest)
             image_lengths = [tokens - length for length in call.text_lengths]
-        spans = [(image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
+        spans = [(0 if family.sample_text_first else image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
         keep = max(image_lengths[i] + call.text_lengths[i] for i in range(b))
 
         def text_spans(value: torch.Tensor) -> torch.Tensor:

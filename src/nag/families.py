@@ -29,6 +29,7 @@ from .attention import (
     FastOuterMaskJointAttentionNAG,
     FastOuterMaskSingleAttentionNAG,
     FastRowsImageFirstAttentionNAG,
+    FastRowsPerSampleAttentionNAG,
     FastRowsPerSampleImageFirstAttentionNAG,
     FastSingleStreamAttentionNAG,
     FusedSingleAttentionNAG,
@@ -69,7 +70,7 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
     ("joint_rows_image_first", True): FastRowsImageFirstAttentionNAG,
     ("joint_rows_per_sample", False): RowsPerSampleAttentionNAG,
-    ("joint_rows_per_sample", True): RowsPerSampleAttentionNAG,
+    ("joint_rows_per_sample", True): FastRowsPerSampleAttentionNAG,
     ("joint_rows_per_sample_image_first", False): RowsPerSampleImageFirstAttentionNAG,
     ("joint_rows_per_sample_image_first", True): FastRowsPerSampleImageFirstAttentionNAG,
     ("single_fused", False): FusedSingleAttentionNAG,
@@ -181,6 +182,22 @@ def _zimage_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.
         return x + block.ffn_norm2(block.feed_forward(block.ffn_norm1(x)))
     gate_msa, gate_mlp = gates
     x = x + gate_msa * block.attention_norm2(state["attention"])
+    return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * state["scale_mlp"]))
+
+
+def _lumina2_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """Lumina2 joint block, negative caption tokens, before attention: the modulated norm (``LuminaRMSNormZero``,
+    from the row's timestep embedding) and the gates and scale of the rest of the block."""
+    normed, gate_msa, scale_mlp, gate_mlp = block.norm1(text, temb)
+    return {"residual": text, "normed": normed, "gates": (gate_msa.unsqueeze(1).tanh(), gate_mlp.unsqueeze(1).tanh()),
+            "scale_mlp": 1 + scale_mlp.unsqueeze(1)}
+
+
+def _lumina2_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): the gated residuals of attention and feed-forward, as
+    ``Lumina2TransformerBlock`` computes them."""
+    gate_msa, gate_mlp = state["gates"]
+    x = state["residual"] + gate_msa * block.norm2(state["attention"])
     return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * state["scale_mlp"]))
 
 
@@ -430,6 +447,9 @@ class Family:
             double-stream blocks whose one per-row modulation feeds both streams (HiDream's: the image side then
             takes the stock rows', the negative text its own rows'); without ``stock_image_entry`` the image
             comes to these blocks on whole rows and leaves them so, the guided rows' copies for the negative rows.
+        sample_text_first: ``sample_blocks`` over per-sample rows ``[text, image, padding]`` instead (Lumina2's
+            joint layers): each row's text starts it, and without ``row_image_lengths`` every row's image is as long
+            as the longest row's tokens after its text.
     """
 
     name: str
@@ -468,6 +488,7 @@ class Family:
     stock_row_modules: str | None = None
     stock_image_entry: str | None = None
     image_first_blocks: str | None = None
+    sample_text_first: bool = False
 
     def batch_dim(self, key: str) -> int:
         """The batch axis of the conditioning ``key`` (0 unless ``batch_dims`` says otherwise)."""
@@ -871,6 +892,15 @@ FAMILIES: dict[str, Family] = {
             negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
             row_kwargs=("timestep",),
             row_text_lengths=lambda arguments: [int(n) for n in arguments["encoder_attention_mask"].sum(1).tolist()],
+            # fast path: the joint layers run on the stock rows with each negative caption beside them (its own rotary
+            # positions and mask; the guided image's tokens and tables as keys), the patch embedding, the image refiner
+            # and the final norm on the stock rows: the negative rows' image tokens are never processed
+            sample_blocks=r"layers\.\d+",
+            sample_text_first=True,
+            sample_block_rotary="image_rotary_emb",
+            single_block_text=(_lumina2_text_start, _lumina2_text_finish),
+            stock_row_modules=r"x_embedder|noise_refiner\.\d+|norm_out",
+            stock_image_kwargs=("input", "image_rotary_emb", "temb", "x", "conditioning_embedding"),
         ),
         # Z-Image: the model takes lists (per-sample latents `x`, captions `cap_feats` with the padding
         # removed), refines image and caption separately, then joins each sample as [image, caption, padding]
