@@ -1448,6 +1448,59 @@ class FastRowsPerSampleAttentionNAG(RowsPerSampleAttentionNAG):
         return _project_out(attn, z.to(hidden.dtype))
 
 
+class FastRowsJointAttentionNAG(RowsJointAttentionNAG):
+    """AuraFlow joint-block fast path (``AuraFlowAttnProcessor2_0``, the image stream at the stock batch: the text
+    holds the stock rows and one negative row per guided row, each ``[register tokens, text]``): every token projected
+    once, image->image attention once, merged by log-sum-exp with each branch's image->text attention (each branch's
+    own text length after the shared registers). Other processors, attention backends, masks and whole image rows
+    take the straightforward wrapper."""
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        hidden, text = arguments["hidden_states"], arguments.get("encoder_hidden_states")
+        b = call.batch
+        if (self.stock_kind != "AuraFlowAttnProcessor2_0" or not _default_backend(self.stock) or text is None
+                or hidden.shape[0] != b or arguments.get(self.mask_argument) is not None):
+            return super().guided(attn, call, arguments)
+        padded, prefix = text.shape[1], call.text_prefix
+        lengths = dataclasses.replace(call, positive_text_len=prefix + call.positive_text_len,
+                                      negative_text_len=prefix + call.negative_text_len)
+        qt, kt, vt = _text_qkv(attn, text)
+        z, text_positive, text_negative = _guided_image_and_text(
+            self, lengths, _image_qkv(attn, hidden), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:]))
+        image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
+        text_out = torch.cat([pad_tokens(attn.to_add_out(text_positive.to(text.dtype)), padded),
+                              pad_tokens(attn.to_add_out(text_negative.to(text.dtype)), padded)])
+        return image_out, text_out
+
+
+class FastSingleProjectedAttentionNAG(SingleProjectedAttentionNAG):
+    """AuraFlow single-block fast path (``AuraFlowAttnProcessor2_0``): the block runs on the stock rows only, each
+    ``[register tokens, text (padded), image]``; the negative rows' modulated ``[register tokens, text]`` arrives
+    through ``runtime.scratch`` (set by the joined-block hook) and its attention output (output projection included)
+    leaves the same way. No image token is duplicated; image->image attention is computed once and merged by
+    log-sum-exp with each branch's image->text attention."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind == "AuraFlowAttnProcessor2_0" and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        hidden = arguments["hidden_states"]
+        prefix = call.text_prefix
+        padded, lp, ln = prefix + call.padded_text_len, prefix + call.positive_text_len, prefix + call.negative_text_len
+        lengths = dataclasses.replace(call, positive_text_len=lp, negative_text_len=ln)
+        q, k, v = _image_qkv(attn, hidden)
+        z, text_positive, text_negative = _guided_image_and_text(
+            self, lengths, (q[:, padded:], k[:, padded:], v[:, padded:]), (q[:, :padded], k[:, :padded], v[:, :padded]),
+            _image_qkv(attn, state["normed"]))
+        out = _project_out(attn, torch.cat([text_positive, z], dim=1).to(hidden.dtype))
+        state["attention"] = pad_tokens(_project_out(attn, text_negative.to(hidden.dtype)), padded)
+        return torch.cat([pad_tokens(out[:, :lp], padded), out[:, lp:]], dim=1)
+
+
 def _text_key_mask(mask: torch.Tensor | None, image_len: int, rows: int) -> torch.Tensor | None:
     """The text keys' part ``(rows, text)`` of a boolean key mask over ``[image, text]`` shaped ``(rows or 1, 1, 1,
     keys)`` (as HunyuanVideo and HunyuanImage build it: every image key valid, the text's valid tokens first), or of

@@ -29,8 +29,10 @@ from .attention import (
     FastOuterMaskJointAttentionNAG,
     FastOuterMaskSingleAttentionNAG,
     FastRowsImageFirstAttentionNAG,
+    FastRowsJointAttentionNAG,
     FastRowsPerSampleAttentionNAG,
     FastRowsPerSampleImageFirstAttentionNAG,
+    FastSingleProjectedAttentionNAG,
     FastSingleStreamAttentionNAG,
     FusedSingleAttentionNAG,
     HiDreamJointAttentionNAG,
@@ -62,9 +64,9 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("single", True): FastSingleStreamAttentionNAG,
     # concatenating models (layout "concat"): straightforward wrappers only, also with fast=True
     ("joint_rows", False): RowsJointAttentionNAG,
-    ("joint_rows", True): RowsJointAttentionNAG,
+    ("joint_rows", True): FastRowsJointAttentionNAG,
     ("single_projected", False): SingleProjectedAttentionNAG,
-    ("single_projected", True): SingleProjectedAttentionNAG,
+    ("single_projected", True): FastSingleProjectedAttentionNAG,
     ("joint_rows_shared", False): RowsSharedAttentionNAG,
     ("joint_rows_shared", True): RowsSharedAttentionNAG,
     ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
@@ -199,6 +201,20 @@ def _lumina2_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch
     gate_msa, gate_mlp = state["gates"]
     x = state["residual"] + gate_msa * block.norm2(state["attention"])
     return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * state["scale_mlp"]))
+
+
+def _auraflow_single_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """AuraFlow single block, negative ``[register tokens, text]`` rows, before attention: the modulated norm."""
+    normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(text, emb=temb)
+    return {"residual": text, "normed": normed, "gates": (gate_msa, shift_mlp, scale_mlp, gate_mlp)}
+
+
+def _auraflow_single_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): as ``AuraFlowSingleTransformerBlock`` finishes."""
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = state["gates"]
+    x = block.norm2(state["residual"] + gate_msa.unsqueeze(1) * state["attention"])
+    x = x * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    return state["residual"] + gate_mlp.unsqueeze(1) * block.ff(x)
 
 
 def _refuse_qwen_zero_cond_t(denoiser: torch.nn.Module) -> str | None:
@@ -736,6 +752,15 @@ FAMILIES: dict[str, Family] = {
             layout="concat",
             row_kwargs=("timestep",),
             text_prefix=lambda denoiser: int(denoiser.register_tokens.shape[1]),
+            # fast path: the joint blocks run the image stream at the stock batch (their image-side norm takes the
+            # stock rows of the timestep embedding; the text keeps its rows), the single blocks run on the stock rows
+            # with the negative [registers, text] beside them, the patch embedding and the final layers on the stock
+            # rows: the negative rows' image tokens are never processed
+            image_norms=r"joint_transformer_blocks\.\d+\.norm1",
+            stock_row_modules=r"pos_embed|joint_transformer_blocks\.\d+|norm_out|proj_out",
+            stock_image_kwargs=("latent", "x", "conditioning_embedding", "input"),
+            joined_blocks=r"single_transformer_blocks\.\d+",
+            single_block_text=(_auraflow_single_text_start, _auraflow_single_text_finish),
         ),
         # CogView4: one stream of blocks whose processor joins [text, image], projects both with shared
         # weights (output projection included) and splits them again; modulation from the timestep and
