@@ -228,6 +228,34 @@ def lumina2_case(full: bool, text_len: int, valid: int) -> Case:
                 lambda inputs: _text_negative(inputs, ("encoder_hidden_states", "encoder_attention_mask")))
 
 
+def auraflow_case(full: bool, text_len: int) -> Case:
+    """AuraFlow: register tokens before the text, joint (MMDiT) blocks, then single blocks over the [registers, text,
+    image] the model joins; the fast path runs the joint blocks' image stream at the stock batch and the single blocks
+    on the stock rows with the negative [registers, text] beside them; ``fast=False`` carries whole negative rows
+    through the single blocks. ``full``: diffusers' defaults with the published position table (AuraFlow v0.3,
+    ``pos_embed_max_size=9216``) at 1024x1024."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    if full:
+        config = dict(pos_embed_max_size=9216)
+        latent = 128  # 1024 px -> 128 latent -> 64x64 patches
+    else:
+        config = dict(num_mmdit_layers=2, num_single_dit_layers=4, attention_head_dim=128, num_attention_heads=4,
+                      caption_projection_dim=512)
+        latent = 64  # 512 px
+    tokens = (latent // 2) ** 2
+
+    def inputs(batch, device, dtype):
+        return dict(
+            hidden_states=_randn(batch, 4, latent, latent, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, 2048, device=device, dtype=dtype, seed=1),
+            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        )
+
+    return Case("auraflow", f"AuraFlow ({tokens} image + 8 register + {text_len} text tokens)",
+                lambda: AuraFlowTransformer2DModel(**config), inputs, _text_negative)
+
+
 def qwenimage_case(full: bool, text_len: int) -> Case:
     """Qwen-Image: joint attention with split complex rotary tables and a text mask (a few padding tokens masked);
     one image stream, the negative text rows beside it. ``full``: the diffusers defaults (20B) at 1024x1024."""
@@ -485,6 +513,7 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "hunyuanvideo": lambda: [hunyuanvideo_case(full, 256)],
         "hidream": lambda: [hidream_case(full)],
         "lumina2": lambda: [lumina2_case(full, 256, 200)],
+        "auraflow": lambda: [auraflow_case(full, 256)],
     }
     return [case for family in families for case in makers[family]()]
 
@@ -595,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2")
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2,auraflow")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")
