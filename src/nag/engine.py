@@ -15,7 +15,7 @@
   rows are dropped from the model output. Where that is exact, the copies are dropped inside the
   model: double-stream blocks run the image stream at the stock batch (``Family.stock_image_blocks``),
   and with the fast path single-stream blocks run on the stock rows while the negative text takes the
-  block's text-only path beside them (``joined_blocks``: FLUX.2; ``sample_blocks``: Z-Image's per-sample
+  block's text-only path beside them (``joined_blocks``: FLUX.2; ``sample_blocks``: Z-Image's and Lumina2's per-sample
   rows; ``stock_row_modules``: modules the negative rows' copies need not pass at all; ``stock_image_entry`` with
   ``image_first_blocks``: the Hunyuan models' image stream at the stock batch from the patch embedding on);
 * for causal single-stream families (layout ``"prefix"``: Qwen-Image 2.1), the negative prompt's prefix runs in a

@@ -62,7 +62,7 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("cross", True): FastCrossAttentionNAG,
     ("joint", True): FastJointAttentionNAG,
     ("single", True): FastSingleStreamAttentionNAG,
-    # concatenating models (layout "concat"): straightforward wrappers only, also with fast=True
+    # concatenating models (layout "concat"): where no fast class is named, straightforward wrappers also with fast=True
     ("joint_rows", False): RowsJointAttentionNAG,
     ("joint_rows", True): FastRowsJointAttentionNAG,
     ("single_projected", False): SingleProjectedAttentionNAG,
