@@ -196,6 +196,66 @@ def zimage_case(full: bool, text_len: int) -> Case:
                 lambda: ZImageTransformer2DModel(**config), inputs, negative)
 
 
+def lumina2_case(full: bool, text_len: int, valid: int) -> Case:
+    """Lumina-Image 2.0: each sample joined as [caption (its valid tokens), image] by the model; the fast path runs the
+    joint layers on the stock rows with the negative caption beside them and the patch embedding, image refiner and
+    final norm on the stock rows; ``fast=False`` carries whole negative rows [negative caption, image copy] through
+    the model. Captions of ``text_len`` tokens, the first ``valid`` of them valid (the mask). ``full``: diffusers'
+    defaults with Gemma-2's 2304-wide captions (the published 2.6B configuration) at 1024x1024."""
+    from diffusers import Lumina2Transformer2DModel
+
+    if full:
+        config = dict(cap_feat_dim=2304)
+        latent = 128  # 1024 px -> 128 latent -> 64x64 patches
+    else:
+        config = dict(hidden_size=512, num_layers=4, num_refiner_layers=2, num_attention_heads=4, num_kv_heads=2,
+                      axes_dim_rope=(32, 48, 48), cap_feat_dim=2304)
+        latent = 64  # 512 px
+    tokens = (latent // 2) ** 2
+
+    def inputs(batch, device, dtype):
+        mask = torch.zeros(batch, text_len, dtype=torch.bool, device=device)
+        mask[:, :valid] = True
+        return dict(
+            hidden_states=_randn(batch, 16, latent, latent, device=device, dtype=dtype),
+            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, 2304, device=device, dtype=dtype, seed=1),
+            encoder_attention_mask=mask,
+        )
+
+    return Case("lumina2", f"Lumina-Image 2.0 ({tokens} image + {valid} of {text_len} caption tokens)",
+                lambda: Lumina2Transformer2DModel(**config), inputs,
+                lambda inputs: _text_negative(inputs, ("encoder_hidden_states", "encoder_attention_mask")))
+
+
+def auraflow_case(full: bool, text_len: int) -> Case:
+    """AuraFlow: register tokens before the text, joint (MMDiT) blocks, then single blocks over the [registers, text,
+    image] the model joins; the fast path runs the joint blocks' image stream at the stock batch and the single blocks
+    on the stock rows with the negative [registers, text] beside them; ``fast=False`` carries whole negative rows
+    through the single blocks. ``full``: diffusers' defaults with the published position table (AuraFlow v0.3,
+    ``pos_embed_max_size=9216``) at 1024x1024."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    if full:
+        config = dict(pos_embed_max_size=9216)
+        latent = 128  # 1024 px -> 128 latent -> 64x64 patches
+    else:
+        config = dict(num_mmdit_layers=2, num_single_dit_layers=4, attention_head_dim=128, num_attention_heads=4,
+                      caption_projection_dim=512)
+        latent = 64  # 512 px
+    tokens = (latent // 2) ** 2
+
+    def inputs(batch, device, dtype):
+        return dict(
+            hidden_states=_randn(batch, 4, latent, latent, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, 2048, device=device, dtype=dtype, seed=1),
+            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        )
+
+    return Case("auraflow", f"AuraFlow ({tokens} image + 8 register + {text_len} text tokens)",
+                lambda: AuraFlowTransformer2DModel(**config), inputs, _text_negative)
+
+
 def qwenimage_case(full: bool, text_len: int) -> Case:
     """Qwen-Image: joint attention with split complex rotary tables and a text mask (a few padding tokens masked);
     one image stream, the negative text rows beside it. ``full``: the diffusers defaults (20B) at 1024x1024."""
@@ -452,6 +512,8 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "qwenimage": lambda: [qwenimage_case(full, 256)],
         "hunyuanvideo": lambda: [hunyuanvideo_case(full, 256)],
         "hidream": lambda: [hidream_case(full)],
+        "lumina2": lambda: [lumina2_case(full, 256, 200)],
+        "auraflow": lambda: [auraflow_case(full, 256)],
     }
     return [case for family in families for case in makers[family]()]
 
@@ -562,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream")
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2,auraflow")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")

@@ -23,9 +23,9 @@ NAMES = ["chroma", "chroma_img2img", "auraflow"]
 # once per branch), and the negative rows carry a copy of the image tokens through the blocks' MLPs.
 # (Chroma has a fast path: double blocks at the stock image batch, single blocks on the stock rows with the negative
 # text beside them, both under the pipeline's float mask.)
-STRAIGHTFORWARD_ONLY = {
-    "auraflow": "AuraFlowAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-}
+# (AuraFlow has a fast path: joint blocks at the stock image batch, single blocks on the stock rows with the negative
+# [registers, text] beside them.)
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}
 SETTINGS = tpl.SETTINGS
 
 

@@ -1246,7 +1246,7 @@ def auraflow():
     tokenizer, text_encoder = make_t5(seed=1, d_model=32, umt5=True)
     with _seeded(2):
         transformer = AuraFlowTransformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=2,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
             out_channels=4, pos_embed_max_size=64,
         ).eval()
@@ -1524,7 +1524,7 @@ def lumina2():
     tokenizer, text_encoder = make_gemma2(seed=1, hidden_size=32)
     with _seeded(2):
         transformer = Lumina2Transformer2DModel(
-            sample_size=4, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+            sample_size=4, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=2,
             num_attention_heads=4, num_kv_heads=2, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
             axes_lens=(256, 16, 16), cap_feat_dim=32,
         ).eval()

@@ -1367,6 +1367,140 @@ class FastRowsPerSampleImageFirstAttentionNAG(RowsPerSampleImageFirstAttentionNA
         return _project_out(attn, z.to(hidden.dtype))
 
 
+def _lumina2_qkv(attn: Any, x: torch.Tensor, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values ``(B, L, heads, D)`` as ``Lumina2AttnProcessor2_0`` makes them: q/k norms, the complex
+    rotary table, the key/value heads repeated over the query heads (grouped-query attention)."""
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    head_dim = q.shape[-1] // attn.heads
+    q, k, v = q.unflatten(-1, (attn.heads, head_dim)), k.unflatten(-1, (-1, head_dim)), v.unflatten(-1, (-1, head_dim))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if table is not None:
+        q, k = _rotate_complex(q, table), _rotate_complex(k, table)
+    repeats = attn.heads // k.shape[2]
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
+    return q.to(x.dtype), k.to(x.dtype), v
+
+
+def _merged_with_keys(q: torch.Tensor, base: torch.Tensor, base_lse: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+    """Attention of ``q`` over the keys behind ``(base, base_lse)`` and ``k``/``v`` (none: ``base`` itself)."""
+    if k.shape[1] == 0:
+        return base
+    out, lse = attention_with_lse(q, k, v)
+    return merge_attention(base, base_lse, out, lse)
+
+
+class FastRowsPerSampleAttentionNAG(RowsPerSampleAttentionNAG):
+    """Lumina2 joint-layer fast path: the block runs on the stock rows only (each ``[caption, image, padding]``,
+    ``Family.sample_blocks`` with ``sample_text_first``); the negative rows' captions arrive beside them through
+    ``runtime.scratch`` (set by the sample-block hook: modulated input, rotary tables, lengths), and their attention
+    output leaves the same way. Every image token is projected once. For each guided row, image->image attention is
+    computed once and merged by log-sum-exp with image->caption attention (``Z+``) and image->negative-caption
+    attention (``Z-``); the negative caption's queries attend to ``[negative caption, guided image]``, the caption
+    with its own row's rotary tables, the guided image with the guided row's (as the straightforward path gives
+    them). The other stock rows get the stock attention with their mask."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind == "Lumina2AttnProcessor2_0" and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        hidden = arguments["hidden_states"]
+        if arguments.get("encoder_hidden_states") is not hidden or arguments.get("base_sequence_length") is not None:
+            raise RuntimeError("NAG's Lumina2 fast path serves the blocks' self-attention at the default softmax scale "
+                               "only; apply NAG with fast=False")
+        mask, lengths = arguments.get("attention_mask"), call.text_lengths
+        rows = hidden.shape[0]
+        image_len = hidden.shape[1] - max(lengths[:rows])
+        q, k, v = _lumina2_qkv(attn, hidden, arguments.get(self.rotary_kwarg))
+        qn, kn, vn = _lumina2_qkv(attn, state["normed"], state["rotary"])
+        negative_of = {r: j for j, r in enumerate(state["guided_rows"])}
+        z = q.new_zeros(q.shape)
+        for unguided in _unguided_ranges(rows, negative_of):  # (the unconditional rows with CFG): stock attention
+            key_mask = mask[unguided].bool()[:, None, None, :] if mask is not None else None
+            z[unguided] = attention(q[unguided], k[unguided], v[unguided], key_mask)
+        z = z.flatten(2)
+        z_negative = qn.new_zeros(qn.shape).flatten(2)
+        for r, j in negative_of.items():
+            text, valid, length = lengths[r], lengths[r] + image_len, state["spans"][j][1]
+            qi, ki, vi = q[r : r + 1, text:valid], k[r : r + 1, text:valid], v[r : r + 1, text:valid]
+            kt, vt = kn[j : j + 1, :length], vn[j : j + 1, :length]
+            image_image, lse_image = attention_with_lse(qi, ki, vi)
+            z_positive = _merged_with_keys(qi, image_image, lse_image, k[r : r + 1, :text], v[r : r + 1, :text])
+            z_guided = _merged_with_keys(qi, image_image, lse_image, kt, vt)
+            z[r, text:valid] = self.combine(call, z_positive.flatten(2), z_guided.flatten(2))[0]
+            # the caption's (and the row padding's) queries over the row's valid keys, as the stock mask has it
+            others = torch.cat([q[r : r + 1, :text], q[r : r + 1, valid:]], dim=1)
+            if others.shape[1]:
+                out = attention(others, k[r : r + 1, :valid], v[r : r + 1, :valid]).flatten(2)[0]
+                z[r, :text], z[r, valid:] = out[:text], out[text:]
+            if length:
+                z_negative[j, :length] = attention(qn[j : j + 1, :length], torch.cat([kt, ki], dim=1),
+                                                   torch.cat([vt, vi], dim=1)).flatten(2)[0]
+        state["attention"] = _project_out(attn, z_negative.to(hidden.dtype))
+        return _project_out(attn, z.to(hidden.dtype))
+
+
+class FastRowsJointAttentionNAG(RowsJointAttentionNAG):
+    """AuraFlow joint-block fast path (``AuraFlowAttnProcessor2_0``, the image stream at the stock batch: the text
+    holds the stock rows and one negative row per guided row, each ``[register tokens, text]``): every token projected
+    once, image->image attention once, merged by log-sum-exp with each branch's image->text attention (each branch's
+    own text length after the shared registers). Other processors, attention backends, masks and whole image rows
+    take the straightforward wrapper."""
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        hidden, text = arguments["hidden_states"], arguments.get("encoder_hidden_states")
+        b = call.batch
+        if (self.stock_kind != "AuraFlowAttnProcessor2_0" or not _default_backend(self.stock) or text is None
+                or hidden.shape[0] != b or arguments.get(self.mask_argument) is not None):
+            return super().guided(attn, call, arguments)
+        padded, prefix = text.shape[1], call.text_prefix
+        lengths = dataclasses.replace(call, positive_text_len=prefix + call.positive_text_len,
+                                      negative_text_len=prefix + call.negative_text_len)
+        qt, kt, vt = _text_qkv(attn, text)
+        z, text_positive, text_negative = _guided_image_and_text(
+            self, lengths, _image_qkv(attn, hidden), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:]))
+        image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
+        text_out = torch.cat([pad_tokens(attn.to_add_out(text_positive.to(text.dtype)), padded),
+                              pad_tokens(attn.to_add_out(text_negative.to(text.dtype)), padded)])
+        return image_out, text_out
+
+
+class FastSingleProjectedAttentionNAG(SingleProjectedAttentionNAG):
+    """AuraFlow single-block fast path (``AuraFlowAttnProcessor2_0``): the block runs on the stock rows only, each
+    ``[register tokens, text (padded), image]``; the negative rows' modulated ``[register tokens, text]`` arrives
+    through ``runtime.scratch`` (set by the joined-block hook) and its attention output (output projection included)
+    leaves the same way. No image token is duplicated; image->image attention is computed once and merged by
+    log-sum-exp with each branch's image->text attention."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
+        return self.stock_kind == "AuraFlowAttnProcessor2_0" and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        hidden = arguments["hidden_states"]
+        prefix = call.text_prefix
+        padded, lp, ln = prefix + call.padded_text_len, prefix + call.positive_text_len, prefix + call.negative_text_len
+        lengths = dataclasses.replace(call, positive_text_len=lp, negative_text_len=ln)
+        q, k, v = _image_qkv(attn, hidden)
+        z, text_positive, text_negative = _guided_image_and_text(
+            self, lengths, (q[:, padded:], k[:, padded:], v[:, padded:]), (q[:, :padded], k[:, :padded], v[:, :padded]),
+            _image_qkv(attn, state["normed"]))
+        out = _project_out(attn, torch.cat([text_positive, z], dim=1).to(hidden.dtype))
+        state["attention"] = pad_tokens(_project_out(attn, text_negative.to(hidden.dtype)), padded)
+        return torch.cat([pad_tokens(out[:, :lp], padded), out[:, lp:]], dim=1)
+
+
 def _text_key_mask(mask: torch.Tensor | None, image_len: int, rows: int) -> torch.Tensor | None:
     """The text keys' part ``(rows, text)`` of a boolean key mask over ``[image, text]`` shaped ``(rows or 1, 1, 1,
     keys)`` (as HunyuanVideo and HunyuanImage build it: every image key valid, the text's valid tokens first), or of

@@ -15,7 +15,7 @@
   rows are dropped from the model output. Where that is exact, the copies are dropped inside the
   model: double-stream blocks run the image stream at the stock batch (``Family.stock_image_blocks``),
   and with the fast path single-stream blocks run on the stock rows while the negative text takes the
-  block's text-only path beside them (``joined_blocks``: FLUX.2; ``sample_blocks``: Z-Image's per-sample
+  block's text-only path beside them (``joined_blocks``: FLUX.2; ``sample_blocks``: Z-Image's and Lumina2's per-sample
   rows; ``stock_row_modules``: modules the negative rows' copies need not pass at all; ``stock_image_entry`` with
   ``image_first_blocks``: the Hunyuan models' image stream at the stock batch from the patch embedding on);
 * for causal single-stream families (layout ``"prefix"``: Qwen-Image 2.1), the negative prompt's prefix runs in a
@@ -513,9 +513,11 @@ class Attachment:
         if rows != b + len(call.cond_rows):
             return None
         image_lengths = call.image_lengths
-        if image_lengths is None:  # (no image lengths from the family: each row's text ends it, the image is the rest)
+        if image_lengths is None and family.sample_text_first:  # (rows [text, image, padding]: the longest row is full)
+            image_lengths = [tokens - max(call.text_lengths)] * rows
+        elif image_lengths is None:  # (no image lengths from the family: each row's text ends it, the image is the rest)
             image_lengths = [tokens - length for length in call.text_lengths]
-        spans = [(image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
+        spans = [(0 if family.sample_text_first else image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
         keep = max(image_lengths[i] + call.text_lengths[i] for i in range(b))
 
         def text_spans(value: torch.Tensor) -> torch.Tensor:

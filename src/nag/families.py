@@ -29,7 +29,10 @@ from .attention import (
     FastOuterMaskJointAttentionNAG,
     FastOuterMaskSingleAttentionNAG,
     FastRowsImageFirstAttentionNAG,
+    FastRowsJointAttentionNAG,
+    FastRowsPerSampleAttentionNAG,
     FastRowsPerSampleImageFirstAttentionNAG,
+    FastSingleProjectedAttentionNAG,
     FastSingleStreamAttentionNAG,
     FusedSingleAttentionNAG,
     HiDreamJointAttentionNAG,
@@ -59,17 +62,17 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("cross", True): FastCrossAttentionNAG,
     ("joint", True): FastJointAttentionNAG,
     ("single", True): FastSingleStreamAttentionNAG,
-    # concatenating models (layout "concat"): straightforward wrappers only, also with fast=True
+    # concatenating models (layout "concat"): where no fast class is named, straightforward wrappers also with fast=True
     ("joint_rows", False): RowsJointAttentionNAG,
-    ("joint_rows", True): RowsJointAttentionNAG,
+    ("joint_rows", True): FastRowsJointAttentionNAG,
     ("single_projected", False): SingleProjectedAttentionNAG,
-    ("single_projected", True): SingleProjectedAttentionNAG,
+    ("single_projected", True): FastSingleProjectedAttentionNAG,
     ("joint_rows_shared", False): RowsSharedAttentionNAG,
     ("joint_rows_shared", True): RowsSharedAttentionNAG,
     ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
     ("joint_rows_image_first", True): FastRowsImageFirstAttentionNAG,
     ("joint_rows_per_sample", False): RowsPerSampleAttentionNAG,
-    ("joint_rows_per_sample", True): RowsPerSampleAttentionNAG,
+    ("joint_rows_per_sample", True): FastRowsPerSampleAttentionNAG,
     ("joint_rows_per_sample_image_first", False): RowsPerSampleImageFirstAttentionNAG,
     ("joint_rows_per_sample_image_first", True): FastRowsPerSampleImageFirstAttentionNAG,
     ("single_fused", False): FusedSingleAttentionNAG,
@@ -182,6 +185,36 @@ def _zimage_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.
     gate_msa, gate_mlp = gates
     x = x + gate_msa * block.attention_norm2(state["attention"])
     return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * state["scale_mlp"]))
+
+
+def _lumina2_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """Lumina2 joint block, negative caption tokens, before attention: the modulated norm (``LuminaRMSNormZero``,
+    from the row's timestep embedding) and the gates and scale of the rest of the block."""
+    normed, gate_msa, scale_mlp, gate_mlp = block.norm1(text, temb)
+    return {"residual": text, "normed": normed, "gates": (gate_msa.unsqueeze(1).tanh(), gate_mlp.unsqueeze(1).tanh()),
+            "scale_mlp": 1 + scale_mlp.unsqueeze(1)}
+
+
+def _lumina2_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): the gated residuals of attention and feed-forward, as
+    ``Lumina2TransformerBlock`` computes them."""
+    gate_msa, gate_mlp = state["gates"]
+    x = state["residual"] + gate_msa * block.norm2(state["attention"])
+    return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * state["scale_mlp"]))
+
+
+def _auraflow_single_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """AuraFlow single block, negative ``[register tokens, text]`` rows, before attention: the modulated norm."""
+    normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(text, emb=temb)
+    return {"residual": text, "normed": normed, "gates": (gate_msa, shift_mlp, scale_mlp, gate_mlp)}
+
+
+def _auraflow_single_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): as ``AuraFlowSingleTransformerBlock`` finishes."""
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = state["gates"]
+    x = block.norm2(state["residual"] + gate_msa.unsqueeze(1) * state["attention"])
+    x = x * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    return state["residual"] + gate_mlp.unsqueeze(1) * block.ff(x)
 
 
 def _refuse_qwen_zero_cond_t(denoiser: torch.nn.Module) -> str | None:
@@ -430,6 +463,9 @@ class Family:
             double-stream blocks whose one per-row modulation feeds both streams (HiDream's: the image side then
             takes the stock rows', the negative text its own rows'); without ``stock_image_entry`` the image
             comes to these blocks on whole rows and leaves them so, the guided rows' copies for the negative rows.
+        sample_text_first: ``sample_blocks`` over per-sample rows ``[text, image, padding]`` instead (Lumina2's
+            joint layers): each row's text starts it, and without ``row_image_lengths`` every row's image is as long
+            as the longest row's tokens after its text.
     """
 
     name: str
@@ -468,6 +504,7 @@ class Family:
     stock_row_modules: str | None = None
     stock_image_entry: str | None = None
     image_first_blocks: str | None = None
+    sample_text_first: bool = False
 
     def batch_dim(self, key: str) -> int:
         """The batch axis of the conditioning ``key`` (0 unless ``batch_dims`` says otherwise)."""
@@ -715,6 +752,15 @@ FAMILIES: dict[str, Family] = {
             layout="concat",
             row_kwargs=("timestep",),
             text_prefix=lambda denoiser: int(denoiser.register_tokens.shape[1]),
+            # fast path: the joint blocks run the image stream at the stock batch (their image-side norm takes the
+            # stock rows of the timestep embedding; the text keeps its rows), the single blocks run on the stock rows
+            # with the negative [registers, text] beside them, the patch embedding and the final layers on the stock
+            # rows: the negative rows' image tokens are never processed
+            image_norms=r"joint_transformer_blocks\.\d+\.norm1",
+            stock_row_modules=r"pos_embed|joint_transformer_blocks\.\d+|norm_out|proj_out",
+            stock_image_kwargs=("latent", "x", "conditioning_embedding", "input"),
+            joined_blocks=r"single_transformer_blocks\.\d+",
+            single_block_text=(_auraflow_single_text_start, _auraflow_single_text_finish),
         ),
         # CogView4: one stream of blocks whose processor joins [text, image], projects both with shared
         # weights (output projection included) and splits them again; modulation from the timestep and
@@ -871,6 +917,15 @@ FAMILIES: dict[str, Family] = {
             negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
             row_kwargs=("timestep",),
             row_text_lengths=lambda arguments: [int(n) for n in arguments["encoder_attention_mask"].sum(1).tolist()],
+            # fast path: the joint layers run on the stock rows with each negative caption beside them (its own rotary
+            # positions and mask; the guided image's tokens and tables as keys), the patch embedding, the image refiner
+            # and the final norm on the stock rows: the negative rows' image tokens are never processed
+            sample_blocks=r"layers\.\d+",
+            sample_text_first=True,
+            sample_block_rotary="image_rotary_emb",
+            single_block_text=(_lumina2_text_start, _lumina2_text_finish),
+            stock_row_modules=r"x_embedder|noise_refiner\.\d+|norm_out",
+            stock_image_kwargs=("input", "image_rotary_emb", "temb", "x", "conditioning_embedding"),
         ),
         # Z-Image: the model takes lists (per-sample latents `x`, captions `cap_feats` with the padding
         # removed), refines image and caption separately, then joins each sample as [image, caption, padding]

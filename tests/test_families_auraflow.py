@@ -1,0 +1,139 @@
+"""AuraFlow (AuraFlowPipeline): the fast path's shape.
+
+The agreement with the naive reference (fast and straightforward, through the pipeline with CFG and on the denoiser
+with one guided row of two; negatives shorter and longer than the prompts) is in ``test_families_concat``. Here: the
+fast path never processes the negative rows' image tokens (the patch embedding, the joint blocks' image stream and
+the final layers see the stock rows only; the single blocks the stock rows plus one negative ``[registers, text]``
+per guided row), and another processor or attention backend takes the straightforward path (each stock processor
+called per branch), still agreeing with the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nag
+import test_pipelines as tpl
+import tiny_pipelines as tp
+
+NAME = "auraflow"
+SETTINGS = tpl.SETTINGS
+
+
+class RowCounter:
+    """Rows and tokens the patch embedding, the joint blocks' image and text feed-forwards, the single blocks'
+    feed-forward and the final layers of a model process."""
+
+    def __init__(self, model):
+        self.seen = {"pos_embed": [], "joint_ff": [], "joint_ff_context": [], "single_ff": [], "norm_out": [],
+                     "proj_out": []}
+        modules = [("pos_embed", model.pos_embed), ("norm_out", model.norm_out), ("proj_out", model.proj_out)]
+        modules += [("joint_ff", block.ff) for block in model.joint_transformer_blocks]
+        modules += [("joint_ff_context", block.ff_context) for block in model.joint_transformer_blocks]
+        modules += [("single_ff", block.ff) for block in model.single_transformer_blocks]
+        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
+                                                     with_kwargs=True) for key, m in modules]
+
+    def _count(self, key, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.seen[key].append(tuple(x.shape[:2]))
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _negative(pipe, length_delta):
+    _, calls = tpl.record(pipe, NAME, cfg=False)
+    return tpl.random_negative(NAME, calls[0]["inputs"], length_delta, rows=2)
+
+
+@pytest.mark.parametrize("length_delta", [-3, 5])
+def test_fast_path_never_processes_the_negative_rows_image_tokens(length_delta):
+    pipe = tpl.pipeline(NAME)
+    model = tp.denoiser(pipe)
+    negative = _negative(pipe, length_delta)
+    registers = model.register_tokens.shape[1]
+    for fast in (True, False):
+        with nag.apply(pipe, **negative, **SETTINGS, fast=fast) as handle:
+            counter = RowCounter(model)  # (after NAG's hooks: what the modules themselves get)
+            try:
+                _, calls = tpl.record(pipe, NAME, cfg=False)
+            finally:
+                counter.close()
+            assert handle.guided_calls == 2
+        inputs = calls[0]["inputs"]
+        image = inputs["hidden_states"].shape[-2] * inputs["hidden_states"].shape[-1] // model.config.patch_size ** 2
+        text = registers + max(inputs["encoder_hidden_states"].shape[1], negative["negative_prompt_embeds"].shape[1])
+        joint, single, steps = len(model.joint_transformer_blocks), len(model.single_transformer_blocks), len(calls)
+        rows = 2 if fast else 4
+        assert [r for r, _ in counter.seen["pos_embed"]] == [rows] * steps
+        assert counter.seen["joint_ff"] == [(rows, image)] * joint * steps
+        assert counter.seen["joint_ff_context"] == [(4, text)] * joint * steps  # (the negative text in both)
+        assert counter.seen["norm_out"] == counter.seen["proj_out"] == [(rows, image)] * steps
+        if fast:
+            assert sorted(counter.seen["single_ff"]) == sorted([(2, text + image), (2, text)] * single * steps)
+        else:
+            assert counter.seen["single_ff"] == [(4, text + image)] * single * steps
+
+
+class CountingProcessor:
+    """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's) and
+    counts its calls."""
+
+    def __init__(self, stock, counts):
+        self._stock, self._counts = stock, counts
+
+    def __call__(self, *args, **kwargs):
+        self._counts.append(1)
+        return self._stock(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._stock, name)
+
+
+class OwnProcessor:
+    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
+
+        self._inner = AuraFlowAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return self._inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+@pytest.mark.parametrize("change", ["processor", "backend"])
+def test_other_processor_or_backend_takes_the_straightforward_path(change):
+    pipe = tpl.pipeline(NAME)
+    model = tp.denoiser(pipe)
+    stock = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    for name, module in model.named_modules():
+        if name.endswith(".attn"):
+            if change == "processor":
+                module.set_processor(OwnProcessor())
+            else:
+                module.processor._attention_backend = "_native_math"
+    try:
+        negative = _negative(pipe, 5)
+        with nag.apply(pipe, **negative, **SETTINGS) as handle:
+            counts = []
+            for module in model.modules():
+                processor = getattr(module, "processor", None)
+                if isinstance(processor, nag.attention.NAGProcessor):
+                    processor.stock = CountingProcessor(processor.stock, counts)
+            _, calls = tpl.record(pipe, NAME, cfg=False)
+            assert handle.guided_calls == 2
+        blocks = len(model.joint_transformer_blocks) + len(model.single_transformer_blocks)
+        assert len(counts) == 2 * blocks * len(calls)  # negative and positive pass per block and call
+        with torch.no_grad():
+            for call in calls:
+                expected = tpl.naive_output(NAME, model, call["inputs"], negative, [0, 1])
+                torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
+    finally:
+        for name, module in model.named_modules():
+            if name in stock:
+                module.set_processor(stock[name])
+                vars(module.processor).pop("_attention_backend", None)
