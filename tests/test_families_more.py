@@ -19,9 +19,8 @@ NAMES = ["cogview4", "cogvideox", "hunyuanvideo"]
 # No NAG-aware fast path for these: `fast=True` runs the straightforward wrappers (each stock processor once
 # per branch), and the negative rows carry a copy of the image tokens through the blocks' MLPs.
 STRAIGHTFORWARD_ONLY = {
-    "cogview4": "CogView4AttnProcessor on whole negative rows: straightforward wrappers only",
     "cogvideox": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-}  # (HunyuanVideo has a fast path: the video stream at the stock batch, the negative text beside it)
+}  # (CogView4 and HunyuanVideo have fast paths: the image stream at the stock batch, the negative text beside it)
 SETTINGS = tpl.SETTINGS
 
 
