@@ -261,6 +261,36 @@ def hunyuanvideo_case(full: bool, text_len: int) -> Case:
                            "encoder_attention_mask": i["encoder_attention_mask"][-1:]})
 
 
+def cogview4_case(full: bool, text_len: int) -> Case:
+    """CogView4: one stream of blocks whose processor joins [text, image] with shared projections (output projection
+    included), modulation from the timestep and size conditions, no text mask (the pipeline passes none). The fast
+    path keeps the image at the stock batch through every block (the negative text beside it); ``fast=False``
+    carries whole negative rows [negative text, image copy] through the model. ``full``: the diffusers defaults (6B)
+    at 1024x1024."""
+    from diffusers import CogView4Transformer2DModel
+
+    if full:
+        config = dict()
+        side = 128  # 1024 px -> 128x128 latents -> 64x64 patches
+    else:
+        config = dict(num_layers=4, num_attention_heads=4, attention_head_dim=128, text_embed_dim=1024)
+        side = 64  # 32x32 patches
+    tokens = (side // 2) ** 2
+
+    def inputs(batch, device, dtype):
+        size = torch.tensor([[side * 8, side * 8]] * batch, device=device, dtype=dtype)
+        return dict(
+            hidden_states=_randn(batch, 16, side, side, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
+                                         dtype=dtype, seed=1),
+            timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
+            original_size=size, target_size=size, crop_coords=torch.zeros_like(size),
+        )
+
+    return Case("cogview4", f"CogView4 ({tokens} image + {text_len} text tokens)",
+                lambda: CogView4Transformer2DModel(**config), inputs, _text_negative)
+
+
 def hidream_case(full: bool) -> Case:
     """HiDream-I1: double-stream blocks over [image, text] (separate text projections), single-stream blocks over
     the [image, text] stream the model joins, mixture-of-experts feed-forwards; every block's text is [T5, last
@@ -452,6 +482,7 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "qwenimage": lambda: [qwenimage_case(full, 256)],
         "hunyuanvideo": lambda: [hunyuanvideo_case(full, 256)],
         "hidream": lambda: [hidream_case(full)],
+        "cogview4": lambda: [cogview4_case(full, 256)],
     }
     return [case for family in families for case in makers[family]()]
 
@@ -562,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream")
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,cogview4")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")
