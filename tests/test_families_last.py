@@ -15,7 +15,6 @@ import test_pipelines as tpl
 
 NAMES = ["cogvideox_i2v", "flux2_klein", "flux2_klein_inpaint", "lumina2"]
 STRAIGHTFORWARD_ONLY = {
-    "cogvideox_i2v": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
     "lumina2": "Lumina2AttnProcessor2_0 on whole negative rows of per-sample lengths: straightforward wrappers only",
 }
 SETTINGS = tpl.SETTINGS

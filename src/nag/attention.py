@@ -1466,7 +1466,10 @@ class FastRowsImageFirstAttentionNAG(RowsImageFirstAttentionNAG):
 
 # Processors that join [text, image] with shared projections (output projection included), whose fast path the
 # shared-rows class below serves: name -> how the rotary tables pair a head's features (``use_real_unbind_dim``).
-_SHARED_PROCESSORS = {"CogView4AttnProcessor": -2}
+_SHARED_PROCESSORS = {"CogView4AttnProcessor": -2, "CogVideoXAttnProcessor2_0": -1}
+# ... of which those that take a (rows, text) text mask and attend under its outer product with [text, image] (the
+# others take no mask in the fast path)
+_SHARED_TEXT_MASK_PROCESSORS = {"CogView4AttnProcessor"}
 
 
 def _shared_outer_mask(text_mask: torch.Tensor | None, rows: int, image_len: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -1479,10 +1482,11 @@ def _shared_outer_mask(text_mask: torch.Tensor | None, rows: int, image_len: int
 
 
 class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
-    """CogView4 fast path (``CogView4AttnProcessor`` on the default attention backend): the block runs on the stock
-    rows with the image stream at the stock batch (``Family.stock_image_entry``, ``Family.image_first_blocks``); the
-    negative rows' modulated text and their text mask arrive through ``runtime.scratch``, and their attention output
-    (after the shared output projection) leaves the same way. Every token is projected once; image->image attention
+    """CogView4 and CogVideoX fast path (``CogView4AttnProcessor``, ``CogVideoXAttnProcessor2_0`` on the default
+    attention backend): the block runs on the stock rows (``Family.image_first_blocks``; CogView4 keeps the image
+    stream at the stock batch from the patch embedding on, ``Family.stock_image_entry``); the negative rows' modulated
+    text (and CogView4's text mask) arrive through ``runtime.scratch``, and their attention output (after the shared
+    output projection) leaves the same way. Every token is projected once; image->image attention
     is computed once and merged by log-sum-exp with image->text attention (``Z+``) and image->negative-text attention
     (``Z-``), under the processor's mask (the outer product of ``[text mask, image ones]``, a float 0/1 mask that SDPA
     adds: see :func:`_guided_image_and_text_outer_mask`). Anything else takes the straightforward wrapper."""
@@ -1502,6 +1506,9 @@ class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
         dtype, (b, image_len), padded = text.dtype, hidden.shape[:2], text.shape[1]
         negative_rows = negative_text.shape[0]
         for mask in (arguments.get("attention_mask"), state["inputs"].get("attention_mask")):
+            if mask is not None and self.stock_kind not in _SHARED_TEXT_MASK_PROCESSORS:
+                raise NotImplementedError(f"NAG's fast path takes no attention mask in {type(attn).__name__} with "
+                                          f"{self.stock_kind}; apply NAG with fast=False to pass one")
             if mask is not None and (mask.ndim != 2 or mask.shape[-1] != padded):
                 raise ValueError(f"NAG expects a (batch, text tokens) attention mask of {padded} tokens in "
                                  f"{type(attn).__name__}, got shape {tuple(mask.shape)}")

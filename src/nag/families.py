@@ -154,6 +154,25 @@ def _cogview4_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torc
     return text + block.ff(normed) * gate.unsqueeze(1)
 
 
+def _cogvideox_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """CogVideoX block, negative text rows, before attention: the text's modulated norm (the last three of the block's
+    six modulation chunks)."""
+    norm = block.norm1
+    _, _, _, shift, scale, gate = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+    normed = norm.norm(text) * (1 + scale)[:, None, :] + shift[:, None, :]
+    return {"residual": text, "normed": normed, "gate": gate[:, None, :], "temb": temb}
+
+
+def _cogvideox_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): the gated residuals of attention and feed-forward (the
+    feed-forward acts on every token alone: the text's part of the block's joint feed-forward)."""
+    text = state["residual"] + state["gate"] * state["attention"]
+    norm = block.norm2
+    _, _, _, shift, scale, gate = norm.linear(norm.silu(state["temb"])).chunk(6, dim=1)
+    normed = norm.norm(text) * (1 + scale)[:, None, :] + shift[:, None, :]
+    return text + gate[:, None, :] * block.ff(normed)
+
+
 def _pad_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
     """Unbatched text position ids for a longer branch: the positions continue with the last step between
     the given ones (Flux: all zero, so zeros; Flux2: ``(0, 0, 0, l)``, so ``l`` counts on)."""
@@ -769,6 +788,10 @@ FAMILIES: dict[str, Family] = {
             layout="concat",
             row_kwargs=("timestep", "timestep_cond", "ofs"),
             text_length=_cogvideox_text_length,
+            # fast path: the blocks run on the stock rows, the negative text beside them (the patch embedding joins
+            # [text, video]: the negative rows keep their copy of the video between the blocks, no block computes on it)
+            image_first_blocks=r"transformer_blocks\.\d+",
+            single_block_text=(_cogvideox_text_start, _cogvideox_text_finish),
         ),
         # HunyuanVideo: [video, text] attention in double blocks (separate text projections) and single
         # blocks (shared projections); the token refiner makes the text depend on the timestep and on
