@@ -276,3 +276,68 @@ def test_cogview4_other_processor_or_backend_takes_the_straightforward_path(chan
     last_split = f"transformer_blocks.{blocks - 1}.attn1" not in straightforward  # (the image leaves it at 2 rows)
     assert seen["norm_out"][0][0] == seen["proj_out"][0][0] == (2 if last_split else 3)
     assert counts == {name: 2 for name in straightforward}
+
+
+# ---------------------------------------------------------------------------------------------
+# CogVideoX: the fast path runs the blocks on the stock rows
+# ---------------------------------------------------------------------------------------------
+
+
+class OwnCogVideoXProcessor:
+    """A processor of the user's own (the stock math, another class)."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+        self._inner = CogVideoXAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+@pytest.mark.parametrize("change", [None, "backend", "transformer_blocks.0.attn1"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_cogvideox_fast_path_runs_the_blocks_on_the_stock_rows(fast, change):
+    """Batch of 2, one guided row, a negative longer than the call's text: with the fast path every block's
+    feed-forward sees the 2 stock rows [text, video] and the negative row's text alone, and no stock processor runs;
+    a block with a processor of the user's own, or another attention backend, takes the straightforward wrapper on
+    whole rows (the stock processor once per branch). Every variant agrees with the naive reference."""
+    model, inputs = tpl.denoiser_batch("cogvideox")
+    negative = tpl.random_negative("cogvideox", inputs, 5, rows=1)
+    stock = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    for name, module in model.named_modules():
+        if change == "backend" and name.endswith(".attn1"):
+            module.processor._attention_backend = "_native_math"
+        elif name == change:
+            module.set_processor(OwnCogVideoXProcessor())
+    seen, handles = {}, []
+    try:
+        with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
+                                            positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+            counts = _count_stock_calls(model)
+            for name, module in model.named_modules():
+                if name.endswith(".ff"):
+                    def record(module, args, _name=name):
+                        seen.setdefault(_name, []).append(tuple(args[0].shape[:2]))
+                    handles.append(module.register_forward_pre_hook(record))
+            with torch.no_grad():
+                out = model(**inputs, return_dict=False)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in model.named_modules():
+            if name in stock:
+                module.set_processor(stock[name])
+                vars(module.processor).pop("_attention_backend", None)
+    with torch.no_grad():
+        expected = tpl.naive_output("cogvideox", model, inputs, negative, cond_rows=[1])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    text = inputs["encoder_hidden_states"].shape[1] + 5
+    frames, _, height, width = inputs["hidden_states"].shape[1:]
+    joined = text + frames * (height // 2) * (width // 2)
+    straightforward = {f"transformer_blocks.{i}.attn1" for i in range(len(model.transformer_blocks))
+                       if not fast or change in ("backend", f"transformer_blocks.{i}.attn1")}
+    for i in range(len(model.transformer_blocks)):
+        split = f"transformer_blocks.{i}.attn1" not in straightforward
+        assert sorted(seen[f"transformer_blocks.{i}.ff"]) == ([(1, text), (2, joined)] if split else [(3, joined)])
+    assert counts == {name: 2 for name in straightforward}
