@@ -265,7 +265,7 @@ def cogview4_case(full: bool, text_len: int) -> Case:
     """CogView4: one stream of blocks whose processor joins [text, image] with shared projections (output projection
     included), modulation from the timestep and size conditions, no text mask (the pipeline passes none). The fast
     path keeps the image at the stock batch through every block (the negative text beside it); ``fast=False``
-    carries whole negative rows [negative text, image copy] through the model. ``full``: the diffusers defaults (6B)
+    carries whole negative rows [negative text, image copy] through the model. ``full``: the diffusers defaults (2.8B)
     at 1024x1024."""
     from diffusers import CogView4Transformer2DModel
 

@@ -66,8 +66,8 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("single_projected", False): SingleProjectedAttentionNAG,
     ("single_projected", True): SingleProjectedAttentionNAG,
     ("joint_rows_shared", False): RowsSharedAttentionNAG,
-    # fast path where the family runs the blocks on the stock rows with the negative text beside them (CogView4's
-    # image_first_blocks); blocks on whole negative rows take the straightforward wrapper
+    # fast path where the family runs the blocks on the stock rows with the negative text beside them (CogView4's and
+    # CogVideoX's image_first_blocks); blocks on whole negative rows take the straightforward wrapper
     ("joint_rows_shared", True): FastRowsSharedAttentionNAG,
     ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
     ("joint_rows_image_first", True): FastRowsImageFirstAttentionNAG,
