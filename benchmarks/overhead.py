@@ -321,6 +321,65 @@ def hunyuanvideo_case(full: bool, text_len: int) -> Case:
                            "encoder_attention_mask": i["encoder_attention_mask"][-1:]})
 
 
+def cogview4_case(full: bool, text_len: int) -> Case:
+    """CogView4: one stream of blocks whose processor joins [text, image] with shared projections (output projection
+    included), modulation from the timestep and size conditions, no text mask (the pipeline passes none). The fast
+    path keeps the image at the stock batch through every block (the negative text beside it); ``fast=False``
+    carries whole negative rows [negative text, image copy] through the model. ``full``: the diffusers defaults (2.8B)
+    at 1024x1024."""
+    from diffusers import CogView4Transformer2DModel
+
+    if full:
+        config = dict()
+        side = 128  # 1024 px -> 128x128 latents -> 64x64 patches
+    else:
+        config = dict(num_layers=4, num_attention_heads=4, attention_head_dim=128, text_embed_dim=1024)
+        side = 64  # 32x32 patches
+    tokens = (side // 2) ** 2
+
+    def inputs(batch, device, dtype):
+        size = torch.tensor([[side * 8, side * 8]] * batch, device=device, dtype=dtype)
+        return dict(
+            hidden_states=_randn(batch, 16, side, side, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
+                                         dtype=dtype, seed=1),
+            timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
+            original_size=size, target_size=size, crop_coords=torch.zeros_like(size),
+        )
+
+    return Case("cogview4", f"CogView4 ({tokens} image + {text_len} text tokens)",
+                lambda: CogView4Transformer2DModel(**config), inputs, _text_negative)
+
+
+def cogvideox_case(full: bool) -> Case:
+    """CogVideoX (2b layout, the diffusers defaults): the model joins [text, video] for its patch embedding (sincos
+    positions over both: the text is ``max_text_seq_length`` = 226 tokens long) and every block's processor joins them
+    again with shared projections; timestep-only modulation, no mask. The fast path runs the blocks on the stock rows
+    (the negative text beside them); ``fast=False`` carries whole negative rows [negative text, video copy] through
+    every block. ``full``: the diffusers defaults (2b) at 480x720, 49 frames."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    if full:
+        config = dict()
+        frames, height, width = 13, 60, 90  # 49 frames at 480x720 -> 13 latent frames of 30x45 patches
+    else:
+        config = dict(num_attention_heads=4, attention_head_dim=128, num_layers=4, text_embed_dim=1024)
+        frames, height, width = 4, 32, 32  # 4 latent frames of 16x16 patches
+    tokens = frames * (height // 2) * (width // 2)
+    text_len = 226
+
+    def inputs(batch, device, dtype):
+        return dict(
+            hidden_states=_randn(batch, frames, 16, height, width, device=device, dtype=dtype),
+            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
+                                         dtype=dtype, seed=1),
+            timestep=torch.full((batch,), 500, device=device, dtype=torch.long),
+        )
+
+    return Case("cogvideox", f"CogVideoX ({tokens} video + {text_len} text tokens)",
+                lambda: CogVideoXTransformer3DModel(**config), inputs, _text_negative)
+
+
 def hidream_case(full: bool) -> Case:
     """HiDream-I1: double-stream blocks over [image, text] (separate text projections), single-stream blocks over
     the [image, text] stream the model joins, mixture-of-experts feed-forwards; every block's text is [T5, last
@@ -514,6 +573,8 @@ def cases(preset: str, families: list[str]) -> list[Case]:
         "hidream": lambda: [hidream_case(full)],
         "lumina2": lambda: [lumina2_case(full, 256, 200)],
         "auraflow": lambda: [auraflow_case(full, 256)],
+        "cogview4": lambda: [cogview4_case(full, 256)],
+        "cogvideox": lambda: [cogvideox_case(full)],
     }
     return [case for family in families for case in makers[family]()]
 
@@ -624,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2,auraflow")
+    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2,auraflow,cogview4,cogvideox")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")

@@ -14,9 +14,7 @@ import pytest
 import test_pipelines as tpl
 
 NAMES = ["cogvideox_i2v", "flux2_klein", "flux2_klein_inpaint", "lumina2"]
-STRAIGHTFORWARD_ONLY = {
-    "cogvideox_i2v": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-}  # (Lumina2 has a fast path: the joint layers run on the stock rows with each negative caption beside them)
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}  # (every family here has a fast path)
 SETTINGS = tpl.SETTINGS
 
 

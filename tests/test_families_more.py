@@ -16,12 +16,9 @@ import test_pipelines as tpl
 import tiny_pipelines as tp
 
 NAMES = ["cogview4", "cogvideox", "hunyuanvideo"]
-# No NAG-aware fast path for these: `fast=True` runs the straightforward wrappers (each stock processor once
-# per branch), and the negative rows carry a copy of the image tokens through the blocks' MLPs.
-STRAIGHTFORWARD_ONLY = {
-    "cogview4": "CogView4AttnProcessor on whole negative rows: straightforward wrappers only",
-    "cogvideox": "CogVideoXAttnProcessor2_0 on whole negative rows: straightforward wrappers only",
-}  # (HunyuanVideo has a fast path: the video stream at the stock batch, the negative text beside it)
+# Configurations without a NAG-aware fast path (none here: every family's blocks run on the stock rows with fast=True,
+# the negative text beside them; no stock processor is called in guided calls).
+STRAIGHTFORWARD_ONLY: dict[str, str] = {}
 SETTINGS = tpl.SETTINGS
 
 
@@ -177,4 +174,170 @@ def test_hunyuanvideo_other_processor_or_backend_takes_the_straightforward_path(
     straightforward = {f"transformer_blocks.{i}.attn" for i in range(len(model.transformer_blocks))}
     straightforward |= {f"single_transformer_blocks.{i}.attn" for i in range(len(model.single_transformer_blocks))
                         if change in ("backend", f"single_transformer_blocks.{i}.attn")}
+    assert counts == {name: 2 for name in straightforward}
+
+
+# ---------------------------------------------------------------------------------------------
+# CogView4: the fast path keeps the image at the stock batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _cogview4_guided_call(fast, length_delta=5):
+    """One denoiser call (row 0 stock, row 1 guided by a negative ``length_delta`` tokens longer than the call's text,
+    partial masks on both): the output, the naive reference's, ``(rows, tokens)`` of every call to the patch
+    embedding's image projection, the blocks' feed-forwards, the final norm and the output projection, and the stock
+    processors' calls."""
+    model, inputs = tpl.denoiser_batch("cogview4")
+    negative = tpl.random_negative("cogview4", inputs, length_delta, rows=1)
+    watched = ("patch_embed.proj", "norm_out", "proj_out", *(f"transformer_blocks.{i}.ff"
+                                                             for i in range(len(model.transformer_blocks))))
+    seen, handles = {}, []
+    with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
+                                        positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+        counts = _count_stock_calls(model)
+        for name, module in model.named_modules():
+            if name in watched:  # (after NAG's hooks: the inputs the modules compute on)
+                def record(module, args, _name=name):
+                    seen.setdefault(_name, []).append(tuple(args[0].shape[:2]))
+                handles.append(module.register_forward_pre_hook(record))
+        try:
+            with torch.no_grad():
+                out = model(**inputs, return_dict=False)[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+    with torch.no_grad():
+        expected = tpl.naive_output("cogview4", model, inputs, negative, cond_rows=[1])
+        stock = model(**inputs, return_dict=False)[0]
+    return model, inputs, out, expected, stock, seen, counts
+
+
+@pytest.mark.parametrize("length_delta", [-3, 5])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_cogview4_fast_path_runs_the_image_at_the_stock_batch(fast, length_delta):
+    """Batch of 2, one guided row, partial masks: with the fast path every image-side module sees the 2 stock rows
+    only, and the negative row's text passes the feed-forward on its own; the straightforward path carries a third,
+    whole negative row. Both agree with the naive reference; the stock row is stock."""
+    model, inputs, out, expected, stock, seen, counts = _cogview4_guided_call(fast, length_delta)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)
+    image = inputs["hidden_states"].shape[2:].numel() // model.config.patch_size ** 2
+    text = max(inputs["encoder_hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1] + length_delta)
+    rows = 2 if fast else 3
+    assert seen["patch_embed.proj"] == [(rows, image)]
+    assert seen["norm_out"] == [(rows, image)] and seen["proj_out"] == [(2 if fast else 3, image)]
+    for i in range(len(model.transformer_blocks)):
+        calls = [(1, text), (2, image), (2, text)] if fast else [(3, image), (3, text)]
+        assert sorted(seen[f"transformer_blocks.{i}.ff"]) == sorted(calls)
+    assert (sum(counts.values()) == 0) == fast
+
+
+class OwnCogView4Processor:
+    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
+
+        self._inner = CogView4AttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+@pytest.mark.parametrize("change", ["backend", "transformer_blocks.0.attn1", "transformer_blocks.1.attn1"])
+def test_cogview4_other_processor_or_backend_takes_the_straightforward_path(change):
+    """fast=True gives the negative rows their own copy of the image where the fast attention cannot serve them: with
+    a processor of the user's own in any block, or another attention backend, the image enters the blocks at the whole
+    batch; blocks whose attention the fast path serves still run on the stock rows (the image copied for the negative
+    rows again before a block it cannot serve). Those it cannot serve call their stock processor once per branch; the
+    result agrees with the naive reference."""
+    model, _ = tpl.denoiser_batch("cogview4")
+    stock = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    for name, module in model.named_modules():
+        if change == "backend" and name.endswith(".attn1"):
+            module.processor._attention_backend = "_native_math"
+        elif name == change:
+            module.set_processor(OwnCogView4Processor())
+    try:
+        _, _, out, expected, _, seen, counts = _cogview4_guided_call(fast=True)
+    finally:
+        for name, module in model.named_modules():
+            if name in stock:
+                module.set_processor(stock[name])
+                vars(module.processor).pop("_attention_backend", None)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert seen["patch_embed.proj"][0][0] == 3
+    blocks = len(model.transformer_blocks)
+    straightforward = {f"transformer_blocks.{i}.attn1" for i in range(blocks)
+                       if change in ("backend", f"transformer_blocks.{i}.attn1")}
+    for i in range(blocks):
+        rows = [rows for rows, _ in sorted(seen[f"transformer_blocks.{i}.ff"])]
+        assert rows == ([3, 3] if f"transformer_blocks.{i}.attn1" in straightforward else [1, 2, 2])
+    last_split = f"transformer_blocks.{blocks - 1}.attn1" not in straightforward  # (the image leaves it at 2 rows)
+    assert seen["norm_out"][0][0] == seen["proj_out"][0][0] == (2 if last_split else 3)
+    assert counts == {name: 2 for name in straightforward}
+
+
+# ---------------------------------------------------------------------------------------------
+# CogVideoX: the fast path runs the blocks on the stock rows
+# ---------------------------------------------------------------------------------------------
+
+
+class OwnCogVideoXProcessor:
+    """A processor of the user's own (the stock math, another class)."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+        self._inner = CogVideoXAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+@pytest.mark.parametrize("change", [None, "backend", "transformer_blocks.0.attn1"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_cogvideox_fast_path_runs_the_blocks_on_the_stock_rows(fast, change):
+    """Batch of 2, one guided row, a negative longer than the call's text: with the fast path every block's
+    feed-forward sees the 2 stock rows [text, video] and the negative row's text alone, and no stock processor runs;
+    a block with a processor of the user's own, or another attention backend, takes the straightforward wrapper on
+    whole rows (the stock processor once per branch). Every variant agrees with the naive reference."""
+    model, inputs = tpl.denoiser_batch("cogvideox")
+    negative = tpl.random_negative("cogvideox", inputs, 5, rows=1)
+    stock = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    for name, module in model.named_modules():
+        if change == "backend" and name.endswith(".attn1"):
+            module.processor._attention_backend = "_native_math"
+        elif name == change:
+            module.set_processor(OwnCogVideoXProcessor())
+    seen, handles = {}, []
+    try:
+        with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
+                                            positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+            counts = _count_stock_calls(model)
+            for name, module in model.named_modules():
+                if name.endswith(".ff"):
+                    def record(module, args, _name=name):
+                        seen.setdefault(_name, []).append(tuple(args[0].shape[:2]))
+                    handles.append(module.register_forward_pre_hook(record))
+            with torch.no_grad():
+                out = model(**inputs, return_dict=False)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in model.named_modules():
+            if name in stock:
+                module.set_processor(stock[name])
+                vars(module.processor).pop("_attention_backend", None)
+    with torch.no_grad():
+        expected = tpl.naive_output("cogvideox", model, inputs, negative, cond_rows=[1])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    text = inputs["encoder_hidden_states"].shape[1] + 5
+    frames, _, height, width = inputs["hidden_states"].shape[1:]
+    joined = text + frames * (height // 2) * (width // 2)
+    straightforward = {f"transformer_blocks.{i}.attn1" for i in range(len(model.transformer_blocks))
+                       if not fast or change in ("backend", f"transformer_blocks.{i}.attn1")}
+    for i in range(len(model.transformer_blocks)):
+        split = f"transformer_blocks.{i}.attn1" not in straightforward
+        assert sorted(seen[f"transformer_blocks.{i}.ff"]) == ([(1, text), (2, joined)] if split else [(3, joined)])
     assert counts == {name: 2 for name in straightforward}

@@ -1598,6 +1598,80 @@ class FastRowsImageFirstAttentionNAG(RowsImageFirstAttentionNAG):
         return z, text_out
 
 
+# Processors that join [text, image] with shared projections (output projection included), whose fast path the
+# shared-rows class below serves: name -> how the rotary tables pair a head's features (``use_real_unbind_dim``).
+_SHARED_PROCESSORS = {"CogView4AttnProcessor": -2, "CogVideoXAttnProcessor2_0": -1}
+# ... of which those that take a (rows, text) text mask and attend under its outer product with [text, image] (the
+# others take no mask in the fast path)
+_SHARED_TEXT_MASK_PROCESSORS = {"CogView4AttnProcessor"}
+
+
+def _shared_outer_mask(text_mask: torch.Tensor | None, rows: int, image_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The ``(rows, text + image)`` 0/1 mask (in the queries' ``dtype``, as the processor casts it) whose outer product
+    ``CogView4AttnProcessor`` builds from its ``(rows, text)`` text mask (every image token valid)."""
+    if text_mask is None:
+        return None
+    valid = (_rows_of(text_mask, rows).float() > 0).to(dtype)
+    return torch.cat([valid, valid.new_ones(rows, image_len)], dim=1)
+
+
+class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
+    """CogView4 and CogVideoX fast path (``CogView4AttnProcessor``, ``CogVideoXAttnProcessor2_0`` on the default
+    attention backend): the block runs on the stock rows (``Family.image_first_blocks``; CogView4 keeps the image
+    stream at the stock batch from the patch embedding on, ``Family.stock_image_entry``); the negative rows' modulated
+    text (and CogView4's text mask) arrive through ``runtime.scratch``, and their attention output (after the shared
+    output projection) leaves the same way. Every token is projected once; image->image attention
+    is computed once and merged by log-sum-exp with image->text attention (``Z+``) and image->negative-text attention
+    (``Z-``), under the processor's mask (the outer product of ``[text mask, image ones]``, a float 0/1 mask that SDPA
+    adds: see :func:`_guided_image_and_text_outer_mask`). Anything else takes the straightforward wrapper."""
+
+    def takes_split_text(self) -> bool:
+        """Whether the block hooks may take the negative rows' image out of the blocks (this path can serve them)."""
+        return self.stock_kind in _SHARED_PROCESSORS and _default_backend(self.stock)
+
+    def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
+        state = self.runtime.scratch.get("single_block")
+        if state is None:
+            return super().guided(attn, call, arguments)
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        hidden, text = arguments["hidden_states"], arguments["encoder_hidden_states"]
+        negative_text = state["normed"]
+        dtype, (b, image_len), padded = text.dtype, hidden.shape[:2], text.shape[1]
+        negative_rows = negative_text.shape[0]
+        for mask in (arguments.get("attention_mask"), state["inputs"].get("attention_mask")):
+            if mask is not None and self.stock_kind not in _SHARED_TEXT_MASK_PROCESSORS:
+                raise NotImplementedError(f"NAG's fast path takes no attention mask in {type(attn).__name__} with "
+                                          f"{self.stock_kind}; apply NAG with fast=False to pass one")
+            if mask is not None and (mask.ndim != 2 or mask.shape[-1] != padded):
+                raise ValueError(f"NAG expects a (batch, text tokens) attention mask of {padded} tokens in "
+                                 f"{type(attn).__name__}, got shape {tuple(mask.shape)}")
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            q, k, v = _image_qkv(attn, x)
+            return q.to(dtype), k.to(dtype), v
+
+        qi, ki, vi = qkv(hidden)
+        rotary = arguments.get("image_rotary_emb")
+        if rotary is not None:
+            unbind = _SHARED_PROCESSORS[self.stock_kind]
+            qi, ki = (apply_rotary_emb(x, rotary, use_real_unbind_dim=unbind, sequence_dim=1) for x in (qi, ki))
+        # a missing mask is an all-ones one (the same +1 on every key of a query: no change)
+        positive_mask = _shared_outer_mask(arguments.get("attention_mask"), b, image_len, dtype)
+        negative_mask = _shared_outer_mask(state["inputs"].get("attention_mask"), negative_rows, image_len, dtype)
+        if (positive_mask is None) != (negative_mask is None):
+            positive_mask = positive_mask if positive_mask is not None else _shared_outer_mask(
+                text.new_ones(b, padded), b, image_len, dtype)
+            negative_mask = negative_mask if negative_mask is not None else _shared_outer_mask(
+                text.new_ones(negative_rows, padded), negative_rows, image_len, dtype)
+        z, text_positive, text_negative = _guided_image_and_text_outer_mask(
+            self, call, (qi, ki, vi), qkv(text), qkv(negative_text),
+            (call.positive_text_len, call.negative_text_len), positive_mask, negative_mask,
+        )
+        state["attention"] = pad_tokens(_project_out(attn, text_negative.to(dtype)), padded)
+        return _project_out(attn, z.to(dtype)), pad_tokens(_project_out(attn, text_positive.to(dtype)), padded)
+
+
 # HiDream-I1 fast paths (``HiDreamAttnProcessor``): the blocks run on the stock rows and the negative text beside them
 # (``Family.image_first_blocks`` for the double-stream blocks, ``Family.sample_blocks`` for the single-stream ones).
 _HIDREAM_PROCESSORS = {"HiDreamAttnProcessor"}

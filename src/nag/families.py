@@ -32,6 +32,7 @@ from .attention import (
     FastRowsJointAttentionNAG,
     FastRowsPerSampleAttentionNAG,
     FastRowsPerSampleImageFirstAttentionNAG,
+    FastRowsSharedAttentionNAG,
     FastSingleProjectedAttentionNAG,
     FastSingleStreamAttentionNAG,
     FusedSingleAttentionNAG,
@@ -68,7 +69,9 @@ _ROLE_CLASSES: dict[tuple[str, bool], type[NAGProcessor]] = {
     ("single_projected", False): SingleProjectedAttentionNAG,
     ("single_projected", True): FastSingleProjectedAttentionNAG,
     ("joint_rows_shared", False): RowsSharedAttentionNAG,
-    ("joint_rows_shared", True): RowsSharedAttentionNAG,
+    # fast path where the family runs the blocks on the stock rows with the negative text beside them (CogView4's and
+    # CogVideoX's image_first_blocks); blocks on whole negative rows take the straightforward wrapper
+    ("joint_rows_shared", True): FastRowsSharedAttentionNAG,
     ("joint_rows_image_first", False): RowsImageFirstAttentionNAG,
     ("joint_rows_image_first", True): FastRowsImageFirstAttentionNAG,
     ("joint_rows_per_sample", False): RowsPerSampleAttentionNAG,
@@ -134,6 +137,43 @@ def _hunyuanvideo_single_text_finish(block: torch.nn.Module, state: dict[str, An
     """... after attention: the block's output projection, gate and residual."""
     out = block.proj_out(torch.cat([state["attention"], state["mlp"]], dim=2))
     return state["gate"].unsqueeze(1) * out + state["residual"]
+
+
+def _cogview4_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """CogView4 block, negative text rows, before attention: the text's modulated norm (the text chunks, odd ones, of
+    the block's 12 modulation chunks)."""
+    norm = block.norm1
+    chunks = norm.linear(temb).chunk(12, dim=1)
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = chunks[1::2]
+    normed = norm.norm_context(text).to(dtype=text.dtype) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return {"residual": text, "normed": normed, "gate": gate, "mlp": (shift_mlp, scale_mlp, gate_mlp)}
+
+
+def _cogview4_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): the gated residuals of attention and feed-forward."""
+    text = state["residual"] + state["attention"] * state["gate"].unsqueeze(1)
+    shift, scale, gate = state["mlp"]
+    normed = block.norm2_context(text) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return text + block.ff(normed) * gate.unsqueeze(1)
+
+
+def _cogvideox_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> dict[str, Any]:
+    """CogVideoX block, negative text rows, before attention: the text's modulated norm (the last three of the block's
+    six modulation chunks)."""
+    norm = block.norm1
+    _, _, _, shift, scale, gate = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+    normed = norm.norm(text) * (1 + scale)[:, None, :] + shift[:, None, :]
+    return {"residual": text, "normed": normed, "gate": gate[:, None, :], "temb": temb}
+
+
+def _cogvideox_text_finish(block: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
+    """... after attention (its output projection included): the gated residuals of attention and feed-forward (the
+    feed-forward acts on every token alone: the text's part of the block's joint feed-forward)."""
+    text = state["residual"] + state["gate"] * state["attention"]
+    norm = block.norm2
+    _, _, _, shift, scale, gate = norm.linear(norm.silu(state["temb"])).chunk(6, dim=1)
+    normed = norm.norm(text) * (1 + scale)[:, None, :] + shift[:, None, :]
+    return text + gate[:, None, :] * block.ff(normed)
 
 
 def _pad_text_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
@@ -773,6 +813,15 @@ FAMILIES: dict[str, Family] = {
             mask_kwarg="attention_mask",
             negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
             row_kwargs=("timestep", "original_size", "target_size", "crop_coords"),
+            # fast path: the image stream at the stock batch from the patch embedding to the output projection (the
+            # final norm's modulation takes the stock rows of the conditioning); the blocks run on the stock rows, the
+            # negative text beside them; the negative rows get copies of the guided rows' output only after the
+            # output projection
+            image_norms=r"norm_out",
+            stock_image_entry=r"patch_embed",
+            image_first_blocks=r"transformer_blocks\.\d+",
+            single_block_text=(_cogview4_text_start, _cogview4_text_finish),
+            stock_row_modules=r"proj_out",
         ),
         # CogVideoX: the model joins [text, video] for its patch embedding (with sincos positions over
         # both in the 2b models: the text must then be `max_text_seq_length` long) and splits them
@@ -785,6 +834,10 @@ FAMILIES: dict[str, Family] = {
             layout="concat",
             row_kwargs=("timestep", "timestep_cond", "ofs"),
             text_length=_cogvideox_text_length,
+            # fast path: the blocks run on the stock rows, the negative text beside them (the patch embedding joins
+            # [text, video]: the negative rows keep their copy of the video between the blocks, no block computes on it)
+            image_first_blocks=r"transformer_blocks\.\d+",
+            single_block_text=(_cogvideox_text_start, _cogvideox_text_finish),
         ),
         # HunyuanVideo: [video, text] attention in double blocks (separate text projections) and single
         # blocks (shared projections); the token refiner makes the text depend on the timestep and on
