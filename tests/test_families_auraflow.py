@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
 
 import nag
 import test_pipelines as tpl
@@ -78,33 +79,6 @@ def test_fast_path_never_processes_the_negative_rows_image_tokens(length_delta):
             assert counter.seen["single_ff"] == [(4, text + image)] * single * steps
 
 
-class CountingProcessor:
-    """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's) and
-    counts its calls."""
-
-    def __init__(self, stock, counts):
-        self._stock, self._counts = stock, counts
-
-    def __call__(self, *args, **kwargs):
-        self._counts.append(1)
-        return self._stock(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._stock, name)
-
-
-class OwnProcessor:
-    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
-
-    def __init__(self):
-        from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
-
-        self._inner = AuraFlowAttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        return self._inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-
-
 @pytest.mark.parametrize("change", ["processor", "backend"])
 def test_other_processor_or_backend_takes_the_straightforward_path(change):
     pipe = tpl.pipeline(NAME)
@@ -113,17 +87,13 @@ def test_other_processor_or_backend_takes_the_straightforward_path(change):
     for name, module in model.named_modules():
         if name.endswith(".attn"):
             if change == "processor":
-                module.set_processor(OwnProcessor())
+                module.set_processor(tpl.own_processor(AuraFlowAttnProcessor2_0))
             else:
                 module.processor._attention_backend = "_native_math"
     try:
         negative = _negative(pipe, 5)
         with nag.apply(pipe, **negative, **SETTINGS) as handle:
-            counts = []
-            for module in model.modules():
-                processor = getattr(module, "processor", None)
-                if isinstance(processor, nag.attention.NAGProcessor):
-                    processor.stock = CountingProcessor(processor.stock, counts)
+            counts = tpl.count_stock_calls(model)
             _, calls = tpl.record(pipe, NAME, cfg=False)
             assert handle.guided_calls == 2
         blocks = len(model.joint_transformer_blocks) + len(model.single_transformer_blocks)

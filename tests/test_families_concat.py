@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 import nag
 import test_pipelines as tpl
@@ -43,30 +44,6 @@ SETTINGS = tpl.SETTINGS
 # (rows, text + image) mask. The pipeline's mask is float 0/1, which SDPA adds to the scores (+1 on valid-valid
 # pairs); a boolean one masks. The fast path takes both whenever the image part is all ones (True); other masks take
 # the straightforward wrappers.
-
-
-class CountingProcessor:
-    """A stock processor that counts its calls (NAG still sees the stock processor's kind)."""
-
-    def __init__(self, stock, counts):
-        self._stock, self._counts = stock, counts
-
-    def __call__(self, *args, **kwargs):
-        self._counts.append(1)
-        return self._stock(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._stock, name)
-
-
-def _count_stock_calls(model):
-    """Put a counter around the stock processor inside every NAG wrapper; returns the list it appends to."""
-    counts = []
-    for module in model.modules():
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, nag.attention.NAGProcessor):
-            processor.stock = CountingProcessor(processor.stock, counts)
-    return counts
 
 
 def chroma_mask(mask, form, text_len):
@@ -110,7 +87,7 @@ def test_chroma_mask_forms_agree_with_naive_implementation(form, guided):
         for fast in (True, False):
             with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
                                                 positive_reference=inputs["encoder_hidden_states"][guided], **SETTINGS):
-                counts = _count_stock_calls(model)
+                counts = tpl.count_stock_calls(model)
                 with torch.no_grad():
                     outputs[fast] = model(**inputs, return_dict=False)[0]
             assert (len(counts) == 0) == (fast and fast_path), (fast, len(counts))
@@ -127,18 +104,6 @@ def test_chroma_mask_forms_agree_with_naive_implementation(form, guided):
         assert not isinstance(value, torch.Tensor) or torch.equal(inputs[key], value), key
 
 
-class OwnProcessor:
-    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
-
-    def __init__(self):
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-        self._inner = FluxAttnProcessor()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-
-
 @pytest.mark.parametrize("change", ["processor", "backend"])
 def test_chroma_other_processor_or_backend_takes_the_straightforward_path(change):
     """fast=True falls back to the straightforward wrappers (whole negative rows through the single blocks, each
@@ -149,14 +114,14 @@ def test_chroma_other_processor_or_backend_takes_the_straightforward_path(change
     for name, module in model.named_modules():
         if name in stock and name.endswith(".attn"):
             if change == "processor":
-                module.set_processor(OwnProcessor())
+                module.set_processor(tpl.own_processor(FluxAttnProcessor))
             else:
                 module.processor._attention_backend = "_native_math"
     try:
         negative = tpl.random_negative("chroma", inputs, 5, rows=1)
         with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()},
                                             positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
-            counts = _count_stock_calls(model)
+            counts = tpl.count_stock_calls(model)
             with torch.no_grad():
                 out = model(**inputs, return_dict=False)[0]
         blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)

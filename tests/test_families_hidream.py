@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.transformers.transformer_hidream_image import HiDreamAttnProcessor
 
 import naive_nag
 import nag
@@ -114,7 +115,7 @@ def test_agrees_with_naive_implementation(name, fast, cfg):
     for kind, arguments, negative, size in cases:
         _, stock_calls = tpl.record(pipe, name, cfg=cfg, **size)
         with nag.apply(pipe, **arguments, **SETTINGS, fast=fast) as handle:
-            counts = _count_stock_calls(model)
+            counts = tpl.count_stock_calls(model)
             _, calls = tpl.record(pipe, name, cfg=cfg, **size)
             assert handle.guided_calls == 2, kind
         assert len(calls) == 2 and calls[0]["output"].shape[0] == rows, kind
@@ -147,7 +148,7 @@ def test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
     keys = {name: key if key != "encoder_hidden_states_t5" else "encoder_hidden_states" for name, key in EMBED_NAMES.items()}
     with nag.denoiser.apply_to_denoiser(model, {keys[k]: v for k, v in negative.items()}, fast=fast,
                                         positive_reference=inputs["encoder_hidden_states_t5"][1:], **SETTINGS):
-        counts = _count_stock_calls(model)
+        counts = tpl.count_stock_calls(model)
         with torch.no_grad():
             out = model(**inputs, return_dict=False)[0]
     assert (len(counts) == 0) == fast
@@ -265,43 +266,6 @@ def test_fast_path_never_processes_the_negative_rows_image_tokens(cfg):
         assert seen == {key: sorted(value * steps) for key, value in expected.items()}, fast
 
 
-class CountingProcessor:
-    """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's) and
-    counts its calls."""
-
-    def __init__(self, stock, counts):
-        self._stock, self._counts = stock, counts
-
-    def __call__(self, *args, **kwargs):
-        self._counts.append(1)
-        return self._stock(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._stock, name)
-
-
-def _count_stock_calls(model):
-    """Put a counter around the stock processor inside every NAG wrapper; returns the list it appends to."""
-    counts = []
-    for module in model.modules():
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, nag.attention.NAGProcessor):
-            processor.stock = CountingProcessor(processor.stock, counts)
-    return counts
-
-
-class OwnProcessor:
-    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
-
-    def __init__(self):
-        from diffusers.models.transformers.transformer_hidream_image import HiDreamAttnProcessor
-
-        self._inner = HiDreamAttnProcessor()
-
-    def __call__(self, attn, hidden_states, hidden_states_masks=None, encoder_hidden_states=None, image_rotary_emb=None):
-        return self._inner(attn, hidden_states, hidden_states_masks, encoder_hidden_states, image_rotary_emb)
-
-
 @pytest.mark.parametrize("change", ["processor", "backend"])
 def test_other_processor_or_backend_takes_the_straightforward_path(change):
     """fast=True falls back to the straightforward wrappers (whole negative rows through the blocks, each stock
@@ -313,13 +277,13 @@ def test_other_processor_or_backend_takes_the_straightforward_path(change):
     for name, module in model.named_modules():
         if name.endswith(".attn1"):
             if change == "processor":
-                module.set_processor(OwnProcessor())
+                module.set_processor(tpl.own_processor(HiDreamAttnProcessor))
             else:
                 module.processor._attention_backend = "_native_math"
     try:
         encoded = encode(pipe, NEGATIVES)
         with nag.apply(pipe, list(NEGATIVES), **SETTINGS) as handle:
-            counts = _count_stock_calls(model)
+            counts = tpl.count_stock_calls(model)
             _, calls = tpl.record(pipe, NAME, **NON_SQUARE)
             assert handle.guided_calls == 2
         layers = len(model.double_stream_blocks) + len(model.single_stream_blocks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
 
 import nag
 import test_pipelines as tpl
@@ -81,35 +82,6 @@ def test_fast_path_never_processes_the_negative_rows_image_tokens(length_delta):
             assert counter.seen["feed_forward"] == [(4, full)] * layers * steps
 
 
-class CountingProcessor:
-    """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's) and
-    counts its calls."""
-
-    def __init__(self, stock, counts):
-        self._stock, self._counts = stock, counts
-
-    def __call__(self, *args, **kwargs):
-        self._counts.append(1)
-        return self._stock(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._stock, name)
-
-
-class OwnProcessor:
-    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
-
-    def __init__(self):
-        from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
-
-        self._inner = Lumina2AttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
-                 base_sequence_length=None):
-        return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                           base_sequence_length)
-
-
 @pytest.mark.parametrize("change", ["processor", "backend"])
 def test_other_processor_or_backend_takes_the_straightforward_path(change):
     pipe = tpl.pipeline(NAME)
@@ -118,17 +90,13 @@ def test_other_processor_or_backend_takes_the_straightforward_path(change):
     for name, module in model.named_modules():
         if name.startswith("layers.") and name.endswith(".attn"):
             if change == "processor":
-                module.set_processor(OwnProcessor())
+                module.set_processor(tpl.own_processor(Lumina2AttnProcessor2_0))
             else:
                 module.processor._attention_backend = "_native_math"
     try:
         negative = _negative(pipe, 5)
         with nag.apply(pipe, **negative, **SETTINGS) as handle:
-            counts = []
-            for module in model.modules():
-                processor = getattr(module, "processor", None)
-                if isinstance(processor, nag.attention.NAGProcessor):
-                    processor.stock = CountingProcessor(processor.stock, counts)
+            counts = tpl.count_stock_calls(model)
             counter = TokenCounter(model)
             try:
                 _, calls = tpl.record(pipe, NAME, cfg=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
 import naive_nag
 import nag
@@ -255,43 +256,6 @@ def test_fast_path_never_processes_the_negative_rows_image_tokens():
                 assert counter.seen["feed_forward"] == [(rows + 2, full)] * layers * steps
 
 
-class CountingProcessor:
-    """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's) and
-    counts its calls."""
-
-    def __init__(self, stock, counts):
-        self._stock, self._counts = stock, counts
-
-    def __call__(self, *args, **kwargs):
-        self._counts.append(1)
-        return self._stock(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._stock, name)
-
-
-def _count_stock_calls(model):
-    """Put a counter around the stock processor inside every NAG wrapper; returns the list it appends to."""
-    counts = []
-    for module in model.modules():
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, nag.attention.NAGProcessor):
-            processor.stock = CountingProcessor(processor.stock, counts)
-    return counts
-
-
-class OwnProcessor:
-    """A processor of the user's own (the stock math, another class): NAG must not assume its internals."""
-
-    def __init__(self):
-        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
-
-        self._inner = ZSingleStreamAttnProcessor()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
-
-
 @pytest.mark.parametrize("change", ["processor", "backend"])
 def test_other_processor_or_backend_takes_the_straightforward_path(change):
     """fast=True falls back to the straightforward wrappers (whole negative rows through the main blocks, each stock
@@ -303,13 +267,13 @@ def test_other_processor_or_backend_takes_the_straightforward_path(change):
     for name, module in model.named_modules():
         if name.startswith("layers.") and name.endswith(".attention"):
             if change == "processor":
-                module.set_processor(OwnProcessor())
+                module.set_processor(tpl.own_processor(ZSingleStreamAttnProcessor))
             else:
                 module.processor._attention_backend = "_native_math"
     try:
         negative = negative_captions(pipe, NEGATIVES["longer"])
         with nag.apply(pipe, NEGATIVES["longer"], **SETTINGS) as handle:
-            counts = _count_stock_calls(model)
+            counts = tpl.count_stock_calls(model)
             _, calls = record(pipe)
             assert handle.guided_calls == 2
         assert len(counts) == 2 * len(model.layers) * len(calls)  # negative and positive pass per layer and call
@@ -336,7 +300,7 @@ def test_images_of_different_sizes_agree_with_naive_implementation(fast):
               "cap_feats": [torch.randn(40, width, generator=g), torch.randn(9, width, generator=g)]}
     negative = [torch.randn(5, width, generator=g), torch.randn(70, width, generator=g)]
     with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative}, fast=fast, **SETTINGS) as handle:
-        counts = _count_stock_calls(model)
+        counts = tpl.count_stock_calls(model)
         with torch.no_grad():
             out = model(**inputs, return_dict=False)[0]
     assert (len(counts) == 0) == fast

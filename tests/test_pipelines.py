@@ -556,6 +556,38 @@ def check_conditioning_is_left_unguided(name, parts, **overrides):
     torch.testing.assert_close(same, stock, rtol=0, atol=1e-5)
 
 
+class CountingProcessor:
+    """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's: NAG
+    still sees the stock processor's kind) and appends its module's name to ``counts`` at every call."""
+
+    def __init__(self, stock, counts, name=""):
+        self._stock, self._counts, self._name = stock, counts, name
+
+    def __call__(self, *args, **kwargs):
+        self._counts.append(self._name)
+        return self._stock(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._stock, name)
+
+
+def count_stock_calls(model):
+    """Put a counter around the stock processor inside every NAG wrapper of ``model``; returns the list it appends
+    each call's module name to."""
+    counts = []
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, nag.attention.NAGProcessor):
+            processor.stock = CountingProcessor(processor.stock, counts, name)
+    return counts
+
+
+def own_processor(stock_class):
+    """A processor of the user's own: the stock math and signature under another class (NAG must not assume the
+    internals of a processor it does not know)."""
+    return type(f"Own{stock_class.__name__}", (stock_class,), {})()
+
+
 def check_fast_path_never_calls_the_stock_processor(name, fast_path=True, straightforward_only=()):
     """In guided calls the fast path does its own attention: each image token is projected once.
 
