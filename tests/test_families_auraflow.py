@@ -22,27 +22,16 @@ NAME = "auraflow"
 SETTINGS = tpl.SETTINGS
 
 
-class RowCounter:
+class RowCounter(tpl.InputShapes):
     """Rows and tokens the patch embedding, the joint blocks' image and text feed-forwards, the single blocks'
     feed-forward and the final layers of a model process."""
 
     def __init__(self, model):
-        self.seen = {"pos_embed": [], "joint_ff": [], "joint_ff_context": [], "single_ff": [], "norm_out": [],
-                     "proj_out": []}
         modules = [("pos_embed", model.pos_embed), ("norm_out", model.norm_out), ("proj_out", model.proj_out)]
         modules += [("joint_ff", block.ff) for block in model.joint_transformer_blocks]
         modules += [("joint_ff_context", block.ff_context) for block in model.joint_transformer_blocks]
         modules += [("single_ff", block.ff) for block in model.single_transformer_blocks]
-        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
-                                                     with_kwargs=True) for key, m in modules]
-
-    def _count(self, key, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        self.seen[key].append(tuple(x.shape[:2]))
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
+        super().__init__(modules)
 
 
 def _negative(pipe, length_delta):

@@ -207,28 +207,17 @@ def test_precomputed_embeddings_are_checked():
     assert torch.equal(tpl.generate(pipe, NAME), tpl.stock(NAME))
 
 
-class TokenCounter:
+class TokenCounter(tpl.InputShapes):
     """Rows and tokens (the input shape's first two axes) every counted module of the model processes, by key."""
 
     def __init__(self, model):
-        self.seen = {key: [] for key in ("double_image_ff", "double_text_ff", "double_image_query", "single_ff",
-                                          "single_query", "final_layer")}
         modules = [(key, getattr(b.block, attr)) for b in model.double_stream_blocks
                    for key, attr in (("double_image_ff", "ff_i"), ("double_text_ff", "ff_t"))]
         modules += [("double_image_query", b.block.attn1.to_q) for b in model.double_stream_blocks]
         modules += [("single_ff", b.block.ff_i) for b in model.single_stream_blocks]
         modules += [("single_query", b.block.attn1.to_q) for b in model.single_stream_blocks]
         modules += [("final_layer", model.final_layer)]
-        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
-                                                     with_kwargs=True) for key, m in modules]
-
-    def _count(self, key, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        self.seen[key].append(tuple(x.shape[:2]))
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
+        super().__init__(modules)
 
 
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])

@@ -24,25 +24,15 @@ SETTINGS = tpl.SETTINGS
 IMAGE = 4  # 32px -> 4x4 latent -> 2x2 patches
 
 
-class TokenCounter:
+class TokenCounter(tpl.InputShapes):
     """Rows and tokens the patch embedding, every image refiner layer, joint-layer feed-forward and the final norm
     of a model process."""
 
     def __init__(self, model):
-        self.seen = {"x_embedder": [], "noise_refiner": [], "feed_forward": [], "norm_out": []}
         modules = [("x_embedder", model.x_embedder), ("norm_out", model.norm_out)]
         modules += [("noise_refiner", m) for m in model.noise_refiner]
         modules += [("feed_forward", layer.feed_forward) for layer in model.layers]
-        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
-                                                     with_kwargs=True) for key, m in modules]
-
-    def _count(self, key, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        self.seen[key].append(tuple(x.shape[:2]))
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
+        super().__init__(modules)
 
 
 def _negative(pipe, length_delta):

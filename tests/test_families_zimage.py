@@ -204,24 +204,14 @@ def test_turbo_without_cfg_agrees_with_naive_implementation(fast):
                 assert_lists_close(call["output"], naive_output(model, call["inputs"], negative, [0, 1]))
 
 
-class TokenCounter:
+class TokenCounter(tpl.InputShapes):
     """Rows and tokens every image refiner layer, main-layer feed-forward and final layer of a model processes."""
 
     def __init__(self, model):
-        self.seen = {"noise_refiner": [], "feed_forward": [], "final_layer": []}
         modules = [("noise_refiner", m) for m in model.noise_refiner]
         modules += [("feed_forward", layer.feed_forward) for layer in model.layers]
         modules += [("final_layer", m) for m in model.all_final_layer.values()]
-        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
-                                                     with_kwargs=True) for key, m in modules]
-
-    def _count(self, key, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        self.seen[key].append(tuple(x.shape[:2]))
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
+        super().__init__(modules)
 
 
 def test_fast_path_never_processes_the_negative_rows_image_tokens():

@@ -556,6 +556,24 @@ def check_conditioning_is_left_unguided(name, parts, **overrides):
     torch.testing.assert_close(same, stock, rtol=0, atol=1e-5)
 
 
+class InputShapes:
+    """Rows and tokens (the first two axes of the first input) every call of the given modules processes, by key;
+    ``modules``: ``(key, module)`` pairs; ``close()`` removes the hooks."""
+
+    def __init__(self, modules):
+        self.seen = {key: [] for key, _ in modules}
+        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
+                                                     with_kwargs=True) for key, m in modules]
+
+    def _count(self, key, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.seen[key].append(tuple(x.shape[:2]))
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+
+
 class CountingProcessor:
     """Stands in for a stock processor (its attributes, the attention backend included, are the stock one's: NAG
     still sees the stock processor's kind) and appends its module's name to ``counts`` at every call."""
