@@ -120,6 +120,15 @@ class NAGProcessor:
     def _parallel_config(self, value: Any) -> None:
         self.stock._parallel_config = value
 
+    #: Stock processor kinds whose blocks a hook may run on the stock rows, the negative text beside them (the
+    #: wrapper's fast path serves that text); none for the straightforward wrappers.
+    split_text_processors: frozenset[str] = frozenset()
+
+    def takes_split_text(self) -> bool:
+        """Whether a block hook may take the negative rows out of the block: this wrapper's fast path serves them
+        (its stock processor is one it knows, on the default attention backend)."""
+        return self.stock_kind in self.split_text_processors and _default_backend(self.stock)
+
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         call = self.runtime.call
         if call is None:
@@ -1069,9 +1078,7 @@ class FastSingleStreamAttentionNAG(SingleStreamAttentionNAG):
     rows' modulated input arrives through ``runtime.scratch`` (set by the block hook), and their
     attention output leaves the same way. No image token is duplicated."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
-        return self.stock_kind == "FluxAttnProcessor" and _default_backend(self.stock)
+    split_text_processors = frozenset({"FluxAttnProcessor"})
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
@@ -1100,9 +1107,7 @@ class FastFusedSingleAttentionNAG(FusedSingleAttentionNAG):
     through the fused output projection) leaves the same way. Image tokens are projected and attended once
     (image->image attention merged by log-sum-exp with each branch's image->text attention)."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
-        return self.stock_kind == "Flux2ParallelSelfAttnProcessor" and _default_backend(self.stock)
+    split_text_processors = frozenset({"Flux2ParallelSelfAttnProcessor"})
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
@@ -1244,9 +1249,7 @@ class FastOuterMaskSingleAttentionNAG(SingleStreamAttentionNAG):
     duplicated; attention as in :func:`_guided_image_and_text_outer_mask`, under the block's mask (the outer product
     of the stock rows' mask) and the outer product of the negative rows' mask."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
-        return self.stock_kind == "FluxAttnProcessor" and _default_backend(self.stock)
+    split_text_processors = frozenset({"FluxAttnProcessor"})
 
     def takes_split_mask(self, call: "GuidedCall", mask: torch.Tensor) -> bool:
         """Whether this path can serve the block's ``(rows, text + image)`` mask argument: boolean or floating, every
@@ -1325,9 +1328,7 @@ class FastRowsPerSampleImageFirstAttentionNAG(RowsPerSampleImageFirstAttentionNA
     attend to ``[guided image, negative caption]``, the guided image with its own tables, the caption with its own
     row's (as the straightforward path gives them). The other stock rows get the stock attention with their mask."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
-        return self.stock_kind == "ZSingleStreamAttnProcessor" and _default_backend(self.stock)
+    split_text_processors = frozenset({"ZSingleStreamAttnProcessor"})
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
@@ -1404,9 +1405,7 @@ class FastRowsPerSampleAttentionNAG(RowsPerSampleAttentionNAG):
     with its own row's rotary tables, the guided image with the guided row's (as the straightforward path gives
     them). The other stock rows get the stock attention with their mask."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
-        return self.stock_kind == "Lumina2AttnProcessor2_0" and _default_backend(self.stock)
+    split_text_processors = frozenset({"Lumina2AttnProcessor2_0"})
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
@@ -1480,9 +1479,7 @@ class FastSingleProjectedAttentionNAG(SingleProjectedAttentionNAG):
     leaves the same way. No image token is duplicated; image->image attention is computed once and merged by
     log-sum-exp with each branch's image->text attention."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
-        return self.stock_kind == "AuraFlowAttnProcessor2_0" and _default_backend(self.stock)
+    split_text_processors = frozenset({"AuraFlowAttnProcessor2_0"})
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
@@ -1542,9 +1539,7 @@ class FastRowsImageFirstAttentionNAG(RowsImageFirstAttentionNAG):
     Anything else (another processor or backend, the video on whole negative rows) takes the straightforward path.
     """
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hooks may take the negative rows' video out of the blocks (this path can serve them)."""
-        return self.stock_kind in _IMAGE_FIRST_PROCESSORS and _default_backend(self.stock)
+    split_text_processors = frozenset(_IMAGE_FIRST_PROCESSORS)
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
@@ -1625,9 +1620,7 @@ class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
     (``Z-``), under the processor's mask (the outer product of ``[text mask, image ones]``, a float 0/1 mask that SDPA
     adds: see :func:`_guided_image_and_text_outer_mask`). Anything else takes the straightforward wrapper."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hooks may take the negative rows' image out of the blocks (this path can serve them)."""
-        return self.stock_kind in _SHARED_PROCESSORS and _default_backend(self.stock)
+    split_text_processors = frozenset(_SHARED_PROCESSORS)
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
@@ -1717,9 +1710,7 @@ class FastHiDreamJointAttentionNAG(HiDreamJointAttentionNAG):
     (``Z-``); the negative text attends to ``[guided image, negative text]`` with the guided rows' key mask and
     rotary tables (as the straightforward path gives them)."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
-        return self.stock_kind in _HIDREAM_PROCESSORS and _default_backend(self.stock)
+    split_text_processors = frozenset(_HIDREAM_PROCESSORS)
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
@@ -1747,9 +1738,7 @@ class FastHiDreamSingleAttentionNAG(HiDreamSingleAttentionNAG):
     block hook) and its attention output (after ``attn.to_out``) leaves the same way. Every image token is projected
     once, image->image attention computed once and merged by log-sum-exp with each branch's image->text attention."""
 
-    def takes_split_text(self) -> bool:
-        """Whether the block hook may take the negative rows out of the block (this path can serve them)."""
-        return self.stock_kind in _HIDREAM_PROCESSORS and _default_backend(self.stock)
+    split_text_processors = frozenset(_HIDREAM_PROCESSORS)
 
     def guided(self, attn: torch.nn.Module, call: "GuidedCall", arguments: dict[str, Any]) -> Any:
         state = self.runtime.scratch.get("single_block")
