@@ -60,20 +60,13 @@ def test_cogvideox_with_text_positions_pads_the_negative_to_the_model_text_lengt
 
 
 def _watch_rows(model):
-    """Records ``(rows, tokens)`` of the first input of every call to the modules that see video tokens (the patch
-    embedding, the double blocks' video and text feed-forwards, the single blocks' MLP input projection, the final
-    norm): ``(records by module name, hook handles)``."""
-    seen, handles = {}, []
+    """``(rows, tokens)`` of the first input of every call to the modules that see video tokens (the patch embedding,
+    whose input is the latents ``(B, C, F, H, W)``: rows and channels; the double blocks' video and text
+    feed-forwards, the single blocks' MLP input projection, the final norm), by module name."""
     watched = ("x_embedder", "norm_out", *(f"transformer_blocks.{i}.{part}" for i in range(len(model.transformer_blocks))
                                            for part in ("ff", "ff_context")),
                *(f"single_transformer_blocks.{i}.proj_mlp" for i in range(len(model.single_transformer_blocks))))
-    for name, module in model.named_modules():
-        if name in watched:
-            def record(module, args, _name=name):
-                shape = args[0].shape  # (the patch embedding's input: the latents, (B, C, F, H, W))
-                seen.setdefault(_name, []).append((shape[0],) if _name == "x_embedder" else tuple(shape[:2]))
-            handles.append(module.register_forward_pre_hook(record))
-    return seen, handles
+    return tpl.InputShapes([(name, module) for name, module in model.named_modules() if name in watched])
 
 
 def _hunyuanvideo_guided_call(fast, length_delta=5):
@@ -85,16 +78,15 @@ def _hunyuanvideo_guided_call(fast, length_delta=5):
     with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
                                         positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
         counts = tpl.count_stock_calls(model)
-        seen, handles = _watch_rows(model)  # (after NAG's hooks: the inputs the modules compute on)
+        shapes = _watch_rows(model)  # (after NAG's hooks: the inputs the modules compute on)
         try:
             with torch.no_grad():
                 out = model(**inputs, return_dict=False)[0]
         finally:
-            for handle in handles:
-                handle.remove()
+            shapes.close()
     with torch.no_grad():
         expected = tpl.naive_output("hunyuanvideo", model, inputs, negative, cond_rows=[1])
-    return model, inputs, out, expected, seen, counts
+    return model, inputs, out, expected, shapes.seen, counts
 
 
 @pytest.mark.parametrize("length_delta", [-3, 5])
@@ -108,7 +100,7 @@ def test_hunyuanvideo_fast_path_runs_the_video_at_the_stock_batch(fast, length_d
     video = inputs["hidden_states"].shape[2:].numel()  # (patch size 1)
     text = max(inputs["encoder_hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1] + length_delta)
     rows = 2 if fast else 3
-    assert seen["x_embedder"] == [(rows,)] and seen["norm_out"] == [(rows, video)]
+    assert [r for r, _ in seen["x_embedder"]] == [rows] and seen["norm_out"] == [(rows, video)]
     for i in range(len(model.transformer_blocks)):
         assert seen[f"transformer_blocks.{i}.ff"] == [(rows, video)]
         assert seen[f"transformer_blocks.{i}.ff_context"] == [(3, text)]
@@ -142,7 +134,7 @@ def test_hunyuanvideo_other_processor_or_backend_takes_the_straightforward_path(
                 module.set_processor(stock[name])
                 vars(module.processor).pop("_attention_backend", None)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert seen["x_embedder"] == [(3,)]
+    assert [r for r, _ in seen["x_embedder"]] == [3]
     assert all(calls == [(3, calls[0][1])] for name, calls in seen.items() if name.endswith(".ff"))
     for i in range(len(model.single_transformer_blocks)):
         split = change != "backend" and change != f"single_transformer_blocks.{i}.attn"
@@ -169,25 +161,20 @@ def _cogview4_guided_call(fast, length_delta=5):
     negative = tpl.random_negative("cogview4", inputs, length_delta, rows=1)
     watched = ("patch_embed.proj", "norm_out", "proj_out", *(f"transformer_blocks.{i}.ff"
                                                              for i in range(len(model.transformer_blocks))))
-    seen, handles = {}, []
     with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
                                         positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
         counts = tpl.count_stock_calls(model)
-        for name, module in model.named_modules():
-            if name in watched:  # (after NAG's hooks: the inputs the modules compute on)
-                def record(module, args, _name=name):
-                    seen.setdefault(_name, []).append(tuple(args[0].shape[:2]))
-                handles.append(module.register_forward_pre_hook(record))
+        # (after NAG's hooks: the inputs the modules compute on)
+        shapes = tpl.InputShapes([(name, module) for name, module in model.named_modules() if name in watched])
         try:
             with torch.no_grad():
                 out = model(**inputs, return_dict=False)[0]
         finally:
-            for handle in handles:
-                handle.remove()
+            shapes.close()
     with torch.no_grad():
         expected = tpl.naive_output("cogview4", model, inputs, negative, cond_rows=[1])
         stock = model(**inputs, return_dict=False)[0]
-    return model, inputs, out, expected, stock, seen, counts
+    return model, inputs, out, expected, stock, shapes.seen, counts
 
 
 @pytest.mark.parametrize("length_delta", [-3, 5])
@@ -264,21 +251,16 @@ def test_cogvideox_fast_path_runs_the_blocks_on_the_stock_rows(fast, change):
             module.processor._attention_backend = "_native_math"
         elif name == change:
             module.set_processor(tpl.own_processor(CogVideoXAttnProcessor2_0))
-    seen, handles = {}, []
+    shapes = tpl.InputShapes([])
     try:
         with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
                                             positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
             counts = tpl.count_stock_calls(model)
-            for name, module in model.named_modules():
-                if name.endswith(".ff"):
-                    def record(module, args, _name=name):
-                        seen.setdefault(_name, []).append(tuple(args[0].shape[:2]))
-                    handles.append(module.register_forward_pre_hook(record))
+            shapes = tpl.InputShapes([(name, module) for name, module in model.named_modules() if name.endswith(".ff")])
             with torch.no_grad():
                 out = model(**inputs, return_dict=False)[0]
     finally:
-        for handle in handles:
-            handle.remove()
+        shapes.close()
         for name, module in model.named_modules():
             if name in stock:
                 module.set_processor(stock[name])
@@ -293,5 +275,5 @@ def test_cogvideox_fast_path_runs_the_blocks_on_the_stock_rows(fast, change):
                        if not fast or change in ("backend", f"transformer_blocks.{i}.attn1")}
     for i in range(len(model.transformer_blocks)):
         split = f"transformer_blocks.{i}.attn1" not in straightforward
-        assert sorted(seen[f"transformer_blocks.{i}.ff"]) == ([(1, text), (2, joined)] if split else [(3, joined)])
+        assert sorted(shapes.seen[f"transformer_blocks.{i}.ff"]) == ([(1, text), (2, joined)] if split else [(3, joined)])
     assert Counter(counts) == {name: 2 for name in straightforward}
