@@ -719,6 +719,20 @@ class Family:
         return text, image[:rows]
 
 
+# The fast path of HunyuanVideo's block arrangement (HunyuanVideo, HunyuanImage 2.1): the video or image stream at the
+# stock batch from the patch embedding to the output projection (the double blocks' and the final layer's image-side
+# modulation take the stock rows of the conditioning, token-replace embedding included); the single blocks run on the
+# stock rows, the negative text beside them; the negative rows get copies of the guided rows' output only after the
+# output projection.
+_HUNYUAN_FAST_PATH: dict[str, Any] = dict(
+    image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
+    stock_image_entry=r"x_embedder",
+    image_first_blocks=r"single_transformer_blocks\.\d+",
+    single_block_text=(_hunyuanvideo_single_text_start, _hunyuanvideo_single_text_finish),
+    stock_row_modules=r"proj_out",
+)
+
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
@@ -852,15 +866,7 @@ FAMILIES: dict[str, Family] = {
             negative_keys=("encoder_hidden_states", "pooled_projections", "encoder_attention_mask"),
             row_kwargs=("timestep", "guidance"),
             static_text=False,
-            # fast path: the video stream at the stock batch from the patch embedding to the output projection (the
-            # double blocks' and the final layer's video-side modulation take the stock rows of the conditioning,
-            # token-replace embedding included); the single blocks run on the stock rows, the negative text beside
-            # them; the negative rows get copies of the guided rows' output only after the output projection
-            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
-            stock_image_entry=r"x_embedder",
-            image_first_blocks=r"single_transformer_blocks\.\d+",
-            single_block_text=(_hunyuanvideo_single_text_start, _hunyuanvideo_single_text_finish),
-            stock_row_modules=r"proj_out",
+            **_HUNYUAN_FAST_PATH,
         ),
         # HunyuanImage 2.1: HunyuanVideo's [image, text] double and single blocks and timestep-dependent token
         # refiner (masked), modulation from the timestep (and guidance / meanflow timestep) alone, and a second
@@ -877,12 +883,7 @@ FAMILIES: dict[str, Family] = {
                            "encoder_attention_mask_2"),
             row_kwargs=("timestep", "timestep_r", "guidance"),
             static_text=False,
-            # fast path: HunyuanVideo's (the image stream at the stock batch, the negative text beside it)
-            image_norms=r"transformer_blocks\.\d+\.norm1|norm_out",
-            stock_image_entry=r"x_embedder",
-            image_first_blocks=r"single_transformer_blocks\.\d+",
-            single_block_text=(_hunyuanvideo_single_text_start, _hunyuanvideo_single_text_finish),
-            stock_row_modules=r"proj_out",
+            **_HUNYUAN_FAST_PATH,  # (HunyuanVideo's)
         ),
         # HunyuanVideo 1.5: HunyuanImage's arrangement on video: [video, text] double blocks only (separate text
         # projections), a timestep-dependent token refiner (masked), modulation from the timestep (and the meanflow
