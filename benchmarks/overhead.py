@@ -56,6 +56,14 @@ def _text_negative(inputs: dict[str, Any], keys=("encoder_hidden_states",)) -> d
     return {k: (inputs[k][-1:] * -0.5 + 0.1) if inputs[k].is_floating_point() else inputs[k][-1:] for k in keys}
 
 
+def _image_ids(side: int, axes: int) -> torch.Tensor:
+    """Flux-style position ids of a ``side`` x ``side`` token grid: ``(tokens, axes)``, row and column on axes 1 and 2."""
+    ids = torch.zeros(side, side, axes)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return ids.reshape(-1, axes)
+
+
 def flux_case(full: bool, text_len: int) -> Case:
     from diffusers import FluxTransformer2DModel
 
@@ -70,15 +78,12 @@ def flux_case(full: bool, text_len: int) -> Case:
     tokens = side * side
 
     def inputs(batch, device, dtype):
-        ids = torch.zeros(side, side, 3)
-        ids[..., 1] = torch.arange(side)[:, None]
-        ids[..., 2] = torch.arange(side)[None, :]
         return dict(
             hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
             encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
             pooled_projections=_randn(batch, 768, device=device, dtype=dtype, seed=2),
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-            img_ids=ids.reshape(-1, 3).to(device),
+            img_ids=_image_ids(side, 3).to(device),
             txt_ids=torch.zeros(text_len, 3, device=device),
         )
 
@@ -105,14 +110,11 @@ def chroma_case(full: bool, text_len: int) -> Case:
     tokens = side * side
 
     def inputs(batch, device, dtype):
-        ids = torch.zeros(side, side, 3)
-        ids[..., 1] = torch.arange(side)[:, None]
-        ids[..., 2] = torch.arange(side)[None, :]
         return dict(
             hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
             encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-            img_ids=ids.reshape(-1, 3).to(device),
+            img_ids=_image_ids(side, 3).to(device),
             txt_ids=torch.zeros(text_len, 3, device=device),
             attention_mask=_chroma_mask(batch, text_len // 4, text_len, tokens, device, dtype),
         )
@@ -150,16 +152,13 @@ def flux2_case(full: bool, text_len: int) -> Case:
     tokens = side * side
 
     def inputs(batch, device, dtype):
-        ids = torch.zeros(side, side, 4)
-        ids[..., 1] = torch.arange(side)[:, None]
-        ids[..., 2] = torch.arange(side)[None, :]
         text_ids = torch.zeros(text_len, 4)
         text_ids[:, 3] = torch.arange(text_len)
         return dict(
             hidden_states=_randn(batch, tokens, 128, device=device, dtype=dtype),
             encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-            img_ids=ids.reshape(-1, 4).to(device),
+            img_ids=_image_ids(side, 4).to(device),
             txt_ids=text_ids.to(device),
         )
 
