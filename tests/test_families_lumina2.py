@@ -35,16 +35,11 @@ class TokenCounter(tpl.InputShapes):
         super().__init__(modules)
 
 
-def _negative(pipe, length_delta):
-    _, calls = tpl.record(pipe, NAME, cfg=False)
-    return tpl.random_negative(NAME, calls[0]["inputs"], length_delta, rows=2)
-
-
 @pytest.mark.parametrize("length_delta", [-3, 5])
 def test_fast_path_never_processes_the_negative_rows_image_tokens(length_delta):
     pipe = tpl.pipeline(NAME)
     model = tp.denoiser(pipe)
-    negative = _negative(pipe, length_delta)
+    negative = tpl.random_negative_for_call(NAME, length_delta, rows=2)
     negatives = [int(n) for n in negative["negative_prompt_attention_mask"].sum(1).tolist()]
     assert len(set(negatives)) == 2  # (partial masks: the negative captions' valid lengths differ)
     for fast in (True, False):
@@ -84,7 +79,7 @@ def test_other_processor_or_backend_takes_the_straightforward_path(change):
             else:
                 module.processor._attention_backend = "_native_math"
     try:
-        negative = _negative(pipe, 5)
+        negative = tpl.random_negative_for_call(NAME, 5, rows=2)
         with nag.apply(pipe, **negative, **SETTINGS) as handle:
             counts = tpl.count_stock_calls(model)
             counter = TokenCounter(model)

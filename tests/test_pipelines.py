@@ -359,6 +359,12 @@ def random_negative(name, call_inputs, length_delta, rows=None, seed=7):
     return negative
 
 
+def random_negative_for_call(name, length_delta, rows=None):
+    """:func:`random_negative` sized from the first denoiser call of a generation of ``name`` without CFG."""
+    _, calls = record(pipeline(name), name, cfg=False)
+    return random_negative(name, calls[0]["inputs"], length_delta, rows)
+
+
 def naive_output(name, model, inputs, negative, cond_rows=None):
     """The naive reference (``naive_nag``) of one denoiser call of configuration or family ``name``, guided on
     ``cond_rows`` (None: every row) by ``negative`` (``random_negative``'s names; None: the stock model)."""
