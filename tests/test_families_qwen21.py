@@ -110,7 +110,7 @@ def test_negative_prefix_runs_once_per_generation_when_the_text_ignores_the_time
             finally:
                 del model.forward
             assert handle.guided_calls == 2
-            assert nag.attention.NEGATIVE_PREFIX not in handle.runtime.cache  # the keys/values are freed after the loop
+            assert handle.runtime.negative_prefix is None  # the keys/values are freed after the loop
         assert len(calls) == 4
         assert len(passes) == 4 + extra, (name, passes)
         # the negative prefix's own passes (no cache of the pipeline's) carry the smallest target image: 2x2 tokens

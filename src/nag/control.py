@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import torch
 
 from .attention import pad_tokens
-from .engine import NAGRuntime, unwrap_compiled
+from .hooks import unwrap_compiled
+from .state import NAGRuntime
 
 __all__ = ["ControlModel", "CONTROL_MODELS", "ControlAttachment", "attach_control"]
 

@@ -6,8 +6,10 @@ from typing import Any
 
 import torch
 
-from .engine import Attachment, NAGRuntime, attach, family_of
+from .families import family_of
+from .hooks import Attachment, attach
 from .settings import NAGSettings
+from .state import NAGRuntime
 
 __all__ = ["apply_to_denoiser", "DenoiserHandle"]
 

@@ -12,11 +12,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .attention import NEGATIVE_PREFIX, NAGProcessor
+from .attention import NAGProcessor
 from .control import ControlAttachment, attach_control
-from .engine import Attachment, NAGRuntime, attach, unwrap_compiled
-from .families import FAMILIES, PipelineSpec, pipeline_spec
+from .families import FAMILIES, pipeline_spec
+from .hooks import Attachment, attach, unwrap_compiled
 from .settings import NAGSettings
+from .spec import PipelineSpec
+from .state import NAGRuntime
 
 __all__ = ["apply", "remove", "NAGHandle"]
 
@@ -52,26 +54,6 @@ _WIDTH_CONFIG = {
     "pooled_projections": ("pooled_projection_dim",),
     "pooled_embeds": ("text_emb_dim",),
 }
-# The text-attention processor parameters NAG binds by name, per role.
-_PROCESSOR_PARAMETERS = {
-    "cross": ("hidden_states", "encoder_hidden_states"),
-    "joint": ("hidden_states", "encoder_hidden_states"),
-    "single": ("hidden_states",),
-    "joint_rows": ("hidden_states", "encoder_hidden_states"),
-    "single_projected": ("hidden_states",),
-    "joint_rows_shared": ("hidden_states", "encoder_hidden_states"),
-    "joint_rows_image_first": ("hidden_states", "encoder_hidden_states"),
-    "single_fused": ("hidden_states",),
-    "joint_rows_per_sample": ("hidden_states", "encoder_hidden_states"),
-    "joint_rows_per_sample_image_first": ("hidden_states",),
-    "causal_prefix": ("hidden_states", "attention_mask", "rotary_emb", "layer_cache", "kv_cache_mode", "cache_write_slice",
-                      "segments", "key_valid"),
-    "hidream_joint": ("hidden_states", "encoder_hidden_states"),
-    "hidream_single": ("hidden_states",),
-    "joint_rows_outer_mask": ("hidden_states", "encoder_hidden_states"),
-    "single_outer_mask": ("hidden_states",),
-}
-
 # diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
 # The block caches skip blocks, or replay a block's output or attention from an earlier step; on
 # the joint and concat layouts (Flux, SD3, Chroma, ...) NAG carries the negative rows through every
@@ -303,7 +285,7 @@ class NAGHandle:
         with self._lock:
             if self._generating_thread is threading.current_thread():
                 self._generating_thread = None
-                self.runtime.cache.pop(NEGATIVE_PREFIX, None)  # the negative prefix's keys/values: freed with the loop
+                self.runtime.negative_prefix = None  # the negative prefix's keys/values: freed with the loop
 
     def _check_processors_in_place(self) -> None:
         """Refuse to generate when something replaced NAG's attention processors after ``apply``
@@ -528,8 +510,8 @@ def _check_processors(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
     """
     family = FAMILIES[spec.family]
     for name, module in denoiser.named_modules():
-        role = family.attention_role(name, module)
-        if role is None:
+        mechanism = family.attention_role(name, module)
+        if mechanism is None:
             continue
         processor = module.processor
         label = f"`{spec.denoiser_attr}.{name}` has a {type(processor).__name__}"
@@ -545,7 +527,7 @@ def _check_processors(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
             parameters = inspect.signature(processor.__call__).parameters
         except (TypeError, ValueError) as error:
             raise TypeError(f"{label} whose signature cannot be read ({error}); NAG cannot drive it: {fix}") from None
-        missing = [p for p in _PROCESSOR_PARAMETERS[role] if p not in parameters]
+        missing = [p for p in mechanism.binds if p not in parameters]
         if missing:
             raise TypeError(
                 f"{label} that takes no named {missing} (another attention tool?); NAG calls the processor "

@@ -1,0 +1,147 @@
+"""Cross-attention to text (UNet ``attn2``, PixArt, Sana, Wan, LTX, ...): layout ``"cross"``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..kernels import attention
+from ..state import GuidedCall
+from .base import NAGProcessor, default_backend, split_heads, split_rows
+
+
+class CrossAttentionNAG(NAGProcessor):
+    """Cross-attention to text (UNet ``attn2``, PixArt, Sana, Wan, ...).
+
+    The denoiser hook appends the negative context after the positive one along the token axis
+    (``[positive | negative]``, masks likewise), so the model's own text preprocessing runs on
+    both. Here the two are split again: ``Z+`` from the positive part, ``Z-`` from the negative
+    part for the guided rows.
+    """
+
+
+    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
+        context = arguments.get("encoder_hidden_states")
+        if context is None:
+            return self.run_stock(attn, arguments)
+        if getattr(attn, "add_k_proj", None) is not None:
+            raise NotImplementedError(
+                f"{type(attn).__name__} also attends to an image context (image-to-video); NAG guides its text "
+                "branch only on the fast path: apply NAG with fast=True (the default)"
+            )
+        split = context.shape[1] - call.negative_text_len
+        mask = arguments.get("attention_mask")
+        positive_mask = negative_mask = None
+        if mask is not None:
+            positive_mask = mask[..., :split]
+            negative_mask = split_rows(mask[..., split:], call.cond_rows)
+        hidden = arguments["hidden_states"]
+
+        def run_negative(view: Any) -> Any:
+            return self.run_stock(
+                view,
+                arguments,
+                hidden_states=hidden[call.cond_rows],
+                encoder_hidden_states=context[call.cond_rows, split:],
+                attention_mask=negative_mask,
+            )
+
+        def run_positive(view: Any) -> Any:
+            return self.run_stock(
+                view, arguments, encoder_hidden_states=context[:, :split], attention_mask=positive_mask
+            )
+
+        _, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
+        return positive
+
+
+_CROSS_FLAT_NORM = {
+    "AttnProcessor2_0": False,
+    "SanaAttnProcessor2_0": True,
+    "WanAttnProcessor": True,
+    "SkyReelsV2AttnProcessor": True,
+    "LTXVideoAttnProcessor": True,
+    "LTX2AudioVideoAttnProcessor": True,  # (text cross-attention: no rotary tables; optional per-head output gates)
+}
+
+
+# Cross-attention processors that also attend to an image context placed before the text
+# (Wan-style image-to-video): NAG guides the text branch; the image branch is added unguided.
+_IMAGE_CONTEXT_PROCESSORS = {"WanAttnProcessor", "SkyReelsV2AttnProcessor"}
+
+
+class FastCrossAttentionNAG(CrossAttentionNAG):
+    """Cross-attention fast path: one query and one output projection; the negative keys/values
+    are projected once per generation (the negative context does not change between steps)."""
+
+    fast_processors = frozenset(_CROSS_FLAT_NORM)
+
+    def _supported(self, attn: Any, hidden: torch.Tensor) -> bool:
+        return (
+            self.stock_kind in _CROSS_FLAT_NORM
+            and default_backend(self.stock)
+            and hidden.ndim == 3
+            and getattr(attn, "spatial_norm", None) is None
+            and getattr(attn, "group_norm", None) is None
+            and not getattr(attn, "norm_cross", None)
+            and (getattr(attn, "add_k_proj", None) is None or self.stock_kind in _IMAGE_CONTEXT_PROCESSORS)
+        )
+
+    def _mask(self, attn: Any, mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        keys = mask.shape[-1]
+        mask = attn.prepare_attention_mask(mask, keys, rows)
+        return mask.view(rows, attn.heads, -1, keys)
+
+    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
+        hidden, context = arguments["hidden_states"], arguments.get("encoder_hidden_states")
+        rotary = arguments.get("query_rotary_emb") is not None or arguments.get("key_rotary_emb") is not None
+        if context is None or rotary or not self._supported(attn, hidden):
+            return super().guided(attn, call, arguments)
+        flat = _CROSS_FLAT_NORM[self.stock_kind]
+        split = context.shape[1] - call.negative_text_len
+        mask = arguments.get("attention_mask")
+        rows = hidden.shape[0]
+        # Image context (image-to-video) precedes the text: [image, positive text, negative text].
+        image_len = split - call.positive_text_len if getattr(attn, "add_k_proj", None) is not None else 0
+
+        query = split_heads(attn, attn.to_q(hidden), attn.norm_q, flat)
+        positive = context[:, image_len:split]
+        key = split_heads(attn, attn.to_k(positive), attn.norm_k, flat)
+        value = attn.to_v(positive).unflatten(-1, (attn.heads, -1))
+
+        negative = context[call.cond_rows, split:]
+        cache_key = (id(attn), "negative_kv", tuple(negative.shape), negative.dtype, negative.device)
+        cached = self.runtime.negative_kv.get(cache_key) if call.static_negative else None
+        if cached is None:
+            cached = (
+                split_heads(attn, attn.to_k(negative), attn.norm_k, flat),
+                attn.to_v(negative).unflatten(-1, (attn.heads, -1)),
+            )
+            if call.static_negative:
+                self.runtime.negative_kv[cache_key] = cached
+        negative_key, negative_value = cached
+
+        positive_mask = negative_mask = None
+        if mask is not None:
+            positive_mask = self._mask(attn, mask[..., :split], rows)
+            negative_mask = self._mask(attn, split_rows(mask[..., split:], call.cond_rows), len(call.cond_rows))
+        z = attention(query, key, value, positive_mask)
+        z_negative = attention(query[call.cond_rows], negative_key, negative_value, negative_mask)
+        if getattr(attn, "to_gate_logits", None) is not None:  # LTX-2: per-head output gates from the queries' input
+            gates = 2.0 * torch.sigmoid(attn.to_gate_logits(hidden)).unsqueeze(-1)
+            z, z_negative = z * gates, z_negative * gates[call.cond_rows]
+        z, z_negative = z.flatten(2), z_negative.flatten(2)
+        z[call.cond_rows] = self.combine(call, z[call.cond_rows], z_negative)
+        if image_len:
+            image = context[:, :image_len]
+            image_key = attn.norm_added_k(attn.add_k_proj(image)).unflatten(-1, (attn.heads, -1))
+            image_value = attn.add_v_proj(image).unflatten(-1, (attn.heads, -1))
+            z = z + attention(query, image_key, image_value).flatten(2)
+
+        out = attn.to_out[1](attn.to_out[0](z))
+        if getattr(attn, "residual_connection", False):
+            out = out + hidden
+        return out / getattr(attn, "rescale_output_factor", 1.0)

@@ -1,0 +1,106 @@
+"""Cross-attention families: the UNets (SD 1.x/2.x, SDXL), PixArt, Sana, LTX-Video, LTX-2, Wan and SkyReels-V2."""
+
+from __future__ import annotations
+
+from ..attention import CROSS
+from ..settings import FamilyDefaults
+from ..spec import MASK, TEXT, Family, PipelineSpec
+
+FAMILIES = (
+    Family(
+        name="unet",
+        denoisers=("UNet2DConditionModel",),
+        attention=((r".*\.attn2", CROSS),),
+        layout="cross",
+        mask_kwarg="encoder_attention_mask",
+    ),
+    Family(
+        name="pixart",
+        denoisers=("PixArtTransformer2DModel",),
+        attention=((r"transformer_blocks\.\d+\.attn2", CROSS),),
+        layout="cross",
+        mask_kwarg="encoder_attention_mask",
+        negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+    Family(
+        name="sana",
+        denoisers=("SanaTransformer2DModel", "SanaVideoTransformer3DModel"),
+        attention=((r"transformer_blocks\.\d+\.attn2", CROSS),),
+        layout="cross",
+        mask_kwarg="encoder_attention_mask",
+        negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+    Family(
+        name="ltx",
+        denoisers=("LTXVideoTransformer3DModel",),
+        attention=((r"transformer_blocks\.\d+\.attn2", CROSS),),
+        layout="cross",
+        mask_kwarg="encoder_attention_mask",
+        negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+    # LTX-2 (LTX2VideoTransformer3DModel): video and audio streams, each with cross-attention to its own
+    # text (the pipeline's `connectors` output, one mask for both). NAG guides the video stream's text
+    # cross-attention (`attn2`) only; the audio stream's text cross-attention (`audio_attn2`) is left stock
+    # (its negative text is not passed), so the audio changes only through the audio-video cross-attention
+    # with the guided video. The text may be modulated per block and step (cross-attention AdaLN): the
+    # projected negative keys/values are not reused across steps.
+    Family(
+        name="ltx2",
+        denoisers=("LTX2VideoTransformer3DModel",),
+        attention=((r"transformer_blocks\.\d+\.attn2", CROSS),),
+        layout="cross",
+        mask_kwarg="encoder_attention_mask",
+        negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        static_text=False,
+    ),
+    Family(
+        name="skyreels_v2",
+        denoisers=("SkyReelsV2Transformer3DModel",),
+        attention=((r"blocks\.\d+\.attn2", CROSS),),
+        layout="cross",
+    ),
+    Family(
+        name="wan",
+        denoisers=("WanTransformer3DModel",),
+        attention=((r"blocks\.\d+\.attn2", CROSS),),
+        layout="cross",
+    ),
+    # VACE: the control video enters through `control_hidden_states` (the VACE blocks' own stream),
+    # not as text; the text cross-attention of both the main and the VACE blocks is guided.
+    Family(
+        name="wan_vace",
+        denoisers=("WanVACETransformer3DModel",),
+        attention=((r"(vace_)?blocks\.\d+\.attn2", CROSS),),
+        layout="cross",
+    ),
+)
+
+
+PIPELINES = (
+    PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, None, None, None), denoiser_attr="unet"),
+    PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (TEXT, None), denoiser_attr="unet"),
+    PipelineSpec("PixArtSigmaPipeline", "pixart", "PixArt-Sigma", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
+    PipelineSpec("PixArtAlphaPipeline", "pixart", "PixArt-Alpha", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
+    PipelineSpec("SanaPipeline", "sana", "Sana", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None), negative_overrides={"complex_human_instruction": None}),
+    PipelineSpec("SanaSprintPipeline", "sana", "Sana-Sprint", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK), few_step=True, negative_overrides={"complex_human_instruction": None}),
+    PipelineSpec("SanaVideoPipeline", "sana", "Sana-Video", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None), negative_overrides={"complex_human_instruction": None}),
+    PipelineSpec("LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
+    PipelineSpec("LTXImageToVideoPipeline", "ltx", "LTX-Video image-to-video", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
+    PipelineSpec("LTXConditionPipeline", "ltx", "LTX-Video 0.9.5+ frame conditions", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
+    # LTX-2: no published NAG defaults; LTX-Video's are used. The denoiser's text is the `connectors` output.
+    PipelineSpec("LTX2Pipeline", "ltx2", "LTX-2 text-to-video+audio (video stream guided)", FamilyDefaults(3.0, 2.5, 0.5),
+                 (TEXT, MASK, None, None), text_connector="connectors"),
+    # LTX-2 image-to-video / frame conditions: the images enter as clean latent tokens (timestep 0 there, keyframes
+    # appended), never as text; the text path is LTX2Pipeline's. LTX2Pipeline's defaults.
+    PipelineSpec("LTX2ImageToVideoPipeline", "ltx2", "LTX-2 image-to-video+audio (video stream guided)",
+                 FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None), text_connector="connectors"),
+    PipelineSpec("LTX2ConditionPipeline", "ltx2", "LTX-2 frame conditions, video+audio (video stream guided)",
+                 FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None), text_connector="connectors"),
+    PipelineSpec("SkyReelsV2Pipeline", "skyreels_v2", "SkyReels-V2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (TEXT, None)),
+    PipelineSpec("WanImageToVideoPipeline", "wan", "Wan 2.1 / 2.2 image-to-video", FamilyDefaults(9.0, 2.5, 0.25),
+                 (TEXT, None), expert_attrs=("transformer_2",)),
+    PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (TEXT, None),
+                 expert_attrs=("transformer_2",)),
+    PipelineSpec("WanVACEPipeline", "wan_vace", "Wan 2.1 VACE (control / reference video)", FamilyDefaults(9.0, 2.5, 0.25),
+                 (TEXT, None), expert_attrs=("transformer_2",)),
+)

@@ -1,0 +1,201 @@
+"""Installing NAG on a denoiser, and removing it: the hooking mechanics in one place.
+
+``attach(denoiser, family, runtime)`` installs:
+
+* a NAG wrapper around the processor of every attention module that attends to text (the family names the
+  mechanism; ``fast`` picks its fast or straightforward wrapper);
+* a forward pre-hook on the denoiser that decides, for each call, whether it is guided (NAG enabled, a negative
+  available, the step inside ``[start, end)``, the call carrying the conditional rows) and, if so, extends the call's
+  inputs with the negative conditioning (``nag.hooks.inputs``) and records the :class:`~nag.state.GuidedCall`;
+  a forward hook drops the negative rows from the output again (layout ``"concat"``);
+* the block hooks of the family's other modules (``nag.hooks.blocks.HOOKS``), which keep the image stream at its
+  stock batch;
+* for causal single-stream families (layout ``"prefix"``), the negative prompt's prefix runs in a denoiser call of
+  its own before the first guided call (or before every guided call when the prefix depends on the timestep).
+
+``Attachment.detach()`` restores every processor and removes every hook. When a call is not guided, the hooks pass
+the stock arguments through unchanged, so the output is bit-identical.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from ..attention import wrap_processor
+from ..spec import Family
+from ..state import NAGRuntime, NegativePrefix, PrefixRecording
+from .blocks import HOOKS, BlockHooks
+from .inputs import conditional_rows, extend_inputs, rows_for, to_device
+
+__all__ = ["Attachment", "attach", "unwrap_compiled"]
+
+
+def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``torch.compile`` wrapper (hooks go there; compiled calls run them)."""
+    return getattr(module, "_orig_mod", module)
+
+
+class Attachment:
+    """Everything installed on one denoiser; ``detach()`` removes it all. ``hooks`` names each installed hook."""
+
+    def __init__(self, denoiser: torch.nn.Module, family: Family, runtime: NAGRuntime, fast: bool = True):
+        denoiser = unwrap_compiled(denoiser)
+        self.denoiser = denoiser
+        self.family = family
+        self.runtime = runtime
+        self.fast = fast
+        self._stock_processors: list[tuple[torch.nn.Module, Any]] = []
+        self.hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
+        self._blocks = BlockHooks(family, runtime, self._stock_processors)
+        self._forward_signature = inspect.signature(denoiser.forward)
+        try:
+            self._install()
+        except BaseException:
+            self.detach()
+            raise
+
+    # -- installation -------------------------------------------------------------------------
+    def _install(self) -> None:
+        family = self.family
+        reason = family.refuse(self.denoiser) if family.refuse is not None else None
+        if reason:
+            raise NotImplementedError(f"NAG cannot guide this {type(self.denoiser).__name__}: {reason}")
+        for name, module in self.denoiser.named_modules():
+            mechanism = family.attention_role(name, module)
+            if mechanism is None:
+                continue
+            stock = module.processor
+            self._stock_processors.append((module, stock))
+            module.set_processor(wrap_processor(mechanism.wrapper(self.fast), stock, self.runtime))
+        if not self._stock_processors:
+            raise RuntimeError(
+                f"found no text attention modules in {type(self.denoiser).__name__} for family {family.name!r}"
+            )
+        self._register("denoiser", self.denoiser.register_forward_pre_hook(
+            self._before_denoiser, with_kwargs=True, prepend=True))
+        self._register("denoiser", self.denoiser.register_forward_hook(self._after_denoiser, always_call=True))
+        for name, module in self.denoiser.named_modules():
+            for kind in family.module_kinds(name):
+                hook = HOOKS[kind]
+                if not hook.applies(self.fast, family):
+                    hook = hook.otherwise
+                if hook is None:
+                    continue
+                if hook.pre:
+                    pre = getattr(self._blocks, hook.pre)
+                    self._register(f"{name}:{hook.pre}", module.register_forward_pre_hook(pre, with_kwargs=True))
+                if hook.post:
+                    self._register(f"{name}:{hook.post}", module.register_forward_hook(getattr(self._blocks, hook.post)))
+
+    def _register(self, name: str, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self.hooks.append((f"nag:{name}", handle))
+
+    def detach(self) -> None:
+        for _, hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        for module, stock in reversed(self._stock_processors):
+            module.set_processor(stock)
+        self._stock_processors.clear()
+        self.runtime.call = None
+
+    # -- denoiser hooks -----------------------------------------------------------------------
+    def _before_denoiser(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        runtime = self.runtime
+        runtime.call = None
+        runtime.denoiser_calls += 1
+        family = self.family
+        bound = self._forward_signature.bind_partial(*args, **kwargs)
+        arguments = bound.arguments
+        runtime.advance(arguments.get(family.timestep_kwarg))
+        if not runtime.settings.enabled or runtime.negative is None or not runtime.step_in_window():
+            return None
+        text = arguments.get(family.text_kwarg)
+        if text is None:
+            return None
+        cond_rows = conditional_rows(text, runtime.positive_reference)
+        if cond_rows is None:
+            return None
+        hints = family.control_hints_kwarg
+        if hints and arguments.get(hints) is not None and not runtime.control_attached:
+            raise ValueError(
+                f"NAG on a bare {type(module).__name__} cannot give its negative rows `{hints}` (a control model's "
+                f"output for the negative text); apply NAG to the pipeline (nag.apply), which runs the control model "
+                f"for them, or call the denoiser without `{hints}`"
+            )
+        device = cond_rows.device
+        per_sample = isinstance(text, (list, tuple))  # list inputs (Z-Image): negative tensors become per-row lists
+        negative = {
+            key: to_device(rows_for(list(value) if per_sample and isinstance(value, torch.Tensor) else value,
+                                      len(cond_rows), key, family.batch_dim(key)), device)
+            for key, value in runtime.negative.items()
+        }
+        pad_to = (family.text_length(module) or 0) if family.text_length is not None else 0
+        call, changes = extend_inputs(family, arguments, negative, cond_rows, pad_to)
+        if family.layout == "prefix":
+            self._prefill_negative(module, arguments, negative, cond_rows)
+            runtime.call = call
+            runtime.guided_calls += 1
+            return None
+        if family.text_prefix is not None:
+            call.text_prefix = family.text_prefix(module)
+        arguments.update(changes)
+        if family.row_text_lengths is not None:
+            call.text_lengths = family.row_text_lengths(arguments)
+        if family.row_image_lengths is not None:
+            call.image_lengths = family.row_image_lengths(arguments)
+        runtime.call = call
+        runtime.guided_calls += 1
+        return bound.args, bound.kwargs
+
+    def _prefill_negative(self, module: torch.nn.Module, arguments: dict, negative: dict, cond_rows: torch.Tensor) -> None:
+        """Layout ``"prefix"``: run the negative prompt's own call for the guided rows, recording every layer's prefix
+        keys/values (once per generation when the prefix does not depend on the timestep, else at every step)."""
+        prefix = self.family.causal_prefix
+        rows = cond_rows.tolist()
+        recorded = self.runtime.negative_prefix
+        if recorded is not None and recorded.rows == rows and prefix.step_independent(module):
+            return
+        recording = self.runtime.prefix_recording = PrefixRecording()
+        try:  # `forward`, not the module: hooks watching the denoiser's calls see only the pipeline's
+            module.forward(**prefix.prefill_call(arguments, negative, cond_rows))
+        finally:
+            self.runtime.prefix_recording = None
+        key_valid = recording.key_valid
+        if key_valid is not None:  # every target key is valid
+            key_valid = torch.cat([key_valid, key_valid.new_ones(len(rows), prefix.target_tokens(arguments))], dim=1)
+        self.runtime.negative_prefix = NegativePrefix(
+            rows=rows, layers=recording.layers, key_valid=key_valid,
+            rotary=prefix.target_rotary(module, arguments, negative, cond_rows),
+        )
+
+    def _after_denoiser(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        call, self.runtime.call = self.runtime.call, None
+        if call is None or output is None or self.family.layout != "concat":  # (None: the call raised)
+            return None
+        return _stock_rows_of_output(output, call.batch)
+
+
+def _stock_rows_of_output(output: Any, rows: int) -> Any:
+    """A denoiser output (tuple or ``...Output`` dataclass) without the negative rows."""
+    if isinstance(output, (torch.Tensor, list)):
+        return output[:rows]
+    if isinstance(output, tuple):
+        return (output[0][:rows], *output[1:])
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, (torch.Tensor, list)):  # (Z-Image: a list of per-sample tensors)
+        output.sample = sample[:rows]  # diffusers' BaseOutput keeps the mapping in step with the attribute
+        return output
+    raise TypeError(f"NAG cannot trim the negative rows from a denoiser output of type {type(output).__name__}")
+
+
+def attach(denoiser: torch.nn.Module, family: Family, runtime: NAGRuntime, fast: bool = True) -> Attachment:
+    """Install NAG on ``denoiser`` for ``family``; returns the attachment to ``detach()``.
+
+    ``fast=False`` uses the straightforward wrappers everywhere (each stock processor called once
+    per branch); the fast paths must agree with them.
+    """
+    return Attachment(denoiser, family, runtime, fast)

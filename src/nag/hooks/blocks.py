@@ -1,0 +1,329 @@
+"""Hooks on the blocks and modules around attention: where the negative rows' image copies are dropped.
+
+Each hook is one method of :class:`BlockHooks`; ``HOOKS`` says which :class:`~nag.spec.ModuleKind` gets which (a
+forward pre-hook and a forward hook) and when. A hook does nothing outside a guided call. The pre-hooks that take
+the negative text out of a block (the block then runs on the stock rows) leave it in ``runtime.text_path`` for the
+block's attention fast path, and the forward hook finishes the block for it with the family's :class:`TextPath`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from ..attention import NAGProcessor, pad_tokens
+from ..spec import Family, ModuleKind
+from ..state import NAGRuntime, NegativeText
+
+__all__ = ["BlockHooks", "HOOKS", "Hook"]
+
+
+class BlockHooks:
+    """The block-level hooks of one attachment (``wrapped``: the attention modules it gave a NAG wrapper)."""
+
+    def __init__(self, family: Family, runtime: NAGRuntime, wrapped: list[tuple[torch.nn.Module, Any]]):
+        self.family = family
+        self.runtime = runtime
+        self.wrapped = wrapped
+
+    def _start_text(self, block: torch.nn.Module, text: torch.Tensor, modulation: Any) -> NegativeText:
+        normed, saved = self.family.text_path.start(block, text, modulation)
+        return NegativeText(normed=normed, saved=saved)
+
+    def _finish_text(self, block: torch.nn.Module, path: NegativeText) -> torch.Tensor:
+        return self.family.text_path.finish(block, path.saved, path.attention)
+
+    def stock_rows_of_conditioning(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Image-side modulation: use the stock rows of the (extended) conditioning embedding."""
+        call = self.runtime.call
+        if call is None:
+            return None
+        rows = (args[0] if args else next(iter(kwargs.values()))).shape[0]
+
+        def trim(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] > rows:
+                return value[:rows]
+            return value
+
+        new_args = (args[0], *(trim(a) for a in args[1:])) if args else args
+        first = None if args else next(iter(kwargs))
+        new_kwargs = {k: (v if k == first else trim(v)) for k, v in kwargs.items()}
+        return new_args, new_kwargs
+
+    def stock_rows_of_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Image-side modulation computed from the conditioning alone: the stock rows of every input."""
+        call = self.runtime.call
+        if call is None:
+            return None
+
+        def trim(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] > call.batch:
+                return value[: call.batch]
+            return value
+
+        return tuple(trim(a) for a in args), {k: trim(v) for k, v in kwargs.items()}
+
+    def add_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Blocks that concatenate ``[text, image]``: one image row per negative text row."""
+        call = self.runtime.call
+        if call is None:
+            return None
+        name = self.family.image_kwarg
+        if name in kwargs:
+            image = kwargs[name]
+            kwargs = {**kwargs, name: torch.cat([image, image[call.cond_rows]])}
+            return args, kwargs
+        image = args[0]
+        return (torch.cat([image, image[call.cond_rows]]), *args[1:]), kwargs
+
+    def drop_image_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        call = self.runtime.call
+        if call is None:
+            return None
+        text, image = output  # (the block's output is (text, image): keep the stock image rows)
+        return text, image[: call.batch]
+
+    def stock_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Double-stream blocks of a concat-layout model: the image stream (and its per-row modulation) at the
+        stock batch; the negative text rows attend to the guided image in the joint attention wrapper."""
+        call = self.runtime.call
+        if call is None:
+            return None
+        bound = _bind(module, args, kwargs)
+        for name in (self.family.image_kwarg, *self.family.stock_image_kwargs):
+            value = bound.arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] > call.batch:
+                bound.arguments[name] = value[: call.batch]
+        return bound.args, bound.kwargs
+
+    def restore_image_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """... and its image output with the guided rows' copies again (the model joins text and image rows)."""
+        call = self.runtime.call
+        if call is not None and isinstance(output, torch.Tensor) and output.ndim and output.shape[0] == call.batch:
+            return torch.cat([output, output[call.cond_rows]])  # (a module returning the image alone)
+        if call is None or not isinstance(output, tuple):
+            return None
+        return tuple(torch.cat([x, x[call.cond_rows]]) if isinstance(x, torch.Tensor) and x.shape[0] == call.batch else x
+                     for x in output)
+
+    def split_joined_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path for single-stream blocks whose input the model joined as ``[text, image]``: the block runs
+        on the stock rows; the negative rows' text takes the family's text-only path around it."""
+        call = self.runtime.call
+        processor = _text_attention_processor(module)
+        if call is None or not getattr(processor, "takes_split_text", lambda: False)():
+            return None
+        bound = _bind(module, args, kwargs)
+        mask_name = self.family.text_path.mask
+        mask = bound.arguments.get(mask_name) if mask_name else None
+        if mask is not None and not getattr(processor, "takes_split_mask", lambda call, mask: False)(call, mask):
+            return None  # (a mask form the fast path does not take: the whole rows run through the block)
+        joined, modulation = bound.arguments[self.family.image_kwarg], bound.arguments[self.family.text_path.modulation]
+        b, text_len = call.batch, call.text_prefix + call.padded_text_len
+        negative_modulation = modulation[b:] if modulation.shape[0] > b else modulation
+        path = self.runtime.text_path = self._start_text(module, joined[b:, :text_len], negative_modulation)
+        bound.arguments[self.family.image_kwarg] = joined[:b]
+        bound.arguments[self.family.text_path.modulation] = modulation[:b] if modulation.shape[0] > b else modulation
+        if mask is not None:  # the block's mask for the stock rows; the negative rows' for the text path
+            path.mask = mask[b:] if mask.shape[0] > b else mask
+            bound.arguments[mask_name] = mask[:b] if mask.shape[0] > b else mask
+        return bound.args, bound.kwargs
+
+    def join_joined_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        call = self.runtime.call
+        path, self.runtime.text_path = self.runtime.text_path, None
+        if call is None or path is None:
+            return None
+        text_len = call.text_prefix + call.padded_text_len
+        negative = torch.cat([self._finish_text(module, path), output[call.cond_rows, text_len:]], dim=1)
+        return torch.cat([output, negative])
+
+    def split_text_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path for blocks that concatenate ``[text, image]``: the block runs on the stock
+        rows; the negative text rows take the family's text-only path around it."""
+        call = self.runtime.call
+        if call is None:
+            return None
+        if not getattr(_text_attention_processor(module), "takes_split_text", lambda: False)():
+            # another processor or attention backend: whole rows through the block (the straightforward wrapper)
+            self.runtime.whole_rows_block = True
+            return self.add_image_rows(module, args, kwargs)
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        arguments = bound.arguments
+        text, temb = arguments["encoder_hidden_states"], arguments["temb"]
+        self.runtime.text_path = self._start_text(module, text[call.batch :], temb[call.batch :])
+        arguments["encoder_hidden_states"] = text[: call.batch]
+        arguments["temb"] = temb[: call.batch]
+        return bound.args, bound.kwargs
+
+    def join_text_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        call = self.runtime.call
+        if call is None:
+            return None
+        if self.runtime.whole_rows_block:
+            self.runtime.whole_rows_block = False
+            return self.drop_image_rows(module, args, output)
+        path, self.runtime.text_path = self.runtime.text_path, None
+        text, image = output
+        return torch.cat([text, self._finish_text(module, path)]), image
+
+    def split_sample_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path for blocks over per-sample rows ``[image, text, padding]`` (Z-Image's main layers; each row's
+        ``call.image_lengths`` and ``call.text_lengths``): the block runs on the stock rows, cut to their longest
+        valid length (the padding a longer negative text adds is never attended); each negative row's text span takes
+        the family's text-only path around it, with its modulation and its span of the rotary tables."""
+        call = self.runtime.call
+        self.runtime.text_path = None  # (left behind only by a block that raised)
+        processor = _text_attention_processor(module)
+        if call is None or not getattr(processor, "takes_split_text", lambda: False)():
+            return None
+        if call.text_lengths is None:  # (the family gives no per-row spans)
+            return None
+        family, text_path = self.family, self.family.text_path
+        bound = _bind(module, args, kwargs)
+        arguments = bound.arguments
+        stream, modulation = arguments[family.image_kwarg], arguments.get(family.text_path.modulation)
+        b, rows, tokens = call.batch, stream.shape[0], stream.shape[1]
+        if rows != b + len(call.cond_rows):
+            return None
+        image_lengths = call.image_lengths
+        if image_lengths is None and text_path.text_first:  # (rows [text, image, padding]: the longest row is full)
+            image_lengths = [tokens - max(call.text_lengths)] * rows
+        elif image_lengths is None:  # (no image lengths from the family: each row's text ends it, the image is the rest)
+            image_lengths = [tokens - length for length in call.text_lengths]
+        spans = [(0 if text_path.text_first else image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
+        keep = max(image_lengths[i] + call.text_lengths[i] for i in range(b))
+
+        def text_spans(value: torch.Tensor) -> torch.Tensor:
+            return pad_sequence([value[b + j, s : s + n] for j, (s, n) in enumerate(spans)], batch_first=True)
+
+        per_row = isinstance(modulation, torch.Tensor) and modulation.ndim and modulation.shape[0] == rows
+        path = self._start_text(module, text_spans(stream), modulation[b:] if per_row else modulation)
+        rotary = arguments.get(text_path.rotary) if text_path.rotary else None
+        path.spans, path.stream = spans, stream
+        path.rotary = text_spans(rotary) if rotary is not None else None
+        for name, value in list(arguments.items()):  # per-row arguments: the stock rows; per-token ones: their tokens
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows:
+                value = value[:b]
+                if name != family.text_path.modulation and value.ndim >= 2 and value.shape[1] == tokens:
+                    value = value[:, :keep]
+                arguments[name] = value
+        self.runtime.text_path = path
+        return bound.args, bound.kwargs
+
+    def join_sample_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """... and the block's output for every row again: the negative rows keep their input but for their text
+        spans, which take the text path's output (their image tokens are never read: every attention gives them
+        the guided rows')."""
+        call = self.runtime.call
+        path, self.runtime.text_path = self.runtime.text_path, None
+        if call is None or path is None:
+            return None
+        text, stream = self._finish_text(module, path), path.stream
+        joined = torch.cat([pad_tokens(output, stream.shape[1]), stream[call.batch :]])
+        for j, (start, length) in enumerate(path.spans):
+            joined[call.batch + j, start : start + length] = text[j, :length]
+        return joined
+
+    def _serves_split_text(self) -> bool:
+        """Whether every text-attention wrapper of the denoiser can serve negative rows taken out of their block."""
+        return all(getattr(module.processor, "takes_split_text", lambda: False)() for module, _ in self.wrapped)
+
+    def enter_stock_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path, the module that takes the image at the model input (``ModuleKind.STOCK_IMAGE_ENTRY``): it runs on the
+        stock rows, and its output carries the image stream on at the stock batch, when every text-attention wrapper
+        can serve the negative rows beside the stock rows (else whole negative rows, as the straightforward path)."""
+        if self.runtime.call is None or not self._serves_split_text():
+            return None
+        return self.stock_image_rows(module, args, kwargs)
+
+    def split_image_first_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Fast path for single-stream blocks that take the image and the text separately and join them as
+        ``[image, text]`` themselves (``ModuleKind.IMAGE_FIRST_BLOCK``): the block runs on the stock rows (the image at
+        the stock batch, every other per-row argument cut to the stock rows); the negative rows' text takes the
+        family's text-only path beside it, their per-row arguments (mask, modulation) kept for the attention
+        wrapper. A block whose wrapper cannot serve that gets whole negative rows, the image copied for them."""
+        call = self.runtime.call
+        self.runtime.text_path = None  # (left behind only by a block that raised)
+        if call is None:
+            return None
+        family = self.family
+        bound = _bind(module, args, kwargs)
+        arguments = bound.arguments
+        image, text = arguments[family.image_kwarg], arguments["encoder_hidden_states"]
+        b, rows = call.batch, text.shape[0]
+        if rows != b + len(call.cond_rows):
+            return None
+        processor = _text_attention_processor(module)
+        if not getattr(processor, "takes_split_text", lambda: False)():
+            if image.shape[0] == b:  # (the image stream came at the stock batch: copies for the negative rows)
+                arguments[family.image_kwarg] = torch.cat([image, image[call.cond_rows]])
+                return bound.args, bound.kwargs
+            return None
+        negative: dict[str, torch.Tensor] = {}
+        for name, value in list(arguments.items()):
+            if name != family.image_kwarg and isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows:
+                negative[name], arguments[name] = value[b:], value[:b]
+        arguments[family.image_kwarg] = image[:b]
+        path = self._start_text(module, negative["encoder_hidden_states"], negative[family.text_path.modulation])
+        path.inputs = negative
+        # (a family without a stock image entry carries the image on whole rows between blocks: it leaves as it came)
+        path.whole_image_rows = image.shape[0] > b and ModuleKind.STOCK_IMAGE_ENTRY not in family.modules
+        self.runtime.text_path = path
+        return bound.args, bound.kwargs
+
+    def join_image_first_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """... and the block's ``(image, text)`` output with the negative rows' text again (the image stays at the
+        stock batch; in a family without a ``STOCK_IMAGE_ENTRY`` a block that got it on whole rows returns it so, the
+        guided rows' copies for the negative rows, which every attention replaces by the guided rows' image)."""
+        call = self.runtime.call
+        path, self.runtime.text_path = self.runtime.text_path, None
+        if call is None or path is None:
+            return None
+        image, text = output
+        if path.whole_image_rows:
+            image = torch.cat([image, image[call.cond_rows]])
+        return image, torch.cat([text, self._finish_text(module, path)])
+
+
+def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    return inspect.signature(module.forward).bind(*args, **kwargs)
+
+
+def _text_attention_processor(block: torch.nn.Module) -> Any:
+    """The NAG wrapper of a block's text attention (None if it has none)."""
+    return next((m.processor for m in block.modules() if isinstance(getattr(m, "processor", None), NAGProcessor)), None)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """What a kind of module gets: a forward pre-hook and a forward hook (``BlockHooks`` method names), installed
+    only with the fast path (``fast_only``) or only where the family has a text path (``text_path``); ``otherwise``
+    is installed where those conditions fail."""
+
+    pre: str | None
+    post: str | None = None
+    fast_only: bool = False
+    text_path: bool = False
+    otherwise: Hook | None = None
+
+    def applies(self, fast: bool, family: Family) -> bool:
+        return (fast or not self.fast_only) and (family.text_path is not None or not self.text_path)
+
+
+HOOKS: dict[ModuleKind, Hook] = {
+    ModuleKind.IMAGE_NORM: Hook("stock_rows_of_conditioning"),
+    ModuleKind.IMAGE_MODULATION: Hook("stock_rows_of_inputs"),
+    ModuleKind.STOCK_IMAGE_BLOCK: Hook("stock_image_rows", "restore_image_rows"),
+    ModuleKind.JOINED_BLOCK: Hook("split_joined_rows", "join_joined_rows", fast_only=True, text_path=True),
+    ModuleKind.CONCATENATING_BLOCK: Hook("split_text_rows", "join_text_rows", fast_only=True, text_path=True,
+                                         otherwise=Hook("add_image_rows", "drop_image_rows")),
+    ModuleKind.SAMPLE_BLOCK: Hook("split_sample_rows", "join_sample_rows", fast_only=True, text_path=True),
+    ModuleKind.STOCK_ROW_MODULE: Hook("stock_image_rows", "restore_image_rows", fast_only=True),
+    ModuleKind.STOCK_IMAGE_ENTRY: Hook("enter_stock_image_rows", fast_only=True),
+    ModuleKind.IMAGE_FIRST_BLOCK: Hook("split_image_first_rows", "join_image_first_rows", fast_only=True, text_path=True),
+}

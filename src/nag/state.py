@@ -1,0 +1,173 @@
+"""The typed state of one attachment: what the hooks record for the attention wrappers, per call and per block.
+
+Everything here is plain data. The denoiser hook fills a :class:`GuidedCall` for each guided denoiser call; block
+hooks that take the negative rows' text out of a block leave it in :class:`NegativeText` for that block's attention
+fast path; the causal-prefix layout records the negative prefix's keys/values in :class:`PrefixRecording` and keeps
+them as :class:`NegativePrefix`. :class:`NAGRuntime` holds them all, with the settings and the negative conditioning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .settings import NAGSettings
+
+logger = logging.getLogger("nag")
+
+__all__ = ["GuidedCall", "NegativeText", "PrefixKeysValues", "PrefixRecording", "NegativePrefix", "NAGRuntime"]
+
+
+@dataclass
+class GuidedCall:
+    """What the attention wrappers need to know about the current guided denoiser call."""
+
+    batch: int  # image rows (the stock batch)
+    cond_rows: torch.Tensor  # indices of the guided (conditional) rows
+    positive_text_len: int
+    negative_text_len: int
+    padded_text_len: int  # joint families: common length of positive and negative text rows
+    static_negative: bool = False  # the negative context reaching attention is the same every step
+    # Tokens the model puts before the text inside its blocks (AuraFlow's register tokens): the
+    # attention modules see ``[prefix, text, image]`` with the prefix shared by both branches.
+    text_prefix: int = 0
+    # Per-sample text lengths of every row of the extended call (models that join each sample's own
+    # ``[text, image]`` with the text at its own length: Lumina2).
+    text_lengths: list[int] | None = None
+    # Per-row image token counts of the extended call, for models whose samples start with the image
+    # (Z-Image: ``[image, caption, padding]`` per sample, the image span padded by the model itself).
+    image_lengths: list[int] | None = None
+
+    @functools.cached_property
+    def guided_rows(self) -> list[int]:
+        """``cond_rows`` as a list, read once per call (reading device indices waits for the device)."""
+        return self.cond_rows.tolist()
+
+
+@dataclass
+class NegativeText:
+    """The negative rows' text that a block hook took out of its block (the block runs on the stock rows): the
+    block's attention fast path attends with it beside the stock rows and leaves its output in ``attention``; the
+    family's text path finishes the block for it from ``saved``."""
+
+    normed: torch.Tensor  # the block's modulated text: the attention's input for the negative rows
+    saved: Any  # what the family's text path keeps for after attention (its own business)
+    attention: torch.Tensor | None = None  # the attention fast path's output for the negative text
+    mask: torch.Tensor | None = None  # joined blocks: the negative rows' ``(rows, tokens)`` mask
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # image-first blocks: the negative rows' arguments
+    spans: list[tuple[int, int]] | None = None  # sample blocks: each negative row's text ``(start, length)``
+    rotary: Any = None  # sample blocks: the text spans' rotary tables
+    stream: torch.Tensor | None = None  # sample blocks: the block's whole input, every row
+    whole_image_rows: bool = False  # image-first blocks: the image came (and leaves) on whole rows
+
+
+class PrefixKeysValues:
+    """One layer's prefix keys and values, filled by the stock processor (``store``) and read back (``get``)
+    in the shape the model's own per-layer key/value cache has."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.values is None:
+            raise RuntimeError("NAG's negative prefix has no keys/values for this layer")
+        return self.keys, self.values
+
+
+@dataclass
+class PrefixRecording:
+    """Filled by the causal-prefix wrappers while the negative prompt's own call runs."""
+
+    layers: dict[torch.nn.Module, PrefixKeysValues] = field(default_factory=dict)
+    key_valid: torch.Tensor | None = None  # the prefix's key mask, from the first layer
+    key_valid_recorded: bool = False
+
+
+@dataclass
+class NegativePrefix:
+    """The recorded negative prefix of one generation (layout ``"prefix"``)."""
+
+    rows: list[int]  # the guided rows it was recorded for
+    layers: dict[torch.nn.Module, PrefixKeysValues]
+    key_valid: torch.Tensor | None  # ``(rows, prefix + target)`` valid keys, or None: all valid
+    rotary: torch.Tensor  # the target image's rotary table at the negative layout's positions
+
+
+@dataclass
+class NAGRuntime:
+    """Mutable state shared by the hooks of one attachment.
+
+    ``negative`` maps the denoiser's keyword names (``encoder_hidden_states``,
+    ``pooled_projections``, ``encoder_attention_mask``, ...) to tensors with one row per row of
+    ``positive_reference`` (or one row, broadcast). ``positive_reference`` is the text tensor the
+    conditional rows carry; when it is None every row of a call is guided.
+    """
+
+    settings: NAGSettings
+    negative: dict[str, torch.Tensor] | None = None
+    positive_reference: torch.Tensor | None = None
+    progress: Callable[[int], float | None] | None = None  # step index -> fraction of the trajectory
+    call: GuidedCall | None = None
+    step_index: int = -1
+    last_timestep: torch.Tensor | None = None
+    guided_calls: int = 0
+    denoiser_calls: int = 0
+    control_attached: bool = False  # a control model's hints are extended for the negative rows (nag.control)
+    # per generation: the projected negative keys/values of each cross-attention module (fast path)
+    negative_kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    negative_prefix: NegativePrefix | None = None  # per generation (layout "prefix")
+    # per block
+    prefix_recording: PrefixRecording | None = None  # set while the negative prefix's own call runs
+    text_path: NegativeText | None = None  # the negative text a block hook took out of the current block
+    whole_rows_block: bool = False  # the current concatenating block runs on whole rows (no fast path)
+
+    def begin_generation(
+        self, negative: dict[str, torch.Tensor] | None, positive_reference: torch.Tensor | None
+    ) -> None:
+        if self.negative is not None and self.denoiser_calls and not self.guided_calls and self.settings.enabled:
+            logger.warning(
+                "NAG guided none of the %d denoiser calls of the previous generation: no call carried the "
+                "encoded positive prompt (was the prompt embedding changed between encode_prompt and the "
+                "denoiser?) or no step fell inside [start=%s, end=%s)",
+                self.denoiser_calls, self.settings.start, self.settings.end,
+            )
+        self.negative = negative
+        self.positive_reference = positive_reference
+        self.step_index = -1
+        self.last_timestep = None
+        self.call = None
+        self.guided_calls = 0
+        self.denoiser_calls = 0
+        self.negative_kv.clear()
+        self.negative_prefix = None
+        self.prefix_recording = None
+        self.text_path = None
+        self.whole_rows_block = False
+
+    def advance(self, timestep: Any) -> None:
+        """Count steps: a call whose timestep differs from the previous call's starts a new step."""
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.detach()
+            same = (
+                self.last_timestep is not None
+                and isinstance(self.last_timestep, torch.Tensor)
+                and self.last_timestep.shape == timestep.shape
+                and torch.equal(self.last_timestep, timestep)
+            )
+        else:
+            same = self.last_timestep is not None and self.last_timestep == timestep
+        if not same:
+            self.step_index += 1
+            self.last_timestep = timestep
+
+    def step_in_window(self) -> bool:
+        progress = self.progress(self.step_index) if self.progress is not None else None
+        return self.settings.in_window(progress)
