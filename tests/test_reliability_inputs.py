@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nag
+import nag.checks
 import nag.pipeline
 import tiny_pipelines as tp
 from test_pipelines import NEGATIVE, PROMPTS, SETTINGS, generate, pipeline, state_of
@@ -164,7 +165,7 @@ def test_negative_prompt_count_mismatch(name, record_property):
              "(denoiser config silent on the width)", "ValueError at the call naming the expected shape")
 def test_width_checked_against_the_prompt_embeddings(monkeypatch, record_property):
     pipe = pipeline("sd")
-    monkeypatch.setattr(nag.pipeline, "_expected_widths", lambda denoiser: {})
+    monkeypatch.setattr(nag.checks, "expected_widths", lambda denoiser: {})
     width = pipe.unet.config.cross_attention_dim
     with nag.apply(pipe, negative_prompt_embeds=torch.zeros(1, 5, width - 8), **SETTINGS):
         with pytest.raises(ValueError, match=rf"width {width - 8} but this call's prompt embeddings have width {width}") as info:

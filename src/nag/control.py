@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -44,8 +45,12 @@ class ControlModel:
 
 
 CONTROL_MODELS: dict[str, ControlModel] = {
-    "ZImageControlNetModel": ControlModel(hints_kwarg="controlnet_block_samples", image_kwarg="x", text_kwarg="cap_feats",
-                                          row_kwargs=("t", "control_context")),
+    "ZImageControlNetModel": ControlModel(
+        hints_kwarg="controlnet_block_samples",
+        image_kwarg="x",
+        text_kwarg="cap_feats",
+        row_kwargs=("t", "control_context"),
+    ),
 }
 
 
@@ -123,7 +128,8 @@ class ControlAttachment:
             raise RuntimeError(
                 f"NAG: the `{adapter.hints_kwarg}` of this {denoiser_name} call are not the output of the latest "
                 f"{control_name} call; NAG runs the {control_name} for its negative rows with that call's inputs. Call "
-                f"the {control_name} right before the {denoiser_name}, with the same latents, and pass its output as is."
+                f"the {control_name} right before the {denoiser_name}, with the same latents, and pass its output "
+                "as is."
             )
         control_arguments, _ = last
         stock_images = arguments[adapter.image_kwarg][: call.batch]

@@ -34,7 +34,7 @@ class DenoiserHandle:
             self._attachment.detach()
             self._attachment = None
 
-    def __enter__(self) -> "DenoiserHandle":
+    def __enter__(self) -> DenoiserHandle:
         return self
 
     def __exit__(self, *exc: Any) -> None:

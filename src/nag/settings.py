@@ -87,7 +87,7 @@ class NAGSettings:
         start: float = 0.0,
         end: float = 1.0,
         norm: int = 1,
-    ) -> "NAGSettings":
+    ) -> NAGSettings:
         """Validated settings, omitted ``scale``/``tau``/``alpha`` taken from ``defaults``.
 
         What ``nag.apply`` uses; a command line can call it (with ``nag.PIPELINES[name].defaults``)
@@ -111,7 +111,7 @@ class NAGSettings:
         """Whether a step at ``progress`` (fraction of the trajectory done, 0 = noisiest) is guided."""
         return progress is None or self.start <= progress < self.end
 
-    def with_updates(self, **changes: float) -> "NAGSettings":
+    def with_updates(self, **changes: float) -> NAGSettings:
         """A validated copy with ``changes`` applied; unknown names raise a TypeError naming the known ones."""
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -244,7 +245,11 @@ class PipelineSpec:
         """``encode_prompt``'s result as ``{denoiser argument: tensor}``."""
         values = values if isinstance(values, tuple) else (values,)
         if self.encode_outputs is not None:  # (a mask may be None: every token valid)
-            return {name: value for name, value in zip(self.encode_outputs, values) if name is not None and value is not None}
+            return {
+                name: value
+                for name, value in zip(self.encode_outputs, values)
+                if name is not None and value is not None
+            }
         named = {"encoder_hidden_states": values[0]}
         mask = values[1] if len(values) > 1 else None
         if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape == values[0].shape[:2]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -137,7 +138,9 @@ class NAGRuntime:
                 "NAG guided none of the %d denoiser calls of the previous generation: no call carried the "
                 "encoded positive prompt (was the prompt embedding changed between encode_prompt and the "
                 "denoiser?) or no step fell inside [start=%s, end=%s)",
-                self.denoiser_calls, self.settings.start, self.settings.end,
+                self.denoiser_calls,
+                self.settings.start,
+                self.settings.end,
             )
         self.negative = negative
         self.positive_reference = positive_reference

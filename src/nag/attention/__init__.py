@@ -68,13 +68,15 @@ JOINT = Mechanism("joint", JointAttentionNAG, FastJointAttentionNAG)
 #: attention over a block's own [text, image] with no output projection in the processor (Flux single blocks)
 SINGLE = Mechanism("single", SingleStreamAttentionNAG, FastSingleStreamAttentionNAG, ("hidden_states",))
 #: ... with the output projection over [text, image] in the processor (AuraFlow single blocks)
-SINGLE_PROJECTED = Mechanism("single_projected", SingleProjectedAttentionNAG, FastSingleProjectedAttentionNAG,
-                             ("hidden_states",))
+SINGLE_PROJECTED = Mechanism(
+    "single_projected", SingleProjectedAttentionNAG, FastSingleProjectedAttentionNAG, ("hidden_states",)
+)
 #: ... ending in one projection over [attention, MLP] (FLUX.2 parallel single blocks)
 SINGLE_FUSED = Mechanism("single_fused", FusedSingleAttentionNAG, FastFusedSingleAttentionNAG, ("hidden_states",))
 #: ... under the outer product of the model's (rows, text + image) mask (Chroma single blocks)
-SINGLE_OUTER_MASK = Mechanism("single_outer_mask", SingleStreamAttentionNAG, FastOuterMaskSingleAttentionNAG,
-                              ("hidden_states",))
+SINGLE_OUTER_MASK = Mechanism(
+    "single_outer_mask", SingleStreamAttentionNAG, FastOuterMaskSingleAttentionNAG, ("hidden_states",)
+)
 #: joint attention on whole negative rows (concat layout: AuraFlow joint blocks)
 JOINT_ROWS = Mechanism("joint_rows", RowsJointAttentionNAG, FastRowsJointAttentionNAG)
 #: ... under the outer product of the model's mask (Chroma double blocks)
@@ -87,21 +89,45 @@ JOINT_ROWS_IMAGE_FIRST = Mechanism("joint_rows_image_first", RowsImageFirstAtten
 JOINT_ROWS_PER_SAMPLE = Mechanism("joint_rows_per_sample", RowsPerSampleAttentionNAG, FastRowsPerSampleAttentionNAG)
 #: ... over per-sample [image, text, padding] rows (Z-Image)
 JOINT_ROWS_PER_SAMPLE_IMAGE_FIRST = Mechanism(
-    "joint_rows_per_sample_image_first", RowsPerSampleImageFirstAttentionNAG, FastRowsPerSampleImageFirstAttentionNAG,
+    "joint_rows_per_sample_image_first",
+    RowsPerSampleImageFirstAttentionNAG,
+    FastRowsPerSampleImageFirstAttentionNAG,
     ("hidden_states",),
 )
 #: block-causal single-stream attention with the negative prefix recorded in a call of its own (Qwen-Image 2.1)
 CAUSAL_PREFIX = Mechanism(
-    "causal_prefix", CausalPrefixAttentionNAG, FastCausalPrefixAttentionNAG,
-    ("hidden_states", "attention_mask", "rotary_emb", "layer_cache", "kv_cache_mode", "cache_write_slice", "segments",
-     "key_valid"),
+    "causal_prefix",
+    CausalPrefixAttentionNAG,
+    FastCausalPrefixAttentionNAG,
+    (
+        "hidden_states",
+        "attention_mask",
+        "rotary_emb",
+        "layer_cache",
+        "kv_cache_mode",
+        "cache_write_slice",
+        "segments",
+        "key_valid",
+    ),
 )
 
 MECHANISMS: dict[str, Mechanism] = {
     m.name: m
-    for m in (CROSS, JOINT, SINGLE, SINGLE_PROJECTED, SINGLE_FUSED, SINGLE_OUTER_MASK, JOINT_ROWS,
-              JOINT_ROWS_OUTER_MASK, JOINT_ROWS_SHARED, JOINT_ROWS_IMAGE_FIRST, JOINT_ROWS_PER_SAMPLE,
-              JOINT_ROWS_PER_SAMPLE_IMAGE_FIRST, CAUSAL_PREFIX)
+    for m in (
+        CROSS,
+        JOINT,
+        SINGLE,
+        SINGLE_PROJECTED,
+        SINGLE_FUSED,
+        SINGLE_OUTER_MASK,
+        JOINT_ROWS,
+        JOINT_ROWS_OUTER_MASK,
+        JOINT_ROWS_SHARED,
+        JOINT_ROWS_IMAGE_FIRST,
+        JOINT_ROWS_PER_SAMPLE,
+        JOINT_ROWS_PER_SAMPLE_IMAGE_FIRST,
+        CAUSAL_PREFIX,
+    )
 }
 
 

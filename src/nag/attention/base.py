@@ -15,7 +15,8 @@ know, with the helpers at the end of this module: projections per head, rotary t
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -90,7 +91,6 @@ def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
 class NAGProcessor:
     """Base wrapper: binds the stock processor's arguments by name and dispatches."""
 
-
     def __init__(self, stock: Any, runtime: NAGRuntime):
         self.stock = stock
         self.stock_kind = type(stock).__name__  # decides which fast path applies
@@ -149,8 +149,14 @@ class NAGProcessor:
         return nag_combine(z_positive, z_negative, s.scale, s.tau, s.alpha, norm=s.norm, eps=s.eps)
 
     def guided_projection_inputs(
-        self, attn: torch.nn.Module, call: GuidedCall, run_negative: Callable[[Any], Any], run_positive: Callable[[Any], Any],
-        positive_image_start: int = 0, negative_image_start: int = 0, image_len: int | None = None,
+        self,
+        attn: torch.nn.Module,
+        call: GuidedCall,
+        run_negative: Callable[[Any], Any],
+        run_positive: Callable[[Any], Any],
+        positive_image_start: int = 0,
+        negative_image_start: int = 0,
+        image_len: int | None = None,
     ) -> tuple[Any, Any]:
         """Run the negative pass capturing ``Z-`` at the output projection, then the positive pass
         with the guided rows' ``Z+`` replaced by the NAG combination.
@@ -281,14 +287,20 @@ def qkv(attn: Any, x: torch.Tensor, fused: str, names: tuple[str, str, str]) -> 
 
 def image_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = qkv(attn, x, "to_qkv", ("to_q", "to_k", "to_v"))
-    return (split_heads(attn, q, attn.norm_q, False), split_heads(attn, k, attn.norm_k, False),
-            v.unflatten(-1, (attn.heads, -1)))
+    return (
+        split_heads(attn, q, attn.norm_q, False),
+        split_heads(attn, k, attn.norm_k, False),
+        v.unflatten(-1, (attn.heads, -1)),
+    )
 
 
 def text_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = qkv(attn, x, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
-    return (split_heads(attn, q, attn.norm_added_q, False), split_heads(attn, k, attn.norm_added_k, False),
-            v.unflatten(-1, (attn.heads, -1)))
+    return (
+        split_heads(attn, q, attn.norm_added_q, False),
+        split_heads(attn, k, attn.norm_added_k, False),
+        v.unflatten(-1, (attn.heads, -1)),
+    )
 
 
 def rotate(x: torch.Tensor, rotary: Any, start: int, stop: int | None) -> torch.Tensor:

@@ -20,7 +20,6 @@ class CrossAttentionNAG(NAGProcessor):
     part for the guided rows.
     """
 
-
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         context = arguments.get("encoder_hidden_states")
         if context is None:

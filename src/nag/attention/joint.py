@@ -41,15 +41,19 @@ class JointAttentionNAG(NAGProcessor):
 
         def branch(rows: slice, text_len: int) -> dict[str, Any]:
             """The text, its rotary tables and its mask for one branch (its own length, no padding)."""
-            changes = {"encoder_hidden_states": text[rows, :text_len],
-                       **rotary_for(arguments, self.rotary_argument, text_len, padded, split)}
+            changes = {
+                "encoder_hidden_states": text[rows, :text_len],
+                **rotary_for(arguments, self.rotary_argument, text_len, padded, split),
+            }
             if mask is not None:
                 changes[self.text_mask_argument] = mask[rows, :text_len]
             return changes
 
         def run_negative(view: Any) -> Any:
             return self.run_stock(
-                view, arguments, hidden_states=hidden[call.cond_rows],
+                view,
+                arguments,
+                hidden_states=hidden[call.cond_rows],
                 **branch(slice(call.batch, None), call.negative_text_len),
             )
 
@@ -65,7 +69,12 @@ class JointAttentionNAG(NAGProcessor):
         return (image_out, text_out, *positive[2:])
 
 
-_JOINT_PROCESSORS = {"FluxAttnProcessor", "JointAttnProcessor2_0", "Flux2AttnProcessor", "QwenDoubleStreamAttnProcessor2_0"}
+_JOINT_PROCESSORS = {
+    "FluxAttnProcessor",
+    "JointAttnProcessor2_0",
+    "Flux2AttnProcessor",
+    "QwenDoubleStreamAttnProcessor2_0",
+}
 
 
 # Joint processors whose rotary tables come as (image, text) instead of one table over [text, image].
@@ -79,7 +88,11 @@ class FastJointAttentionNAG(JointAttentionNAG):
     fast_processors = frozenset(_JOINT_PROCESSORS)
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        if self.stock_kind not in _JOINT_PROCESSORS or not default_backend(self.stock) or arguments.get("attention_mask") is not None:
+        if (
+            self.stock_kind not in _JOINT_PROCESSORS
+            or not default_backend(self.stock)
+            or arguments.get("attention_mask") is not None
+        ):
             return super().guided(attn, call, arguments)
         hidden, text = arguments["hidden_states"], arguments["encoder_hidden_states"]
         rotary = arguments.get(self.rotary_argument)
@@ -100,7 +113,11 @@ class FastJointAttentionNAG(JointAttentionNAG):
         b = call.batch
         mask = arguments.get(self.text_mask_argument)
         z, text_positive, text_negative = guided_image_and_text(
-            self, call, (qi, ki, vi), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:]),
+            self,
+            call,
+            (qi, ki, vi),
+            (qt[:b], kt[:b], vt[:b]),
+            (qt[b:], kt[b:], vt[b:]),
             *((mask[:b], mask[b:]) if mask is not None else ()),
         )
         image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))

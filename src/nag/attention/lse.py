@@ -63,10 +63,15 @@ def guided_image_and_text(
     z[rows] = processor.combine(call, z[rows], z_negative)
 
     image_len = qi.shape[1]
-    text_positive = attention(qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1),
-                              text_and_image_key_mask(positive_mask, image_len)).flatten(2)
-    text_negative = attention(qn, torch.cat([kn, ki[rows]], dim=1), torch.cat([vn, vi[rows]], dim=1),
-                              text_and_image_key_mask(negative_mask, image_len)).flatten(2)
+    text_positive = attention(
+        qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1), text_and_image_key_mask(positive_mask, image_len)
+    ).flatten(2)
+    text_negative = attention(
+        qn,
+        torch.cat([kn, ki[rows]], dim=1),
+        torch.cat([vn, vi[rows]], dim=1),
+        text_and_image_key_mask(negative_mask, image_len),
+    ).flatten(2)
     return z, text_positive, text_negative
 
 
@@ -145,25 +150,31 @@ def guided_image_and_text_outer_mask(
     qp, kp, vp = (t[:, :lp] for t in positive_text)
     qn, kn, vn = (t[:, :ln] for t in negative_text)
     key_bias_p, image_bias_p, text_mask_p = (
-        outer_mask_parts(positive_mask, lp, image_start) if positive_mask is not None else (None, 0.0, None))
+        outer_mask_parts(positive_mask, lp, image_start) if positive_mask is not None else (None, 0.0, None)
+    )
     key_bias_n, image_bias_n, text_mask_n = (
-        outer_mask_parts(negative_mask, ln, image_start) if negative_mask is not None else (None, 0.0, None))
+        outer_mask_parts(negative_mask, ln, image_start) if negative_mask is not None else (None, 0.0, None)
+    )
 
     image_image, lse_image = attention_with_lse(qi, ki, vi)
     image_positive, lse_positive = attention_with_lse_and_key_bias(qi, kp, vp, key_bias_p)
     image_negative, lse_negative = attention_with_lse_and_key_bias(qi[rows], kn, vn, key_bias_n)
     z = merge_attention(image_image, lse_image + image_bias_p, image_positive, lse_positive).flatten(2)
-    z_negative = merge_attention(image_image[rows], lse_image[rows] + image_bias_n, image_negative, lse_negative).flatten(2)
+    z_negative = merge_attention(
+        image_image[rows], lse_image[rows] + image_bias_n, image_negative, lse_negative
+    ).flatten(2)
     z[rows] = processor.combine(call, z[rows], z_negative)
 
     text_positive = attention(qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1), text_mask_p).flatten(2)
-    text_negative = attention(qn, torch.cat([kn, ki[rows]], dim=1), torch.cat([vn, vi[rows]], dim=1),
-                              text_mask_n).flatten(2)
+    text_negative = attention(
+        qn, torch.cat([kn, ki[rows]], dim=1), torch.cat([vn, vi[rows]], dim=1), text_mask_n
+    ).flatten(2)
     return z, text_positive, text_negative
 
 
-def merged_with_keys(q: torch.Tensor, base: torch.Tensor, base_lse: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor) -> torch.Tensor:
+def merged_with_keys(
+    q: torch.Tensor, base: torch.Tensor, base_lse: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
     """Attention of ``q`` over the keys behind ``(base, base_lse)`` and ``k``/``v`` (none: ``base`` itself)."""
     if k.shape[1] == 0:
         return base
@@ -190,7 +201,9 @@ def is_image_first_key_mask(mask: torch.Tensor | None, image_len: int, text_len:
     return mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] == image_len + text_len
 
 
-def shared_outer_mask(text_mask: torch.Tensor | None, rows: int, image_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+def shared_outer_mask(
+    text_mask: torch.Tensor | None, rows: int, image_len: int, dtype: torch.dtype
+) -> torch.Tensor | None:
     """The ``(rows, text + image)`` 0/1 mask (in the queries' ``dtype``, as the processor casts it) whose outer product
     ``CogView4AttnProcessor`` builds from its ``(rows, text)`` text mask (every image token valid)."""
     if text_mask is None:

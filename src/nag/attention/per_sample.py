@@ -31,7 +31,9 @@ class RowsPerSampleAttentionNAG(NAGProcessor):
 
     rotary_kwarg = "image_rotary_emb"
 
-    def image_spans(self, call: GuidedCall, x: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
+    def image_spans(
+        self, call: GuidedCall, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> list[tuple[int, int, int, int]]:
         """``(guided row, its image offset, the negative row's image offset, image length)`` per guided row."""
         b, lengths = call.batch, call.text_lengths
         image_len = int(mask[0].sum()) - lengths[0] if mask is not None else x.shape[1] - lengths[0]
@@ -73,12 +75,16 @@ class RowsPerSampleAttentionNAG(NAGProcessor):
                 )
             return project(z)
 
-        negative = self.run_stock(OutputProjectionView(attn, capture), arguments,
-                                  **branch(negative_x, slice(b, None), negative_rotary))
+        negative = self.run_stock(
+            OutputProjectionView(attn, capture), arguments, **branch(negative_x, slice(b, None), negative_rotary)
+        )
         if "z" not in captured:
             raise RuntimeError(f"NAG cannot guide {type(attn).__name__} with {self.stock_kind}: no attn.to_out[0] call")
-        positive = self.run_stock(OutputProjectionView(attn, combine), arguments,
-                                  **branch(x[:b], slice(0, b), rotary[:b] if rotary is not None else None))
+        positive = self.run_stock(
+            OutputProjectionView(attn, combine),
+            arguments,
+            **branch(x[:b], slice(0, b), rotary[:b] if rotary is not None else None),
+        )
         negative = negative.clone()
         for j, (r, start, negative_start, image_len) in enumerate(spans):
             negative[j, negative_start : negative_start + image_len] = positive[r, start : start + image_len]
@@ -94,7 +100,9 @@ class RowsPerSampleImageFirstAttentionNAG(RowsPerSampleAttentionNAG):
 
     rotary_kwarg = "freqs_cis"
 
-    def image_spans(self, call: GuidedCall, x: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
+    def image_spans(
+        self, call: GuidedCall, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> list[tuple[int, int, int, int]]:
         return [(r, 0, 0, call.image_lengths[r]) for r in call.cond_rows.tolist()]
 
 
@@ -141,13 +149,16 @@ class FastRowsPerSampleImageFirstAttentionNAG(RowsPerSampleImageFirstAttentionNA
             z[r, :image] = self.combine(call, z_positive, z_guided)[0]
             # the caption's (and the row padding's) queries over the row's valid keys, as the stock mask has it
             z[r, image:] = attention(q[r : r + 1, image:], k[r : r + 1, :valid], v[r : r + 1, :valid]).flatten(2)[0]
-            z_negative[j, :length] = attention(qn[j : j + 1, :length], torch.cat([ki, kt], dim=1),
-                                               torch.cat([vi, vt], dim=1)).flatten(2)[0]
+            z_negative[j, :length] = attention(
+                qn[j : j + 1, :length], torch.cat([ki, kt], dim=1), torch.cat([vi, vt], dim=1)
+            ).flatten(2)[0]
         path.attention = project_out(attn, z_negative.to(hidden.dtype))
         return project_out(attn, z.to(hidden.dtype))
 
 
-def lumina2_qkv(attn: Any, x: torch.Tensor, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lumina2_qkv(
+    attn: Any, x: torch.Tensor, table: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values ``(B, L, heads, D)`` as ``Lumina2AttnProcessor2_0`` makes them: q/k norms, the complex
     rotary table, the key/value heads repeated over the query heads (grouped-query attention)."""
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
@@ -167,7 +178,7 @@ def lumina2_qkv(attn: Any, x: torch.Tensor, table: torch.Tensor | None) -> tuple
 
 class FastRowsPerSampleAttentionNAG(RowsPerSampleAttentionNAG):
     """Lumina2 joint-layer fast path: the block runs on the stock rows only (each ``[caption, image, padding]``,
-    ``Family.sample_blocks`` with ``sample_text_first``); the negative rows' captions arrive beside them through
+    ``ModuleKind.SAMPLE_BLOCK`` with ``TextPath.text_first``); the negative rows' captions arrive beside them through
     ``runtime.text_path`` (set by the sample-block hook: modulated input, rotary tables, lengths), and their attention
     output leaves the same way. Every image token is projected once. For each guided row, image->image attention is
     computed once and merged by log-sum-exp with image->caption attention (``Z+``) and image->negative-caption
@@ -183,8 +194,10 @@ class FastRowsPerSampleAttentionNAG(RowsPerSampleAttentionNAG):
             return super().guided(attn, call, arguments)
         hidden = arguments["hidden_states"]
         if arguments.get("encoder_hidden_states") is not hidden or arguments.get("base_sequence_length") is not None:
-            raise RuntimeError("NAG's Lumina2 fast path serves the blocks' self-attention at the default softmax scale "
-                               "only; apply NAG with fast=False")
+            raise RuntimeError(
+                "NAG's Lumina2 fast path serves the blocks' self-attention at the default softmax scale "
+                "only; apply NAG with fast=False"
+            )
         mask, lengths = arguments.get("attention_mask"), call.text_lengths
         rows = hidden.shape[0]
         image_len = hidden.shape[1] - max(lengths[:rows])
@@ -211,7 +224,8 @@ class FastRowsPerSampleAttentionNAG(RowsPerSampleAttentionNAG):
                 out = attention(others, k[r : r + 1, :valid], v[r : r + 1, :valid]).flatten(2)[0]
                 z[r, :text], z[r, valid:] = out[:text], out[text:]
             if length:
-                z_negative[j, :length] = attention(qn[j : j + 1, :length], torch.cat([kt, ki], dim=1),
-                                                   torch.cat([vt, vi], dim=1)).flatten(2)[0]
+                z_negative[j, :length] = attention(
+                    qn[j : j + 1, :length], torch.cat([kt, ki], dim=1), torch.cat([vt, vi], dim=1)
+                ).flatten(2)[0]
         path.attention = project_out(attn, z_negative.to(hidden.dtype))
         return project_out(attn, z.to(hidden.dtype))

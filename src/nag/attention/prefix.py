@@ -18,13 +18,12 @@ class CausalPrefixAttentionNAG(NAGProcessor):
 
     While the negative prompt's own call runs (``runtime.prefix_recording`` set), the stock processor
     runs as in the model's cache-filling step and this layer's prefix keys/values and the prefix's key mask are
-    recorded (the engine adds the target image's rotary table at the negative layout's positions). In a guided call the stock processor runs twice: the
-    guided rows' target-image tokens alone, at the negative call's target positions, attending to
-    ``[recorded negative prefix, themselves]`` (the model's cached-decode step: ``Z-``), then the stock call
-    with the guided rows' target-image ``Z+`` replaced by the NAG combination before the output projection.
-    The text and the stock rows are never touched.
+    recorded (the hooks add the target image's rotary table at the negative layout's positions). In a guided call
+    the stock processor runs twice: the guided rows' target-image tokens alone, at the negative call's target
+    positions, attending to ``[recorded negative prefix, themselves]`` (the model's cached-decode step: ``Z-``), then
+    the stock call with the guided rows' target-image ``Z+`` replaced by the NAG combination before the output
+    projection. The text and the stock rows are never touched.
     """
-
 
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         recording = self.runtime.prefix_recording
@@ -39,8 +38,9 @@ class CausalPrefixAttentionNAG(NAGProcessor):
             key_valid = arguments.get("key_valid")
             recording.key_valid = key_valid[:, :prefix_len] if key_valid is not None else None
             recording.key_valid_recorded = True
-        return self.run_stock(attn, arguments, layer_cache=layer, kv_cache_mode="extract",
-                              cache_write_slice=slice(0, prefix_len))
+        return self.run_stock(
+            attn, arguments, layer_cache=layer, kv_cache_mode="extract", cache_write_slice=slice(0, prefix_len)
+        )
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         prefix = self.runtime.negative_prefix
@@ -50,9 +50,15 @@ class CausalPrefixAttentionNAG(NAGProcessor):
 
         def run_negative(view: Any) -> Any:
             return self.run_stock(
-                view, arguments, hidden_states=hidden[call.cond_rows, start:], rotary_emb=prefix.rotary,
+                view,
+                arguments,
+                hidden_states=hidden[call.cond_rows, start:],
+                rotary_emb=prefix.rotary,
                 attention_mask=None if key_valid is None else key_valid[:, None, None, :],
-                layer_cache=prefix.layers[attn], kv_cache_mode="cached", cache_write_slice=None, segments=None,
+                layer_cache=prefix.layers[attn],
+                kv_cache_mode="cached",
+                cache_write_slice=None,
+                segments=None,
                 key_valid=None,
             )
 
@@ -99,18 +105,34 @@ class FastCausalPrefixAttentionNAG(CausalPrefixAttentionNAG):
                 negative["z"] = z_negative
                 return z_negative  # (the negative pass's output is not used)
 
-            view = AttributeView(attn, to_q=kept_projection("to_q"), to_k=kept_projection("to_k"),
-                                  to_v=kept_projection("to_v"), to_out=[ProjectionTap(project, capture), *attn.to_out[1:]])
+            view = AttributeView(
+                attn,
+                to_q=kept_projection("to_q"),
+                to_k=kept_projection("to_k"),
+                to_v=kept_projection("to_v"),
+                to_out=[ProjectionTap(project, capture), *attn.to_out[1:]],
+            )
             self.run_stock(
-                view, arguments, hidden_states=hidden[call.cond_rows, start:], rotary_emb=prefix.rotary,
+                view,
+                arguments,
+                hidden_states=hidden[call.cond_rows, start:],
+                rotary_emb=prefix.rotary,
                 attention_mask=None if key_valid is None else key_valid[:, None, None, :],
-                layer_cache=prefix.layers[attn], kv_cache_mode="cached", cache_write_slice=None, segments=None,
+                layer_cache=prefix.layers[attn],
+                kv_cache_mode="cached",
+                cache_write_slice=None,
+                segments=None,
                 key_valid=None,
             )
             z = z.clone()
             z[call.cond_rows, start:] = self.combine(call, z[call.cond_rows, start:], negative["z"])
             return project(z)
 
-        view = AttributeView(attn, to_q=keeping("to_q"), to_k=keeping("to_k"), to_v=keeping("to_v"),
-                              to_out=[ProjectionTap(project, combine), *attn.to_out[1:]])
+        view = AttributeView(
+            attn,
+            to_q=keeping("to_q"),
+            to_k=keeping("to_k"),
+            to_v=keeping("to_v"),
+            to_out=[ProjectionTap(project, combine), *attn.to_out[1:]],
+        )
         return self.run_stock(view, arguments)

@@ -41,7 +41,7 @@ class RowsJointAttentionNAG(NAGProcessor):
     batch rows (layout ``"concat"``: Chroma double blocks, AuraFlow joint blocks).
 
     Text and image both hold the stock rows followed by one row per guided row (or the image only the stock
-    rows, in blocks that run the image stream at the stock batch: ``Family.stock_image_blocks``). The negative
+    rows, in blocks that run the image stream at the stock batch: ``ModuleKind.STOCK_IMAGE_BLOCK``). The negative
     rows' image tokens are a placeholder: the negative text attends to ``[negative text, guided
     image]`` (the stock rows' image tokens), and the negative rows' image output is the guided
     rows' image output. Masks over ``[text, image]`` (``(rows, 1, L, L)`` or ``(rows, L)``) are
@@ -61,8 +61,10 @@ class RowsJointAttentionNAG(NAGProcessor):
         mask = arguments.get(self.mask_argument)
 
         def branch(rows: slice, text_len: int) -> dict[str, Any]:
-            changes = {"encoder_hidden_states": text[rows, :text_len],
-                       **rotary_for(arguments, self.rotary_argument, text_len, padded)}
+            changes = {
+                "encoder_hidden_states": text[rows, :text_len],
+                **rotary_for(arguments, self.rotary_argument, text_len, padded),
+            }
             if mask is not None:
                 changes[self.mask_argument] = branch_mask(mask, rows, text_len, padded)
             return changes
@@ -102,10 +104,9 @@ class RowsImageFirstAttentionNAG(NAGProcessor):
     The negative text attends to ``[guided image, negative text]``; the negative rows' image output
     is the guided rows'. The rotary tables cover the image tokens only; a mask over ``[image, padded
     text]`` (keys on the last axis) is cut to each branch's own text length. Text the model adds after
-    the input text's valid tokens and before its padding (HunyuanImage's byT5 stream) is kept. HunyuanVideo 1.5's processor takes a
-    key mask over the text alone (it puts the image's keys in front itself): that is cut the same way.
+    the input text's valid tokens and before its padding (HunyuanImage's byT5 stream) is kept. HunyuanVideo 1.5's
+    processor takes a key mask over the text alone (it puts the image's keys in front itself): that is cut the same way.
     """
-
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         text = arguments["encoder_hidden_states"]
@@ -132,7 +133,9 @@ class RowsImageFirstAttentionNAG(NAGProcessor):
             return changes
 
         def run_negative(view: Any) -> Any:
-            return self.run_stock(view, arguments, hidden_states=image[rows], **branch(slice(b, None), call.negative_text_len))
+            return self.run_stock(
+                view, arguments, hidden_states=image[rows], **branch(slice(b, None), call.negative_text_len)
+            )
 
         def run_positive(view: Any) -> Any:
             return self.run_stock(view, arguments, hidden_states=image, **branch(slice(0, b), call.positive_text_len))
@@ -163,8 +166,13 @@ class FastOuterMaskJointAttentionNAG(RowsJointAttentionNAG):
         hidden, text = arguments["hidden_states"], arguments.get("encoder_hidden_states")
         mask = arguments.get(self.mask_argument)
         b = call.batch
-        if (self.stock_kind not in self.fast_processors or not default_backend(self.stock) or text is None
-                or hidden.shape[0] != b or call.text_prefix):
+        if (
+            self.stock_kind not in self.fast_processors
+            or not default_backend(self.stock)
+            or text is None
+            or hidden.shape[0] != b
+            or call.text_prefix
+        ):
             return super().guided(attn, call, arguments)
         padded = text.shape[1]
         if mask is not None:
@@ -180,9 +188,14 @@ class FastOuterMaskJointAttentionNAG(RowsJointAttentionNAG):
             qi, ki = rotate(qi, rotary, padded, None), rotate(ki, rotary, padded, None)
             qt, kt = rotate(qt, rotary, 0, padded), rotate(kt, rotary, 0, padded)
         z, text_positive, text_negative = guided_image_and_text_outer_mask(
-            self, call, (qi, ki, vi), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:]),
+            self,
+            call,
+            (qi, ki, vi),
+            (qt[:b], kt[:b], vt[:b]),
+            (qt[b:], kt[b:], vt[b:]),
             (call.positive_text_len, call.negative_text_len),
-            mask[:b] if mask is not None else None, mask[b:] if mask is not None else None,
+            mask[:b] if mask is not None else None,
+            mask[b:] if mask is not None else None,
         )
         image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
         text_out = torch.cat([pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)])
@@ -201,29 +214,44 @@ class FastRowsJointAttentionNAG(RowsJointAttentionNAG):
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         hidden, text = arguments["hidden_states"], arguments.get("encoder_hidden_states")
         b = call.batch
-        if (self.stock_kind not in self.fast_processors or not default_backend(self.stock) or text is None
-                or hidden.shape[0] != b or arguments.get(self.mask_argument) is not None):
+        if (
+            self.stock_kind not in self.fast_processors
+            or not default_backend(self.stock)
+            or text is None
+            or hidden.shape[0] != b
+            or arguments.get(self.mask_argument) is not None
+        ):
             return super().guided(attn, call, arguments)
         padded, prefix = text.shape[1], call.text_prefix
-        lengths = dataclasses.replace(call, positive_text_len=prefix + call.positive_text_len,
-                                      negative_text_len=prefix + call.negative_text_len)
+        lengths = dataclasses.replace(
+            call, positive_text_len=prefix + call.positive_text_len, negative_text_len=prefix + call.negative_text_len
+        )
         qt, kt, vt = text_qkv(attn, text)
         z, text_positive, text_negative = guided_image_and_text(
-            self, lengths, image_qkv(attn, hidden), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:]))
+            self, lengths, image_qkv(attn, hidden), (qt[:b], kt[:b], vt[:b]), (qt[b:], kt[b:], vt[b:])
+        )
         image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
-        text_out = torch.cat([pad_tokens(attn.to_add_out(text_positive.to(text.dtype)), padded),
-                              pad_tokens(attn.to_add_out(text_negative.to(text.dtype)), padded)])
+        text_out = torch.cat(
+            [
+                pad_tokens(attn.to_add_out(text_positive.to(text.dtype)), padded),
+                pad_tokens(attn.to_add_out(text_negative.to(text.dtype)), padded),
+            ]
+        )
         return image_out, text_out
 
 
 # Processors over [image, text] whose math the image-first fast path reproduces: the text's keys take a key mask
 # (HunyuanVideo 1.5's processor also masks the padding text tokens' queries, whose outputs no valid token reads).
-_IMAGE_FIRST_PROCESSORS = {"HunyuanVideoAttnProcessor2_0", "HunyuanImageAttnProcessor", "HunyuanVideo15AttnProcessor2_0"}
+_IMAGE_FIRST_PROCESSORS = {
+    "HunyuanVideoAttnProcessor2_0",
+    "HunyuanImageAttnProcessor",
+    "HunyuanVideo15AttnProcessor2_0",
+}
 
 
 class FastRowsImageFirstAttentionNAG(RowsImageFirstAttentionNAG):
-    """HunyuanVideo / HunyuanImage 2.1 / HunyuanVideo 1.5 fast path (their stock processors, ``_IMAGE_FIRST_PROCESSORS``,
-    on the default attention backend), with the image stream at the stock batch (``Family.stock_image_entry``): every
+    """HunyuanVideo / HunyuanImage 2.1 / HunyuanVideo 1.5 fast path (their stock processors, ``fast_processors``, on
+    the default attention backend), with the image stream at the stock batch (``ModuleKind.STOCK_IMAGE_ENTRY``): every
     image token is projected once, and for the guided rows image->image attention is computed once and merged by
     log-sum-exp with image->text attention (``Z+``) and image->negative-text attention (``Z-``), each over its own
     valid text keys. Text the model adds to the input text before its padding (the byT5 stream, the image embedding)
@@ -232,39 +260,55 @@ class FastRowsImageFirstAttentionNAG(RowsImageFirstAttentionNAG):
     - Double blocks (separate text projections): the text holds the stock rows and one negative row per guided row;
       the negative text queries attend to ``[guided video, negative text]``.
     - Single blocks (shared projections, no output projection): the block runs on the stock rows; the negative rows'
-      modulated text and their key mask arrive through ``runtime.text_path`` (``Family.image_first_blocks``), and their
-      attention output leaves the same way.
+      modulated text and their key mask arrive through ``runtime.text_path`` (``ModuleKind.IMAGE_FIRST_BLOCK``), and
+      their attention output leaves the same way.
 
     Anything else (another processor or backend, the video on whole negative rows) takes the straightforward path.
     """
 
     split_text_processors = fast_processors = frozenset(_IMAGE_FIRST_PROCESSORS)
 
+    def _serves(self, attn: Any, call: GuidedCall, arguments: dict[str, Any]) -> bool:
+        """Whether the fast path serves this call: double blocks (separate text projections) with the stock rows'
+        image and the negative text rows, or single blocks whose negative text a block hook took out of the block."""
+        path, mask = self.runtime.text_path, arguments.get("attention_mask")
+        hidden, text = arguments["hidden_states"], arguments.get("encoder_hidden_states")
+        if getattr(attn, "add_q_proj", None) is not None:
+            return (
+                path is None
+                and self.takes_split_text()
+                and text is not None
+                and hidden.shape[0] == call.batch
+                and text.shape[0] == call.batch + len(call.cond_rows)
+                and text.shape[1] >= call.padded_text_len
+                and is_image_first_key_mask(mask, hidden.shape[1], text.shape[1])
+            )
+        if path is None:
+            return False
+        if not all(
+            is_image_first_key_mask(m, hidden.shape[1], text.shape[1])
+            for m in (mask, path.inputs.get("attention_mask"))
+        ):
+            raise NotImplementedError(
+                f"NAG's fast path takes a boolean (batch, 1, 1, keys) attention mask in {type(attn).__name__}, as the "
+                "model builds it; apply NAG with fast=False for other masks"
+            )
+        return True
+
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
+        if not self._serves(attn, call, arguments):
+            return super().guided(attn, call, arguments)
         path = self.runtime.text_path
         hidden, text = arguments["hidden_states"], arguments.get("encoder_hidden_states")
         mask = arguments.get("attention_mask")
         b, negative_rows = call.batch, len(call.cond_rows)
         separate = getattr(attn, "add_q_proj", None) is not None
-        if separate:
-            supported = (path is None and self.takes_split_text() and text is not None and hidden.shape[0] == b
-                         and text.shape[0] == b + negative_rows and text.shape[1] >= call.padded_text_len
-                         and is_image_first_key_mask(mask, hidden.shape[1], text.shape[1]))
-            if not supported:
-                return super().guided(attn, call, arguments)
-        elif path is None:
-            return super().guided(attn, call, arguments)
-        elif not all(is_image_first_key_mask(m, hidden.shape[1], text.shape[1])
-                     for m in (mask, path.inputs.get("attention_mask"))):
-            raise NotImplementedError(
-                f"NAG's fast path takes a boolean (batch, 1, 1, keys) attention mask in {type(attn).__name__}, as the "
-                "model builds it; apply NAG with fast=False for other masks"
-            )
         image_len, padded = hidden.shape[1], text.shape[1]
         extra = padded - call.padded_text_len  # (the model's own text before the padding NAG added: both branches')
         if extra:
-            call = dataclasses.replace(call, positive_text_len=call.positive_text_len + extra,
-                                       negative_text_len=call.negative_text_len + extra)
+            call = dataclasses.replace(
+                call, positive_text_len=call.positive_text_len + extra, negative_text_len=call.negative_text_len + extra
+            )
         rotary = arguments.get("image_rotary_emb")
         qi, ki, vi = image_qkv(attn, hidden)
         if rotary is not None:
@@ -276,8 +320,10 @@ class FastRowsImageFirstAttentionNAG(RowsImageFirstAttentionNAG):
             masks = (text_mask[:b], text_mask[b:]) if text_mask is not None else (None, None)
         else:
             positive, negative = image_qkv(attn, text), image_qkv(attn, path.normed)
-            masks = (text_key_mask(mask, image_len, b),
-                     text_key_mask(path.inputs.get("attention_mask"), image_len, negative_rows))
+            masks = (
+                text_key_mask(mask, image_len, b),
+                text_key_mask(path.inputs.get("attention_mask"), image_len, negative_rows),
+            )
         z, text_positive, text_negative = guided_image_and_text(self, call, (qi, ki, vi), positive, negative, *masks)
         z = z.to(qi.dtype)
         text_positive, text_negative = pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)
@@ -304,10 +350,10 @@ _SHARED_TEXT_MASK_PROCESSORS = {"CogView4AttnProcessor"}
 
 class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
     """CogView4 and CogVideoX fast path (``CogView4AttnProcessor``, ``CogVideoXAttnProcessor2_0`` on the default
-    attention backend): the block runs on the stock rows (``Family.image_first_blocks``; CogView4 keeps the image
-    stream at the stock batch from the patch embedding on, ``Family.stock_image_entry``); the negative rows' modulated
-    text (and CogView4's text mask) arrive through ``runtime.text_path``, and their attention output (after the shared
-    output projection) leaves the same way. Every token is projected once; image->image attention
+    attention backend): the block runs on the stock rows (``ModuleKind.IMAGE_FIRST_BLOCK``; CogView4 keeps the image
+    stream at the stock batch from the patch embedding on, ``ModuleKind.STOCK_IMAGE_ENTRY``); the negative rows'
+    modulated text (and CogView4's text mask) arrive through ``runtime.text_path``, and their attention output (after
+    the shared output projection) leaves the same way. Every token is projected once; image->image attention
     is computed once and merged by log-sum-exp with image->text attention (``Z+``) and image->negative-text attention
     (``Z-``), under the processor's mask (the outer product of ``[text mask, image ones]``, a float 0/1 mask that SDPA
     adds: see :func:`guided_image_and_text_outer_mask`). Anything else takes the straightforward wrapper."""
@@ -326,11 +372,15 @@ class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
         negative_rows = negative_text.shape[0]
         for mask in (arguments.get("attention_mask"), path.inputs.get("attention_mask")):
             if mask is not None and self.stock_kind not in _SHARED_TEXT_MASK_PROCESSORS:
-                raise NotImplementedError(f"NAG's fast path takes no attention mask in {type(attn).__name__} with "
-                                          f"{self.stock_kind}; apply NAG with fast=False to pass one")
+                raise NotImplementedError(
+                    f"NAG's fast path takes no attention mask in {type(attn).__name__} with "
+                    f"{self.stock_kind}; apply NAG with fast=False to pass one"
+                )
             if mask is not None and (mask.ndim != 2 or mask.shape[-1] != padded):
-                raise ValueError(f"NAG expects a (batch, text tokens) attention mask of {padded} tokens in "
-                                 f"{type(attn).__name__}, got shape {tuple(mask.shape)}")
+                raise ValueError(
+                    f"NAG expects a (batch, text tokens) attention mask of {padded} tokens in "
+                    f"{type(attn).__name__}, got shape {tuple(mask.shape)}"
+                )
 
         def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             q, k, v = image_qkv(attn, x)
@@ -345,13 +395,25 @@ class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
         positive_mask = shared_outer_mask(arguments.get("attention_mask"), b, image_len, dtype)
         negative_mask = shared_outer_mask(path.inputs.get("attention_mask"), negative_rows, image_len, dtype)
         if (positive_mask is None) != (negative_mask is None):
-            positive_mask = positive_mask if positive_mask is not None else shared_outer_mask(
-                text.new_ones(b, padded), b, image_len, dtype)
-            negative_mask = negative_mask if negative_mask is not None else shared_outer_mask(
-                text.new_ones(negative_rows, padded), negative_rows, image_len, dtype)
+            positive_mask = (
+                positive_mask
+                if positive_mask is not None
+                else shared_outer_mask(text.new_ones(b, padded), b, image_len, dtype)
+            )
+            negative_mask = (
+                negative_mask
+                if negative_mask is not None
+                else shared_outer_mask(text.new_ones(negative_rows, padded), negative_rows, image_len, dtype)
+            )
         z, text_positive, text_negative = guided_image_and_text_outer_mask(
-            self, call, (qi, ki, vi), qkv(text), qkv(negative_text),
-            (call.positive_text_len, call.negative_text_len), positive_mask, negative_mask,
+            self,
+            call,
+            (qi, ki, vi),
+            qkv(text),
+            qkv(negative_text),
+            (call.positive_text_len, call.negative_text_len),
+            positive_mask,
+            negative_mask,
         )
         path.attention = pad_tokens(project_out(attn, text_negative.to(dtype)), padded)
         return project_out(attn, z.to(dtype)), pad_tokens(project_out(attn, text_positive.to(dtype)), padded)

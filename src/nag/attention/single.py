@@ -46,7 +46,9 @@ class SingleStreamAttentionNAG(NAGProcessor):
     rotary_argument = "image_rotary_emb"
     mask_argument = "attention_mask"
 
-    def branches(self, call: GuidedCall, arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int, int, int]:
+    def branches(
+        self, call: GuidedCall, arguments: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any], int, int, int]:
         """Each branch's ``[own text, guided image]`` input, rotary tables and mask; the text lengths."""
         hidden = arguments["hidden_states"]
         b, prefix = call.batch, call.text_prefix
@@ -56,8 +58,10 @@ class SingleStreamAttentionNAG(NAGProcessor):
         image = hidden[:b, padded:]
 
         def branch(rows: slice, text: torch.Tensor, text_len: int) -> dict[str, Any]:
-            changes = {"hidden_states": torch.cat([text, image if rows.start == 0 else image[call.cond_rows]], dim=1),
-                       **rotary_for(arguments, self.rotary_argument, text_len, padded)}
+            changes = {
+                "hidden_states": torch.cat([text, image if rows.start == 0 else image[call.cond_rows]], dim=1),
+                **rotary_for(arguments, self.rotary_argument, text_len, padded),
+            }
             if mask is not None:
                 changes[self.mask_argument] = branch_mask(mask, rows, text_len, padded)
             return changes
@@ -82,12 +86,15 @@ class SingleProjectedAttentionNAG(SingleStreamAttentionNAG):
     ``[text, image]`` themselves (AuraFlow single blocks): ``Z-`` is captured at the projection
     and the guided rows' image tokens are combined there."""
 
-
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         positive, negative, lp, ln, padded = self.branches(call, arguments)
         negative_out, positive_out = self.guided_projection_inputs(
-            attn, call, lambda view: self.run_stock(view, arguments, **negative),
-            lambda view: self.run_stock(view, arguments, **positive), positive_image_start=lp, negative_image_start=ln,
+            attn,
+            call,
+            lambda view: self.run_stock(view, arguments, **negative),
+            lambda view: self.run_stock(view, arguments, **positive),
+            positive_image_start=lp,
+            negative_image_start=ln,
         )
         image_out = positive_out[:, lp:]
         text_out = torch.cat([pad_tokens(positive_out[:, :lp], padded), pad_tokens(negative_out[:, :ln], padded)])
@@ -100,7 +107,6 @@ class FusedSingleAttentionNAG(SingleStreamAttentionNAG):
     the projection's input is captured in the negative pass, and in the positive pass the guided rows'
     image tokens get ``nag_combine`` on the attention columns only (the first ``attn.inner_dim``),
     before the projection mixes attention and MLP."""
-
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         positive, negative, lp, ln, padded = self.branches(call, arguments)
@@ -144,7 +150,8 @@ class FastSingleStreamAttentionNAG(SingleStreamAttentionNAG):
         rotary = arguments.get(self.rotary_argument)
         padded = call.padded_text_len
         attended, text_negative = single_stream_attention(
-            self, call, image_qkv(attn, hidden), image_qkv(attn, path.normed), rotary, padded)
+            self, call, image_qkv(attn, hidden), image_qkv(attn, path.normed), rotary, padded
+        )
         path.attention = text_negative
         return attended.to(hidden.dtype)
 
@@ -223,9 +230,14 @@ class FastOuterMaskSingleAttentionNAG(SingleStreamAttentionNAG):
             q, k = rotate(q, rotary, 0, None), rotate(k, rotary, 0, None)
             qn, kn = rotate(qn, rotary, 0, padded), rotate(kn, rotary, 0, padded)
         z, text_positive, text_negative = guided_image_and_text_outer_mask(
-            self, call, (q[:, padded:], k[:, padded:], v[:, padded:]), (q[:, :padded], k[:, :padded], v[:, :padded]),
-            (qn, kn, vn), (prefix + call.positive_text_len, prefix + call.negative_text_len),
-            mask, rows_of(negative_mask, len(call.cond_rows)),
+            self,
+            call,
+            (q[:, padded:], k[:, padded:], v[:, padded:]),
+            (q[:, :padded], k[:, :padded], v[:, :padded]),
+            (qn, kn, vn),
+            (prefix + call.positive_text_len, prefix + call.negative_text_len),
+            mask,
+            rows_of(negative_mask, len(call.cond_rows)),
         )
         path.attention = pad_tokens(text_negative, padded)
         return torch.cat([pad_tokens(text_positive, padded), z], dim=1).to(hidden.dtype)
@@ -250,8 +262,12 @@ class FastSingleProjectedAttentionNAG(SingleProjectedAttentionNAG):
         lengths = dataclasses.replace(call, positive_text_len=lp, negative_text_len=ln)
         q, k, v = image_qkv(attn, hidden)
         z, text_positive, text_negative = guided_image_and_text(
-            self, lengths, (q[:, padded:], k[:, padded:], v[:, padded:]), (q[:, :padded], k[:, :padded], v[:, :padded]),
-            image_qkv(attn, path.normed))
+            self,
+            lengths,
+            (q[:, padded:], k[:, padded:], v[:, padded:]),
+            (q[:, :padded], k[:, :padded], v[:, :padded]),
+            image_qkv(attn, path.normed),
+        )
         out = project_out(attn, torch.cat([text_positive, z], dim=1).to(hidden.dtype))
         path.attention = pad_tokens(project_out(attn, text_negative.to(hidden.dtype)), padded)
         return torch.cat([pad_tokens(out[:, :lp], padded), out[:, lp:]], dim=1)

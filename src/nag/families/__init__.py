@@ -14,16 +14,40 @@ import torch
 
 from ..hooks import unwrap_compiled
 from ..spec import Family, PipelineSpec
-from . import (auraflow, cogview, cross_attention, flux, flux2, hidream, hunyuan, lumina2, qwenimage, qwenimage21, sd3,
-               zimage)
+from . import (
+    auraflow,
+    cogview,
+    cross_attention,
+    flux,
+    flux2,
+    hidream,
+    hunyuan,
+    lumina2,
+    qwenimage,
+    qwenimage21,
+    sd3,
+    zimage,
+)
 from .generic import GENERIC_DEFAULTS, generic_cross_family
 
 __all__ = ["FAMILIES", "PIPELINES", "GENERIC_DEFAULTS", "pipeline_spec", "family_of"]
 
 logger = logging.getLogger("nag")
 
-_FAMILY_MODULES = (flux, sd3, qwenimage, auraflow, cogview, hunyuan, hidream, flux2, lumina2, zimage, cross_attention,
-                   qwenimage21)
+_FAMILY_MODULES = (
+    flux,
+    sd3,
+    qwenimage,
+    auraflow,
+    cogview,
+    hunyuan,
+    hidream,
+    flux2,
+    lumina2,
+    zimage,
+    cross_attention,
+    qwenimage21,
+)
 
 FAMILIES: dict[str, Family] = {family.name: family for module in _FAMILY_MODULES for family in module.FAMILIES}
 PIPELINES: dict[str, PipelineSpec] = {spec.pipeline: spec for module in _FAMILY_MODULES for spec in module.PIPELINES}
@@ -44,6 +68,8 @@ def _denoiser_attr(pipe: Any) -> str | None:
         if getattr(pipe, attr, None) is not None:
             return attr
     return None
+
+
 def pipeline_spec(pipe: Any) -> PipelineSpec:
     """The spec for ``pipe``'s class (or a parent class).
 
@@ -60,8 +86,11 @@ def pipeline_spec(pipe: Any) -> PipelineSpec:
     if attr is not None and callable(getattr(pipe, "encode_prompt", None)):
         denoiser = getattr(pipe, attr)
         inner = getattr(denoiser, "_orig_mod", denoiser)
-        connected = [spec.pipeline for spec in PIPELINES.values()
-                     if spec.text_connector and type(inner).__name__ in FAMILIES[spec.family].denoisers]
+        connected = [
+            spec.pipeline
+            for spec in PIPELINES.values()
+            if spec.text_connector and type(inner).__name__ in FAMILIES[spec.family].denoisers
+        ]
         if connected:
             # the denoiser's text comes from a further pipeline component: only pipelines with a spec know it
             raise NotImplementedError(
@@ -78,13 +107,28 @@ def pipeline_spec(pipe: Any) -> PipelineSpec:
         if family is not None:
             logger.warning(
                 "NAG: %s has no tuned defaults; using the generic %s path (scale %s, tau %s, alpha %s unless given)",
-                type(pipe).__name__, family.name, GENERIC_DEFAULTS.scale, GENERIC_DEFAULTS.tau, GENERIC_DEFAULTS.alpha,
+                type(pipe).__name__,
+                family.name,
+                GENERIC_DEFAULTS.scale,
+                GENERIC_DEFAULTS.tau,
+                GENERIC_DEFAULTS.alpha,
             )
-            return PipelineSpec(type(pipe).__name__, family.name, f"{type(pipe).__name__} (generic)",
-                                GENERIC_DEFAULTS, None, denoiser_attr=attr)
+            return PipelineSpec(
+                type(pipe).__name__,
+                family.name,
+                f"{type(pipe).__name__} (generic)",
+                GENERIC_DEFAULTS,
+                None,
+                denoiser_attr=attr,
+            )
     supported = ", ".join(sorted(PIPELINES))
     raise NotImplementedError(
         f"NAG does not support {type(pipe).__name__} yet. Supported pipelines: {supported}; other pipelines "
         "work when their denoiser cross-attends to the text through diffusers attention modules."
     )
 
+
+def mechanisms() -> dict[str, Any]:
+    """Every attention mechanism the registered families use, by name (``nag.attention.processor_table`` lists
+    which stock processor gets which wrapper)."""
+    return {mechanism.name: mechanism for family in FAMILIES.values() for _, mechanism in family.attention}

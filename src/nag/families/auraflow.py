@@ -11,13 +11,17 @@ from ..settings import FamilyDefaults
 from ..spec import TEXT, Family, ModuleKind, PipelineSpec, TextPath
 
 
-def _auraflow_single_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _auraflow_single_text_start(
+    block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """AuraFlow single block, negative ``[register tokens, text]`` rows, before attention: the modulated norm."""
     normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(text, emb=temb)
     return normed, {"residual": text, "gates": (gate_msa, shift_mlp, scale_mlp, gate_mlp)}
 
 
-def _auraflow_single_text_finish(block: torch.nn.Module, saved: dict[str, Any], attention: torch.Tensor) -> torch.Tensor:
+def _auraflow_single_text_finish(
+    block: torch.nn.Module, saved: dict[str, Any], attention: torch.Tensor
+) -> torch.Tensor:
     """... after attention (its output projection included): as ``AuraFlowSingleTransformerBlock`` finishes."""
     gate_msa, shift_mlp, scale_mlp, gate_mlp = saved["gates"]
     x = block.norm2(saved["residual"] + gate_msa.unsqueeze(1) * attention)
@@ -31,8 +35,10 @@ FAMILIES = (
     Family(
         name="auraflow",
         denoisers=("AuraFlowTransformer2DModel",),
-        attention=((r"joint_transformer_blocks\.\d+\.attn", JOINT_ROWS),
-                   (r"single_transformer_blocks\.\d+\.attn", SINGLE_PROJECTED)),
+        attention=(
+            (r"joint_transformer_blocks\.\d+\.attn", JOINT_ROWS),
+            (r"single_transformer_blocks\.\d+\.attn", SINGLE_PROJECTED),
+        ),
         layout="concat",
         row_kwargs=("timestep",),
         text_prefix=lambda denoiser: int(denoiser.register_tokens.shape[1]),

@@ -11,7 +11,9 @@ from ..settings import FamilyDefaults
 from ..spec import TEXT, Family, ModuleKind, PipelineSpec, TextPath
 
 
-def _cogview4_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _cogview4_text_start(
+    block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """CogView4 block, negative text rows, before attention: the text's modulated norm (the text chunks, odd ones, of
     the block's 12 modulation chunks)."""
     norm = block.norm1
@@ -29,7 +31,9 @@ def _cogview4_text_finish(block: torch.nn.Module, saved: dict[str, Any], attenti
     return text + block.ff(normed) * gate.unsqueeze(1)
 
 
-def _cogvideox_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _cogvideox_text_start(
+    block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """CogVideoX block, negative text rows, before attention: the text's modulated norm (the last three of the block's
     six modulation chunks)."""
     norm = block.norm1
@@ -105,10 +109,17 @@ PIPELINES = (
     PipelineSpec("CogView4Pipeline", "cogview4", "CogView4", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)),
     # CogVideoX: no published NAG defaults; Wan 2.1's with CFG (the closest published text-to-video
     # DiT, multi-step with CFG) are used.
-    PipelineSpec("CogVideoXPipeline", "cogvideox", "CogVideoX text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (TEXT, None)),
+    PipelineSpec(
+        "CogVideoXPipeline", "cogvideox", "CogVideoX text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (TEXT, None)
+    ),
     # CogVideoX image-to-video: the encoded image enters as latent channels concatenated to the noisy
     # video (and, in 1.5, an `ofs` embedding in the modulation); the negative rows carry copies of both,
     # so only the text differs between the branches.
-    PipelineSpec("CogVideoXImageToVideoPipeline", "cogvideox", "CogVideoX image-to-video", FamilyDefaults(9.0, 2.5, 0.25),
-                 (TEXT, None)),
+    PipelineSpec(
+        "CogVideoXImageToVideoPipeline",
+        "cogvideox",
+        "CogVideoX image-to-video",
+        FamilyDefaults(9.0, 2.5, 0.25),
+        (TEXT, None),
+    ),
 )

@@ -77,30 +77,122 @@ FAMILIES = (
 
 
 PIPELINES = (
-    PipelineSpec("StableDiffusionXLPipeline", "unet", "Stable Diffusion XL", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, None, None, None), denoiser_attr="unet"),
-    PipelineSpec("StableDiffusionPipeline", "unet", "Stable Diffusion 1.x / 2.x", FamilyDefaults(2.0, 2.5, 0.5), (TEXT, None), denoiser_attr="unet"),
-    PipelineSpec("PixArtSigmaPipeline", "pixart", "PixArt-Sigma", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
-    PipelineSpec("PixArtAlphaPipeline", "pixart", "PixArt-Alpha", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
-    PipelineSpec("SanaPipeline", "sana", "Sana", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None), negative_overrides={"complex_human_instruction": None}),
-    PipelineSpec("SanaSprintPipeline", "sana", "Sana-Sprint", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK), few_step=True, negative_overrides={"complex_human_instruction": None}),
-    PipelineSpec("SanaVideoPipeline", "sana", "Sana-Video", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None), negative_overrides={"complex_human_instruction": None}),
-    PipelineSpec("LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
-    PipelineSpec("LTXImageToVideoPipeline", "ltx", "LTX-Video image-to-video", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
-    PipelineSpec("LTXConditionPipeline", "ltx", "LTX-Video 0.9.5+ frame conditions", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)),
+    PipelineSpec(
+        "StableDiffusionXLPipeline",
+        "unet",
+        "Stable Diffusion XL",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, None, None, None),
+        denoiser_attr="unet",
+    ),
+    PipelineSpec(
+        "StableDiffusionPipeline",
+        "unet",
+        "Stable Diffusion 1.x / 2.x",
+        FamilyDefaults(2.0, 2.5, 0.5),
+        (TEXT, None),
+        denoiser_attr="unet",
+    ),
+    PipelineSpec(
+        "PixArtSigmaPipeline", "pixart", "PixArt-Sigma", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)
+    ),
+    PipelineSpec(
+        "PixArtAlphaPipeline", "pixart", "PixArt-Alpha", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)
+    ),
+    PipelineSpec(
+        "SanaPipeline",
+        "sana",
+        "Sana",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, MASK, None, None),
+        negative_overrides={"complex_human_instruction": None},
+    ),
+    PipelineSpec(
+        "SanaSprintPipeline",
+        "sana",
+        "Sana-Sprint",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, MASK),
+        few_step=True,
+        negative_overrides={"complex_human_instruction": None},
+    ),
+    PipelineSpec(
+        "SanaVideoPipeline",
+        "sana",
+        "Sana-Video",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, MASK, None, None),
+        negative_overrides={"complex_human_instruction": None},
+    ),
+    PipelineSpec(
+        "LTXPipeline", "ltx", "LTX-Video text-to-video", FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None)
+    ),
+    PipelineSpec(
+        "LTXImageToVideoPipeline",
+        "ltx",
+        "LTX-Video image-to-video",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, MASK, None, None),
+    ),
+    PipelineSpec(
+        "LTXConditionPipeline",
+        "ltx",
+        "LTX-Video 0.9.5+ frame conditions",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, MASK, None, None),
+    ),
     # LTX-2: no published NAG defaults; LTX-Video's are used. The denoiser's text is the `connectors` output.
-    PipelineSpec("LTX2Pipeline", "ltx2", "LTX-2 text-to-video+audio (video stream guided)", FamilyDefaults(3.0, 2.5, 0.5),
-                 (TEXT, MASK, None, None), text_connector="connectors"),
+    PipelineSpec(
+        "LTX2Pipeline",
+        "ltx2",
+        "LTX-2 text-to-video+audio (video stream guided)",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, MASK, None, None),
+        text_connector="connectors",
+    ),
     # LTX-2 image-to-video / frame conditions: the images enter as clean latent tokens (timestep 0 there, keyframes
     # appended), never as text; the text path is LTX2Pipeline's. LTX2Pipeline's defaults.
-    PipelineSpec("LTX2ImageToVideoPipeline", "ltx2", "LTX-2 image-to-video+audio (video stream guided)",
-                 FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None), text_connector="connectors"),
-    PipelineSpec("LTX2ConditionPipeline", "ltx2", "LTX-2 frame conditions, video+audio (video stream guided)",
-                 FamilyDefaults(3.0, 2.5, 0.5), (TEXT, MASK, None, None), text_connector="connectors"),
-    PipelineSpec("SkyReelsV2Pipeline", "skyreels_v2", "SkyReels-V2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (TEXT, None)),
-    PipelineSpec("WanImageToVideoPipeline", "wan", "Wan 2.1 / 2.2 image-to-video", FamilyDefaults(9.0, 2.5, 0.25),
-                 (TEXT, None), expert_attrs=("transformer_2",)),
-    PipelineSpec("WanPipeline", "wan", "Wan 2.1 / 2.2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (TEXT, None),
-                 expert_attrs=("transformer_2",)),
-    PipelineSpec("WanVACEPipeline", "wan_vace", "Wan 2.1 VACE (control / reference video)", FamilyDefaults(9.0, 2.5, 0.25),
-                 (TEXT, None), expert_attrs=("transformer_2",)),
+    PipelineSpec(
+        "LTX2ImageToVideoPipeline",
+        "ltx2",
+        "LTX-2 image-to-video+audio (video stream guided)",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, MASK, None, None),
+        text_connector="connectors",
+    ),
+    PipelineSpec(
+        "LTX2ConditionPipeline",
+        "ltx2",
+        "LTX-2 frame conditions, video+audio (video stream guided)",
+        FamilyDefaults(3.0, 2.5, 0.5),
+        (TEXT, MASK, None, None),
+        text_connector="connectors",
+    ),
+    PipelineSpec(
+        "SkyReelsV2Pipeline", "skyreels_v2", "SkyReels-V2 text-to-video", FamilyDefaults(9.0, 2.5, 0.25), (TEXT, None)
+    ),
+    PipelineSpec(
+        "WanImageToVideoPipeline",
+        "wan",
+        "Wan 2.1 / 2.2 image-to-video",
+        FamilyDefaults(9.0, 2.5, 0.25),
+        (TEXT, None),
+        expert_attrs=("transformer_2",),
+    ),
+    PipelineSpec(
+        "WanPipeline",
+        "wan",
+        "Wan 2.1 / 2.2 text-to-video",
+        FamilyDefaults(9.0, 2.5, 0.25),
+        (TEXT, None),
+        expert_attrs=("transformer_2",),
+    ),
+    PipelineSpec(
+        "WanVACEPipeline",
+        "wan_vace",
+        "Wan 2.1 VACE (control / reference video)",
+        FamilyDefaults(9.0, 2.5, 0.25),
+        (TEXT, None),
+        expert_attrs=("transformer_2",),
+    ),
 )

@@ -11,7 +11,9 @@ from ..settings import FamilyDefaults
 from ..spec import MASK, POOLED, TEXT, Family, ModuleKind, PipelineSpec, TextPath
 
 
-def _flux_single_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _flux_single_text_start(
+    block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Flux single-stream block, negative text rows, before attention: modulation and MLP branch."""
     normed, gate = block.norm(text, emb=temb)
     return normed, {"residual": text, "gate": gate, "mlp": block.act_mlp(block.proj_mlp(normed))}
@@ -49,8 +51,10 @@ FAMILIES = (
     Family(
         name="chroma",
         denoisers=("ChromaTransformer2DModel",),
-        attention=((r"transformer_blocks\.\d+\.attn", JOINT_ROWS_OUTER_MASK),
-                   (r"single_transformer_blocks\.\d+\.attn", SINGLE_OUTER_MASK)),
+        attention=(
+            (r"transformer_blocks\.\d+\.attn", JOINT_ROWS_OUTER_MASK),
+            (r"single_transformer_blocks\.\d+\.attn", SINGLE_OUTER_MASK),
+        ),
         layout="concat",
         mask_kwarg="attention_mask",
         mask_covers_image=True,
@@ -69,15 +73,48 @@ FAMILIES = (
 
 
 PIPELINES = (
-    PipelineSpec("FluxPipeline", "flux", "FLUX.1 (schnell / dev)", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)),
-    PipelineSpec("FluxImg2ImgPipeline", "flux", "FLUX.1 image-to-image", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)),
-    PipelineSpec("FluxInpaintPipeline", "flux", "FLUX.1 inpainting", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)),
-    PipelineSpec("FluxControlPipeline", "flux", "FLUX.1 Canny/Depth control", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)),
-    PipelineSpec("FluxKontextPipeline", "flux", "FLUX.1 Kontext (editing)", FamilyDefaults(4.0, 2.5, 0.25), (TEXT, POOLED, None)),
-    PipelineSpec("FluxKontextInpaintPipeline", "flux", "FLUX.1 Kontext inpainting", FamilyDefaults(4.0, 2.5, 0.25), (TEXT, POOLED, None)),
-    PipelineSpec("FluxFillPipeline", "flux", "FLUX.1 Fill (inpainting / outpainting)", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)),
+    PipelineSpec(
+        "FluxPipeline", "flux", "FLUX.1 (schnell / dev)", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)
+    ),
+    PipelineSpec(
+        "FluxImg2ImgPipeline", "flux", "FLUX.1 image-to-image", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)
+    ),
+    PipelineSpec(
+        "FluxInpaintPipeline", "flux", "FLUX.1 inpainting", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)
+    ),
+    PipelineSpec(
+        "FluxControlPipeline",
+        "flux",
+        "FLUX.1 Canny/Depth control",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, POOLED, None),
+    ),
+    PipelineSpec(
+        "FluxKontextPipeline", "flux", "FLUX.1 Kontext (editing)", FamilyDefaults(4.0, 2.5, 0.25), (TEXT, POOLED, None)
+    ),
+    PipelineSpec(
+        "FluxKontextInpaintPipeline",
+        "flux",
+        "FLUX.1 Kontext inpainting",
+        FamilyDefaults(4.0, 2.5, 0.25),
+        (TEXT, POOLED, None),
+    ),
+    PipelineSpec(
+        "FluxFillPipeline",
+        "flux",
+        "FLUX.1 Fill (inpainting / outpainting)",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, POOLED, None),
+    ),
     # Chroma: the published Chroma range (scale 3-5, tau 2.5, alpha 0.25); Flux's 5 within it.
-    PipelineSpec("ChromaPipeline", "chroma", "Chroma", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None, MASK, None, None, None)),
-    PipelineSpec("ChromaImg2ImgPipeline", "chroma", "Chroma image-to-image", FamilyDefaults(5.0, 2.5, 0.25),
-                 (TEXT, None, MASK, None, None, None)),
+    PipelineSpec(
+        "ChromaPipeline", "chroma", "Chroma", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None, MASK, None, None, None)
+    ),
+    PipelineSpec(
+        "ChromaImg2ImgPipeline",
+        "chroma",
+        "Chroma image-to-image",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, None, MASK, None, None, None),
+    ),
 )

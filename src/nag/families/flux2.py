@@ -11,7 +11,9 @@ from ..settings import FamilyDefaults
 from ..spec import TEXT, Family, ModuleKind, PipelineSpec, TextPath
 
 
-def _flux2_single_text_start(block: torch.nn.Module, text: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _flux2_single_text_start(
+    block: torch.nn.Module, text: torch.Tensor, modulation: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """FLUX.2 single-stream block, negative text rows, before attention: the modulated norm (the block's shift, scale
     and gate are the three chunks of its per-row modulation)."""
     shift, scale, gate = (modulation.unsqueeze(1) if modulation.ndim == 2 else modulation).chunk(3, dim=-1)
@@ -34,8 +36,7 @@ FAMILIES = (
     Family(
         name="flux2",
         denoisers=("Flux2Transformer2DModel",),
-        attention=((r"transformer_blocks\.\d+\.attn", JOINT),
-                   (r"single_transformer_blocks\.\d+\.attn", SINGLE_FUSED)),
+        attention=((r"transformer_blocks\.\d+\.attn", JOINT), (r"single_transformer_blocks\.\d+\.attn", SINGLE_FUSED)),
         layout="concat",
         row_kwargs=("timestep", "guidance"),
         text_ids_kwarg="txt_ids",
@@ -52,8 +53,9 @@ FAMILIES = (
 PIPELINES = (
     # FLUX.2 klein: no published NAG defaults; FLUX.1's (the closest published family) are used.
     PipelineSpec("Flux2KleinPipeline", "flux2", "FLUX.2 klein", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)),
-    PipelineSpec("Flux2KleinInpaintPipeline", "flux2", "FLUX.2 klein inpainting", FamilyDefaults(5.0, 2.5, 0.25),
-                 (TEXT, None)),
+    PipelineSpec(
+        "Flux2KleinInpaintPipeline", "flux2", "FLUX.2 klein inpainting", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)
+    ),
     # FLUX.2 dev: the same transformer with a guidance embedding, Mistral-Small-3 text (Mistral3); guidance-
     # distilled, so no CFG and no negative prompt in the pipeline: NAG is its only negative prompt. No published
     # NAG defaults; FLUX.1's (the closest published family) are used.

@@ -49,11 +49,14 @@ class HiDreamJointAttentionNAG(NAGProcessor):
         positive_inputs, negative_inputs = self.per_row_inputs(call, arguments)
 
         def run_negative(view: Any) -> Any:
-            return self.run_stock(view, arguments, hidden_states=image[rows], encoder_hidden_states=text[b:],
-                                  **negative_inputs)
+            return self.run_stock(
+                view, arguments, hidden_states=image[rows], encoder_hidden_states=text[b:], **negative_inputs
+            )
 
         def run_positive(view: Any) -> Any:
-            return self.run_stock(view, arguments, hidden_states=image, encoder_hidden_states=text[:b], **positive_inputs)
+            return self.run_stock(
+                view, arguments, hidden_states=image, encoder_hidden_states=text[:b], **positive_inputs
+            )
 
         negative, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
         image_out = positive[0]
@@ -69,7 +72,6 @@ class HiDreamSingleAttentionNAG(HiDreamJointAttentionNAG):
     tables; ``Z-`` is captured at the output projection and the guided rows' image tokens (the first ones) are
     combined there; the negative rows' image output is the guided rows'."""
 
-
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         b, rows = call.batch, call.cond_rows
         stream = arguments["hidden_states"]
@@ -77,14 +79,18 @@ class HiDreamSingleAttentionNAG(HiDreamJointAttentionNAG):
         negative_stream = torch.cat([stream[:b][rows, :image_len], stream[b:, image_len:]], dim=1)
         positive_inputs, negative_inputs = self.per_row_inputs(call, arguments)
         negative, positive = self.guided_projection_inputs(
-            attn, call, lambda view: self.run_stock(view, arguments, hidden_states=negative_stream, **negative_inputs),
-            lambda view: self.run_stock(view, arguments, hidden_states=stream[:b], **positive_inputs), image_len=image_len,
+            attn,
+            call,
+            lambda view: self.run_stock(view, arguments, hidden_states=negative_stream, **negative_inputs),
+            lambda view: self.run_stock(view, arguments, hidden_states=stream[:b], **positive_inputs),
+            image_len=image_len,
         )
         return torch.cat([positive, torch.cat([positive[rows, :image_len], negative[:, image_len:]], dim=1)])
 
 
 # HiDream-I1 fast paths (``HiDreamAttnProcessor``): the blocks run on the stock rows and the negative text beside them
-# (``Family.image_first_blocks`` for the double-stream blocks, ``Family.sample_blocks`` for the single-stream ones).
+# (``ModuleKind.IMAGE_FIRST_BLOCK`` for the double-stream blocks, ``ModuleKind.SAMPLE_BLOCK`` for the single-stream
+# ones).
 _HIDREAM_PROCESSORS = {"HiDreamAttnProcessor"}
 
 
@@ -121,12 +127,12 @@ def _guided_rows_of(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class FastHiDreamJointAttentionNAG(HiDreamJointAttentionNAG):
-    """HiDream double-stream fast path: the block runs on the stock rows only (``Family.image_first_blocks``); the
+    """HiDream double-stream fast path: the block runs on the stock rows only (``ModuleKind.IMAGE_FIRST_BLOCK``); the
     negative text's modulated input arrives through ``runtime.text_path`` (set by the block hook) and its attention
-    output (after ``attn.to_out_t``) leaves the same way. Every image token is projected once: image->image attention is computed
-    once and merged by log-sum-exp with image->positive-text attention (``Z+``) and image->negative-text attention
-    (``Z-``); the negative text attends to ``[guided image, negative text]`` with the guided rows' key mask and
-    rotary tables (as the straightforward path gives them)."""
+    output (after ``attn.to_out_t``) leaves the same way. Every image token is projected once: image->image
+    attention is computed once and merged by log-sum-exp with image->positive-text attention (``Z+``) and
+    image->negative-text attention (``Z-``); the negative text attends to ``[guided image, negative text]`` with the
+    guided rows' key mask and rotary tables (as the straightforward path gives them)."""
 
     split_text_processors = fast_processors = frozenset(_HIDREAM_PROCESSORS)
 
@@ -152,7 +158,7 @@ class FastHiDreamJointAttentionNAG(HiDreamJointAttentionNAG):
 
 class FastHiDreamSingleAttentionNAG(HiDreamSingleAttentionNAG):
     """HiDream single-stream fast path: the block runs on the stock rows only, each ``[image, text]``
-    (``Family.sample_blocks``); the negative text's modulated input arrives through ``runtime.text_path`` (set by the
+    (``ModuleKind.SAMPLE_BLOCK``); the negative text's modulated input arrives through ``runtime.text_path`` (set by the
     block hook) and its attention output (after ``attn.to_out``) leaves the same way. Every image token is projected
     once, image->image attention computed once and merged by log-sum-exp with each branch's image->text attention."""
 
@@ -169,21 +175,30 @@ class FastHiDreamSingleAttentionNAG(HiDreamSingleAttentionNAG):
         image_len = stream.shape[1] - negative.shape[1]
         q, k, v = _hidream_qkv(attn, stream, mask)
         q, k = _hidream_rope(q, k, rotary)
-        qn, kn, vn = _hidream_qkv(attn, negative, _guided_rows_of(mask, rows)[:, image_len:] if mask is not None else None)
+        qn, kn, vn = _hidream_qkv(
+            attn, negative, _guided_rows_of(mask, rows)[:, image_len:] if mask is not None else None
+        )
         qn, kn = _hidream_rope(qn, kn, _guided_rows_of(rotary, rows)[:, image_len:])
         lengths = dataclasses.replace(call, positive_text_len=negative.shape[1], negative_text_len=negative.shape[1])
         z, text_positive, text_negative = guided_image_and_text(
-            self, lengths, (q[:, :image_len], k[:, :image_len], v[:, :image_len]),
-            (q[:, image_len:], k[:, image_len:], v[:, image_len:]), (qn, kn, vn))
+            self,
+            lengths,
+            (q[:, :image_len], k[:, :image_len], v[:, :image_len]),
+            (q[:, image_len:], k[:, image_len:], v[:, image_len:]),
+            (qn, kn, vn),
+        )
         path.attention = attn.to_out(text_negative.to(stream.dtype))
         return attn.to_out(torch.cat([z, text_positive], dim=1).to(stream.dtype))
 
 
 HIDREAM_JOINT = Mechanism("hidream_joint", HiDreamJointAttentionNAG, FastHiDreamJointAttentionNAG)
-HIDREAM_SINGLE = Mechanism("hidream_single", HiDreamSingleAttentionNAG, FastHiDreamSingleAttentionNAG, ("hidden_states",))
+HIDREAM_SINGLE = Mechanism(
+    "hidream_single", HiDreamSingleAttentionNAG, FastHiDreamSingleAttentionNAG, ("hidden_states",)
+)
 
 
 # -- the family -------------------------------------------------------------------------------------------------------
+
 
 def _hidream_text_lengths(arguments: dict[str, Any]) -> list[int]:
     """HiDream: the text every block attends to, per row: the T5 tokens, the last Llama-3 layer's tokens (carried
@@ -192,7 +207,9 @@ def _hidream_text_lengths(arguments: dict[str, Any]) -> list[int]:
     return [t5.shape[1] + 2 * llama.shape[2]] * t5.shape[0]
 
 
-def _hidream_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _hidream_text_start(
+    block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """HiDream block (double- or single-stream), negative text rows, before attention: the text's modulated norm.
     A double-stream block's text has its own norms, modulation chunks (6-11 of 12), output projection and
     feed-forward; a single-stream block's text shares the image's (chunks 0-5 of 6, the mixture-of-experts
@@ -226,8 +243,10 @@ FAMILIES = (
     Family(
         name="hidream",
         denoisers=("HiDreamImageTransformer2DModel",),
-        attention=((r"double_stream_blocks\.\d+\.block\.attn1", HIDREAM_JOINT),
-                   (r"single_stream_blocks\.\d+\.block\.attn1", HIDREAM_SINGLE)),
+        attention=(
+            (r"double_stream_blocks\.\d+\.block\.attn1", HIDREAM_JOINT),
+            (r"single_stream_blocks\.\d+\.block\.attn1", HIDREAM_SINGLE),
+        ),
         layout="concat",
         text_kwarg="encoder_hidden_states_t5",
         timestep_kwarg="timesteps",
@@ -255,9 +274,16 @@ PIPELINES = (
     # HiDream-I1 (full / dev / fast; CFG batched as [uncond, cond]): no published NAG defaults; FLUX.1's (the
     # closest published flow-matching image DiT) are used. encode_prompt returns T5, Llama-3 (all layers,
     # batch on axis 1) and pooled CLIP embeddings, each followed by its CFG negative.
-    PipelineSpec("HiDreamImagePipeline", "hidream", "HiDream-I1", FamilyDefaults(5.0, 2.5, 0.25),
-                 (TEXT, None, "encoder_hidden_states_llama3", None, "pooled_embeds", None),
-                 negative_embed_names={"negative_prompt_embeds_t5": TEXT,
-                                       "negative_prompt_embeds_llama3": "encoder_hidden_states_llama3",
-                                       "negative_pooled_prompt_embeds": "pooled_embeds"}),
+    PipelineSpec(
+        "HiDreamImagePipeline",
+        "hidream",
+        "HiDream-I1",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, None, "encoder_hidden_states_llama3", None, "pooled_embeds", None),
+        negative_embed_names={
+            "negative_prompt_embeds_t5": TEXT,
+            "negative_prompt_embeds_llama3": "encoder_hidden_states_llama3",
+            "negative_pooled_prompt_embeds": "pooled_embeds",
+        },
+    ),
 )

@@ -11,7 +11,9 @@ from ..settings import FamilyDefaults
 from ..spec import MASK, POOLED, TEXT, Family, ModuleKind, PipelineSpec, TextPath
 
 
-def _hunyuanvideo_single_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _hunyuanvideo_single_text_start(
+    block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """HunyuanVideo single-stream block, negative text rows, before attention: the modulated norm and the MLP branch.
     The text is modulated by its row's embedding in the token-replace blocks too (their timestep-0 modulation is the
     first latent frame's)."""
@@ -21,7 +23,9 @@ def _hunyuanvideo_single_text_start(block: torch.nn.Module, text: torch.Tensor, 
     return normed, {"residual": text, "gate": gate, "mlp": block.act_mlp(block.proj_mlp(normed))}
 
 
-def _hunyuanvideo_single_text_finish(block: torch.nn.Module, saved: dict[str, Any], attention: torch.Tensor) -> torch.Tensor:
+def _hunyuanvideo_single_text_finish(
+    block: torch.nn.Module, saved: dict[str, Any], attention: torch.Tensor
+) -> torch.Tensor:
     """... after attention: the block's output projection, gate and residual."""
     out = block.proj_out(torch.cat([attention, saved["mlp"]], dim=2))
     return saved["gate"].unsqueeze(1) * out + saved["residual"]
@@ -70,8 +74,12 @@ FAMILIES = (
         attention=((r"(single_)?transformer_blocks\.\d+\.attn", JOINT_ROWS_IMAGE_FIRST),),
         layout="concat",
         mask_kwarg="encoder_attention_mask",
-        negative_keys=("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
-                       "encoder_attention_mask_2"),
+        negative_keys=(
+            "encoder_hidden_states",
+            "encoder_attention_mask",
+            "encoder_hidden_states_2",
+            "encoder_attention_mask_2",
+        ),
         row_kwargs=("timestep", "timestep_r", "guidance"),
         static_text=False,
         **_HUNYUAN_FAST_PATH,
@@ -88,8 +96,12 @@ FAMILIES = (
         attention=((r"transformer_blocks\.\d+\.attn", JOINT_ROWS_IMAGE_FIRST),),
         layout="concat",
         mask_kwarg="encoder_attention_mask",
-        negative_keys=("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
-                       "encoder_attention_mask_2"),
+        negative_keys=(
+            "encoder_hidden_states",
+            "encoder_attention_mask",
+            "encoder_hidden_states_2",
+            "encoder_attention_mask_2",
+        ),
         row_kwargs=("timestep", "timestep_r", "image_embeds"),
         static_text=False,
         # fast path: the video stream at the stock batch from the patch embedding to the output projection (the
@@ -104,27 +116,52 @@ FAMILIES = (
 
 
 PIPELINES = (
-    PipelineSpec("HunyuanVideoPipeline", "hunyuanvideo", "HunyuanVideo text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
-                 (TEXT, POOLED, MASK)),
+    PipelineSpec(
+        "HunyuanVideoPipeline",
+        "hunyuanvideo",
+        "HunyuanVideo text-to-video",
+        FamilyDefaults(9.0, 2.5, 0.12),
+        (TEXT, POOLED, MASK),
+    ),
     # HunyuanVideo image-to-video (`latent_concat`: the encoded image as latent channels; `token_replace`: as the
     # first latent frame, modulated as at timestep 0): the negative rows carry copies of the guided rows' image
     # tokens. The image also enters the Llava prompt encoding (its vision tokens before the text), so the negative
     # prompt is encoded with the same image. HunyuanVideo's defaults.
-    PipelineSpec("HunyuanVideoImageToVideoPipeline", "hunyuanvideo", "HunyuanVideo image-to-video",
-                 FamilyDefaults(9.0, 2.5, 0.12), (TEXT, POOLED, MASK)),
+    PipelineSpec(
+        "HunyuanVideoImageToVideoPipeline",
+        "hunyuanvideo",
+        "HunyuanVideo image-to-video",
+        FamilyDefaults(9.0, 2.5, 0.12),
+        (TEXT, POOLED, MASK),
+    ),
     # HunyuanImage 2.1 (CFG through its guider component, one call per branch; the distilled model without):
     # no published NAG defaults; FLUX.1's (the closest published flow-matching image DiT) are used. The
     # negative prompt is encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
-    PipelineSpec("HunyuanImagePipeline", "hunyuanimage", "HunyuanImage 2.1", FamilyDefaults(5.0, 2.5, 0.25),
-                 (TEXT, MASK, "encoder_hidden_states_2", "encoder_attention_mask_2")),
+    PipelineSpec(
+        "HunyuanImagePipeline",
+        "hunyuanimage",
+        "HunyuanImage 2.1",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, MASK, "encoder_hidden_states_2", "encoder_attention_mask_2"),
+    ),
     # HunyuanVideo 1.5 (CFG through its guider component, one call per branch, conditional first): no published
     # NAG defaults; HunyuanVideo's (the same makers' previous video model) are used. The negative prompt is
     # encoded by the pipeline's encode_prompt into both streams (its quoted text into byT5).
-    PipelineSpec("HunyuanVideo15Pipeline", "hunyuanvideo15", "HunyuanVideo 1.5 text-to-video", FamilyDefaults(9.0, 2.5, 0.12),
-                 (TEXT, MASK, "encoder_hidden_states_2", "encoder_attention_mask_2")),
+    PipelineSpec(
+        "HunyuanVideo15Pipeline",
+        "hunyuanvideo15",
+        "HunyuanVideo 1.5 text-to-video",
+        FamilyDefaults(9.0, 2.5, 0.12),
+        (TEXT, MASK, "encoder_hidden_states_2", "encoder_attention_mask_2"),
+    ),
     # HunyuanVideo 1.5 image-to-video: the image enters as latent channels and as SigLIP image embeddings the model
     # joins before the text; the negative rows carry the guided rows' copies of both. The prompt encoding is text
     # only. The text-to-video pipeline's defaults.
-    PipelineSpec("HunyuanVideo15ImageToVideoPipeline", "hunyuanvideo15", "HunyuanVideo 1.5 image-to-video",
-                 FamilyDefaults(9.0, 2.5, 0.12), (TEXT, MASK, "encoder_hidden_states_2", "encoder_attention_mask_2")),
+    PipelineSpec(
+        "HunyuanVideo15ImageToVideoPipeline",
+        "hunyuanvideo15",
+        "HunyuanVideo 1.5 image-to-video",
+        FamilyDefaults(9.0, 2.5, 0.12),
+        (TEXT, MASK, "encoder_hidden_states_2", "encoder_attention_mask_2"),
+    ),
 )

@@ -11,11 +11,17 @@ from ..settings import FamilyDefaults
 from ..spec import MASK, TEXT, Family, ModuleKind, PipelineSpec, TextPath
 
 
-def _lumina2_text_start(block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _lumina2_text_start(
+    block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Lumina2 joint block, negative caption tokens, before attention: the modulated norm (``LuminaRMSNormZero``,
     from the row's timestep embedding) and the gates and scale of the rest of the block."""
     normed, gate_msa, scale_mlp, gate_mlp = block.norm1(text, temb)
-    return normed, {"residual": text, "gates": (gate_msa.unsqueeze(1).tanh(), gate_mlp.unsqueeze(1).tanh()), "scale_mlp": 1 + scale_mlp.unsqueeze(1)}
+    return normed, {
+        "residual": text,
+        "gates": (gate_msa.unsqueeze(1).tanh(), gate_mlp.unsqueeze(1).tanh()),
+        "scale_mlp": 1 + scale_mlp.unsqueeze(1),
+    }
 
 
 def _lumina2_text_finish(block: torch.nn.Module, saved: dict[str, Any], attention: torch.Tensor) -> torch.Tensor:
@@ -55,5 +61,7 @@ FAMILIES = (
 
 PIPELINES = (
     # Lumina-Image 2.0: no published NAG defaults; SD3.5's (the closest published multi-step DiT with CFG).
-    PipelineSpec("Lumina2Pipeline", "lumina2", "Lumina-Image 2.0", FamilyDefaults(5.0, 2.5, 0.125), (TEXT, MASK, None, None)),
+    PipelineSpec(
+        "Lumina2Pipeline", "lumina2", "Lumina-Image 2.0", FamilyDefaults(5.0, 2.5, 0.125), (TEXT, MASK, None, None)
+    ),
 )

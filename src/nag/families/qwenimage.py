@@ -11,8 +11,10 @@ from ..spec import MASK, TEXT, Family, ModuleKind, PipelineSpec
 
 def _refuse_qwen_zero_cond_t(denoiser: torch.nn.Module) -> str | None:
     if getattr(denoiser.config, "zero_cond_t", False):
-        return ("zero_cond_t models (Qwen-Image-Edit-2511) stack a timestep-0 copy of every row in the "
-                "conditioning batch, which the negative text rows cannot join yet")
+        return (
+            "zero_cond_t models (Qwen-Image-Edit-2511) stack a timestep-0 copy of every row in the "
+            "conditioning batch, which the negative text rows cannot join yet"
+        )
     return None
 
 
@@ -40,11 +42,18 @@ PIPELINES = (
     # Qwen-Image: no published NAG defaults; Flux's (the closest published joint-attention
     # flow-matching model) are used.
     PipelineSpec("QwenImagePipeline", "qwenimage", "Qwen-Image", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, MASK)),
-    PipelineSpec("QwenImageInpaintPipeline", "qwenimage", "Qwen-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, MASK)),
+    PipelineSpec(
+        "QwenImageInpaintPipeline", "qwenimage", "Qwen-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, MASK)
+    ),
     # Qwen-Image-Edit / -Edit-2509 (Plus): the reference images' latents join the image stream (image tokens,
     # never guided text) and enter the prompt encoding as vision tokens, so the negative prompt is encoded with
     # the same images. Qwen-Image-Edit-2511 (zero_cond_t) is refused by the family.
     PipelineSpec("QwenImageEditPipeline", "qwenimage", "Qwen-Image-Edit", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, MASK)),
-    PipelineSpec("QwenImageEditPlusPipeline", "qwenimage", "Qwen-Image-Edit-2509 (multiple reference images)",
-                 FamilyDefaults(5.0, 2.5, 0.25), (TEXT, MASK)),
+    PipelineSpec(
+        "QwenImageEditPlusPipeline",
+        "qwenimage",
+        "Qwen-Image-Edit-2509 (multiple reference images)",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, MASK),
+    ),
 )

@@ -43,7 +43,9 @@ def _qwen21_negative_layout(arguments: dict[str, Any], negative: dict[str, torch
     return arguments["hidden_states"][cond_rows, :negative_condition_tokens], conditions, slots
 
 
-def _qwen21_prefill_call(arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor) -> dict[str, Any]:
+def _qwen21_prefill_call(
+    arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor
+) -> dict[str, Any]:
     """Qwen-Image 2.1: the negative prompt's own call with the smallest target image (one vision slot, 2x2 tokens):
     the prefix never attends to the target, so its keys/values are those of the full-size call."""
     condition_latents, conditions, slots = _qwen21_negative_layout(arguments, negative, cond_rows)
@@ -65,8 +67,9 @@ def _qwen21_prefill_call(arguments: dict[str, Any], negative: dict[str, torch.Te
     }
 
 
-def _qwen21_target_rotary(denoiser: torch.nn.Module, arguments: dict[str, Any], negative: dict[str, torch.Tensor],
-                          cond_rows: torch.Tensor) -> torch.Tensor:
+def _qwen21_target_rotary(
+    denoiser: torch.nn.Module, arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor
+) -> torch.Tensor:
     """Qwen-Image 2.1: the target image's rotary table in the negative prompt's layout (the model's own rotary
     embedding of ``[negative text with its slots, target image]``, its last rows)."""
     _, conditions, slots = _qwen21_negative_layout(arguments, negative, cond_rows)
@@ -78,12 +81,17 @@ def _qwen21_target_rotary(denoiser: torch.nn.Module, arguments: dict[str, Any], 
 
 
 def _refuse_qwen21_flex(denoiser: torch.nn.Module) -> str | None:
-    flex = [name for name, module in denoiser.named_modules()
-            if type(getattr(module, "processor", None)).__name__ == "QwenImage21FlexAttnProcessor"]
+    flex = [
+        name
+        for name, module in denoiser.named_modules()
+        if type(getattr(module, "processor", None)).__name__ == "QwenImage21FlexAttnProcessor"
+    ]
     if flex:
-        return (f"`{flex[0]}` has QwenImage21FlexAttnProcessor, whose block mask the model builds only for processors "
-                "it recognises; NAG drives the default QwenImage21AttnProcessor (set it with "
-                "transformer.set_attn_processor(QwenImage21AttnProcessor()) before nag.apply)")
+        return (
+            f"`{flex[0]}` has QwenImage21FlexAttnProcessor, whose block mask the model builds only for processors "
+            "it recognises; NAG drives the default QwenImage21AttnProcessor (set it with "
+            "transformer.set_attn_processor(QwenImage21AttnProcessor()) before nag.apply)"
+        )
     return None
 
 
@@ -112,6 +120,11 @@ FAMILIES = (
 PIPELINES = (
     # Qwen-Image 2.1 (text-to-image and image-conditioned): no published NAG defaults; FLUX.1's (the closest published
     # flow-matching image DiT) are used. encode_prompt's third output marks the condition images' slots in the text.
-    PipelineSpec("QwenImage21Pipeline", "qwenimage21", "Qwen-Image 2.1 (text-to-image, image-conditioned)",
-                 FamilyDefaults(5.0, 2.5, 0.25), (TEXT, MASK, "img_mask")),
+    PipelineSpec(
+        "QwenImage21Pipeline",
+        "qwenimage21",
+        "Qwen-Image 2.1 (text-to-image, image-conditioned)",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, MASK, "img_mask"),
+    ),
 )

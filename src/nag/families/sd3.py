@@ -20,5 +20,11 @@ FAMILIES = (
 
 
 PIPELINES = (
-    PipelineSpec("StableDiffusion3Pipeline", "sd3", "Stable Diffusion 3 / 3.5", FamilyDefaults(5.0, 2.5, 0.125), (TEXT, None, POOLED, None)),
+    PipelineSpec(
+        "StableDiffusion3Pipeline",
+        "sd3",
+        "Stable Diffusion 3 / 3.5",
+        FamilyDefaults(5.0, 2.5, 0.125),
+        (TEXT, None, POOLED, None),
+    ),
 )

@@ -28,13 +28,19 @@ def _zimage_text_lengths(arguments: dict[str, Any]) -> list[int]:
     return [len(caption) + (-len(caption)) % 32 for caption in arguments["cap_feats"]]
 
 
-def _zimage_text_start(block: torch.nn.Module, text: torch.Tensor, modulation: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+def _zimage_text_start(
+    block: torch.nn.Module, text: torch.Tensor, modulation: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Z-Image main block, negative caption tokens, before attention: the modulated norm (the block's scale and
     gates from its per-row modulation, as ``ZImageTransformerBlock`` computes them)."""
     if not block.modulation:
         return block.attention_norm1(text), {"residual": text, "gates": None}
     scale_msa, gate_msa, scale_mlp, gate_mlp = block.adaLN_modulation(modulation).unsqueeze(1).chunk(4, dim=2)
-    return block.attention_norm1(text) * (1.0 + scale_msa), {"residual": text, "gates": (gate_msa.tanh(), gate_mlp.tanh()), "scale_mlp": 1.0 + scale_mlp}
+    return block.attention_norm1(text) * (1.0 + scale_msa), {
+        "residual": text,
+        "gates": (gate_msa.tanh(), gate_mlp.tanh()),
+        "scale_mlp": 1.0 + scale_mlp,
+    }
 
 
 def _zimage_text_finish(block: torch.nn.Module, saved: dict[str, Any], attention: torch.Tensor) -> torch.Tensor:
@@ -86,13 +92,27 @@ PIPELINES = (
     PipelineSpec("ZImagePipeline", "zimage", "Z-Image (Turbo / base)", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)),
     # Z-Image image-to-image / inpainting: the image enters as the starting latents (and, inpainting, the kept region
     # blended back by the pipeline), never as text. Z-Image's defaults.
-    PipelineSpec("ZImageImg2ImgPipeline", "zimage", "Z-Image image-to-image", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)),
+    PipelineSpec(
+        "ZImageImg2ImgPipeline", "zimage", "Z-Image image-to-image", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)
+    ),
     PipelineSpec("ZImageInpaintPipeline", "zimage", "Z-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)),
     # Z-Image ControlNet (also inpainting): the control image enters the ControlNet, whose hints the transformer adds
     # to its [image, caption] sequence; the negative rows get the ControlNet's hints for their own caption (with the
     # guided rows' latents and control), the stock rows the stock hints. Z-Image's defaults.
-    PipelineSpec("ZImageControlNetPipeline", "zimage", "Z-Image ControlNet", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None),
-                 control_model="controlnet"),
-    PipelineSpec("ZImageControlNetInpaintPipeline", "zimage", "Z-Image ControlNet inpainting",
-                 FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None), control_model="controlnet"),
+    PipelineSpec(
+        "ZImageControlNetPipeline",
+        "zimage",
+        "Z-Image ControlNet",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, None),
+        control_model="controlnet",
+    ),
+    PipelineSpec(
+        "ZImageControlNetInpaintPipeline",
+        "zimage",
+        "Z-Image ControlNet inpainting",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, None),
+        control_model="controlnet",
+    ),
 )

@@ -74,8 +74,9 @@ class Attachment:
             raise RuntimeError(
                 f"found no text attention modules in {type(self.denoiser).__name__} for family {family.name!r}"
             )
-        self._register("denoiser", self.denoiser.register_forward_pre_hook(
-            self._before_denoiser, with_kwargs=True, prepend=True))
+        self._register(
+            "denoiser", self.denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True, prepend=True)
+        )
         self._register("denoiser", self.denoiser.register_forward_hook(self._after_denoiser, always_call=True))
         for name, module in self.denoiser.named_modules():
             for kind in family.module_kinds(name):
@@ -88,7 +89,9 @@ class Attachment:
                     pre = getattr(self._blocks, hook.pre)
                     self._register(f"{name}:{hook.pre}", module.register_forward_pre_hook(pre, with_kwargs=True))
                 if hook.post:
-                    self._register(f"{name}:{hook.post}", module.register_forward_hook(getattr(self._blocks, hook.post)))
+                    self._register(
+                        f"{name}:{hook.post}", module.register_forward_hook(getattr(self._blocks, hook.post))
+                    )
 
     def _register(self, name: str, handle: torch.utils.hooks.RemovableHandle) -> None:
         self.hooks.append((f"nag:{name}", handle))
@@ -129,8 +132,15 @@ class Attachment:
         device = cond_rows.device
         per_sample = isinstance(text, (list, tuple))  # list inputs (Z-Image): negative tensors become per-row lists
         negative = {
-            key: to_device(rows_for(list(value) if per_sample and isinstance(value, torch.Tensor) else value,
-                                      len(cond_rows), key, family.batch_dim(key)), device)
+            key: to_device(
+                rows_for(
+                    list(value) if per_sample and isinstance(value, torch.Tensor) else value,
+                    len(cond_rows),
+                    key,
+                    family.batch_dim(key),
+                ),
+                device,
+            )
             for key, value in runtime.negative.items()
         }
         pad_to = (family.text_length(module) or 0) if family.text_length is not None else 0
@@ -151,7 +161,9 @@ class Attachment:
         runtime.guided_calls += 1
         return bound.args, bound.kwargs
 
-    def _prefill_negative(self, module: torch.nn.Module, arguments: dict, negative: dict, cond_rows: torch.Tensor) -> None:
+    def _prefill_negative(
+        self, module: torch.nn.Module, arguments: dict, negative: dict, cond_rows: torch.Tensor
+    ) -> None:
         """Layout ``"prefix"``: run the negative prompt's own call for the guided rows, recording every layer's prefix
         keys/values (once per generation when the prefix does not depend on the timestep, else at every step)."""
         prefix = self.family.causal_prefix
@@ -168,7 +180,9 @@ class Attachment:
         if key_valid is not None:  # every target key is valid
             key_valid = torch.cat([key_valid, key_valid.new_ones(len(rows), prefix.target_tokens(arguments))], dim=1)
         self.runtime.negative_prefix = NegativePrefix(
-            rows=rows, layers=recording.layers, key_valid=key_valid,
+            rows=rows,
+            layers=recording.layers,
+            key_valid=key_valid,
             rotary=prefix.target_rotary(module, arguments, negative, cond_rows),
         )
 

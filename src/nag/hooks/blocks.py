@@ -107,8 +107,10 @@ class BlockHooks:
             return torch.cat([output, output[call.cond_rows]])  # (a module returning the image alone)
         if call is None or not isinstance(output, tuple):
             return None
-        return tuple(torch.cat([x, x[call.cond_rows]]) if isinstance(x, torch.Tensor) and x.shape[0] == call.batch else x
-                     for x in output)
+        return tuple(
+            torch.cat([x, x[call.cond_rows]]) if isinstance(x, torch.Tensor) and x.shape[0] == call.batch else x
+            for x in output
+        )
 
     def split_joined_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """Fast path for single-stream blocks whose input the model joined as ``[text, image]``: the block runs
@@ -193,7 +195,9 @@ class BlockHooks:
         image_lengths = call.image_lengths
         if image_lengths is None and text_path.text_first:  # (rows [text, image, padding]: the longest row is full)
             image_lengths = [tokens - max(call.text_lengths)] * rows
-        elif image_lengths is None:  # (no image lengths from the family: each row's text ends it, the image is the rest)
+        elif (
+            image_lengths is None
+        ):  # (no image lengths from the family: each row's text ends it, the image is the rest)
             image_lengths = [tokens - length for length in call.text_lengths]
         spans = [(0 if text_path.text_first else image_lengths[i], call.text_lengths[i]) for i in range(b, rows)]
         keep = max(image_lengths[i] + call.text_lengths[i] for i in range(b))
@@ -234,8 +238,8 @@ class BlockHooks:
         return all(getattr(module.processor, "takes_split_text", lambda: False)() for module, _ in self.wrapped)
 
     def enter_stock_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
-        """Fast path, the module that takes the image at the model input (``ModuleKind.STOCK_IMAGE_ENTRY``): it runs on the
-        stock rows, and its output carries the image stream on at the stock batch, when every text-attention wrapper
+        """Fast path, the module that takes the image at the model input (``ModuleKind.STOCK_IMAGE_ENTRY``): it runs on
+        the stock rows, and its output carries the image stream on at the stock batch, when every text-attention wrapper
         can serve the negative rows beside the stock rows (else whole negative rows, as the straightforward path)."""
         if self.runtime.call is None or not self._serves_split_text():
             return None
@@ -320,10 +324,17 @@ HOOKS: dict[ModuleKind, Hook] = {
     ModuleKind.IMAGE_MODULATION: Hook("stock_rows_of_inputs"),
     ModuleKind.STOCK_IMAGE_BLOCK: Hook("stock_image_rows", "restore_image_rows"),
     ModuleKind.JOINED_BLOCK: Hook("split_joined_rows", "join_joined_rows", fast_only=True, text_path=True),
-    ModuleKind.CONCATENATING_BLOCK: Hook("split_text_rows", "join_text_rows", fast_only=True, text_path=True,
-                                         otherwise=Hook("add_image_rows", "drop_image_rows")),
+    ModuleKind.CONCATENATING_BLOCK: Hook(
+        "split_text_rows",
+        "join_text_rows",
+        fast_only=True,
+        text_path=True,
+        otherwise=Hook("add_image_rows", "drop_image_rows"),
+    ),
     ModuleKind.SAMPLE_BLOCK: Hook("split_sample_rows", "join_sample_rows", fast_only=True, text_path=True),
     ModuleKind.STOCK_ROW_MODULE: Hook("stock_image_rows", "restore_image_rows", fast_only=True),
     ModuleKind.STOCK_IMAGE_ENTRY: Hook("enter_stock_image_rows", fast_only=True),
-    ModuleKind.IMAGE_FIRST_BLOCK: Hook("split_image_first_rows", "join_image_first_rows", fast_only=True, text_path=True),
+    ModuleKind.IMAGE_FIRST_BLOCK: Hook(
+        "split_image_first_rows", "join_image_first_rows", fast_only=True, text_path=True
+    ),
 }

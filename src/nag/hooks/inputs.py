@@ -36,7 +36,9 @@ def conditional_rows(text: Any, reference: Any) -> torch.Tensor | None:
             for start in (0, rows - n * repeat):
                 block = text[start : start + n * repeat]
                 if all(
-                    isinstance(t, torch.Tensor) and t.shape == r.shape and torch.equal(t, r.to(device=t.device, dtype=t.dtype))
+                    isinstance(t, torch.Tensor)
+                    and t.shape == r.shape
+                    and torch.equal(t, r.to(device=t.device, dtype=t.dtype))
                     for t, r in zip(block, expected)
                 ):
                     return torch.arange(start, start + n * repeat, device=text[0].device)
@@ -61,14 +63,13 @@ def rows_for(tensor: Any, count: int, name: str, dim: int = 0) -> Any:
     if rows == 1:
         if isinstance(tensor, (list, tuple)):
             return list(tensor) * count
-        return tensor.expand(*tensor.shape[:dim], count, *tensor.shape[dim + 1:])
+        return tensor.expand(*tensor.shape[:dim], count, *tensor.shape[dim + 1 :])
     if rows and count % rows == 0:  # one per prompt, images repeated per prompt
         if isinstance(tensor, (list, tuple)):
             return [t for t in tensor for _ in range(count // rows)]
         return tensor.repeat_interleave(count // rows, dim=dim)
     raise ValueError(
-        f"negative `{name}` has {rows} rows but the guided batch has {count}; "
-        "pass one row, or one row per prompt"
+        f"negative `{name}` has {rows} rows but the guided batch has {count}; pass one row, or one row per prompt"
     )
 
 
@@ -97,7 +98,11 @@ def without_dim(shape: torch.Size, dim: int) -> tuple[int, ...]:
 
 
 def extend_inputs(
-    family: Family, arguments: dict[str, Any], negative: dict[str, torch.Tensor], cond_rows: torch.Tensor, pad_to: int = 0
+    family: Family,
+    arguments: dict[str, Any],
+    negative: dict[str, torch.Tensor],
+    cond_rows: torch.Tensor,
+    pad_to: int = 0,
 ) -> tuple[GuidedCall, dict[str, Any]]:
     """The guided call's inputs; ``pad_to``: joint and concat layouts pad both branches' text to at
     least this length (the model's required text length, see ``text_length``)."""
@@ -115,6 +120,7 @@ def extend_inputs(
         return _extend_concat(family, arguments, negative, cond_rows, pad_to)
     return _extend_joint(family, arguments, negative, cond_rows, pad_to)
 
+
 def _extend_cross(family: Family, arguments, negative, cond_rows):
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
@@ -127,7 +133,9 @@ def _extend_cross(family: Family, arguments, negative, cond_rows):
     negative_mask = negative.get("encoder_attention_mask")
     if family.mask_kwarg and (positive_mask is not None or negative_mask is not None):
         if positive_mask is not None and positive_mask.ndim != 2:
-            raise ValueError(f"NAG expects a (batch, tokens) `{family.mask_kwarg}`, got shape {tuple(positive_mask.shape)}")
+            raise ValueError(
+                f"NAG expects a (batch, tokens) `{family.mask_kwarg}`, got shape {tuple(positive_mask.shape)}"
+            )
         like = positive_mask if positive_mask is not None else negative_mask
         if positive_mask is None:
             positive_mask = like.new_ones(rows, positive_len)
@@ -135,8 +143,11 @@ def _extend_cross(family: Family, arguments, negative, cond_rows):
         if negative_mask is not None:
             mask_filler[cond_rows] = negative_mask.to(like.dtype)
         changes[family.mask_kwarg] = torch.cat([positive_mask, mask_filler], dim=1)
-    call = GuidedCall(rows, cond_rows, positive_len, negative_len, positive_len + negative_len, static_negative=family.static_text)
+    call = GuidedCall(
+        rows, cond_rows, positive_len, negative_len, positive_len + negative_len, static_negative=family.static_text
+    )
     return call, changes
+
 
 def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0):
     text = arguments[family.text_kwarg]
@@ -175,8 +186,10 @@ def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0):
         dim = family.batch_dim(key)
         row, negative_row = without_dim(value.shape, dim), without_dim(negative[key].shape, dim)
         if row != negative_row:
-            raise ValueError(f"negative `{key}` has shape {negative_row} per row but the call's has {row}; "
-                             "encode the negative prompt with the pipeline's encode_prompt")
+            raise ValueError(
+                f"negative `{key}` has shape {negative_row} per row but the call's has {row}; "
+                "encode the negative prompt with the pipeline's encode_prompt"
+            )
         changes[key] = torch.cat([value, negative[key].to(value.dtype)], dim=dim)
     for key in family.row_kwargs:
         value = arguments.get(key)
@@ -189,14 +202,19 @@ def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0):
     call = GuidedCall(rows, cond_rows, positive_len, negative_len, padded)
     return call, changes
 
+
 def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
     negative_len = negative["encoder_hidden_states"].shape[1]
     padded = max(positive_len, negative_len, pad_to)
-    call, changes = _extend_joint(family, {k: v for k, v in arguments.items() if k != family.mask_kwarg},
-                                       {k: v for k, v in negative.items() if k != "encoder_attention_mask"}, cond_rows,
-                                       pad_to)
+    call, changes = _extend_joint(
+        family,
+        {k: v for k, v in arguments.items() if k != family.mask_kwarg},
+        {k: v for k, v in negative.items() if k != "encoder_attention_mask"},
+        cond_rows,
+        pad_to,
+    )
     image = arguments[family.image_kwarg]
     changes[family.image_kwarg] = torch.cat([image, image[cond_rows]])
     if family.mask_kwarg:
@@ -204,7 +222,9 @@ def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
         negative_mask = negative.get("encoder_attention_mask")
         if positive_mask is not None or negative_mask is not None:
             if positive_mask is not None and positive_mask.ndim != 2:
-                raise ValueError(f"NAG expects a (batch, tokens) `{family.mask_kwarg}`, got shape {tuple(positive_mask.shape)}")
+                raise ValueError(
+                    f"NAG expects a (batch, tokens) `{family.mask_kwarg}`, got shape {tuple(positive_mask.shape)}"
+                )
             if positive_mask is None:
                 like = negative_mask
                 image_len = image.shape[1] if family.mask_covers_image else 0
@@ -217,11 +237,14 @@ def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
                 negative_mask = positive_mask.new_ones(len(cond_rows), negative_len)
             negative_mask = negative_mask.to(positive_mask.dtype)
             # the padding past each branch's own length is never attended (the processors slice it off)
-            changes[family.mask_kwarg] = torch.cat([
-                torch.cat([pad_tokens(positive_text_mask, padded), image_mask], dim=1),
-                torch.cat([pad_tokens(negative_mask, padded), image_mask[cond_rows]], dim=1),
-            ])
+            changes[family.mask_kwarg] = torch.cat(
+                [
+                    torch.cat([pad_tokens(positive_text_mask, padded), image_mask], dim=1),
+                    torch.cat([pad_tokens(negative_mask, padded), image_mask[cond_rows]], dim=1),
+                ]
+            )
     return call, changes
+
 
 def _extend_lists(family: Family, arguments, negative, cond_rows):
     """Concat layout for models that take per-sample lists (Z-Image: ``x`` and ``cap_feats`` lists of
@@ -235,7 +258,10 @@ def _extend_lists(family: Family, arguments, negative, cond_rows):
     rows, picked = len(text), cond_rows.tolist()
     negative_text = negative["encoder_hidden_states"]
     negative_text = [t.to(text[0].dtype) for t in negative_text]  # a list, or a (rows, tokens, width) tensor
-    changes: dict[str, Any] = {family.text_kwarg: text + negative_text, family.image_kwarg: image + [image[r] for r in picked]}
+    changes: dict[str, Any] = {
+        family.text_kwarg: text + negative_text,
+        family.image_kwarg: image + [image[r] for r in picked],
+    }
     for key in family.row_kwargs:
         value = arguments.get(key)
         if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:

@@ -1,0 +1,221 @@
+"""What ``nag.apply`` checks before it installs anything: processors it can drive, diffusers features it cannot run
+under, and precomputed negative embeddings of the wrong shape or width. Each refusal names the fix."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from .attention import NAGProcessor
+from .families import FAMILIES
+from .spec import PipelineSpec
+
+# Names of precomputed negative embeddings (as the pipelines' encode_prompt spells them) and the
+# denoiser argument each one feeds.
+NEGATIVE_EMBED_NAMES = {
+    "negative_prompt_embeds": "encoder_hidden_states",
+    "negative_pooled_prompt_embeds": "pooled_projections",
+    "negative_prompt_attention_mask": "encoder_attention_mask",
+    "negative_prompt_embeds_mask": "encoder_attention_mask",  # (HunyuanImage's name for it)
+    # HunyuanImage's second text stream (byT5) and its mask
+    "negative_prompt_embeds_2": "encoder_hidden_states_2",
+    "negative_prompt_embeds_mask_2": "encoder_attention_mask_2",
+}
+_EMBED_NDIM = {
+    "encoder_hidden_states": 3,
+    "pooled_projections": 2,
+    "encoder_attention_mask": 2,
+    "encoder_hidden_states_2": 3,
+    "encoder_attention_mask_2": 2,
+}
+# HiDream's stacked Llama-3 states (every layer) and pooled CLIP embeddings (PipelineSpec.negative_embed_names)
+_EMBED_NDIM.update(encoder_hidden_states_llama3=4, pooled_embeds=2)
+_EMBED_LAYOUT = {
+    "encoder_hidden_states": "(rows, tokens, width)",
+    "pooled_projections": "(rows, width)",
+    "encoder_attention_mask": "(rows, tokens)",
+    "encoder_hidden_states_2": "(rows, tokens, width)",
+    "encoder_attention_mask_2": "(rows, tokens)",
+}
+_EMBED_LAYOUT.update(encoder_hidden_states_llama3="(layers, rows, tokens, width)", pooled_embeds="(rows, width)")
+# Denoiser config entries that give the width each negative input must have, in order of preference
+# (PixArt/Sana: `caption_channels` is the text width, `cross_attention_dim` the projected one).
+_WIDTH_CONFIG = {
+    "encoder_hidden_states": ("joint_attention_dim", "caption_channels", "text_dim", "cross_attention_dim"),
+    "pooled_projections": ("pooled_projection_dim",),
+    "pooled_embeds": ("text_emb_dim",),
+}
+# diffusers hooks (by their registry names) that NAG cannot run under: name -> (layouts, feature).
+# The block caches skip blocks, or replay a block's output or attention from an earlier step; on
+# the joint and concat layouts (Flux, SD3, Chroma, ...) NAG carries the negative rows through every
+# block, and a skipped or replayed block drops them (diffusers then fails with a shape or key error).
+# FasterCache rebuilds the unconditional branch from cached attention and fails likewise.
+_BLOCK_CACHE = ("joint", "concat")
+_INCOMPATIBLE_HOOKS = {
+    "fbc_leader_block_hook": (_BLOCK_CACHE, "first-block cache"),
+    "fbc_block_hook": (_BLOCK_CACHE, "first-block cache"),
+    "pyramid_attention_broadcast": (_BLOCK_CACHE, "pyramid attention broadcast"),
+    "taylorseer_cache": (_BLOCK_CACHE, "TaylorSeer cache"),
+    "mag_cache_leader_block_hook": (_BLOCK_CACHE, "MagCache"),
+    "mag_cache_block_hook": (_BLOCK_CACHE, "MagCache"),
+    "faster_cache_denoiser": (("cross", "joint", "concat"), "FasterCache"),
+    "faster_cache_block": (("cross", "joint", "concat"), "FasterCache"),
+}
+
+
+def check_processors(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
+    """Refuse text-attention processors NAG cannot drive, naming the module and the fix.
+
+    NAG wraps whatever processor a text-attention module has and calls it with the positive and
+    the negative context, binding its arguments by name. A processor from another tool works if it
+    takes the stock arguments by name (``hidden_states``, ``encoder_hidden_states``, ...); one
+    that hides them behind ``*args``/``**kwargs`` or does not take them cannot be driven.
+    """
+    family = FAMILIES[spec.family]
+    for name, module in denoiser.named_modules():
+        mechanism = family.attention_role(name, module)
+        if mechanism is None:
+            continue
+        processor = module.processor
+        label = f"`{spec.denoiser_attr}.{name}` has a {type(processor).__name__}"
+        fix = (
+            f"restore diffusers' processors first (e.g. pipe.{spec.denoiser_attr}.set_default_attn_processor(), "
+            "or reload the model), or remove the other tool"
+        )
+        if isinstance(processor, NAGProcessor):
+            raise RuntimeError(f"{label}: this denoiser already carries NAG; remove that first")
+        if not callable(processor):
+            raise TypeError(f"{label}, which is not callable; NAG needs a diffusers attention processor: {fix}")
+        try:
+            parameters = inspect.signature(processor.__call__).parameters
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{label} whose signature cannot be read ({error}); NAG cannot drive it: {fix}") from None
+        missing = [p for p in mechanism.binds if p not in parameters]
+        if missing:
+            raise TypeError(
+                f"{label} that takes no named {missing} (another attention tool?); NAG calls the processor "
+                f"with the positive and the negative text by those names and cannot drive it: {fix}"
+            )
+
+
+def check_hooks(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
+    """Refuse diffusers features (hooks) that cannot carry NAG's negative conditioning."""
+    layout = FAMILIES[spec.family].layout
+    for module in denoiser.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in getattr(registry, "hooks", {}) or {}:
+            layouts, feature = _INCOMPATIBLE_HOOKS.get(name, ((), ""))
+            if layout in layouts:
+                raise NotImplementedError(
+                    f"{feature} is enabled on pipe.{spec.denoiser_attr}; NAG on {spec.pipeline} carries the negative "
+                    f"prompt through the blocks that {feature} skips or replays, so the two cannot run together. "
+                    f"Disable it while NAG is applied (pipe.{spec.denoiser_attr}.disable_cache()), or remove NAG."
+                )
+
+
+def expected_widths(denoiser: torch.nn.Module | None) -> dict[str, tuple[str, int]]:
+    """Widths the denoiser's config prescribes for each negative input: key -> (config entry, width)."""
+    config = getattr(denoiser, "config", None)
+    widths: dict[str, tuple[str, int]] = {}
+    if config is None:
+        return widths
+    for key, entries in _WIDTH_CONFIG.items():
+        for entry in entries:
+            value = config.get(entry) if hasattr(config, "get") else getattr(config, entry, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                widths[key] = (entry, value)
+                break
+    return widths
+
+
+def check_widths_against_positive(
+    negative: dict[str, torch.Tensor], positive: dict[str, torch.Tensor], names: dict[str, str] = NEGATIVE_EMBED_NAMES
+) -> None:
+    """At encode time: the negative embeddings must have the width of the positive ones (``names``: the
+    pipeline's names of precomputed negative embeddings, for the error message)."""
+    for key, value in negative.items():
+        reference = positive.get(key)
+        if key.startswith("encoder_attention_mask") or not isinstance(reference, torch.Tensor):
+            continue
+        if value.shape[-1] != reference.shape[-1]:
+            name = next(n for n, k in names.items() if k == key)
+            expected = ("rows", "tokens", reference.shape[-1]) if value.ndim == 3 else ("rows", reference.shape[-1])
+            if value.ndim == 4:  # (HiDream's stacked Llama-3 states)
+                expected = ("layers", "rows", "tokens", reference.shape[-1])
+            raise ValueError(
+                f"`{name}` has width {value.shape[-1]} but this call's prompt embeddings have width "
+                f"{reference.shape[-1]}: expected shape {expected}. Encode the negative prompt with "
+                "this pipeline's encode_prompt (or pass the negative prompt as text)."
+            )
+
+
+def validate_negative_embeds(
+    spec: PipelineSpec, embeds: dict[str, Any], denoiser: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """Check precomputed negative embeddings: names, types, dtypes, devices, shapes, values.
+
+    Tensors on another (real) device than the denoiser are fine: they are moved at use. Widths
+    are checked against the denoiser's config here and against the prompt embeddings at each
+    generation.
+    """
+    family = FAMILIES[spec.family]
+    names = spec.negative_embed_names or NEGATIVE_EMBED_NAMES
+    accepted = {name: key for name, key in names.items() if key in family.negative_keys}
+    unknown = sorted(set(embeds) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"nag.apply got unexpected keyword argument(s) {unknown} for {spec.pipeline}; "
+            f"precomputed negative embeddings it accepts: {sorted(accepted)}"
+        )
+    converted: dict[str, torch.Tensor] = {}
+    for name, value in embeds.items():
+        if value is None:
+            continue
+        key = accepted[name]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+        if value.ndim != _EMBED_NDIM[key]:
+            raise ValueError(
+                f"`{name}` must have {_EMBED_NDIM[key]} dimensions {_EMBED_LAYOUT[key]}, got shape {tuple(value.shape)}"
+            )
+        if key.startswith("encoder_attention_mask"):
+            if value.is_complex():
+                raise TypeError(f"`{name}` must be a bool, integer or float mask (1 = keep), got {value.dtype}")
+        elif not value.is_floating_point():
+            raise TypeError(
+                f"`{name}` must be a floating-point tensor (embeddings, not token ids), got {value.dtype}; "
+                f"encode the negative prompt with the pipeline's encode_prompt, or pass it as text"
+            )
+        if value.is_meta:
+            raise ValueError(f"`{name}` is on the meta device (shape only, no values); pass a materialized tensor")
+        if 0 in value.shape:
+            raise ValueError(f"`{name}` is empty (shape {tuple(value.shape)}); it needs at least one row and one token")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`{name}` contains NaN or inf; NAG would turn every guided output into NaN")
+        converted[key] = value
+    if converted:
+        required = [name for name, key in accepted.items() if key != "encoder_attention_mask" and key not in converted]
+        if required:
+            raise ValueError(
+                f"{spec.pipeline} needs {required} too when negative embeddings are passed instead of a prompt"
+            )
+    text, mask = converted.get("encoder_hidden_states"), converted.get("encoder_attention_mask")
+    if text is not None and mask is not None:
+        if mask.shape[1] != text.shape[1] or mask.shape[0] not in (1, text.shape[0]):
+            raise ValueError(
+                f"`negative_prompt_attention_mask` has shape {tuple(mask.shape)} but `negative_prompt_embeds` "
+                f"has {tuple(text.shape)}: expected ({text.shape[0]}, {text.shape[1]}), one entry per token"
+            )
+    for key, (entry, width) in expected_widths(denoiser).items():
+        value = converted.get(key)
+        if value is not None and value.shape[-1] != width:
+            name = next(n for n, k in accepted.items() if k == key)
+            expected = ("rows", "tokens", width) if value.ndim == 3 else ("rows", width)
+            raise ValueError(
+                f"`{name}` has width {value.shape[-1]} but {spec.pipeline}'s {spec.denoiser_attr} expects "
+                f"{width} (config.{entry}): expected shape {expected}. Encode the negative prompt with "
+                "this pipeline's encode_prompt (or pass the negative prompt as text)."
+            )
+    return converted
