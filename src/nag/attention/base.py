@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..combine import nag_combine
-from ..state import GuidedCall, NAGRuntime
+from ..state import GuidedCall, NAGRuntime, NegativeText
 
 
 class ProjectionTap:
@@ -196,6 +196,27 @@ class NAGProcessor:
         return negative, positive
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+class BesideStockRows:
+    """Mixin of the fast paths that serve a block run on the stock rows with the negative text beside it: a block
+    hook took that text out of the block and left it in ``runtime.text_path``. Without it (another processor or
+    backend elsewhere in the block, whole rows), the straightforward wrapper's path."""
+
+    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
+        path = self.runtime.text_path
+        if path is None:
+            return self.straightforward(attn, call, arguments)
+        return self.guided_beside(attn, call, arguments, path)
+
+    def straightforward(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
+        """The straightforward wrapper's path (the class after this mixin in the method resolution order)."""
+        return super().guided(attn, call, arguments)
+
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         raise NotImplementedError
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ..kernels import attention, attention_with_lse, merge_attention
-from ..state import GuidedCall
+from ..state import GuidedCall, NegativeText
 from .base import (
+    BesideStockRows,
     NAGProcessor,
     OutputProjectionView,
     image_qkv,
@@ -106,7 +107,7 @@ class RowsPerSampleImageFirstAttentionNAG(RowsPerSampleAttentionNAG):
         return [(r, 0, 0, call.image_lengths[r]) for r in call.cond_rows.tolist()]
 
 
-class FastRowsPerSampleImageFirstAttentionNAG(RowsPerSampleImageFirstAttentionNAG):
+class FastRowsPerSampleImageFirstAttentionNAG(BesideStockRows, RowsPerSampleImageFirstAttentionNAG):
     """Z-Image main-block fast path: the block runs on the stock rows only (each ``[image, caption, padding]``); the
     negative rows' captions arrive beside them through ``runtime.text_path`` (set by the sample-block hook: modulated
     input, rotary tables, lengths), and their attention output leaves the same way. Every image token is projected
@@ -117,10 +118,9 @@ class FastRowsPerSampleImageFirstAttentionNAG(RowsPerSampleImageFirstAttentionNA
 
     split_text_processors = fast_processors = frozenset({"ZSingleStreamAttnProcessor"})
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         hidden = arguments["hidden_states"]
         mask, rotary = arguments.get("attention_mask"), arguments.get(self.rotary_kwarg)
         q, k, v = image_qkv(attn, hidden)
@@ -176,7 +176,7 @@ def lumina2_qkv(
     return q.to(x.dtype), k.to(x.dtype), v
 
 
-class FastRowsPerSampleAttentionNAG(RowsPerSampleAttentionNAG):
+class FastRowsPerSampleAttentionNAG(BesideStockRows, RowsPerSampleAttentionNAG):
     """Lumina2 joint-layer fast path: the block runs on the stock rows only (each ``[caption, image, padding]``,
     ``ModuleKind.SAMPLE_BLOCK`` with ``TextPath.text_first``); the negative rows' captions arrive beside them through
     ``runtime.text_path`` (set by the sample-block hook: modulated input, rotary tables, lengths), and their attention
@@ -188,10 +188,9 @@ class FastRowsPerSampleAttentionNAG(RowsPerSampleAttentionNAG):
 
     split_text_processors = fast_processors = frozenset({"Lumina2AttnProcessor2_0"})
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         hidden = arguments["hidden_states"]
         if arguments.get("encoder_hidden_states") is not hidden or arguments.get("base_sequence_length") is not None:
             raise RuntimeError(

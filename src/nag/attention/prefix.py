@@ -42,25 +42,28 @@ class CausalPrefixAttentionNAG(NAGProcessor):
             attn, arguments, layer_cache=layer, kv_cache_mode="extract", cache_write_slice=slice(0, prefix_len)
         )
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
+    def cached_decode(self, attn: Any, call: GuidedCall, hidden: torch.Tensor, start: int) -> dict[str, Any]:
+        """The stock processor's arguments for the model's cached-decode step of the guided rows' target tokens
+        (from ``start``) against the recorded negative prefix: ``Z-``."""
         prefix = self.runtime.negative_prefix
+        key_valid = prefix.key_valid
+        return dict(
+            hidden_states=hidden[call.cond_rows, start:],
+            rotary_emb=prefix.rotary,
+            attention_mask=None if key_valid is None else key_valid[:, None, None, :],
+            layer_cache=prefix.layers[attn],
+            kv_cache_mode="cached",
+            cache_write_slice=None,
+            segments=None,
+            key_valid=None,
+        )
+
+    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         hidden = arguments["hidden_states"]
         start = hidden.shape[1] - call.image_lengths[0]
-        key_valid = prefix.key_valid
 
         def run_negative(view: Any) -> Any:
-            return self.run_stock(
-                view,
-                arguments,
-                hidden_states=hidden[call.cond_rows, start:],
-                rotary_emb=prefix.rotary,
-                attention_mask=None if key_valid is None else key_valid[:, None, None, :],
-                layer_cache=prefix.layers[attn],
-                kv_cache_mode="cached",
-                cache_write_slice=None,
-                segments=None,
-                key_valid=None,
-            )
+            return self.run_stock(view, arguments, **self.cached_decode(attn, call, hidden, start))
 
         def run_positive(view: Any) -> Any:
             return self.run_stock(view, arguments)
@@ -78,10 +81,8 @@ class FastCausalPrefixAttentionNAG(CausalPrefixAttentionNAG):
     fast_processors = None  # (the stock processor's own math, with the kept projections)
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        prefix = self.runtime.negative_prefix
         hidden = arguments["hidden_states"]
         start = hidden.shape[1] - call.image_lengths[0]
-        key_valid = prefix.key_valid
         kept: dict[str, torch.Tensor] = {}
         project = attn.to_out[0]
 
@@ -112,18 +113,7 @@ class FastCausalPrefixAttentionNAG(CausalPrefixAttentionNAG):
                 to_v=kept_projection("to_v"),
                 to_out=[ProjectionTap(project, capture), *attn.to_out[1:]],
             )
-            self.run_stock(
-                view,
-                arguments,
-                hidden_states=hidden[call.cond_rows, start:],
-                rotary_emb=prefix.rotary,
-                attention_mask=None if key_valid is None else key_valid[:, None, None, :],
-                layer_cache=prefix.layers[attn],
-                kv_cache_mode="cached",
-                cache_write_slice=None,
-                segments=None,
-                key_valid=None,
-            )
+            self.run_stock(view, arguments, **self.cached_decode(attn, call, hidden, start))
             z = z.clone()
             z[call.cond_rows, start:] = self.combine(call, z[call.cond_rows, start:], negative["z"])
             return project(z)

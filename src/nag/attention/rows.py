@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from ..state import GuidedCall
+from ..state import GuidedCall, NegativeText
 from .base import (
+    BesideStockRows,
     NAGProcessor,
     branch_mask,
     default_backend,
@@ -348,7 +349,7 @@ _SHARED_PROCESSORS = {"CogView4AttnProcessor": -2, "CogVideoXAttnProcessor2_0": 
 _SHARED_TEXT_MASK_PROCESSORS = {"CogView4AttnProcessor"}
 
 
-class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
+class FastRowsSharedAttentionNAG(BesideStockRows, RowsSharedAttentionNAG):
     """CogView4 and CogVideoX fast path (``CogView4AttnProcessor``, ``CogVideoXAttnProcessor2_0`` on the default
     attention backend): the block runs on the stock rows (``ModuleKind.IMAGE_FIRST_BLOCK``; CogView4 keeps the image
     stream at the stock batch from the patch embedding on, ``ModuleKind.STOCK_IMAGE_ENTRY``); the negative rows'
@@ -360,10 +361,9 @@ class FastRowsSharedAttentionNAG(RowsSharedAttentionNAG):
 
     split_text_processors = fast_processors = frozenset(_SHARED_PROCESSORS)
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         from diffusers.models.embeddings import apply_rotary_emb
 
         hidden, text = arguments["hidden_states"], arguments["encoder_hidden_states"]

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from ..state import GuidedCall
+from ..state import GuidedCall, NegativeText
 from .base import (
+    BesideStockRows,
     FusedOutputView,
     NAGProcessor,
     branch_mask,
@@ -135,17 +136,16 @@ class FusedSingleAttentionNAG(SingleStreamAttentionNAG):
         return torch.cat([text_out, torch.cat([image_out, image_out[call.cond_rows]])], dim=1)
 
 
-class FastSingleStreamAttentionNAG(SingleStreamAttentionNAG):
+class FastSingleStreamAttentionNAG(BesideStockRows, SingleStreamAttentionNAG):
     """Flux single-stream fast path: the block runs on the stock rows only; the negative text
     rows' modulated input arrives through ``runtime.text_path`` (set by the block hook), and their
     attention output leaves the same way. No image token is duplicated."""
 
     split_text_processors = fast_processors = frozenset({"FluxAttnProcessor"})
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         hidden = arguments["hidden_states"]
         rotary = arguments.get(self.rotary_argument)
         padded = call.padded_text_len
@@ -164,7 +164,7 @@ def fused_qkv_mlp(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return attn.norm_q(q), attn.norm_k(k), v, mlp
 
 
-class FastFusedSingleAttentionNAG(FusedSingleAttentionNAG):
+class FastFusedSingleAttentionNAG(BesideStockRows, FusedSingleAttentionNAG):
     """FLUX.2 single-stream fast path: the block runs on the stock rows only; the negative text rows' modulated
     input arrives through ``runtime.text_path`` (set by the joined-block hook), and their output (attention and MLP
     through the fused output projection) leaves the same way. Image tokens are projected and attended once
@@ -172,10 +172,11 @@ class FastFusedSingleAttentionNAG(FusedSingleAttentionNAG):
 
     split_text_processors = fast_processors = frozenset({"Flux2ParallelSelfAttnProcessor"})
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None or arguments.get("attention_mask") is not None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
+        if arguments.get("attention_mask") is not None:
+            return self.straightforward(attn, call, arguments)
         hidden = arguments["hidden_states"]
         rotary = arguments.get(self.rotary_argument)
         padded = call.text_prefix + call.padded_text_len
@@ -187,7 +188,7 @@ class FastFusedSingleAttentionNAG(FusedSingleAttentionNAG):
         return attn.to_out(torch.cat([attended, attn.mlp_act_fn(mlp)], dim=-1))
 
 
-class FastOuterMaskSingleAttentionNAG(SingleStreamAttentionNAG):
+class FastOuterMaskSingleAttentionNAG(BesideStockRows, SingleStreamAttentionNAG):
     """Chroma single-stream fast path (``FluxAttnProcessor``): the block runs on the stock rows only; the negative
     rows' modulated text arrives through ``runtime.text_path`` (set by the joined-block hook) with their rows of the
     model's ``(rows, text + image)`` mask, and their attention output leaves the same way. No image token is
@@ -201,10 +202,9 @@ class FastOuterMaskSingleAttentionNAG(SingleStreamAttentionNAG):
         image token's entry True / 1 (the Chroma pipeline's float 0/1 mask); the text part may be anything."""
         return mask.ndim == 2 and image_part_is_one(mask, call.text_prefix + call.padded_text_len)
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         hidden = arguments["hidden_states"]
         rotary = arguments.get(self.rotary_argument)
         prefix = call.text_prefix
@@ -243,7 +243,7 @@ class FastOuterMaskSingleAttentionNAG(SingleStreamAttentionNAG):
         return torch.cat([pad_tokens(text_positive, padded), z], dim=1).to(hidden.dtype)
 
 
-class FastSingleProjectedAttentionNAG(SingleProjectedAttentionNAG):
+class FastSingleProjectedAttentionNAG(BesideStockRows, SingleProjectedAttentionNAG):
     """AuraFlow single-block fast path (``AuraFlowAttnProcessor2_0``): the block runs on the stock rows only, each
     ``[register tokens, text (padded), image]``; the negative rows' modulated ``[register tokens, text]`` arrives
     through ``runtime.text_path`` (set by the joined-block hook) and its attention output (output projection included)
@@ -252,10 +252,9 @@ class FastSingleProjectedAttentionNAG(SingleProjectedAttentionNAG):
 
     split_text_processors = fast_processors = frozenset({"AuraFlowAttnProcessor2_0"})
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         hidden = arguments["hidden_states"]
         prefix = call.text_prefix
         padded, lp, ln = prefix + call.padded_text_len, prefix + call.positive_text_len, prefix + call.negative_text_len

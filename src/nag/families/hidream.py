@@ -8,11 +8,11 @@ from typing import Any
 import torch
 
 from ..attention import Mechanism
-from ..attention.base import NAGProcessor
+from ..attention.base import BesideStockRows, NAGProcessor
 from ..attention.lse import guided_image_and_text
 from ..settings import FamilyDefaults
 from ..spec import TEXT, Family, ModuleKind, PipelineSpec, TextPath
-from ..state import GuidedCall
+from ..state import GuidedCall, NegativeText
 
 # -- attention: HiDream's own processors ------------------------------------------------------------------------------
 
@@ -126,7 +126,7 @@ def _guided_rows_of(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return table if table.shape[0] == 1 else table[rows]
 
 
-class FastHiDreamJointAttentionNAG(HiDreamJointAttentionNAG):
+class FastHiDreamJointAttentionNAG(BesideStockRows, HiDreamJointAttentionNAG):
     """HiDream double-stream fast path: the block runs on the stock rows only (``ModuleKind.IMAGE_FIRST_BLOCK``); the
     negative text's modulated input arrives through ``runtime.text_path`` (set by the block hook) and its attention
     output (after ``attn.to_out_t``) leaves the same way. Every image token is projected once: image->image
@@ -136,10 +136,9 @@ class FastHiDreamJointAttentionNAG(HiDreamJointAttentionNAG):
 
     split_text_processors = fast_processors = frozenset(_HIDREAM_PROCESSORS)
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         image, text = arguments["hidden_states"], arguments["encoder_hidden_states"]
         mask, rotary = arguments.get("hidden_states_masks"), arguments["image_rotary_emb"]
         rows, image_len = call.cond_rows, image.shape[1]
@@ -156,7 +155,7 @@ class FastHiDreamJointAttentionNAG(HiDreamJointAttentionNAG):
         return attn.to_out(z.to(image.dtype)), attn.to_out_t(text_positive.to(image.dtype))
 
 
-class FastHiDreamSingleAttentionNAG(HiDreamSingleAttentionNAG):
+class FastHiDreamSingleAttentionNAG(BesideStockRows, HiDreamSingleAttentionNAG):
     """HiDream single-stream fast path: the block runs on the stock rows only, each ``[image, text]``
     (``ModuleKind.SAMPLE_BLOCK``); the negative text's modulated input arrives through ``runtime.text_path`` (set by the
     block hook) and its attention output (after ``attn.to_out``) leaves the same way. Every image token is projected
@@ -164,10 +163,9 @@ class FastHiDreamSingleAttentionNAG(HiDreamSingleAttentionNAG):
 
     split_text_processors = fast_processors = frozenset(_HIDREAM_PROCESSORS)
 
-    def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        path = self.runtime.text_path
-        if path is None:
-            return super().guided(attn, call, arguments)
+    def guided_beside(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
+    ) -> Any:
         stream = arguments["hidden_states"]
         mask, rotary = arguments.get("hidden_states_masks"), arguments["image_rotary_emb"]
         rows = call.cond_rows
