@@ -78,11 +78,11 @@ def write_all(paths: Sequence[Path], results: Sequence[Any]) -> None:
     interrupted or failed write leaves no partial output."""
     temps: list[Path] = []
     try:
-        for path, result in zip(paths, results):
+        for path, result in zip(paths, results, strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
             temps.append(path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}"))
             _write(temps[-1], result)
-        for temp, path in zip(temps, paths):
+        for temp, path in zip(temps, paths, strict=True):
             os.replace(temp, path)
     finally:
         for temp in temps:
