@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 
 import tiny_pipelines as tp
 from nag import cli
+from nag import grid as grid_mod
+from nag.cli import common
 
 runner = CliRunner()
 FAST = ["--steps", "2", "--device", "cpu"]
@@ -153,23 +155,34 @@ def test_lora_option(sd_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def _header(grid: Image.Image) -> np.ndarray:
-    return np.asarray(grid.convert("L"))[: cli.HEADER]
+LABELS = ("no guidance", "CFG 4", "NAG 2")  # the tiny SD pipeline's family default scale is 2
 
 
-def check_grid(grid: Image.Image, image_size: tuple[int, int], rows: int) -> None:
-    """Size as documented, the three labels drawn in the header strip, one above each column."""
-    assert grid.size == cli.grid_size(image_size, 3, rows)
-    cw, _ = cli.cell_size(image_size)
-    header = _header(grid)
-    for c in range(3):
-        x = cli.PAD + c * (cw + cli.PAD)
-        assert (header[:, x:x + cw] < 128).sum() > 20, f"no label above column {c}"
+def _strip(grid: Image.Image, layout: grid_mod.GridLayout) -> np.ndarray:
+    """The column-label strip under the title."""
+    return np.asarray(grid.convert("L"))[layout.title_h:layout.title_h + grid_mod.HEADER]
+
+
+def check_grid(grid: Image.Image, image_size: tuple[int, int], rows: int, labels=LABELS) -> grid_mod.GridLayout:
+    """The three labels drawn in the strip, one above each column, in order; a title and seed labels."""
     blank = Image.new("RGB", image_size, "white")
-    reference = cli.make_grid({label: [blank] * rows for label in cli.COMPARE_LABELS})
-    np.testing.assert_array_equal(_header(grid), _header(reference))
-    other = cli.make_grid({label: [blank] * rows for label in ("NAG", "CFG", "no guidance")})
-    assert not np.array_equal(_header(grid), _header(other))
+    title_lines = 2
+    reference = grid_mod.make_grid({label: [blank] * rows for label in labels}, [f"seed {r}" for r in range(rows)],
+                                   "\n".join(["x"] * title_lines))
+    layout = grid_mod.layout(image_size, 3, rows, "\n".join(["x"] * title_lines))
+    assert grid.height == layout.size[1] and grid.width >= layout.size[0]
+    cw, _ = layout.cell
+    strip = _strip(grid, layout)
+    for c in range(3):
+        x, _ = layout.cell_origin(c, 0)
+        assert (strip[:, x:x + cw] < 128).sum() > 20, f"no label above column {c}"
+    np.testing.assert_array_equal(strip[:, :reference.width], _strip(reference, layout))
+    other = grid_mod.make_grid({label: [blank] * rows for label in reversed(labels)}, [], "x\nx")
+    assert not np.array_equal(strip[:, :reference.width], _strip(other, layout))
+    gray = np.asarray(grid.convert("L"))
+    assert (gray[:layout.title_h] < 128).sum() > 50, "no title"
+    assert (gray[layout.title_h + grid_mod.HEADER:, :grid_mod.ROW_LABEL] < 128).sum() > 20, "no seed labels"
+    return layout
 
 
 def test_compare_grid(sd_dir, tmp_path):
@@ -177,11 +190,11 @@ def test_compare_grid(sd_dir, tmp_path):
     result, text = invoke("compare", "-m", str(sd_dir), "-p", "a red circle", "-n", "blue", "--num-images", "2",
                           "--out", str(out), *FAST)
     assert result.exit_code == 0, result.output
-    assert "no guidance, CFG, NAG" in text
+    assert "no guidance, CFG 4, NAG 2" in text and "seeds 0..1" in text
     grid = Image.open(out)
-    check_grid(grid, SD_SIZE, rows=2)
-    cw, ch = cli.cell_size(SD_SIZE)
-    cells = [np.asarray(grid)[cli.HEADER:cli.HEADER + ch, cli.PAD + c * (cw + cli.PAD):][:, :cw] for c in range(3)]
+    layout = check_grid(grid, SD_SIZE, rows=2)
+    cw, ch = layout.cell
+    cells = [np.asarray(grid)[y:y + ch, x:x + cw] for x, y in (layout.cell_origin(c, 0) for c in range(3))]
     assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[0], cells[2])
 
 
@@ -215,7 +228,7 @@ def test_builtin_model_default(tmp_path):
     result, _ = invoke("compare", "-m", "builtin:fewstep", "-p", "a star on a white background", "-n", "yellow",
                        "--out", str(grid), "--device", "cpu")
     assert result.exit_code == 0, result.output
-    check_grid(Image.open(grid), (32, 32), rows=1)
+    check_grid(Image.open(grid), (32, 32), rows=1, labels=("no guidance", "CFG 4", "NAG 6"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,17 +237,25 @@ def test_builtin_model_default(tmp_path):
 
 
 def test_models_lists_families_and_defaults(monkeypatch):
-    monkeypatch.setattr(cli._out, "_width", 200)  # one table row per line
+    monkeypatch.setattr(common.out, "_width", 320)  # one table row per line
     result = runner.invoke(cli.app, ["models"])
     assert result.exit_code == 0, result.output
     import nag
+    from nag.cli.models import few_step_text
 
     lines = result.output.splitlines()
+    rows = {}
     for name, info in nag.supported_pipelines().items():
         row = next(line for line in lines if f" {name} " in line)
         cells = [c.strip() for c in row.strip("│┃ ").split("│")]
         assert cells[2:] == [info["family"], f"{info['scale']:g}", f"{info['tau']:g}", f"{info['alpha']:g}", "1",
-                             "yes" if info["few_step"] else "no"]
+                             few_step_text(name, info)]
+        rows[name] = cells[-1]
+    # the few-step checkpoints the README names, and Wan's few-step setting
+    assert "FLUX.1-schnell" in rows["FluxPipeline"] and "Turbo" in rows["StableDiffusion3Pipeline"]
+    assert "DMD2" in rows["StableDiffusionXLPipeline"]
+    assert "scale 11, tau 3.5, alpha 0.5" in rows["WanPipeline"]
+    assert rows["SanaSprintPipeline"] == "yes" and rows["StableDiffusionPipeline"] == "no"
     assert "builtin:fewstep" in result.output and "builtin:multistep" in result.output
 
 

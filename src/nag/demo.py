@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import nag
+from nag.grid import make_grid
 from nag.toy import DEFAULT_NAG, DEFAULT_STEPS, VARIANTS, load_pipeline
 
 __all__ = ["main", "make_grid", "generate_columns"]
@@ -76,41 +77,6 @@ def generate_columns(
     return columns
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def make_grid(
-    columns: dict[str, list[Image.Image]], row_labels: Sequence[str], title: str, cell: int = CELL
-) -> Image.Image:
-    """A labelled grid: one column per entry of ``columns``, one row per label."""
-    font, small = _font(14), _font(12)
-    pad, left, top = 6, 64, 30
-    title_lines = title.split("\n")
-    title_h = 18 * len(title_lines) + 6
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    title_w = max(int(measure.textlength(line, font=font)) for line in title_lines) + 2 * pad
-    width = max(left + len(columns) * (cell + pad) + pad, title_w)
-    height = title_h + top + len(row_labels) * (cell + pad) + pad
-    grid = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, line in enumerate(title_lines):
-        draw.text((pad, 4 + 18 * i), line, fill="black", font=font)
-    for c, (label, images) in enumerate(columns.items()):
-        x = left + pad + c * (cell + pad)
-        draw.text((x + cell // 2, title_h + top // 2), label, fill="black", font=font, anchor="mm")
-        for r, image in enumerate(images):
-            y = title_h + top + r * (cell + pad)
-            grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
-    for r, label in enumerate(row_labels):
-        y = title_h + top + r * (cell + pad) + cell // 2
-        draw.text((left // 2, y), label, fill="black", font=small, anchor="mm")
-    return grid
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.rows < 1:
@@ -124,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         pipe, args.prompt, args.negative, seeds, steps, args.cfg, args.scale, args.tau, args.alpha
     )
     title = f'prompt: "{args.prompt}"   negative: "{args.negative}"\n{args.variant} model, {steps} steps'
-    grid = make_grid(columns, [f"seed {s}" for s in seeds], title)
+    grid = make_grid(columns, [f"seed {s}" for s in seeds], title, cell=CELL)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)
     print(f"wrote {args.out.resolve()} ({grid.width}x{grid.height}; columns: {', '.join(columns)})")

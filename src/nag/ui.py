@@ -10,21 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nag.cli import (
-    BUILTIN_NAG,
-    DEFAULT_MODEL,
-    Loaded,
-    NagCLIError,
-    _is_oom,
-    _nag_kwargs,
-    _oom_error,
-    _sampling_kwargs,
-    check_settings,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-    run_pipeline,
-)
+from nag import session
+from nag.session import BUILTIN_NAG, DEFAULT_MODEL, Loaded, NagCLIError
 
 __all__ = ["build_app", "launch"]
 
@@ -39,14 +26,14 @@ class _Models:
     """Loaded pipelines by model id (one device/dtype for the whole UI)."""
 
     def __init__(self, device: str | None, dtype: str | None, offload: bool) -> None:
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = session.resolve_device(device)
+        self.dtype = session.resolve_dtype(dtype, self.device)
         self.offload = offload
         self._loaded: dict[str, Loaded] = {}
 
     def get(self, model: str) -> Loaded:
         if model not in self._loaded:
-            self._loaded[model] = load_model(model, self.device, self.dtype, self.offload)
+            self._loaded[model] = session.load_model(model, self.device, self.dtype, self.offload)
         return self._loaded[model]
 
 
@@ -55,34 +42,39 @@ def generate(models: _Models, model: str, prompt: str, negative: str, scale: flo
     """Unguided and NAG images for one prompt and seed; the pair is prepended to ``history``."""
     import gradio as gr
 
-    import nag
-
     model = (model or DEFAULT_MODEL).strip()
     if not prompt.strip():
         raise gr.Error("Type a prompt first.")
     try:
-        check_settings(model, scale, tau, alpha, 0.0, end, 1)
-        loaded = models.get(model)
-        if loaded.is_video:
-            raise NagCLIError("Video model", f"{model!r} makes videos; the web UI shows images. Use "
-                              "`nag generate` or `nag compare` for video.")
-        kwargs = _sampling_kwargs(loaded, int(steps), float(guidance), None, None, None)
-        unguided = run_pipeline(loaded, prompt, int(seed), 1, None, "", **kwargs)[0]
-        if negative.strip():
-            with nag.apply(loaded.pipe, negative, end=end, **_nag_kwargs(loaded, scale, tau, alpha)):
-                guided = run_pipeline(loaded, prompt, int(seed), 1, None, "", **kwargs)[0]
-        else:
-            guided = unguided
+        unguided, guided = _pair(models, model, prompt, negative, scale, tau, alpha, end, steps, guidance, seed)
     except NagCLIError as exc:
         raise gr.Error(f"{exc.title}: {exc.message}") from exc
     except Exception as exc:
-        if _is_oom(exc):
-            err = _oom_error(exc)
-            raise gr.Error(f"{err.title}: {err.message}") from exc
-        raise
-    caption = f'"{prompt}" - "{negative}" (NAG {scale:g}, seed {int(seed)})'
+        if not session.is_oom(exc):
+            raise
+        err = session.oom_error(exc)
+        raise gr.Error(f"{err.title}: {err.message}") from exc
+    nag_text = "NAG off: no negative prompt" if session.negative_is_off(negative) else f"NAG {scale:g}"
+    caption = f'"{prompt}" - "{negative}" ({nag_text}, seed {int(seed)})'
     history = [(guided, caption), (unguided, f'"{prompt}" (no guidance, seed {int(seed)})')] + list(history)
     return unguided, guided, history, history
+
+
+def _pair(models: _Models, model: str, prompt: str, negative: str, scale: float, tau: float, alpha: float,
+          end: float, steps: int, guidance: float, seed: int) -> tuple[Any, Any]:
+    """The unguided and the NAG image (the same one when the negative prompt is empty: NAG off)."""
+    session.check_settings(model, scale, tau, alpha, 0.0, end, 1)
+    loaded = models.get(model)
+    if loaded.is_video:
+        raise NagCLIError("Video model", f"{model!r} makes videos; the web UI shows images. Use "
+                          "`nag generate` or `nag compare` for video.")
+    call = session.sampling_kwargs(loaded, int(steps), float(guidance), None, None, None)
+    unguided = session.run_pipeline(loaded, prompt, [int(seed)], **call)[0]
+    if session.negative_is_off(negative):
+        return unguided, unguided
+    settings = session.nag_settings(loaded, scale, tau, alpha, 0.0, end, 1)
+    with session.guide(loaded.pipe, negative, settings):
+        return unguided, session.run_pipeline(loaded, prompt, [int(seed)], **call)[0]
 
 
 def build_app(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .prompts import EvalError, prompts_digest, seed_for
 
-__all__ = ["image_path", "method_dir", "save_image_atomic", "write_json_atomic", "check_settings_file",
+__all__ = ["image_path", "method_dir", "save_image_atomic", "write_json_atomic", "check_settings_file", "check_settings_json",
            "build_manifest", "MANIFEST", "file_sha256"]
 
 MANIFEST = "manifest.json"
@@ -67,7 +67,12 @@ def check_settings_file(out_dir: str | Path, method: str, settings: dict[str, An
     Returns True when the folder has no settings file yet (a new run). Raises :class:`EvalError`
     when they differ: resuming would mix images made differently.
     """
-    path = method_dir(out_dir, method) / "settings.json"
+    return check_settings_json(method_dir(out_dir, method) / "settings.json", settings)
+
+
+def check_settings_json(path: Path, settings: dict[str, Any]) -> bool:
+    """True when ``path`` does not exist yet; :class:`EvalError` when it holds other settings than
+    ``settings`` (the images beside it were made differently)."""
     if not path.is_file():
         return True
     old = json.loads(path.read_text(encoding="utf-8"))
@@ -75,9 +80,9 @@ def check_settings_file(out_dir: str | Path, method: str, settings: dict[str, An
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         raise EvalError(
             "Output folder holds a different run",
-            f"{str(method_dir(out_dir, method))!r} has images made with other settings (differing: "
+            f"{str(path.parent)!r} has images made with other settings (differing: "
             f"{', '.join(changed)}). Resuming would mix them: pass a new --out folder, or delete that folder "
-            "to start the method again.",
+            "to start again.",
         )
     return False
 

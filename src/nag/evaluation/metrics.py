@@ -155,7 +155,8 @@ def load_clip(spec: Any) -> tuple[Any, Any]:
             "CLIP model not available",
             f"the CLIP score needs the CLIP model {str(spec)!r}, which could not be loaded "
             f"({str(exc).splitlines()[0][:200]}). Download it once while online "
-            f"(`huggingface-cli download {spec}`), or pass --clip-model a local folder holding a CLIPModel and "
+            f"(`hf download {spec} --local-dir models/clip`, then --clip-model models/clip), or pass "
+            "--clip-model a local folder holding a CLIPModel and "
             "its CLIPProcessor (what `save_pretrained` writes); the paper's numbers use a ViT-L/14-class CLIP.",
         ) from exc
     return model.eval(), processor
@@ -186,7 +187,7 @@ def _make_fid(inception: Any, size: int) -> tuple[Any, str]:
         path = Path(str(inception)).expanduser()
         if not path.is_file():
             raise EvalError("Inception file not found", f"--inception {str(path)!r} does not exist. Pass the FID "
-                            "Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth) or a torch.export "
+                            "Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth) or a torch.export "
                             "archive (.pt2) of a feature extractor; omit it for torchmetrics' FID Inception.")
         if path.suffix == ".pt2":
             module = _load_pt2(path)
@@ -202,8 +203,9 @@ def _make_fid(inception: Any, size: int) -> tuple[Any, str]:
         raise EvalError(
             "FID Inception weights not available",
             f"torchmetrics could not load the FID Inception-v3 ({str(exc).splitlines()[0][:200]}). It downloads "
-            "pt_inception-2015-12-05-6726825d.pth on first use into the torch hub cache; on a machine without "
-            "internet, copy that file over and pass --inception PATH_TO_IT.",
+            "weights-inception-2015-12-05-6726825d.pth on first use into the torch hub cache "
+            "($TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/hub/checkpoints); on a machine without "
+            "internet, copy that file over and pass --inception PATH_TO_IT (docs/evaluation.md, Offline).",
         ) from exc
     return fid, "torchmetrics FID Inception-v3 (2048 features)" + (f", weights {Path(weights).name}" if weights else "")
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["EvalError", "read_prompts", "seed_for", "prompts_digest", "IMAGE_SUFFIXES", "list_images"]
+__all__ = ["EvalError", "read_prompts", "read_records", "seed_for", "prompts_digest", "IMAGE_SUFFIXES", "list_images"]
 
 #: File suffixes read as images from a reference folder.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -42,15 +42,33 @@ def prompts_digest(prompts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _from_record(record: Any, where: str) -> str:
+def _from_record(record: Any, where: str) -> dict[str, Any]:
+    """``{"prompt": ...}`` plus the record's ``negative`` and ``seed`` where it has them."""
     if isinstance(record, str):
-        return record
+        return {"prompt": record}
     if isinstance(record, dict):
-        for key in ("prompt", "caption", "text"):
-            if isinstance(record.get(key), str):
-                return record[key]
+        prompt = next((record[k] for k in ("prompt", "caption", "text") if isinstance(record.get(k), str)), None)
+        if prompt is not None:
+            return {"prompt": prompt, **_extras(record, where)}
     raise EvalError("Bad prompts file", f"{where}: expected a string or an object with a 'prompt' or 'caption' "
                     f"field, got {str(record)[:80]!r}.")
+
+
+def _extras(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """The optional per-prompt ``negative`` (a string; empty: NAG off) and ``seed`` (an integer)."""
+    extras: dict[str, Any] = {}
+    negative = record.get("negative", record.get("negative_prompt"))
+    if negative is not None:
+        if not isinstance(negative, str):
+            raise EvalError("Bad prompts file", f"{where}: 'negative' must be a string, got {negative!r}.")
+        extras["negative"] = negative
+    seed = record.get("seed")
+    if seed is not None:
+        try:
+            extras["seed"] = int(seed)
+        except (TypeError, ValueError):
+            raise EvalError("Bad prompts file", f"{where}: 'seed' must be a whole number, got {seed!r}.") from None
+    return extras
 
 
 def _coco_captions(data: dict) -> list[str]:
@@ -64,54 +82,70 @@ def _coco_captions(data: dict) -> list[str]:
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Read prompts from ``path``.
+    """Read prompts from ``path`` (the formats of :func:`read_records`)."""
+    return [r["prompt"] for r in read_records(path, limit)]
+
+
+def _csv_records(text: str, delimiter: str, name: str) -> list[dict[str, Any]]:
+    """Rows of a CSV/TSV: the ``prompt`` or ``caption`` column (else the first), and the optional
+    ``negative`` and ``seed`` columns."""
+    rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    col = next((header.index(k) for k in ("prompt", "caption") if k in header), None)
+    if col is None:
+        return [{"prompt": r[0]} for r in rows if r]
+    # an empty cell is a value not given (the command line's applies), not an empty string
+    return [_from_record({k: v for k, v in zip(header, r) if v.strip() or k == header[col]}, f"{name}:{n + 2}")
+            for n, r in enumerate(rows[1:]) if r]
+
+
+def _parse(path: Path, text: str) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict) and "annotations" in data:
+            return [{"prompt": p} for p in _coco_captions(data)]
+        if isinstance(data, list):
+            return [_from_record(r, f"{path.name}[{i}]") for i, r in enumerate(data)]
+        raise EvalError("Bad prompts file", f"{str(path)!r}: expected a JSON list of prompts or a COCO "
+                        "captions file (an object with 'annotations').")
+    if suffix == ".jsonl":
+        return [_from_record(json.loads(line), f"{path.name}:{i + 1}")
+                for i, line in enumerate(text.splitlines()) if line.strip()]
+    if suffix in (".csv", ".tsv"):
+        return _csv_records(text, "\t" if suffix == ".tsv" else ",", path.name)
+    return [{"prompt": line} for line in text.splitlines()]
+
+
+def read_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read prompt records (``{"prompt", optional "negative", optional "seed"}``) from ``path``.
 
     Formats, by suffix: ``.txt`` one prompt a line (blank lines skipped); ``.json`` a list of
     strings or of objects with a ``prompt``/``caption`` field, or a COCO captions file
     (``captions_val2014.json``: one caption per image, see :func:`_coco_captions`); ``.jsonl`` one
     string or object a line; ``.csv``/``.tsv`` the ``prompt`` or ``caption`` column (else the first).
-    Prompts are stripped of surrounding whitespace; ``limit`` keeps the first ``limit``.
+    Objects and CSV rows may carry ``negative`` and ``seed``. Prompts are stripped of surrounding
+    whitespace; ``limit`` keeps the first ``limit``.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise EvalError("Prompts file not found", f"{str(path)!r} does not exist or is not a file. Pass --prompts "
                         "a .txt file with one prompt a line, a .json/.jsonl list of prompts, a .csv with a 'prompt' "
                         "column, or a COCO captions JSON (annotations/captions_val2014.json).")
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
     try:
-        if suffix == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict) and "annotations" in data:
-                prompts = _coco_captions(data)
-            elif isinstance(data, list):
-                prompts = [_from_record(r, f"{path.name}[{i}]") for i, r in enumerate(data)]
-            else:
-                raise EvalError("Bad prompts file", f"{str(path)!r}: expected a JSON list of prompts or a COCO "
-                                "captions file (an object with 'annotations').")
-        elif suffix == ".jsonl":
-            prompts = [_from_record(json.loads(line), f"{path.name}:{i + 1}")
-                       for i, line in enumerate(text.splitlines()) if line.strip()]
-        elif suffix in (".csv", ".tsv"):
-            rows = list(csv.reader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
-            header = [h.strip().lower() for h in rows[0]] if rows else []
-            col = next((header.index(k) for k in ("prompt", "caption") if k in header), None)
-            body = rows[1:] if col is not None else rows
-            prompts = [r[col or 0] for r in body if r]
-        else:
-            prompts = text.splitlines()
+        records = _parse(path, path.read_text(encoding="utf-8"))
+    except EvalError:
+        raise
     except (ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, EvalError):
-            raise
-        raise EvalError("Bad prompts file", f"{str(path)!r} could not be read as {suffix or 'text'} "
+        raise EvalError("Bad prompts file", f"{str(path)!r} could not be read as {path.suffix.lower() or 'text'} "
                         f"({str(exc).splitlines()[0][:200]}).") from exc
-    prompts = [p.strip() for p in prompts if p.strip()]
+    records = [dict(r, prompt=r["prompt"].strip()) for r in records if r["prompt"].strip()]
     if limit is not None:
-        prompts = prompts[: max(0, int(limit))]
-    if not prompts:
+        records = records[: max(0, int(limit))]
+    if not records:
         raise EvalError("No prompts", f"{str(path)!r} holds no prompts" + (f" (after --limit {limit})" if limit
                         is not None else "") + ".")
-    return prompts
+    return records
 
 
 def list_images(folder: str | Path) -> list[Path]:
