@@ -43,7 +43,7 @@ class Collector:
     """A pytest plugin that keeps, per reliability row, the outcome of each parametrization."""
 
     def __init__(self) -> None:
-        self.rows: "OrderedDict[tuple[str, str], dict]" = OrderedDict()
+        self.rows: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self.row_of: dict[str, tuple[str, str]] = {}
 
     def pytest_collection_modifyitems(self, items):
@@ -97,8 +97,8 @@ def _cell(text: str, limit: int = 400) -> str:
     return text.replace("|", "\\|")
 
 
-def _outcome_cell(results: "OrderedDict[str, dict]") -> str:
-    groups: "OrderedDict[tuple[str, str], list[str]]" = OrderedDict()
+def _outcome_cell(results: OrderedDict[str, dict]) -> str:
+    groups: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
     for result in results.values():
         groups.setdefault((result["outcome"] or "not run", result["detail"]), []).append(result["variant"])
     parts = []
@@ -116,7 +116,7 @@ def _outcome_cell(results: "OrderedDict[str, dict]") -> str:
     return "<br>".join(_cell(p, 600) for p in parts)
 
 
-def _observed_cell(results: "OrderedDict[str, dict]") -> str:
+def _observed_cell(results: OrderedDict[str, dict]) -> str:
     seen: list[str] = []
     for result in results.values():
         for text in result["observed"]:
@@ -127,7 +127,7 @@ def _observed_cell(results: "OrderedDict[str, dict]") -> str:
     return "<br>".join(_cell(text, 260) for text in seen)
 
 
-def render(rows: "OrderedDict[tuple[str, str], dict]") -> str:
+def render(rows: OrderedDict[tuple[str, str], dict]) -> str:
     import diffusers
     import torch
     import transformers
@@ -159,7 +159,8 @@ def render(rows: "OrderedDict[tuple[str, str], dict]") -> str:
         {k[0] for k in keys} - set(AREAS)
     )
     for area in ordered_areas:
-        lines += [f"## {area[0].upper()}{area[1:]}", "", "| case | expected | outcome | observed |", "|---|---|---|---|"]
+        header = ["| case | expected | outcome | observed |", "|---|---|---|---|"]
+        lines += [f"## {area[0].upper()}{area[1:]}", "", *header]
         for (row_area, case), row in rows.items():
             if row_area != area:
                 continue
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(collector.rows)
     if args.check:
         current = OUTPUT.read_text() if OUTPUT.exists() else ""
-        strip = lambda t: "\n".join(l for l in t.splitlines() if not l.startswith("Run on Python"))  # noqa: E731
+        strip = lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("Run on Python"))  # noqa: E731
         changed = strip(current) != strip(text)
         print(f"{OUTPUT.relative_to(ROOT)} {'would change' if changed else 'is up to date'}")
         return 1 if changed or code not in (0,) else 0

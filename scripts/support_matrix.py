@@ -30,18 +30,34 @@ TEST_FILES = ["tests/test_pipelines.py", "tests/test_flux_variants.py", "tests/t
 
 # Columns: the tests whose outcomes decide them (test function name prefixes).
 COLUMNS = {
-    "invariants": ("test_off_is_bit_identical", "test_negative_equal_to_positive_is_unguided",
-                   "test_removal_restores_everything", "test_exception_inside_a_generation_leaves_nothing_behind",
-                   "test_steps_outside_the_window_are_stock", "test_invariants", "test_generic_cross_attention_path"),
-    "NAG alone": ("test_fast_path_never_calls_the_stock_processor", "test_negative_prompt_changes_the_output",
-                  "test_invariants", "test_generic_cross_attention_path", "test_guided_without_cfg_on_its_attention_path"),
+    "invariants": (
+        "test_off_is_bit_identical",
+        "test_negative_equal_to_positive_is_unguided",
+        "test_removal_restores_everything",
+        "test_exception_inside_a_generation_leaves_nothing_behind",
+        "test_steps_outside_the_window_are_stock",
+        "test_invariants",
+        "test_generic_cross_attention_path",
+    ),
+    "NAG alone": (
+        "test_fast_path_never_calls_the_stock_processor",
+        "test_negative_prompt_changes_the_output",
+        "test_invariants",
+        "test_generic_cross_attention_path",
+        "test_guided_without_cfg_on_its_attention_path",
+    ),
     "CFG + NAG": ("test_cfg_unconditional_branch_is_untouched",),
-    "matches the naive reference": ("test_agrees_with_naive_implementation", "test_generic_cross_attention_path",
-                                    "test_wan_vace_batch_of_two_agrees_with_naive_implementation",
-                                    "test_batch_with_one_guided_row_agrees_with_naive_implementation",
-                                    "test_edit_plus_two_images_per_prompt_agrees_with_naive_implementation"),
-    "conditioning unguided": ("test_conditioning_frame_is_left_as_the_pipeline_sets_it",
-                              "test_conditioning_is_left_unguided"),
+    "matches the naive reference": (
+        "test_agrees_with_naive_implementation",
+        "test_generic_cross_attention_path",
+        "test_wan_vace_batch_of_two_agrees_with_naive_implementation",
+        "test_batch_with_one_guided_row_agrees_with_naive_implementation",
+        "test_edit_plus_two_images_per_prompt_agrees_with_naive_implementation",
+    ),
+    "conditioning unguided": (
+        "test_conditioning_frame_is_left_as_the_pipeline_sets_it",
+        "test_conditioning_is_left_unguided",
+    ),
 }
 
 
@@ -67,21 +83,20 @@ def _pipelines() -> dict[str, dict]:
     """Test configuration name -> pipeline class, family, and what it has (built from the factories)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny_pipelines as tp  # noqa: E402
-    from test_flux_variants import VARIANTS, variant  # noqa: E402
     from test_families_concat import STRAIGHTFORWARD_ONLY as CONCAT_STRAIGHTFORWARD  # noqa: E402
-    from test_families_joint import STRAIGHTFORWARD_ONLY  # noqa: E402
-    from test_families_more import STRAIGHTFORWARD_ONLY as MORE_STRAIGHTFORWARD  # noqa: E402
-    from test_families_last import STRAIGHTFORWARD_ONLY as LAST_STRAIGHTFORWARD  # noqa: E402
     from test_families_flux2 import STRAIGHTFORWARD_ONLY as FLUX2_STRAIGHTFORWARD  # noqa: E402
-    from test_families_zimage import STRAIGHTFORWARD_ONLY as ZIMAGE_STRAIGHTFORWARD  # noqa: E402
-    from test_families_hunyuan import STRAIGHTFORWARD_ONLY as HUNYUAN_STRAIGHTFORWARD  # noqa: E402
-    from test_families_qwen_more import STRAIGHTFORWARD_ONLY as QWEN_MORE_STRAIGHTFORWARD  # noqa: E402
-    from test_families_ltx2 import STRAIGHTFORWARD_ONLY as LTX2_STRAIGHTFORWARD  # noqa: E402
     from test_families_hidream import STRAIGHTFORWARD_ONLY as HIDREAM_STRAIGHTFORWARD  # noqa: E402
+    from test_families_hunyuan import STRAIGHTFORWARD_ONLY as HUNYUAN_STRAIGHTFORWARD  # noqa: E402
     from test_families_image_conditioned import STRAIGHTFORWARD_ONLY as IMAGE_STRAIGHTFORWARD  # noqa: E402
+    from test_families_joint import STRAIGHTFORWARD_ONLY  # noqa: E402
+    from test_families_last import STRAIGHTFORWARD_ONLY as LAST_STRAIGHTFORWARD  # noqa: E402
+    from test_families_ltx2 import STRAIGHTFORWARD_ONLY as LTX2_STRAIGHTFORWARD  # noqa: E402
+    from test_families_more import STRAIGHTFORWARD_ONLY as MORE_STRAIGHTFORWARD  # noqa: E402
+    from test_families_qwen_more import STRAIGHTFORWARD_ONLY as QWEN_MORE_STRAIGHTFORWARD  # noqa: E402
+    from test_families_zimage import STRAIGHTFORWARD_ONLY as ZIMAGE_STRAIGHTFORWARD  # noqa: E402
+    from test_flux_variants import VARIANTS, variant  # noqa: E402
     from test_generic import img2img  # noqa: E402
 
-    import nag  # noqa: E402
     from nag.families import FAMILIES, pipeline_spec  # noqa: E402
 
     rows = {}
@@ -102,17 +117,32 @@ def _pipelines() -> dict[str, dict]:
             "layout": family.layout,
             # (cfg_by_guider: CFG set by the pipeline's guider component, tested with one in the family's file;
             # cfg_batch_one: CFG that runs one prompt only, tested so in the family's file)
-            "cfg": True if name == "wan_i2v" else bool(info.get("mode") or info.get("cfg_by_guider")
-                                                        or info.get("cfg_batch_one"))
-            if name in tp.CFG_INFO else None,
+            "cfg": True
+            if name == "wan_i2v"
+            else bool(info.get("mode") or info.get("cfg_by_guider") or info.get("cfg_batch_one"))
+            if name in tp.CFG_INFO
+            else None,
             "mask": family.mask_kwarg is not None and "none" not in str(info.get("text_mask", "none")),
             "video": "3D" in type(denoiser).__name__,
             # layout "prefix": no duplicated rows; the negative prefix's keys/values are computed once per generation
-            "fast": "cached negative prefix" if family.layout == "prefix" else not any(name in table for table in (STRAIGHTFORWARD_ONLY, CONCAT_STRAIGHTFORWARD, MORE_STRAIGHTFORWARD,
-                                                        LAST_STRAIGHTFORWARD, FLUX2_STRAIGHTFORWARD,
-                                                        ZIMAGE_STRAIGHTFORWARD, HUNYUAN_STRAIGHTFORWARD,
-                                                        QWEN_MORE_STRAIGHTFORWARD, LTX2_STRAIGHTFORWARD,
-                                                        HIDREAM_STRAIGHTFORWARD, IMAGE_STRAIGHTFORWARD)),
+            "fast": "cached negative prefix"
+            if family.layout == "prefix"
+            else not any(
+                name in table
+                for table in (
+                    STRAIGHTFORWARD_ONLY,
+                    CONCAT_STRAIGHTFORWARD,
+                    MORE_STRAIGHTFORWARD,
+                    LAST_STRAIGHTFORWARD,
+                    FLUX2_STRAIGHTFORWARD,
+                    ZIMAGE_STRAIGHTFORWARD,
+                    HUNYUAN_STRAIGHTFORWARD,
+                    QWEN_MORE_STRAIGHTFORWARD,
+                    LTX2_STRAIGHTFORWARD,
+                    HIDREAM_STRAIGHTFORWARD,
+                    IMAGE_STRAIGHTFORWARD,
+                )
+            ),
             "batch": 1 if name in tp.SINGLE_PROMPT else 2,
             "defaults": spec.defaults,
         }
@@ -176,13 +206,13 @@ def render(outcomes: dict[str, str]) -> str:
         "- **matches the naive reference**: every denoiser call agrees with `tests/naive_nag.py` to 1e-5, with",
         "  negatives of a different length (and masks where the family has them), fast and straightforward paths.",
         "- **fast path**: `fast=True` (the default) runs NAG-aware attention that never calls the stock",
-        "  processor in guided calls; \"straightforward\": the family has no fast path yet and `fast=True` runs",
+        '  processor in guided calls; "straightforward": the family has no fast path yet and `fast=True` runs',
         "  the straightforward wrappers (each stock processor once per branch; correct, slower).",
         "- **conditioning unguided**: the image/video conditioning of image-to-video pipelines (the",
         "  conditioning frame, the encoded image's latent channels or embeddings), the reference-image tokens of",
         "  editing pipelines, the starting latents (and kept region) of image-to-image and inpainting pipelines",
         "  and the control image of ControlNet pipelines (with the ControlNet's hints) reach the denoiser and come",
-        "  out as the pipeline sets them; \"-\": not such a pipeline or not tested there.",
+        '  out as the pipeline sets them; "-": not such a pipeline or not tested there.',
         "- **batch**: prompts per test generation (`WanVACEPipeline` takes one prompt per call; its batch of",
         "  two is checked on the denoiser against the naive reference; `QwenImageEditPlusPipeline` puts every",
         "  reference image into every prompt, so one prompt, and two images per prompt against the naive reference;",
@@ -192,10 +222,11 @@ def render(outcomes: dict[str, str]) -> str:
         "  through the text stream), `concat` (models that join text and image themselves: whole negative rows",
         "  `[negative text, image]` whose image tokens every attention layer replaces by the guided ones),",
         "  `prefix` (causal single-stream models: the negative prompt's prefix runs in a call of its own and the",
-        "  guided image queries attend to its keys/values in every layer; \"cached negative prefix\" in the fast",
+        '  guided image queries attend to its keys/values in every layer; "cached negative prefix" in the fast',
         "  path column: computed once per generation when the text ignores the timestep, no duplicated rows).",
         "",
-        "| pipeline | family | scale / tau / alpha | invariants | NAG alone | CFG + NAG | text masks | video | batch | fast path | matches the naive reference | conditioning unguided |",
+        "| pipeline | family | scale / tau / alpha | invariants | NAG alone | CFG + NAG | text masks | video | batch "
+        "| fast path | matches the naive reference | conditioning unguided |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in pipelines.items():
@@ -217,7 +248,8 @@ def render(outcomes: dict[str, str]) -> str:
             f"| `{label}` | {row['family']} ({row['layout']}) | {d.scale:g} / {d.tau:g} / {d.alpha:g} | "
             f"{cell(name, 'invariants')} | {cell(name, 'NAG alone')} | {cell(name, 'CFG + NAG', bool(row['cfg']))} | "
             f"{'yes' if row['mask'] else '-'} | {'yes' if row['video'] else '-'} | {row['batch']} | "
-            f"{row['fast'] if isinstance(row['fast'], str) else 'yes' if row['fast'] else 'straightforward'} | {cell(name, 'matches the naive reference')} | "
+            f"{row['fast'] if isinstance(row['fast'], str) else 'yes' if row['fast'] else 'straightforward'} | "
+            f"{cell(name, 'matches the naive reference')} | "
             f"{cell(name, 'conditioning unguided') if results.get((name, 'conditioning unguided')) else '-'} |"
         )
     return "\n".join(lines) + "\n"

@@ -32,7 +32,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # NAG math
 # ----------------------------------------------------------------------------------------------------------------------
@@ -424,7 +423,8 @@ def naive_cross_attention_forward(
         stock_name = type(module.processor).__name__
         if stock_name not in _EXPECTED_STOCK_PROCESSORS[kind]:
             raise RuntimeError(
-                f"{name} carries {stock_name}, expected {_EXPECTED_STOCK_PROCESSORS[kind]} (is something else installed?)"
+                f"{name} carries {stock_name}, expected {_EXPECTED_STOCK_PROCESSORS[kind]} "
+                "(is something else installed?)"
             )
 
     originals = [(module, module.processor) for _, module in modules]
@@ -854,7 +854,9 @@ def _qwen_joint_attention(attn, txt_n, txt_mask, txt_freqs, q_img, k_img, v_img)
     if txt_mask is not None:
         keep = torch.cat([txt_mask.bool(), txt_mask.new_ones(txt_mask.shape[0], q_img.shape[1]).bool()], dim=1)
         bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill(~keep, float("-inf"))[:, None, None, :]
-    out = naive_attention(torch.cat([q_txt, q_img], 1), torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1), bias)
+    out = naive_attention(
+        torch.cat([q_txt, q_img], 1), torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1), bias
+    )
     n_txt = q_txt.shape[1]
     return out[:, :n_txt], out[:, n_txt:]
 
@@ -1033,8 +1035,20 @@ def _chroma_single_block(block, img, txt, mod, rope, bias, neg, rows, nag):
 
 
 def naive_chroma_forward(
-    transformer, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, attention_mask,
-    neg_encoder_hidden_states, neg_attention_mask, scale, tau, alpha, p=1, cond_rows=None,
+    transformer,
+    hidden_states,
+    encoder_hidden_states,
+    timestep,
+    img_ids,
+    txt_ids,
+    attention_mask,
+    neg_encoder_hidden_states,
+    neg_attention_mask,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
 ):
     """ChromaTransformer2DModel forward with NAG, block by block.
 
@@ -1064,9 +1078,12 @@ def naive_chroma_forward(
         neg_mask = None
         if attention_mask is not None:
             text_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(len(rows), n_neg)
-            neg_mask = torch.cat([text_mask.to(attention_mask.dtype), attention_mask[rows, txt.shape[1]:]], dim=1)
-        neg = dict(txt=txt_neg, bias=_chroma_bias(neg_mask),
-                   rope=tr.pos_embed(torch.cat([torch.zeros(n_neg, txt_ids.shape[-1]), img_ids], dim=0)))
+            neg_mask = torch.cat([text_mask.to(attention_mask.dtype), attention_mask[rows, txt.shape[1] :]], dim=1)
+        neg = dict(
+            txt=txt_neg,
+            bias=_chroma_bias(neg_mask),
+            rope=tr.pos_embed(torch.cat([torch.zeros(n_neg, txt_ids.shape[-1]), img_ids], dim=0)),
+        )
 
     n_single, n_double = len(tr.single_transformer_blocks), len(tr.transformer_blocks)
     img_offset, txt_offset = 3 * n_single, 3 * n_single + 6 * n_double
@@ -1091,7 +1108,7 @@ def naive_chroma_forward(
 def _aura_attention(attn, q_txt, k_txt, v_txt, q_img, k_img, v_img):
     """Attention over [text, image] (AuraFlow order, scale attn.scale = 1/sqrt(D)); (text rows, image rows)."""
     out = naive_attention(torch.cat([q_txt, q_img], 1), torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1))
-    return out[:, : q_txt.shape[1]], out[:, q_txt.shape[1]:]
+    return out[:, : q_txt.shape[1]], out[:, q_txt.shape[1] :]
 
 
 def _aura_tail(norm2, ff, residual, attn_out, gate, shift_mlp, scale_mlp, gate_mlp):
@@ -1105,13 +1122,17 @@ def _aura_joint_block(block, img, txt, temb, txt_neg, rows, nag):
     shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _ada_params(block.norm1, temb, 6)
     c = _ada_params(block.norm1_context, temb, 6)
     q_img, k_img, v_img = _sd3_image_qkv(attn, _modulate(block.norm1.norm(img), shift, scale))
-    txt_attn, img_attn = _aura_attention(attn, *_sd3_text_qkv(attn, _modulate(block.norm1_context.norm(txt), c[0], c[1])),
-                                         q_img, k_img, v_img)
+    txt_attn, img_attn = _aura_attention(
+        attn, *_sd3_text_qkv(attn, _modulate(block.norm1_context.norm(txt), c[0], c[1])), q_img, k_img, v_img
+    )
     if txt_neg is not None:
         cn = [p[rows] for p in c]
         txtn_attn, img_attn_neg = _aura_attention(
-            attn, *_sd3_text_qkv(attn, _modulate(block.norm1_context.norm(txt_neg), cn[0], cn[1])),
-            q_img[rows], k_img[rows], v_img[rows],
+            attn,
+            *_sd3_text_qkv(attn, _modulate(block.norm1_context.norm(txt_neg), cn[0], cn[1])),
+            q_img[rows],
+            k_img[rows],
+            v_img[rows],
         )
         img_attn = img_attn.clone()
         img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
@@ -1138,11 +1159,21 @@ def _aura_single_block(block, img, txt, temb, txt_neg, rows, nag):
     x = torch.cat([txt, img], dim=1)
     out = attn.to_out[0](torch.cat([txt_attn, img_attn], dim=1))
     x = _aura_tail(block.norm2, block.ff, x, out, *params[2:])
-    return x[:, txt.shape[1]:], x[:, : txt.shape[1]], txt_neg
+    return x[:, txt.shape[1] :], x[:, : txt.shape[1]], txt_neg
 
 
-def naive_auraflow_forward(transformer, hidden_states, encoder_hidden_states, timestep, neg_encoder_hidden_states,
-                           scale, tau, alpha, p=1, cond_rows=None):
+def naive_auraflow_forward(
+    transformer,
+    hidden_states,
+    encoder_hidden_states,
+    timestep,
+    neg_encoder_hidden_states,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+):
     """AuraFlowTransformer2DModel forward with NAG, block by block. The text is [register tokens, text] in every
     block; the modulation comes from the timestep alone, so the negative text stream takes its row's."""
     tr = transformer
@@ -1209,8 +1240,20 @@ def _cogview4_bias(text_mask, image_len):
 def _cogview4_block(block, img, txt, temb, rope, bias, neg, rows, nag):
     """neg: None or dict(txt, bias) for the negative text stream (one row per guided row)."""
     attn = block.attn1
-    (shift, c_shift, scale, c_scale, gate, c_gate, shift_mlp, c_shift_mlp, scale_mlp, c_scale_mlp, gate_mlp,
-     c_gate_mlp) = block.norm1.linear(temb).chunk(12, dim=1)
+    (
+        shift,
+        c_shift,
+        scale,
+        c_scale,
+        gate,
+        c_gate,
+        shift_mlp,
+        c_shift_mlp,
+        scale_mlp,
+        c_scale_mlp,
+        gate_mlp,
+        c_gate_mlp,
+    ) = block.norm1.linear(temb).chunk(12, dim=1)
     img_n = _modulate(block.norm1.norm(img), shift, scale)
     txt_n = _modulate(block.norm1.norm_context(txt), c_shift, c_scale)
     txt_attn, img_attn = _shared_attention(attn, txt_n, img_n, rope, bias)
@@ -1227,14 +1270,37 @@ def _cogview4_block(block, img, txt, temb, rope, bias, neg, rows, nag):
     img = tail(img, img_attn, gate, shift_mlp, scale_mlp, gate_mlp, block.norm2)
     txt = tail(txt, txt_attn, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp, block.norm2_context)
     if neg is not None:
-        neg = {**neg, "txt": tail(neg["txt"], txtn_attn, c_gate[rows], c_shift_mlp[rows], c_scale_mlp[rows],
-                                  c_gate_mlp[rows], block.norm2_context)}
+        neg = {
+            **neg,
+            "txt": tail(
+                neg["txt"],
+                txtn_attn,
+                c_gate[rows],
+                c_shift_mlp[rows],
+                c_scale_mlp[rows],
+                c_gate_mlp[rows],
+                block.norm2_context,
+            ),
+        }
     return img, txt, neg
 
 
 def naive_cogview4_forward(
-    transformer, hidden_states, encoder_hidden_states, timestep, original_size, target_size, crop_coords,
-    attention_mask, neg_encoder_hidden_states, neg_attention_mask, scale, tau, alpha, p=1, cond_rows=None,
+    transformer,
+    hidden_states,
+    encoder_hidden_states,
+    timestep,
+    original_size,
+    target_size,
+    crop_coords,
+    attention_mask,
+    neg_encoder_hidden_states,
+    neg_attention_mask,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
 ):
     """CogView4Transformer2DModel forward with NAG, block by block. Every block's processor joins [text, image]
     and projects both with the same weights; the modulation comes from the timestep and the size conditions,
@@ -1269,8 +1335,12 @@ def _cogvideox_block(block, img, txt, temb, rope, neg, rows, nag):
 
     def norm_zero(norm, x_img, x_txt):
         shift, scale, gate, enc_shift, enc_scale, enc_gate = norm.linear(F.silu(temb)).chunk(6, dim=1)
-        return (_modulate(norm.norm(x_img), shift, scale), _modulate(norm.norm(x_txt), enc_shift, enc_scale),
-                gate, enc_gate)
+        return (
+            _modulate(norm.norm(x_img), shift, scale),
+            _modulate(norm.norm(x_txt), enc_shift, enc_scale),
+            gate,
+            enc_gate,
+        )
 
     img_n, txt_n, gate, enc_gate = norm_zero(block.norm1, img, txt)
     txt_attn, img_attn = _shared_attention(attn, txt_n, img_n, rope, None)
@@ -1292,8 +1362,20 @@ def _cogvideox_block(block, img, txt, temb, rope, neg, rows, nag):
     return img, txt, neg
 
 
-def naive_cogvideox_forward(transformer, hidden_states, encoder_hidden_states, timestep, image_rotary_emb,
-                            neg_encoder_hidden_states, scale, tau, alpha, p=1, cond_rows=None, ofs=None):
+def naive_cogvideox_forward(
+    transformer,
+    hidden_states,
+    encoder_hidden_states,
+    timestep,
+    image_rotary_emb,
+    neg_encoder_hidden_states,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+    ofs=None,
+):
     """CogVideoXTransformer3DModel forward with NAG, block by block. The model embeds [text, video] together
     (sincos positions, when present, are zero on the text part) and every block's processor attends over
     [text, video] with shared projections; the modulation comes from the timestep alone."""
@@ -1337,8 +1419,10 @@ def _hunyuan_bias(image_len, text_mask):
 
 
 def _hunyuan_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, bias):
-    out = naive_attention(torch.cat([q_img, q_txt], 1), torch.cat([k_img, k_txt], 1), torch.cat([v_img, v_txt], 1), bias)
-    return out[:, : q_img.shape[1]], out[:, q_img.shape[1]:]
+    out = naive_attention(
+        torch.cat([q_img, q_txt], 1), torch.cat([k_img, k_txt], 1), torch.cat([v_img, v_txt], 1), bias
+    )
+    return out[:, : q_img.shape[1]], out[:, q_img.shape[1] :]
 
 
 def _hunyuan_qkv(attn, x, rope=None, added=False):
@@ -1360,8 +1444,10 @@ def _hunyuan_image_params(norm, temb, n, img, replace):
         return params
     tr_emb, first = replace
     tokens = img.shape[1]
-    return tuple(torch.cat([t[:, None].expand(-1, first, -1), p[:, None].expand(-1, tokens - first, -1)], dim=1)
-                 for p, t in zip(params, _ada_params(norm, tr_emb, n)))
+    return tuple(
+        torch.cat([t[:, None].expand(-1, first, -1), p[:, None].expand(-1, tokens - first, -1)], dim=1)
+        for p, t in zip(params, _ada_params(norm, tr_emb, n))
+    )
 
 
 def _hunyuan_image_modulate(x, shift, scale):
@@ -1427,8 +1513,21 @@ def _hunyuan_single_block(block, img, txt, temb, rope, bias, neg, rows, nag, rep
 
 
 def naive_hunyuanvideo_forward(
-    transformer, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections, guidance,
-    neg_encoder_hidden_states, neg_attention_mask, neg_pooled_projections, scale, tau, alpha, p=1, cond_rows=None,
+    transformer,
+    hidden_states,
+    timestep,
+    encoder_hidden_states,
+    encoder_attention_mask,
+    pooled_projections,
+    guidance,
+    neg_encoder_hidden_states,
+    neg_attention_mask,
+    neg_pooled_projections,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
 ):
     """HunyuanVideoTransformer3DModel forward with NAG, block by block. The negative text goes through the
     model's token refiner with its own mask, and its modulation uses its own pooled embedding; it attends to
@@ -1448,13 +1547,17 @@ def naive_hunyuanvideo_forward(
     bias = _hunyuan_bias(img.shape[1], encoder_attention_mask)
     neg = None
     if neg_encoder_hidden_states is not None and rows:
-        neg_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        neg_mask = (
+            neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        )
         neg_mask = neg_mask.to(encoder_attention_mask.dtype)
         t_rows = timestep[rows] if timestep.ndim else timestep
         g_rows = None if guidance is None else (guidance[rows] if guidance.ndim else guidance)
-        neg = dict(txt=tr.context_embedder(neg_encoder_hidden_states, t_rows, neg_mask),
-                   temb=tr.time_text_embed(t_rows, neg_pooled_projections, g_rows)[0],
-                   bias=_hunyuan_bias(img.shape[1], neg_mask))
+        neg = dict(
+            txt=tr.context_embedder(neg_encoder_hidden_states, t_rows, neg_mask),
+            temb=tr.time_text_embed(t_rows, neg_pooled_projections, g_rows)[0],
+            bias=_hunyuan_bias(img.shape[1], neg_mask),
+        )
     for block in tr.transformer_blocks:
         img, txt, neg = _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag, replace)
     for block in tr.single_transformer_blocks:
@@ -1490,9 +1593,24 @@ def _hunyuanimage_text(tr, text, mask, text_2, mask_2, timestep):
 
 
 def naive_hunyuanimage_forward(
-    transformer, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
-    encoder_attention_mask_2, neg_encoder_hidden_states, neg_attention_mask, neg_encoder_hidden_states_2,
-    neg_attention_mask_2, scale, tau, alpha, p=1, cond_rows=None, guidance=None, timestep_r=None,
+    transformer,
+    hidden_states,
+    timestep,
+    encoder_hidden_states,
+    encoder_attention_mask,
+    encoder_hidden_states_2,
+    encoder_attention_mask_2,
+    neg_encoder_hidden_states,
+    neg_attention_mask,
+    neg_encoder_hidden_states_2,
+    neg_attention_mask_2,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+    guidance=None,
+    timestep_r=None,
 ):
     """HunyuanImageTransformer2DModel forward with NAG, block by block (the blocks are HunyuanVideo's). The negative
     Qwen text goes through the token refiner with its own mask and the guided rows' timestep, its byT5 text is joined
@@ -1505,14 +1623,16 @@ def naive_hunyuanimage_forward(
     rope = tr.rope(hidden_states)
     temb = tr.time_guidance_embed(timestep, guidance=guidance, timestep_r=timestep_r)
     img = tr.x_embedder(hidden_states)
-    txt, mask = _hunyuanimage_text(tr, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
-                                   encoder_attention_mask_2, timestep)
+    txt, mask = _hunyuanimage_text(
+        tr, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2, encoder_attention_mask_2, timestep
+    )
     bias = _hunyuan_bias(img.shape[1], mask)
     neg = None
     if neg_encoder_hidden_states is not None and rows:
         t_rows = timestep[rows] if timestep.ndim else timestep
-        neg_txt, neg_mask = _hunyuanimage_text(tr, neg_encoder_hidden_states, neg_attention_mask,
-                                               neg_encoder_hidden_states_2, neg_attention_mask_2, t_rows)
+        neg_txt, neg_mask = _hunyuanimage_text(
+            tr, neg_encoder_hidden_states, neg_attention_mask, neg_encoder_hidden_states_2, neg_attention_mask_2, t_rows
+        )
         neg = dict(txt=neg_txt, temb=temb[rows], bias=_hunyuan_bias(img.shape[1], neg_mask))
     for block in tr.transformer_blocks:
         img, txt, neg = _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag)
@@ -1551,15 +1671,22 @@ def _flux2_double_block(block, img, txt, mod_img, mod_txt, rope, neg, rows, nag)
     v_img = _flux2_heads(attn, attn.to_v(img_n))
 
     def text_qkv(t):
-        t_n = _modulate(block.norm1_context(t), c_shift[: t.shape[0]] if t is txt else c_shift[rows],
-                        c_scale[: t.shape[0]] if t is txt else c_scale[rows])
-        return (attn.norm_added_q(_flux2_heads(attn, attn.add_q_proj(t_n))),
-                attn.norm_added_k(_flux2_heads(attn, attn.add_k_proj(t_n))), _flux2_heads(attn, attn.add_v_proj(t_n)))
+        t_n = _modulate(
+            block.norm1_context(t),
+            c_shift[: t.shape[0]] if t is txt else c_shift[rows],
+            c_scale[: t.shape[0]] if t is txt else c_scale[rows],
+        )
+        return (
+            attn.norm_added_q(_flux2_heads(attn, attn.add_q_proj(t_n))),
+            attn.norm_added_k(_flux2_heads(attn, attn.add_k_proj(t_n))),
+            _flux2_heads(attn, attn.add_v_proj(t_n)),
+        )
 
     txt_attn, img_attn = _rope_attention(*text_qkv(txt), q_img, k_img, v_img, rope, None)
     if neg is not None:
-        txtn_attn, img_attn_neg = _rope_attention(*text_qkv(neg["txt"]), q_img[rows], k_img[rows], v_img[rows],
-                                                  neg["rope"], None)
+        txtn_attn, img_attn_neg = _rope_attention(
+            *text_qkv(neg["txt"]), q_img[rows], k_img[rows], v_img[rows], neg["rope"], None
+        )
         img_attn = img_attn.clone()
         img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
     img = img + gate[:, None] * attn.to_out[0](img_attn)
@@ -1567,8 +1694,9 @@ def _flux2_double_block(block, img, txt, mod_img, mod_txt, rope, neg, rows, nag)
 
     def text_tail(t, t_attn, r):
         t = t + c_gate[r][:, None] * attn.to_add_out(t_attn)
-        return t + c_gate_mlp[r][:, None] * block.ff_context(_modulate(block.norm2_context(t), c_shift_mlp[r],
-                                                                        c_scale_mlp[r]))
+        return t + c_gate_mlp[r][:, None] * block.ff_context(
+            _modulate(block.norm2_context(t), c_shift_mlp[r], c_scale_mlp[r])
+        )
 
     txt = text_tail(txt, txt_attn, slice(None))
     if neg is not None:
@@ -1580,7 +1708,7 @@ def _flux2_single_block(block, img, txt, mod, rope, neg, rows, nag):
     """Stock: x = [text, image]; one fused projection to (q, k, v, MLP-in); attention || SwiGLU; one output
     projection over [attention, MLP]. Here on the parts: NAG on the image rows' attention columns."""
     attn = block.attn
-    (shift, scale, gate), = mod
+    ((shift, scale, gate),) = mod
     n_txt = txt.shape[1]
     inner = attn.inner_dim
 
@@ -1595,13 +1723,15 @@ def _flux2_single_block(block, img, txt, mod, rope, neg, rows, nag):
     x = torch.cat([txt, img], dim=1)
     x_n = _modulate(block.norm(x), shift, scale)
     q, k, v, mlp = project(x_n)
-    txt_attn, img_attn = _rope_attention(q[:, :n_txt], k[:, :n_txt], v[:, :n_txt], q[:, n_txt:], k[:, n_txt:],
-                                         v[:, n_txt:], rope, None)
+    txt_attn, img_attn = _rope_attention(
+        q[:, :n_txt], k[:, :n_txt], v[:, :n_txt], q[:, n_txt:], k[:, n_txt:], v[:, n_txt:], rope, None
+    )
     if neg is not None:
         txtn_n = _modulate(block.norm(neg["txt"]), shift[rows], scale[rows])
         qn, kn, vn, mlp_neg = project(txtn_n)
-        txtn_attn, img_attn_neg = _rope_attention(qn, kn, vn, q[rows, n_txt:], k[rows, n_txt:], v[rows, n_txt:],
-                                                  neg["rope"], None)
+        txtn_attn, img_attn_neg = _rope_attention(
+            qn, kn, vn, q[rows, n_txt:], k[rows, n_txt:], v[rows, n_txt:], neg["rope"], None
+        )
         img_attn = img_attn.clone()
         img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
     x = x + gate[:, None] * attn.to_out(torch.cat([torch.cat([txt_attn, img_attn], dim=1), mlp], dim=2))
@@ -1611,8 +1741,21 @@ def _flux2_single_block(block, img, txt, mod, rope, neg, rows, nag):
     return x[:, n_txt:], x[:, :n_txt], neg
 
 
-def naive_flux2_forward(transformer, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance,
-                        neg_encoder_hidden_states, scale, tau, alpha, p=1, cond_rows=None):
+def naive_flux2_forward(
+    transformer,
+    hidden_states,
+    encoder_hidden_states,
+    timestep,
+    img_ids,
+    txt_ids,
+    guidance,
+    neg_encoder_hidden_states,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+):
     """Flux2Transformer2DModel forward with NAG, block by block. All modulation comes from the timestep (and
     guidance); text positions are (0, 0, 0, l) for the l-th token, so the negative text gets its own table."""
     tr = transformer
@@ -1634,8 +1777,9 @@ def naive_flux2_forward(transformer, hidden_states, encoder_hidden_states, times
         n_neg = neg_encoder_hidden_states.shape[1]
         neg_ids = torch.zeros(n_neg, txt_ids.shape[-1], dtype=txt_ids.dtype)
         neg_ids[:, -1] = torch.arange(n_neg)
-        neg = dict(txt=tr.context_embedder(neg_encoder_hidden_states),
-                   rope=tr.pos_embed(torch.cat([neg_ids, img_ids], dim=0)))
+        neg = dict(
+            txt=tr.context_embedder(neg_encoder_hidden_states), rope=tr.pos_embed(torch.cat([neg_ids, img_ids], dim=0))
+        )
     for block in tr.transformer_blocks:
         img, txt, neg = _flux2_double_block(block, img, txt, mod_img, mod_txt, rope, neg, rows, nag)
     for block in tr.single_transformer_blocks:
@@ -1679,7 +1823,7 @@ def _lumina2_block(block, x, freqs, temb, neg, nag):
         qn, kn, vn = _lumina2_qkv(attn, xn_n, neg["freqs"])
         z_neg = naive_attention(qn, kn, vn)
         z = z.clone()
-        z[:, n_txt:] = naive_combine(z[:, n_txt:], z_neg[:, neg["n"]:], **nag)
+        z[:, n_txt:] = naive_combine(z[:, n_txt:], z_neg[:, neg["n"] :], **nag)
 
     def tail(h, z_part):
         h = h + gate_msa.unsqueeze(1).tanh() * block.norm2(attn.to_out[1](attn.to_out[0](z_part)))
@@ -1693,8 +1837,20 @@ def _lumina2_block(block, x, freqs, temb, neg, nag):
     return x, neg
 
 
-def naive_lumina2_forward(transformer, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                          neg_encoder_hidden_states, neg_attention_mask, scale, tau, alpha, p=1, cond_rows=None):
+def naive_lumina2_forward(
+    transformer,
+    hidden_states,
+    timestep,
+    encoder_hidden_states,
+    encoder_attention_mask,
+    neg_encoder_hidden_states,
+    neg_attention_mask,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+):
     """Lumina2Transformer2DModel forward with NAG, one sample at a time: each sample's sequence is [caption (its
     valid tokens, a prefix of the mask), image], the image positions following the caption's length. The negative
     caption (embedded and refined like the positive, with its own mask) attends to [negative caption, guided
@@ -1713,7 +1869,9 @@ def naive_lumina2_forward(transformer, hidden_states, timestep, encoder_hidden_s
     image_len = img.shape[1]
     negatives = {}
     if neg_encoder_hidden_states is not None and rows:
-        neg_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        neg_mask = (
+            neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        )
         neg_mask = neg_mask.to(encoder_attention_mask.dtype)
         neg_cap = tr.time_caption_embed.caption_embedder(neg_encoder_hidden_states)
         _, neg_cap_freqs, _, _, neg_lens, _ = tr.rope_embedder(hidden_states[rows], neg_mask)
@@ -1721,8 +1879,12 @@ def naive_lumina2_forward(transformer, hidden_states, timestep, encoder_hidden_s
             neg_cap = layer(neg_cap, neg_mask, neg_cap_freqs)
         for j, r in enumerate(rows):
             n = int(neg_lens[j])
-            negatives[r] = dict(n=n, image_len=image_len, x=torch.cat([neg_cap[j : j + 1, :n], img[r : r + 1]], dim=1),
-                                freqs=torch.cat([neg_cap_freqs[j, :n], freqs[r, cap_lens[r] : cap_lens[r] + image_len]]))
+            negatives[r] = dict(
+                n=n,
+                image_len=image_len,
+                x=torch.cat([neg_cap[j : j + 1, :n], img[r : r + 1]], dim=1),
+                freqs=torch.cat([neg_cap_freqs[j, :n], freqs[r, cap_lens[r] : cap_lens[r] + image_len]]),
+            )
     outputs = []
     ps = tr.config.patch_size
     for i in range(batch_size):
@@ -1796,8 +1958,23 @@ def _zimage_caption(tr, cap):
     return feats, freqs, padded
 
 
-def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau, alpha, p=1, cond_rows=None,
-                         patch_size=2, f_patch_size=1, controlnet=None, control_context=None, conditioning_scale=1.0):
+def naive_zimage_forward(
+    transformer,
+    x,
+    t,
+    cap_feats,
+    neg_cap_feats,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+    patch_size=2,
+    f_patch_size=1,
+    controlnet=None,
+    control_context=None,
+    conditioning_scale=1.0,
+):
     """ZImageTransformer2DModel forward (lists in, a list out) with NAG, one sample at a time, unpadded across the
     batch: each sample's sequence is [image (padded to a multiple of 32 with the pad token), caption (likewise)],
     the image positions following the padded caption's length. The negative caption (embedded and refined like
@@ -1812,8 +1989,16 @@ def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau
     def control_hints(i, caption):
         if controlnet is None:
             return {}
-        return controlnet([x[i]], t[i : i + 1], [caption], [control_context[i]], conditioning_scale=conditioning_scale,
-                          patch_size=patch_size, f_patch_size=f_patch_size)
+        return controlnet(
+            [x[i]],
+            t[i : i + 1],
+            [caption],
+            [control_context[i]],
+            conditioning_scale=conditioning_scale,
+            patch_size=patch_size,
+            f_patch_size=f_patch_size,
+        )
+
     rows = _rows_or_all(cond_rows, len(x))
     nag = dict(scale=scale, tau=tau, alpha=alpha, p=p)
     pf, ph, pw = f_patch_size, patch_size, patch_size
@@ -1851,7 +2036,9 @@ def naive_zimage_forward(transformer, x, t, cap_feats, neg_cap_feats, scale, tau
             if neg is not None and index in neg_hints:
                 neg = {**neg, "x": neg["x"] + neg_hints[index]}
         out = tr.all_final_layer[f"{patch_size}-{f_patch_size}"](seq, c=adaln)[0, :n_img]
-        out = out.view(*grid, pf, ph, pw, channels).permute(6, 0, 3, 1, 4, 2, 5).reshape(channels, frames, height, width)
+        out = (
+            out.view(*grid, pf, ph, pw, channels).permute(6, 0, 3, 1, 4, 2, 5).reshape(channels, frames, height, width)
+        )
         outputs.append(out)
     return outputs
 
@@ -1887,9 +2074,24 @@ def _hunyuanvideo15_text(tr, text, mask, text_2, mask_2, image_embeds, timestep)
 
 
 def naive_hunyuanvideo15_forward(
-    transformer, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
-    encoder_attention_mask_2, image_embeds, neg_encoder_hidden_states, neg_attention_mask, neg_encoder_hidden_states_2,
-    neg_attention_mask_2, scale, tau, alpha, p=1, cond_rows=None, timestep_r=None,
+    transformer,
+    hidden_states,
+    timestep,
+    encoder_hidden_states,
+    encoder_attention_mask,
+    encoder_hidden_states_2,
+    encoder_attention_mask_2,
+    image_embeds,
+    neg_encoder_hidden_states,
+    neg_attention_mask,
+    neg_encoder_hidden_states_2,
+    neg_attention_mask_2,
+    scale,
+    tau,
+    alpha,
+    p=1,
+    cond_rows=None,
+    timestep_r=None,
 ):
     """HunyuanVideo15Transformer3DModel forward with NAG, block by block (double blocks only, HunyuanVideo's layout).
     The negative Qwen text goes through the token refiner with its own mask and the guided rows' timestep, and is
@@ -1903,15 +2105,31 @@ def naive_hunyuanvideo15_forward(
     rope = tr.rope(hidden_states)
     temb = tr.time_embed(timestep, timestep_r=timestep_r)
     img = tr.x_embedder(hidden_states)
-    txt, mask = _hunyuanvideo15_text(tr, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
-                                     encoder_attention_mask_2, image_embeds, timestep)
+    txt, mask = _hunyuanvideo15_text(
+        tr,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        encoder_hidden_states_2,
+        encoder_attention_mask_2,
+        image_embeds,
+        timestep,
+    )
     bias = _hunyuan_bias(img.shape[1], mask)
     neg = None
     if neg_encoder_hidden_states is not None and rows:
         t_rows = timestep[rows] if timestep.ndim else timestep
-        neg_mask = neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
-        neg_txt, neg_mask = _hunyuanvideo15_text(tr, neg_encoder_hidden_states, neg_mask, neg_encoder_hidden_states_2,
-                                                 neg_attention_mask_2, image_embeds[rows], t_rows)
+        neg_mask = (
+            neg_attention_mask if neg_attention_mask is not None else torch.ones(neg_encoder_hidden_states.shape[:2])
+        )
+        neg_txt, neg_mask = _hunyuanvideo15_text(
+            tr,
+            neg_encoder_hidden_states,
+            neg_mask,
+            neg_encoder_hidden_states_2,
+            neg_attention_mask_2,
+            image_embeds[rows],
+            t_rows,
+        )
         neg = dict(txt=neg_txt, temb=temb[rows], bias=_hunyuan_bias(img.shape[1], neg_mask))
     for block in tr.transformer_blocks:
         img, txt, neg = _hunyuan_double_block(block, img, txt, temb, rope, bias, neg, rows, nag)
@@ -1935,8 +2153,15 @@ class _NaiveLTX2VideoTextProcessor:
         self.rows = rows
         self.nag = nag
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
-                 key_rotary_emb=None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        query_rotary_emb=None,
+        key_rotary_emb=None,
+    ):
         heads = attn.heads
         gates = None  # per-head output gates (gated attention): 2 * sigmoid of a projection of the queries' input
         if getattr(attn, "to_gate_logits", None) is not None:
@@ -1954,13 +2179,23 @@ class _NaiveLTX2VideoTextProcessor:
         if negative is not None:
             k_neg, v_neg = project_kv(negative)
             bias_neg = None if self.state["bias"] is None else self.state["bias"][:, None]
-        out = _guided_attention(q, k, v, bias, k_neg, v_neg, bias_neg, self.rows if negative is not None else [],
-                                self.nag, gates)
+        out = _guided_attention(
+            q, k, v, bias, k_neg, v_neg, bias_neg, self.rows if negative is not None else [], self.nag, gates
+        )
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def naive_ltx2_forward(model, forward_kwargs, neg_encoder_hidden_states, neg_encoder_attention_mask=None, scale=1.0,
-                       tau=2.5, alpha=0.5, p=1, cond_rows=None):
+def naive_ltx2_forward(
+    model,
+    forward_kwargs,
+    neg_encoder_hidden_states,
+    neg_encoder_attention_mask=None,
+    scale=1.0,
+    tau=2.5,
+    alpha=0.5,
+    p=1,
+    cond_rows=None,
+):
     """Stock LTX2VideoTransformer3DModel forward with naive NAG on the video stream's text cross attention.
 
     ``neg_encoder_hidden_states``: the negative video text as the model takes it (the pipeline's connector output),
@@ -2054,7 +2289,7 @@ def _qwen21_layout(tr, hidden_states, encoder_hidden_states, encoder_hidden_stat
             block[p] = index
         cursor += size
     is_target = torch.zeros(length, dtype=torch.bool)
-    is_target[positions[-sizes[-1]:]] = True
+    is_target[positions[-sizes[-1] :]] = True
     q_idx, k_idx = torch.arange(length)[:, None], torch.arange(length)[None, :]
     allowed = (q_idx >= k_idx) | ((block[:, None] == block[None, :]) & (block[:, None] >= 0))
     allowed = allowed[None].expand(b, -1, -1).clone()
@@ -2106,8 +2341,18 @@ def _qwen21_output(tr, x, temb, is_target, causal_condition):
     return tr.proj_out(tr.norm_out.norm(x) * (1 + _qwen21_modulation_rows(scale, is_target, causal_condition)))
 
 
-def naive_qwenimage21_forward(tr, forward_kwargs, neg_encoder_hidden_states, neg_encoder_hidden_states_mask=None,
-                              neg_img_mask=None, scale=1.0, tau=2.5, alpha=0.25, p=1, cond_rows=None):
+def naive_qwenimage21_forward(
+    tr,
+    forward_kwargs,
+    neg_encoder_hidden_states,
+    neg_encoder_hidden_states_mask=None,
+    neg_img_mask=None,
+    scale=1.0,
+    tau=2.5,
+    alpha=0.25,
+    p=1,
+    cond_rows=None,
+):
     """QwenImage21Transformer2DModel with NAG, block by block.
 
     Every guided row carries a second sequence: the negative prompt's own layout ``[negative text (with its
@@ -2122,8 +2367,9 @@ def naive_qwenimage21_forward(tr, forward_kwargs, neg_encoder_hidden_states, neg
     b = x.shape[0]
     rows = [] if neg_encoder_hidden_states is None else _rows_or_all(cond_rows, b)
     causal = bool(tr.config.causal_condition)
-    pos, rope, is_target, bias = _qwen21_layout(tr, x, kw["encoder_hidden_states"], kw.get("encoder_hidden_states_mask"),
-                                                kw["img_shapes"], kw["img_mask"])
+    pos, rope, is_target, bias = _qwen21_layout(
+        tr, x, kw["encoder_hidden_states"], kw.get("encoder_hidden_states_mask"), kw["img_shapes"], kw["img_mask"]
+    )
     if not rows:
         temb = tr.time_text_embed((torch.cat([t, t.new_zeros(1)]) if causal else t).to(x.dtype), x)
         mod = tr.modulation(temb)
@@ -2137,9 +2383,10 @@ def naive_qwenimage21_forward(tr, forward_kwargs, neg_encoder_hidden_states, neg
     neg_img_mask = torch.cat([neg_img_mask.bool(), torch.ones(n, target_slots, dtype=torch.bool)], dim=1)
     neg_x, neg_shapes = x[rows], [kw["img_shapes"][0]] * n  # every sample has sample 0's layout
     if not bool(neg_img_mask[0, :-target_slots].any()):  # a text-only negative: its sequence has no condition images
-        neg_x, neg_shapes = neg_x[:, -math.prod(neg_shapes[0][-1]):], [shapes[-1:] for shapes in neg_shapes]
-    neg, neg_rope, neg_is_target, neg_bias = _qwen21_layout(tr, neg_x, neg_encoder_hidden_states,
-                                                            neg_encoder_hidden_states_mask, neg_shapes, neg_img_mask)
+        neg_x, neg_shapes = neg_x[:, -math.prod(neg_shapes[0][-1]) :], [shapes[-1:] for shapes in neg_shapes]
+    neg, neg_rope, neg_is_target, neg_bias = _qwen21_layout(
+        tr, neg_x, neg_encoder_hidden_states, neg_encoder_hidden_states_mask, neg_shapes, neg_img_mask
+    )
 
     def modulation(timestep):
         steps = torch.cat([timestep, timestep.new_zeros(1)]) if causal else timestep
@@ -2162,6 +2409,8 @@ def naive_qwenimage21_forward(tr, forward_kwargs, neg_encoder_hidden_states, neg
         pos, _ = _qwen21_block(block, pos, mod, rope, bias, is_target, causal, guide)
         neg = neg_next
     return _qwen21_output(tr, pos, temb, is_target, causal)
+
+
 # HiDream-I1
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -2207,8 +2456,11 @@ def _hidream_block(block, img, txt, temb, rope, img_mask, neg, rows, nag):
     m = block.adaLN_modulation(temb)[:, None].chunk(6 if single else 12, dim=-1)
     image_qkv = _hidream_qkv(attn, block.norm1_i(img) * (1 + m[1]) + m[0], rope[:, :image_len], img_mask)
     first = 0 if single else 6  # the text's modulation chunks
-    norm1, norm3, ff, out = ((block.norm1_i, block.norm3_i, block.ff_i, attn.to_out) if single
-                             else (block.norm1_t, block.norm3_t, block.ff_t, attn.to_out_t))
+    norm1, norm3, ff, out = (
+        (block.norm1_i, block.norm3_i, block.ff_i, attn.to_out)
+        if single
+        else (block.norm1_t, block.norm3_t, block.ff_t, attn.to_out_t)
+    )
 
     def text_side(x, mods, qkv, text_rope):
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[first : first + 6]
@@ -2220,7 +2472,9 @@ def _hidream_block(block, img, txt, temb, rope, img_mask, neg, rows, nag):
     img_attn, txt = text_side(txt, m, image_qkv, rope[:, image_len:])
     if neg is not None:
         mods = block.adaLN_modulation(neg["temb"])[:, None].chunk(6 if single else 12, dim=-1)
-        img_attn_neg, txt_neg = text_side(neg["txt"], mods, tuple(t[rows] for t in image_qkv), neg["rope"][:, image_len:])
+        img_attn_neg, txt_neg = text_side(
+            neg["txt"], mods, tuple(t[rows] for t in image_qkv), neg["rope"][:, image_len:]
+        )
         img_attn = img_attn.clone()
         img_attn[rows] = naive_combine(img_attn[rows], img_attn_neg, **nag)
         neg = {**neg, "txt": txt_neg}
@@ -2230,8 +2484,19 @@ def _hidream_block(block, img, txt, temb, rope, img_mask, neg, rows, nag):
 
 
 def naive_hidream_forward(
-    transformer, hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3, pooled_embeds,
-    neg_encoder_hidden_states_t5, neg_encoder_hidden_states_llama3, neg_pooled_embeds, scale, tau, alpha, p=1,
+    transformer,
+    hidden_states,
+    timesteps,
+    encoder_hidden_states_t5,
+    encoder_hidden_states_llama3,
+    pooled_embeds,
+    neg_encoder_hidden_states_t5,
+    neg_encoder_hidden_states_llama3,
+    neg_pooled_embeds,
+    scale,
+    tau,
+    alpha,
+    p=1,
     cond_rows=None,
 ):
     """HiDreamImageTransformer2DModel forward (latents (B, C, H, W)) with NAG, block by block.
@@ -2262,8 +2527,9 @@ def naive_hidream_forward(
     neg = neg_per_block = None
     if neg_encoder_hidden_states_t5 is not None and rows:
         neg_temb = tr.t_embedder(timesteps[rows], hidden_states.dtype) + tr.p_embedder(neg_pooled_embeds)
-        neg_per_block, neg_carried, neg_rope = text_stream(neg_encoder_hidden_states_t5, neg_encoder_hidden_states_llama3,
-                                                           img_ids[rows])
+        neg_per_block, neg_carried, neg_rope = text_stream(
+            neg_encoder_hidden_states_t5, neg_encoder_hidden_states_llama3, img_ids[rows]
+        )
         neg = dict(txt=neg_carried, temb=neg_temb, rope=neg_rope)
     carried_len = carried.shape[1]
     blocks = [b.block for b in tr.double_stream_blocks] + [b.block for b in tr.single_stream_blocks]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import naive_nag
-import nag
+import pytest
 import tiny_pipelines as tp
+import torch
 from test_pipelines import pipeline, state_of
+
+import nag
 
 
 @pytest.mark.parametrize(

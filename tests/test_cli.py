@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipelines as tp
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import tiny_pipelines as tp
 from nag import cli
 from nag import grid as grid_mod
 from nag.cli import common

@@ -16,8 +16,6 @@ def _draw(pipe) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0)).images[0]
 
 
-@pytest.mark.xfail(strict=False, reason="nag.apply guides with an empty negative prompt until the engine treats "
-                   "a blank string as no negative prompt")
 @pytest.mark.parametrize("negative", ["", "  "])
 def test_apply_with_an_empty_negative_is_stock(negative):
     pipe = load_pipeline("fewstep")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipelines as tp
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import tiny_pipelines as tp
 from nag import cli
 
 pytest.importorskip("torchmetrics")
@@ -152,7 +152,7 @@ def test_cli_writes_results_json_and_paper_style_table(cli_run):
     results = json.loads((cli_run / "results.json").read_text())
     assert set(results["methods"]) == {"none", "nag"}
     assert results["prompts"] == len(PROMPTS) and results["reference_images"] == 6
-    for name, entry in results["methods"].items():
+    for entry in results["methods"].values():
         metrics = entry["metrics"]
         assert isinstance(metrics["clip"], float) and isinstance(metrics["fid"], float)
         assert isinstance(metrics["pfid"], float) and metrics["fid"] >= 0 and metrics["pfid"] >= 0

@@ -11,12 +11,12 @@ called per branch), still agreeing with the reference.
 from __future__ import annotations
 
 import pytest
+import test_pipelines as tpl
+import tiny_pipelines as tp
 import torch
 from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
 
 import nag
-import test_pipelines as tpl
-import tiny_pipelines as tp
 
 NAME = "auraflow"
 SETTINGS = tpl.SETTINGS

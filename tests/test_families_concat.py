@@ -11,11 +11,11 @@ where the family has masks.
 from __future__ import annotations
 
 import pytest
+import test_pipelines as tpl
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 import nag
-import test_pipelines as tpl
 
 # (ChromaInpaintPipeline is left out: in diffusers 0.42.1 it reads `transformer.config.guidance_embeds`,
 # which ChromaTransformer2DModel's config lacks, and fails before the first step without NAG too.)
@@ -85,8 +85,13 @@ def test_chroma_mask_forms_agree_with_naive_implementation(form, guided):
         negative = tpl.random_negative("chroma", inputs, length_delta, rows=len(guided))
         outputs = {}
         for fast in (True, False):
-            with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
-                                                positive_reference=inputs["encoder_hidden_states"][guided], **SETTINGS):
+            with nag.denoiser.apply_to_denoiser(
+                model,
+                {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()},
+                fast=fast,
+                positive_reference=inputs["encoder_hidden_states"][guided],
+                **SETTINGS,
+            ):
                 counts = tpl.count_stock_calls(model)
                 with torch.no_grad():
                     outputs[fast] = model(**inputs, return_dict=False)[0]
@@ -119,8 +124,12 @@ def test_chroma_other_processor_or_backend_takes_the_straightforward_path(change
                 module.processor._attention_backend = "_native_math"
     try:
         negative = tpl.random_negative("chroma", inputs, 5, rows=1)
-        with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()},
-                                            positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+        with nag.denoiser.apply_to_denoiser(
+            model,
+            {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()},
+            positive_reference=inputs["encoder_hidden_states"][1:],
+            **SETTINGS,
+        ):
             counts = tpl.count_stock_calls(model)
             with torch.no_grad():
                 out = model(**inputs, return_dict=False)[0]

@@ -11,11 +11,11 @@ with reference images (their latents enter as extra image tokens after the noisy
 from __future__ import annotations
 
 import pytest
+import test_pipelines as tpl
+import tiny_pipelines as tp
 import torch
 
 import nag
-import test_pipelines as tpl
-import tiny_pipelines as tp
 
 NAMES = ["flux2"]
 STRAIGHTFORWARD_ONLY: dict[str, str] = {}  # (FLUX.2 has a fast path: double blocks at the stock image batch,

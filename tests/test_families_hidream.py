@@ -18,14 +18,14 @@ paths, with CFG and without, square latents and non-square ones (padded by the m
 
 from __future__ import annotations
 
+import naive_nag
 import pytest
+import test_pipelines as tpl
+import tiny_pipelines as tp
 import torch
 from diffusers.models.transformers.transformer_hidream_image import HiDreamAttnProcessor
 
-import naive_nag
 import nag
-import test_pipelines as tpl
-import tiny_pipelines as tp
 
 NAME = "hidream"
 NAMES = [NAME]
@@ -72,9 +72,12 @@ def test_prompts_fill_every_stream():
 # (the tests that scripts/support_matrix.py reads are parametrized by the configuration's name)
 # the invariants, CFG's unconditional branch, NAG alone on its attention path (test_pipelines' checks)
 test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
-test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(
+    tpl.check_cfg_unconditional_branch_is_untouched, NAMES
+)
 test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
-    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY
+)
 
 
 def test_mixture_of_experts_rows_are_independent():
@@ -103,14 +106,17 @@ def test_agrees_with_naive_implementation(name, fast, cfg):
     model = pipe.transformer
     _, stock_calls = tpl.record(pipe, name, cfg=cfg)
     with torch.no_grad():  # the reference itself reproduces the stock model
-        torch.testing.assert_close(naive_output(model, stock_calls[0]["inputs"], None, None),
-                                   stock_calls[0]["output"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            naive_output(model, stock_calls[0]["inputs"], None, None), stock_calls[0]["output"], rtol=1e-4, atol=1e-5
+        )
     encoded = encode(pipe, NEGATIVES)
     g = torch.Generator().manual_seed(7)
     random = {name: torch.randn(value.shape, generator=g) for name, value in encoded.items()}
-    cases = [("encoded", dict(negative_prompt=list(NEGATIVES)), encoded, {}),
-             ("precomputed", random, random, {}),
-             ("non-square", dict(negative_prompt=list(NEGATIVES)), encoded, NON_SQUARE)]
+    cases = [
+        ("encoded", dict(negative_prompt=list(NEGATIVES)), encoded, {}),
+        ("precomputed", random, random, {}),
+        ("non-square", dict(negative_prompt=list(NEGATIVES)), encoded, NON_SQUARE),
+    ]
     rows, guided = (4, [2, 3]) if cfg else (2, [0, 1])
     for kind, arguments, negative, size in cases:
         _, stock_calls = tpl.record(pipe, name, cfg=cfg, **size)
@@ -127,8 +133,9 @@ def test_agrees_with_naive_implementation(name, fast, cfg):
                 expected = naive_output(model, call["inputs"], negative, guided)
                 torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5, msg=kind)
         # the first step's inputs are the stock ones: the unconditional rows come out as stock, the others guided
-        torch.testing.assert_close(calls[0]["output"][: rows - 2], stock_calls[0]["output"][: rows - 2], rtol=0,
-                                   atol=1e-6, msg=kind)
+        torch.testing.assert_close(
+            calls[0]["output"][: rows - 2], stock_calls[0]["output"][: rows - 2], rtol=0, atol=1e-6, msg=kind
+        )
         assert (calls[0]["output"][rows - 2 :] - stock_calls[0]["output"][rows - 2 :]).abs().max() > 1e-3, kind
 
 
@@ -141,13 +148,24 @@ def test_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
     model = pipe.transformer
     _, calls = tpl.record(pipe, name, **NON_SQUARE)
     recorded = calls[0]["inputs"]  # [uncond_0, uncond_1, cond_0, cond_1]: take uncond_0 and cond_1
-    inputs = {k: recorded[k][[0, 3]] for k in ("hidden_states", "timesteps", "encoder_hidden_states_t5", "pooled_embeds")}
+    inputs = {
+        k: recorded[k][[0, 3]] for k in ("hidden_states", "timesteps", "encoder_hidden_states_t5", "pooled_embeds")
+    }
     inputs["encoder_hidden_states_llama3"] = recorded["encoder_hidden_states_llama3"][:, [0, 3]]
-    negative = {name: value[:, 1:] if name == "negative_prompt_embeds_llama3" else value[1:]
-                for name, value in encode(pipe, NEGATIVES).items()}
-    keys = {name: key if key != "encoder_hidden_states_t5" else "encoder_hidden_states" for name, key in EMBED_NAMES.items()}
-    with nag.denoiser.apply_to_denoiser(model, {keys[k]: v for k, v in negative.items()}, fast=fast,
-                                        positive_reference=inputs["encoder_hidden_states_t5"][1:], **SETTINGS):
+    negative = {
+        name: value[:, 1:] if name == "negative_prompt_embeds_llama3" else value[1:]
+        for name, value in encode(pipe, NEGATIVES).items()
+    }
+    keys = {
+        name: key if key != "encoder_hidden_states_t5" else "encoder_hidden_states" for name, key in EMBED_NAMES.items()
+    }
+    with nag.denoiser.apply_to_denoiser(
+        model,
+        {keys[k]: v for k, v in negative.items()},
+        fast=fast,
+        positive_reference=inputs["encoder_hidden_states_t5"][1:],
+        **SETTINGS,
+    ):
         counts = tpl.count_stock_calls(model)
         with torch.no_grad():
             out = model(**inputs, return_dict=False)[0]
@@ -189,8 +207,11 @@ def test_precomputed_embeddings_are_checked():
     with pytest.raises(TypeError, match="negative_prompt_embeds_t5"):  # the common name is not HiDream's
         nag.apply(pipe, negative_prompt_embeds=encoded["negative_prompt_embeds_t5"])
     with pytest.raises(ValueError, match="negative_prompt_embeds_llama3"):
-        nag.apply(pipe, negative_prompt_embeds_t5=encoded["negative_prompt_embeds_t5"],
-                  negative_pooled_prompt_embeds=encoded["negative_pooled_prompt_embeds"])
+        nag.apply(
+            pipe,
+            negative_prompt_embeds_t5=encoded["negative_prompt_embeds_t5"],
+            negative_pooled_prompt_embeds=encoded["negative_pooled_prompt_embeds"],
+        )
     with pytest.raises(ValueError, match=r"4 dimensions \(layers, rows, tokens, width\)"):
         nag.apply(pipe, **{**encoded, "negative_prompt_embeds_llama3": encoded["negative_prompt_embeds_llama3"][0]})
     with pytest.raises(ValueError, match="text_emb_dim"):
@@ -211,8 +232,11 @@ class TokenCounter(tpl.InputShapes):
     """Rows and tokens (the input shape's first two axes) every counted module of the model processes, by key."""
 
     def __init__(self, model):
-        modules = [(key, getattr(b.block, attr)) for b in model.double_stream_blocks
-                   for key, attr in (("double_image_ff", "ff_i"), ("double_text_ff", "ff_t"))]
+        modules = [
+            (key, getattr(b.block, attr))
+            for b in model.double_stream_blocks
+            for key, attr in (("double_image_ff", "ff_i"), ("double_text_ff", "ff_t"))
+        ]
         modules += [("double_image_query", b.block.attn1.to_q) for b in model.double_stream_blocks]
         modules += [("single_ff", b.block.ff_i) for b in model.single_stream_blocks]
         modules += [("single_query", b.block.attn1.to_q) for b in model.single_stream_blocks]
@@ -240,18 +264,23 @@ def test_fast_path_never_processes_the_negative_rows_image_tokens(cfg):
         doubles, singles, steps = len(model.double_stream_blocks), len(model.single_stream_blocks), len(calls)
         seen = {key: sorted(value) for key, value in counter.seen.items()}
         if fast:
-            expected = {"double_image_ff": [(rows, image)] * doubles, "double_image_query": [(rows, image)] * doubles,
-                        "double_text_ff": [(rows, text), (negatives, text)] * doubles,
-                        "single_ff": [(rows, image + text), (negatives, text)] * singles,
-                        "single_query": [(rows, image + text), (negatives, text)] * singles,
-                        "final_layer": [(rows, image)]}
+            expected = {
+                "double_image_ff": [(rows, image)] * doubles,
+                "double_image_query": [(rows, image)] * doubles,
+                "double_text_ff": [(rows, text), (negatives, text)] * doubles,
+                "single_ff": [(rows, image + text), (negatives, text)] * singles,
+                "single_query": [(rows, image + text), (negatives, text)] * singles,
+                "final_layer": [(rows, image)],
+            }
         else:
-            expected = {"double_image_ff": [(rows + negatives, image)] * doubles,
-                        "double_image_query": [(rows, image), (negatives, image)] * doubles,
-                        "double_text_ff": [(rows + negatives, text)] * doubles,
-                        "single_ff": [(rows + negatives, image + text)] * singles,
-                        "single_query": [(rows, image + text), (negatives, image + text)] * singles,
-                        "final_layer": [(rows + negatives, image)]}
+            expected = {
+                "double_image_ff": [(rows + negatives, image)] * doubles,
+                "double_image_query": [(rows, image), (negatives, image)] * doubles,
+                "double_text_ff": [(rows + negatives, text)] * doubles,
+                "single_ff": [(rows + negatives, image + text)] * singles,
+                "single_query": [(rows, image + text), (negatives, image + text)] * singles,
+                "final_layer": [(rows + negatives, image)],
+            }
         assert seen == {key: sorted(value * steps) for key, value in expected.items()}, fast
 
 
@@ -279,8 +308,9 @@ def test_other_processor_or_backend_takes_the_straightforward_path(change):
         assert len(counts) == 2 * layers * len(calls)  # negative and positive pass per layer and call
         with torch.no_grad():
             for call in calls:
-                torch.testing.assert_close(call["output"], naive_output(model, call["inputs"], encoded, [2, 3]),
-                                           rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(
+                    call["output"], naive_output(model, call["inputs"], encoded, [2, 3]), rtol=1e-4, atol=1e-5
+                )
     finally:
         for name, module in model.named_modules():
             if name in stock:

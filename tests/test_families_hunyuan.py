@@ -22,17 +22,17 @@ tenfold (HunyuanImage) or cannot decode a batch of two in diffusers 0.42.1 (Huny
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
-
-import pytest
-import torch
+from functools import cache
 
 import naive_nag
-import nag
+import pytest
 import test_pipelines as tpl
 import tiny_pipelines as tp
+import torch
+
+import nag
 
 # (both have a fast path: the image stream at the stock batch, the negative text beside it)
 STRAIGHTFORWARD_ONLY: dict[str, str] = {}
@@ -71,20 +71,37 @@ def _naive_hunyuanvideo15(model, inputs, negative, cond_rows):
 CASES = {
     "hunyuanimage": Case(
         prompts=('a red sign that says "OPEN" on a blue door in the small town', "a small green square"),
-        negatives={"shorter": ("ugly", 'blurry "NO"'),
-                   "longer": ('blurry, low quality, ugly watermark text "SALE" with deformed shapes and extra corners',
-                              "low quality, watermark text, noise, bad colors, deformed")},
-        copied=("prompt_template_encode", "prompt_template_encode_start_idx", "tokenizer_max_length",
-                "tokenizer_2_max_length"),
+        negatives={
+            "shorter": ("ugly", 'blurry "NO"'),
+            "longer": (
+                'blurry, low quality, ugly watermark text "SALE" with deformed shapes and extra corners',
+                "low quality, watermark text, noise, bad colors, deformed",
+            ),
+        },
+        copied=(
+            "prompt_template_encode",
+            "prompt_template_encode_start_idx",
+            "tokenizer_max_length",
+            "tokenizer_2_max_length",
+        ),
         naive=_naive_hunyuanimage,
     ),
     "hunyuanvideo15": Case(
         prompts=('a red sign that says "OPEN" on a blue door', "a small green square"),
-        negatives={"shorter": ("ugly", 'blurry "NO"'),
-                   "longer": ('blurry, low quality, ugly watermark text "SALE" with deformed shapes and extra corners '
-                              "and noise", "low quality, watermark text, noise, bad colors, deformed, ugly shapes, dark")},
-        copied=("system_message", "prompt_template_encode_start_idx", "tokenizer_max_length", "tokenizer_2_max_length",
-                "vision_num_semantic_tokens"),
+        negatives={
+            "shorter": ("ugly", 'blurry "NO"'),
+            "longer": (
+                'blurry, low quality, ugly watermark text "SALE" with deformed shapes and extra corners and noise',
+                "low quality, watermark text, noise, bad colors, deformed, ugly shapes, dark",
+            ),
+        },
+        copied=(
+            "system_message",
+            "prompt_template_encode_start_idx",
+            "tokenizer_max_length",
+            "tokenizer_2_max_length",
+            "vision_num_semantic_tokens",
+        ),
         naive=_naive_hunyuanvideo15,
     ),
 }
@@ -93,7 +110,7 @@ NAMES = list(CASES)
 CASES["hunyuanvideo15_i2v"] = CASES["hunyuanvideo15"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def cfg_pipeline(name):
     """The tiny pipeline's components with a CFG guider (scale 4): one call per branch, conditional first."""
     from diffusers import ClassifierFreeGuidance
@@ -200,8 +217,9 @@ def check_cfg_unconditional_branch_is_untouched(name):
     with torch.no_grad():
         for index, call in enumerate(guided_calls):
             guided = index % 2 == 0
-            expected = naive_output(name, model, call["inputs"], negative if guided else None,
-                                    [0, 1] if guided else None)
+            expected = naive_output(
+                name, model, call["inputs"], negative if guided else None, [0, 1] if guided else None
+            )
             torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -218,8 +236,12 @@ def check_agrees_with_naive_implementation(name, fast):
     model = tp.denoiser(pipe)
     stock_out, stock_calls = record(name, pipe)
     with torch.no_grad():  # the reference itself reproduces the stock model
-        torch.testing.assert_close(naive_output(name, model, stock_calls[0]["inputs"], None, None),
-                                   stock_calls[0]["output"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            naive_output(name, model, stock_calls[0]["inputs"], None, None),
+            stock_calls[0]["output"],
+            rtol=1e-4,
+            atol=1e-5,
+        )
     cases = []
     for kind, negatives in CASES[name].negatives.items():
         cases.append((kind, dict(negative_prompt=list(negatives)), encode(pipe, negatives)))
@@ -229,9 +251,12 @@ def check_agrees_with_naive_implementation(name, fast):
         length = encoded["encoder_hidden_states"].shape[1] + delta
         mask = torch.ones(2, length, dtype=torch.int64)
         mask[0, -3:] = 0
-        mask[1, length // 2:] = 0
-        negative = {**encoded, "encoder_hidden_states": torch.randn(2, length, 32, generator=g),
-                    "encoder_attention_mask": mask}
+        mask[1, length // 2 :] = 0
+        negative = {
+            **encoded,
+            "encoder_hidden_states": torch.randn(2, length, 32, generator=g),
+            "encoder_attention_mask": mask,
+        }
         cases.append((f"embeds{delta:+d}", dict(zip(EMBED_NAMES, (negative[k] for k in KEYS))), negative))
     for kind, arguments, negative in cases:
         with nag.apply(pipe, **arguments, **SETTINGS, fast=fast) as handle:
@@ -240,8 +265,13 @@ def check_agrees_with_naive_implementation(name, fast):
         assert (out - stock_out).abs().max() > 1e-4, kind
         with torch.no_grad():
             for call in calls:
-                torch.testing.assert_close(call["output"], naive_output(name, model, call["inputs"], negative, [0, 1]),
-                                           rtol=1e-4, atol=1e-5, msg=kind)
+                torch.testing.assert_close(
+                    call["output"],
+                    naive_output(name, model, call["inputs"], negative, [0, 1]),
+                    rtol=1e-4,
+                    atol=1e-5,
+                    msg=kind,
+                )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -255,11 +285,17 @@ def test_precomputed_embeddings_act_like_the_negative_prompt_and_are_checked(nam
         by_embeds = generate(name, pipe)
     torch.testing.assert_close(by_embeds, by_text, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="negative_prompt_embeds_2"):
-        nag.apply(pipe, negative_prompt_embeds=encoded["encoder_hidden_states"],
-                  negative_prompt_embeds_mask=encoded["encoder_attention_mask"])
+        nag.apply(
+            pipe,
+            negative_prompt_embeds=encoded["encoder_hidden_states"],
+            negative_prompt_embeds_mask=encoded["encoder_attention_mask"],
+        )
     # a byT5 stream of another length than the pipeline's cannot be joined row by row: a clear error
-    short_2 = {**encoded, "encoder_hidden_states_2": encoded["encoder_hidden_states_2"][:, :-2],
-               "encoder_attention_mask_2": encoded["encoder_attention_mask_2"][:, :-2]}
+    short_2 = {
+        **encoded,
+        "encoder_hidden_states_2": encoded["encoder_hidden_states_2"][:, :-2],
+        "encoder_attention_mask_2": encoded["encoder_attention_mask_2"][:, :-2],
+    }
     with nag.apply(pipe, **dict(zip(EMBED_NAMES, (short_2[k] for k in KEYS))), **SETTINGS):
         with pytest.raises(ValueError, match="encoder_hidden_states_2"):
             generate(name, pipe)

@@ -24,18 +24,18 @@ rows' conditioning).
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import pytest
-import torch
-import torch.nn.functional as F
-
-import nag
 import test_families_hunyuan as thf
 import test_families_ltx2 as tl2
 import test_families_zimage as tzi
 import test_pipelines as tpl
 import tiny_pipelines as tp
+import torch
+import torch.nn.functional as F
+
+import nag
 
 NAMES = ["hunyuanvideo_i2v", "hunyuanvideo_i2v_token_replace", "hunyuanvideo15_i2v", "ltx2_i2v", "ltx2_condition",
          "zimage_img2img", "zimage_inpaint", "zimage_controlnet", "zimage_controlnet_inpaint"]
@@ -86,7 +86,9 @@ def test_agrees_with_naive_implementation(name, fast):
         controlnet = tpl.pipeline(name).controlnet
         recorder = tpl.Recorder(controlnet)
         try:
-            tzi.check_agrees_with_naive_implementation(name, fast, naive_output=controlnet_naive_output(controlnet, recorder))
+            tzi.check_agrees_with_naive_implementation(
+                name, fast, naive_output=controlnet_naive_output(controlnet, recorder)
+            )
         finally:
             recorder.close()
     else:
@@ -96,18 +98,31 @@ def test_agrees_with_naive_implementation(name, fast):
 def pipeline_controlnet_call(calls, inputs):
     """The recorded ControlNet call the pipeline made for the denoiser call ``inputs`` (same latents, timestep and
     captions)."""
-    return next(c["inputs"] for c in calls if len(c["inputs"]["x"]) == len(inputs["x"])
-                and all(torch.equal(a, b) for key in ("x", "cap_feats") for a, b in zip(c["inputs"][key], inputs[key]))
-                and torch.equal(c["inputs"]["t"], inputs["t"]))
+    return next(
+        c["inputs"]
+        for c in calls
+        if len(c["inputs"]["x"]) == len(inputs["x"])
+        and all(torch.equal(a, b) for key in ("x", "cap_feats") for a, b in zip(c["inputs"][key], inputs[key]))
+        and torch.equal(c["inputs"]["t"], inputs["t"])
+    )
 
 
 def controlnet_naive_output(controlnet, recorder):
     def naive_output(model, inputs, negative, cond_rows):
         control = pipeline_controlnet_call(recorder.calls, inputs)
         return tzi.naive_nag.naive_zimage_forward(
-            model, inputs["x"], inputs["t"], inputs["cap_feats"], negative, cond_rows=cond_rows, p=1, **SETTINGS,
-            controlnet=controlnet, control_context=control["control_context"],
-            conditioning_scale=control["conditioning_scale"])
+            model,
+            inputs["x"],
+            inputs["t"],
+            inputs["cap_feats"],
+            negative,
+            cond_rows=cond_rows,
+            p=1,
+            **SETTINGS,
+            controlnet=controlnet,
+            control_context=control["control_context"],
+            conditioning_scale=control["conditioning_scale"],
+        )
 
     return naive_output
 
@@ -127,8 +142,9 @@ def test_hunyuanvideo_i2v_with_cfg_agrees_with_naive_implementation():
     with torch.no_grad():
         for index, recorded in enumerate(calls):
             guided = index % 2 == 0
-            expected = tpl.naive_output(name, model, recorded["inputs"], negative if guided else None,
-                                        [0] if guided else None)
+            expected = tpl.naive_output(
+                name, model, recorded["inputs"], negative if guided else None, [0] if guided else None
+            )
             torch.testing.assert_close(recorded["output"], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(calls[1]["output"], stock_calls[1]["output"], rtol=0, atol=1e-6)
 
@@ -138,7 +154,7 @@ def test_hunyuanvideo_i2v_with_cfg_agrees_with_naive_implementation():
 # ---------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def ltx2_first_frame_tokens(name):
     return (32 // tpl.pipeline(name).vae_spatial_compression_ratio) ** 2
 
@@ -225,8 +241,11 @@ def test_negative_prompt_is_encoded_with_the_image():
 
 def _encode_kwargs(name):
     kwargs = tp.call_kwargs(name)
-    return dict(prompt_template=kwargs["prompt_template"], max_sequence_length=kwargs["max_sequence_length"],
-                image_embed_interleave=2)
+    return dict(
+        prompt_template=kwargs["prompt_template"],
+        max_sequence_length=kwargs["max_sequence_length"],
+        image_embed_interleave=2,
+    )
 
 
 class Arrivals:
@@ -269,7 +288,11 @@ def check_controlnet_conditioning_is_left_unguided(name):
     assert len(stock_calls) == len(guided_calls) == len(arrivals.calls) == 2
     assert len(control.calls) == 4  # per step: the pipeline's call, then NAG's for the negative rows
     for step in range(2):
-        stock_cn, guided_cn, negative_cn = stock_control.calls[step], control.calls[2 * step], control.calls[2 * step + 1]
+        stock_cn, guided_cn, negative_cn = (
+            stock_control.calls[step],
+            control.calls[2 * step],
+            control.calls[2 * step + 1],
+        )
         assert torch.equal(guided_cn["inputs"]["control_context"], stock_cn["inputs"]["control_context"])
         # the transformer's stock rows: the pipeline's hints; the negative rows: the ControlNet's for their captions
         arrived, passed = arrivals.calls[step], guided_calls[step]["inputs"]
@@ -284,7 +307,7 @@ def check_controlnet_conditioning_is_left_unguided(name):
             extended, own = arrived["controlnet_block_samples"][layer], negative_cn["output"][layer]
             assert extended.shape[0] == batch + rows
             assert torch.equal(extended[:batch, : hints.shape[1]], hints)
-            assert not extended[:batch, hints.shape[1]:].any()
+            assert not extended[:batch, hints.shape[1] :].any()
             assert torch.equal(extended[batch:, : own.shape[1]], own)
             if step == 0:  # the same inputs as the stock run: the stock hints
                 assert torch.equal(hints, stock_control.calls[0]["output"][layer])

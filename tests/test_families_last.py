@@ -10,7 +10,6 @@ guided calls and that only the text differs between the guided branches.
 from __future__ import annotations
 
 import pytest
-
 import test_pipelines as tpl
 
 NAMES = ["cogvideox_i2v", "flux2_klein", "flux2_klein_inpaint", "lumina2"]
@@ -46,10 +45,10 @@ def test_conditioning_is_left_unguided(name):
 def test_inpainting_keeps_the_kept_region():
     """FLUX.2 klein inpainting: the region the mask keeps is the encoded image's in the result, as stock; the
     repainted region is guided."""
+    import tiny_pipelines as tp
     import torch
 
     import nag
-    import tiny_pipelines as tp
 
     name = "flux2_klein_inpaint"
     pipe = tpl.pipeline(name)
@@ -58,8 +57,11 @@ def test_inpainting_keeps_the_kept_region():
         guided = tpl.generate(pipe, name, output_type="latent")
         assert handle.guided_calls == 2
     # the mask repaints the right half (the pipeline resizes it to the 4x4 packed grid, 2x2 latent pixels each)
-    assert tp.call_kwargs(name)["mask_image"][..., :8].max() == 0 and tp.call_kwargs(name)["mask_image"][..., 8:].min() == 1
+    assert (
+        tp.call_kwargs(name)["mask_image"][..., :8].max() == 0
+        and tp.call_kwargs(name)["mask_image"][..., 8:].min() == 1
+    )
     repainted = torch.zeros_like(stock, dtype=torch.bool)
-    repainted[..., stock.shape[-1] // 2:] = True
+    repainted[..., stock.shape[-1] // 2 :] = True
     assert torch.equal(guided[~repainted], stock[~repainted])
     assert (guided[repainted] - stock[repainted]).abs().max() > 1e-4

@@ -14,13 +14,13 @@ left padding), CFG on.
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import naive_nag
-import nag
+import pytest
 import test_pipelines as tpl
 import tiny_pipelines as tp
+import torch
+
+import nag
 
 NAMES = ["ltx2", "ltx2_adaln"]
 SETTINGS = tpl.SETTINGS
@@ -40,9 +40,12 @@ def connector_output(pipe, text, mask):
 
 
 test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
-test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(
+    tpl.check_cfg_unconditional_branch_is_untouched, NAMES
+)
 test_fast_path_never_calls_the_stock_processor = tpl.each_configuration(
-    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY
+)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
@@ -64,8 +67,9 @@ def check_agrees_with_naive_implementation(name, fast):
         negative_mask = torch.ones(2, length, dtype=mask.dtype)
         negative_mask[0, :3] = 0  # left padding, as the pipeline's tokenizer pads
         negative_mask[1, :1] = 0
-        with nag.apply(pipe, negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask,
-                       **SETTINGS, fast=fast) as handle:
+        with nag.apply(
+            pipe, negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask, **SETTINGS, fast=fast
+        ) as handle:
             _, calls = tpl.record(pipe, name)
             assert handle.guided_calls == len(calls) == 2
         video_text, video_mask = connector_output(pipe, negative, negative_mask)
@@ -73,8 +77,9 @@ def check_agrees_with_naive_implementation(name, fast):
             for call in calls:
                 inputs = {k: v for k, v in call["inputs"].items() if k != "return_dict"}
                 batch = inputs["hidden_states"].shape[0]
-                expected, _ = naive_nag.naive_ltx2_forward(model, inputs, video_text, video_mask,
-                                                           cond_rows=[batch - 2, batch - 1], p=1, **SETTINGS)
+                expected, _ = naive_nag.naive_ltx2_forward(
+                    model, inputs, video_text, video_mask, cond_rows=[batch - 2, batch - 1], p=1, **SETTINGS
+                )
                 torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -110,15 +115,21 @@ def test_audio_text_attention_is_stock(name):
     negative = torch.randn(1, 9, inputs["encoder_hidden_states"].shape[-1], generator=g)
     with torch.no_grad():
         stock_video, stock_audio = model(**inputs, return_dict=False)
-    with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative},
-                                        positive_reference=inputs["encoder_hidden_states"][batch // 2:], **SETTINGS):
-        wrapped = {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), nag.attention.NAGProcessor)}
+    with nag.denoiser.apply_to_denoiser(
+        model,
+        {"encoder_hidden_states": negative},
+        positive_reference=inputs["encoder_hidden_states"][batch // 2 :],
+        **SETTINGS,
+    ):
+        wrapped = {
+            n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), nag.attention.NAGProcessor)
+        }
         assert wrapped == {f"transformer_blocks.{i}.attn2" for i in range(len(model.transformer_blocks))}
         with torch.no_grad():
             video, audio = model(**inputs, return_dict=False)
     assert torch.equal(audio, stock_audio)
     assert torch.equal(video[: batch // 2], stock_video[: batch // 2])
-    assert (video[batch // 2:] - stock_video[batch // 2:]).abs().max() > 1e-4
+    assert (video[batch // 2 :] - stock_video[batch // 2 :]).abs().max() > 1e-4
 
 
 def test_connector_hook_is_removed_and_other_ltx2_pipelines_are_refused():
@@ -129,7 +140,12 @@ def test_connector_hook_is_removed_and_other_ltx2_pipelines_are_refused():
     assert len(pipe.connectors._forward_hooks) == hooks
     from diffusers import LTX2InContextPipeline
 
-    other = LTX2InContextPipeline(**{k: v for k, v in pipe.components.items()
-                                     if k in LTX2InContextPipeline._get_signature_keys(LTX2InContextPipeline)[0]})
+    other = LTX2InContextPipeline(
+        **{
+            k: v
+            for k, v in pipe.components.items()
+            if k in LTX2InContextPipeline._get_signature_keys(LTX2InContextPipeline)[0]
+        }
+    )
     with pytest.raises(NotImplementedError, match="LTX2InContextPipeline.*LTX2Pipeline, LTX2ImageToVideoPipeline"):
         nag.apply(other, tpl.NEGATIVE)

@@ -12,12 +12,12 @@ reference.
 from __future__ import annotations
 
 import pytest
+import test_pipelines as tpl
+import tiny_pipelines as tp
 import torch
 from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
 
 import nag
-import test_pipelines as tpl
-import tiny_pipelines as tp
 
 NAME = "lumina2"
 SETTINGS = tpl.SETTINGS

@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import test_pipelines as tpl
+import tiny_pipelines as tp
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 import nag
-import test_pipelines as tpl
-import tiny_pipelines as tp
 
 NAMES = ["cogview4", "cogvideox", "hunyuanvideo"]
 # Configurations without a NAG-aware fast path (none here: every family's blocks run on the stock rows with fast=True,
@@ -63,9 +63,16 @@ def _watch_rows(model):
     """``(rows, tokens)`` of the first input of every call to the modules that see video tokens (the patch embedding,
     whose input is the latents ``(B, C, F, H, W)``: rows and channels; the double blocks' video and text
     feed-forwards, the single blocks' MLP input projection, the final norm), by module name."""
-    watched = ("x_embedder", "norm_out", *(f"transformer_blocks.{i}.{part}" for i in range(len(model.transformer_blocks))
-                                           for part in ("ff", "ff_context")),
-               *(f"single_transformer_blocks.{i}.proj_mlp" for i in range(len(model.single_transformer_blocks))))
+    watched = (
+        "x_embedder",
+        "norm_out",
+        *(
+            f"transformer_blocks.{i}.{part}"
+            for i in range(len(model.transformer_blocks))
+            for part in ("ff", "ff_context")
+        ),
+        *(f"single_transformer_blocks.{i}.proj_mlp" for i in range(len(model.single_transformer_blocks))),
+    )
     return tpl.InputShapes([(name, module) for name, module in model.named_modules() if name in watched])
 
 
@@ -75,8 +82,13 @@ def _hunyuanvideo_guided_call(fast, length_delta=5):
     calls."""
     model, inputs = tpl.denoiser_batch("hunyuanvideo")
     negative = tpl.random_negative("hunyuanvideo", inputs, length_delta, rows=1)
-    with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
-                                        positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+    with nag.denoiser.apply_to_denoiser(
+        model,
+        {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()},
+        fast=fast,
+        positive_reference=inputs["encoder_hidden_states"][1:],
+        **SETTINGS,
+    ):
         counts = tpl.count_stock_calls(model)
         shapes = _watch_rows(model)  # (after NAG's hooks: the inputs the modules compute on)
         try:
@@ -110,8 +122,10 @@ def test_hunyuanvideo_fast_path_runs_the_video_at_the_stock_batch(fast, length_d
     assert (len(counts) == 0) == fast
 
 
-@pytest.mark.parametrize("change", ["backend", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn",
-                                    "single_transformer_blocks.1.attn"])
+@pytest.mark.parametrize(
+    "change",
+    ["backend", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"],
+)
 def test_hunyuanvideo_other_processor_or_backend_takes_the_straightforward_path(change):
     """fast=True gives the negative rows their own copy of the video (no row split) where the fast attention cannot
     serve them: with a processor of the user's own in any block, or another attention backend, the video stream
@@ -138,12 +152,17 @@ def test_hunyuanvideo_other_processor_or_backend_takes_the_straightforward_path(
     assert all(calls == [(3, calls[0][1])] for name, calls in seen.items() if name.endswith(".ff"))
     for i in range(len(model.single_transformer_blocks)):
         split = change != "backend" and change != f"single_transformer_blocks.{i}.attn"
-        assert [rows for rows, _ in sorted(seen[f"single_transformer_blocks.{i}.proj_mlp"])] == ([1, 2] if split else [3])
+        assert [rows for rows, _ in sorted(seen[f"single_transformer_blocks.{i}.proj_mlp"])] == (
+            [1, 2] if split else [3]
+        )
     assert seen["norm_out"][0][0] == (2 if split else 3)  # (after the last single block)
     # the negative and the positive pass in the double blocks (whole rows) and the single blocks not split
     straightforward = {f"transformer_blocks.{i}.attn" for i in range(len(model.transformer_blocks))}
-    straightforward |= {f"single_transformer_blocks.{i}.attn" for i in range(len(model.single_transformer_blocks))
-                        if change in ("backend", f"single_transformer_blocks.{i}.attn")}
+    straightforward |= {
+        f"single_transformer_blocks.{i}.attn"
+        for i in range(len(model.single_transformer_blocks))
+        if change in ("backend", f"single_transformer_blocks.{i}.attn")
+    }
     assert Counter(counts) == {name: 2 for name in straightforward}
 
 
@@ -159,10 +178,19 @@ def _cogview4_guided_call(fast, length_delta=5):
     processors' calls."""
     model, inputs = tpl.denoiser_batch("cogview4")
     negative = tpl.random_negative("cogview4", inputs, length_delta, rows=1)
-    watched = ("patch_embed.proj", "norm_out", "proj_out", *(f"transformer_blocks.{i}.ff"
-                                                             for i in range(len(model.transformer_blocks))))
-    with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
-                                        positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+    watched = (
+        "patch_embed.proj",
+        "norm_out",
+        "proj_out",
+        *(f"transformer_blocks.{i}.ff" for i in range(len(model.transformer_blocks))),
+    )
+    with nag.denoiser.apply_to_denoiser(
+        model,
+        {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()},
+        fast=fast,
+        positive_reference=inputs["encoder_hidden_states"][1:],
+        **SETTINGS,
+    ):
         counts = tpl.count_stock_calls(model)
         # (after NAG's hooks: the inputs the modules compute on)
         shapes = tpl.InputShapes([(name, module) for name, module in model.named_modules() if name in watched])
@@ -186,7 +214,7 @@ def test_cogview4_fast_path_runs_the_image_at_the_stock_batch(fast, length_delta
     model, inputs, out, expected, stock, seen, counts = _cogview4_guided_call(fast, length_delta)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)
-    image = inputs["hidden_states"].shape[2:].numel() // model.config.patch_size ** 2
+    image = inputs["hidden_states"].shape[2:].numel() // model.config.patch_size**2
     text = max(inputs["encoder_hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1] + length_delta)
     rows = 2 if fast else 3
     assert seen["patch_embed.proj"] == [(rows, image)]
@@ -221,8 +249,9 @@ def test_cogview4_other_processor_or_backend_takes_the_straightforward_path(chan
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert seen["patch_embed.proj"][0][0] == 3
     blocks = len(model.transformer_blocks)
-    straightforward = {f"transformer_blocks.{i}.attn1" for i in range(blocks)
-                       if change in ("backend", f"transformer_blocks.{i}.attn1")}
+    straightforward = {
+        f"transformer_blocks.{i}.attn1" for i in range(blocks) if change in ("backend", f"transformer_blocks.{i}.attn1")
+    }
     for i in range(blocks):
         rows = [rows for rows, _ in sorted(seen[f"transformer_blocks.{i}.ff"])]
         assert rows == ([3, 3] if f"transformer_blocks.{i}.attn1" in straightforward else [1, 2, 2])
@@ -253,8 +282,13 @@ def test_cogvideox_fast_path_runs_the_blocks_on_the_stock_rows(fast, change):
             module.set_processor(tpl.own_processor(CogVideoXAttnProcessor2_0))
     shapes = tpl.InputShapes([])
     try:
-        with nag.denoiser.apply_to_denoiser(model, {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
-                                            positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+        with nag.denoiser.apply_to_denoiser(
+            model,
+            {tpl.NEGATIVE_KEYS[k]: v for k, v in negative.items()},
+            fast=fast,
+            positive_reference=inputs["encoder_hidden_states"][1:],
+            **SETTINGS,
+        ):
             counts = tpl.count_stock_calls(model)
             shapes = tpl.InputShapes([(name, module) for name, module in model.named_modules() if name.endswith(".ff")])
             with torch.no_grad():
@@ -271,9 +305,14 @@ def test_cogvideox_fast_path_runs_the_blocks_on_the_stock_rows(fast, change):
     text = inputs["encoder_hidden_states"].shape[1] + 5
     frames, _, height, width = inputs["hidden_states"].shape[1:]
     joined = text + frames * (height // 2) * (width // 2)
-    straightforward = {f"transformer_blocks.{i}.attn1" for i in range(len(model.transformer_blocks))
-                       if not fast or change in ("backend", f"transformer_blocks.{i}.attn1")}
+    straightforward = {
+        f"transformer_blocks.{i}.attn1"
+        for i in range(len(model.transformer_blocks))
+        if not fast or change in ("backend", f"transformer_blocks.{i}.attn1")
+    }
     for i in range(len(model.transformer_blocks)):
         split = f"transformer_blocks.{i}.attn1" not in straightforward
-        assert sorted(shapes.seen[f"transformer_blocks.{i}.ff"]) == ([(1, text), (2, joined)] if split else [(3, joined)])
+        assert sorted(shapes.seen[f"transformer_blocks.{i}.ff"]) == (
+            [(1, text), (2, joined)] if split else [(3, joined)]
+        )
     assert Counter(counts) == {name: 2 for name in straightforward}

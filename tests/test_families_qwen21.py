@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
-import torch
-
 import naive_nag
-import nag
+import pytest
 import test_pipelines as tpl
 import tiny_pipelines as tp
+import torch
+
+import nag
 
 NAMES = ["qwenimage21", "qwenimage21_timestep_text", "qwenimage21_condition_image"]
 TARGET_TOKENS = 4
@@ -31,9 +31,12 @@ TARGET_TOKENS = 4
 # the invariants, CFG's unconditional branch, NAG alone on its attention path (test_pipelines' checks); the stock
 # processor does all attention math, also for the negative pass (target queries only)
 test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
-test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(
+    tpl.check_cfg_unconditional_branch_is_untouched, NAMES
+)
 test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
-    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, fast_path=False)
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, fast_path=False
+)
 
 
 def _naive_target(model, inputs, negative, cond_rows):
@@ -44,8 +47,13 @@ def _naive_target(model, inputs, negative, cond_rows):
         out = naive_nag.naive_qwenimage21_forward(model, kwargs, None)
     else:
         out = naive_nag.naive_qwenimage21_forward(
-            model, kwargs, negative["encoder_hidden_states"], negative.get("encoder_attention_mask"),
-            negative.get("img_mask"), cond_rows=cond_rows, **{**tpl.SETTINGS, "p": 1},
+            model,
+            kwargs,
+            negative["encoder_hidden_states"],
+            negative.get("encoder_attention_mask"),
+            negative.get("img_mask"),
+            cond_rows=cond_rows,
+            **{**tpl.SETTINGS, "p": 1},
         )
     return out[:, -TARGET_TOKENS:]
 
@@ -76,8 +84,10 @@ def test_agrees_with_naive_implementation(name, fast):
         length = text.shape[1] + length_delta
         mask = torch.ones(2, length, dtype=torch.long)
         mask[0, -3:] = 0
-        embeds = {"negative_prompt_embeds": torch.randn(2, length, text.shape[2], generator=g),
-                  "negative_prompt_embeds_mask": mask}
+        embeds = {
+            "negative_prompt_embeds": torch.randn(2, length, text.shape[2], generator=g),
+            "negative_prompt_embeds_mask": mask,
+        }
         with nag.apply(pipe, **embeds, **tpl.SETTINGS, fast=fast):
             _, calls = tpl.record(pipe, name)
         negative = {"encoder_hidden_states": embeds["negative_prompt_embeds"], "encoder_attention_mask": mask}
@@ -99,9 +109,9 @@ def test_negative_prefix_runs_once_per_generation_when_the_text_ignores_the_time
         passes = []
         original = model.forward
 
-        def counting_forward(*args, **kwargs):
-            passes.append((kwargs.get("kv_cache"), kwargs["hidden_states"].shape[1]))
-            return original(*args, **kwargs)
+        def counting_forward(*args, _passes=passes, _original=original, **kwargs):
+            _passes.append((kwargs.get("kv_cache"), kwargs["hidden_states"].shape[1]))
+            return _original(*args, **kwargs)
 
         with nag.apply(pipe, tpl.NEGATIVE, **tpl.SETTINGS) as handle:
             model.forward = counting_forward
@@ -178,7 +188,10 @@ def test_images_per_prompt_with_one_negative_per_prompt():
 def test_flex_attention_processor_is_refused():
     """The flex processor reads a block mask the model builds only for processors it recognises as flex: refused
     with the fix, and nothing is left installed."""
-    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21AttnProcessor, QwenImage21FlexAttnProcessor
+    from diffusers.models.transformers.transformer_qwenimage21 import (
+        QwenImage21AttnProcessor,
+        QwenImage21FlexAttnProcessor,
+    )
 
     pipe = tp.FAMILY_FACTORIES["qwenimage21"]()
     model = tp.denoiser(pipe)

@@ -15,11 +15,11 @@ images per prompt (``num_images_per_prompt=2``) against the naive reference.
 from __future__ import annotations
 
 import pytest
+import test_pipelines as tpl
+import tiny_pipelines as tp
 import torch
 
 import nag
-import test_pipelines as tpl
-import tiny_pipelines as tp
 
 NAMES = ["qwenimage_edit", "qwenimage_edit_plus"]
 TARGET_TOKENS = 4  # 256x256 output, 64x VAE, 2x2 patches
@@ -28,10 +28,15 @@ STRAIGHTFORWARD_ONLY: dict[str, str] = {}
 
 
 test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
-test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
-test_agrees_with_naive_implementation = tpl.each_configuration_and_path(tpl.check_agrees_with_naive_implementation, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(
+    tpl.check_cfg_unconditional_branch_is_untouched, NAMES
+)
+test_agrees_with_naive_implementation = tpl.each_configuration_and_path(
+    tpl.check_agrees_with_naive_implementation, NAMES
+)
 test_guided_without_cfg_on_its_attention_path = tpl.each_configuration(
-    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY)
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES, straightforward_only=STRAIGHTFORWARD_ONLY
+)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -52,8 +57,10 @@ def test_conditioning_is_left_unguided(name):
     assert torch.equal(guided_in["hidden_states"], stock_in["hidden_states"])
     assert guided_in["img_shapes"] == stock_in["img_shapes"]
     for stock_call, guided_call in zip(stock_calls, guided_calls):  # later steps: the reference part never moves
-        assert torch.equal(guided_call["inputs"]["hidden_states"][:, TARGET_TOKENS:],
-                           stock_call["inputs"]["hidden_states"][:, TARGET_TOKENS:])
+        assert torch.equal(
+            guided_call["inputs"]["hidden_states"][:, TARGET_TOKENS:],
+            stock_call["inputs"]["hidden_states"][:, TARGET_TOKENS:],
+        )
         assert guided_call["output"].shape == stock_call["output"].shape
     # the image tokens include the reference ones, the negative text rows none of them
     assert stock_in["encoder_hidden_states"].shape[0] == stock_in["hidden_states"].shape[0]

@@ -9,22 +9,27 @@ their own stream, unchanged.
 
 from __future__ import annotations
 
+import naive_nag
 import pytest
+import test_pipelines as tpl
 import torch
 
-import naive_nag
 import nag
-import test_pipelines as tpl
 
 NAMES = ["ltx_i2v", "ltx_condition", "wan_vace"]
 SETTINGS = tpl.SETTINGS
 
 
 test_invariants = tpl.each_configuration(tpl.check_invariants, NAMES)
-test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(tpl.check_cfg_unconditional_branch_is_untouched, NAMES)
-test_agrees_with_naive_implementation = tpl.each_configuration_and_path(tpl.check_agrees_with_naive_implementation, NAMES)
+test_cfg_unconditional_branch_is_untouched = tpl.each_configuration(
+    tpl.check_cfg_unconditional_branch_is_untouched, NAMES
+)
+test_agrees_with_naive_implementation = tpl.each_configuration_and_path(
+    tpl.check_agrees_with_naive_implementation, NAMES
+)
 test_fast_path_never_calls_the_stock_processor = tpl.each_configuration(
-    tpl.check_fast_path_never_calls_the_stock_processor, NAMES)
+    tpl.check_fast_path_never_calls_the_stock_processor, NAMES
+)
 
 
 @pytest.mark.parametrize("name", ["ltx_i2v", "ltx_condition"])
@@ -53,20 +58,28 @@ def test_wan_vace_batch_of_two_agrees_with_naive_implementation(fast):
     cond, uncond = calls[0]["inputs"], calls[1]["inputs"]  # one call per branch: cond first
     g = torch.Generator().manual_seed(5)
     inputs = {
-        "hidden_states": torch.cat([cond["hidden_states"], cond["hidden_states"] + 0.1 * torch.randn_like(cond["hidden_states"])]),
+        "hidden_states": torch.cat(
+            [cond["hidden_states"], cond["hidden_states"] + 0.1 * torch.randn_like(cond["hidden_states"])]
+        ),
         "timestep": torch.cat([cond["timestep"], cond["timestep"]]),
         "encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]]),
         "control_hidden_states": torch.cat([cond["control_hidden_states"], cond["control_hidden_states"].flip(0)]),
     }
     inputs["control_hidden_states"][1] += torch.randn(inputs["control_hidden_states"].shape[1:], generator=g)
     negative = torch.randn(1, 11, cond["encoder_hidden_states"].shape[-1], generator=g)
-    with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative}, fast=fast,
-                                        positive_reference=cond["encoder_hidden_states"], **SETTINGS):
+    with nag.denoiser.apply_to_denoiser(
+        model,
+        {"encoder_hidden_states": negative},
+        fast=fast,
+        positive_reference=cond["encoder_hidden_states"],
+        **SETTINGS,
+    ):
         with torch.no_grad():
             out = model(**inputs, return_dict=False)[0]
     with torch.no_grad():
-        expected = naive_nag.naive_cross_attention_forward(model, "wan_vace", inputs, negative, None,
-                                                           cond_rows=[1], p=1, **SETTINGS)
+        expected = naive_nag.naive_cross_attention_forward(
+            model, "wan_vace", inputs, negative, None, cond_rows=[1], p=1, **SETTINGS
+        )
         stock = model(**inputs, return_dict=False)[0]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)

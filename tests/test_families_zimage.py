@@ -13,14 +13,14 @@ and without (Z-Image-Turbo).
 
 from __future__ import annotations
 
+import naive_nag
 import pytest
+import test_pipelines as tpl
+import tiny_pipelines as tp
 import torch
 from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
-import naive_nag
 import nag
-import test_pipelines as tpl
-import tiny_pipelines as tp
 
 NAME = "zimage"
 STRAIGHTFORWARD_ONLY: dict[str, str] = {}  # (Z-Image has a fast path: the main blocks run on the stock rows with the
@@ -163,8 +163,9 @@ def test_batch_with_one_guided_row_agrees_with_naive_implementation(fast):
             with torch.no_grad():
                 out = model(**inputs, return_dict=False)[0]
         with torch.no_grad():
-            expected = naive_nag.naive_zimage_forward(model, inputs["x"], inputs["t"], inputs["cap_feats"], [negative[0]],
-                                                      cond_rows=[1], p=1, **SETTINGS)
+            expected = naive_nag.naive_zimage_forward(
+                model, inputs["x"], inputs["t"], inputs["cap_feats"], [negative[0]], cond_rows=[1], p=1, **SETTINGS
+            )
         assert_lists_close(out, expected)
         torch.testing.assert_close(out[0], stock[0], rtol=0, atol=1e-6)
         assert (out[1] - stock[1]).abs().max() > 1e-4
@@ -239,7 +240,9 @@ def test_fast_path_never_processes_the_negative_rows_image_tokens():
                 stock = max(image + n for n in captions)
                 assert counter.seen["noise_refiner"] == [(rows, image)] * len(model.noise_refiner) * steps
                 assert counter.seen["final_layer"] == [(rows, full)] * steps
-                assert sorted(counter.seen["feed_forward"]) == sorted([(rows, stock), (2, max(negatives))] * layers * steps)
+                assert sorted(counter.seen["feed_forward"]) == sorted(
+                    [(rows, stock), (2, max(negatives))] * layers * steps
+                )
             else:
                 assert counter.seen["noise_refiner"] == [(rows + 2, image)] * len(model.noise_refiner) * steps
                 assert counter.seen["final_layer"] == [(rows + 2, full)] * steps
@@ -285,18 +288,21 @@ def test_images_of_different_sizes_agree_with_naive_implementation(fast):
     model = tp.denoiser(pipe)
     g = torch.Generator().manual_seed(3)
     width = model.config.cap_feat_dim
-    inputs = {"x": [torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 16, generator=g)],
-              "t": torch.tensor([0.7, 0.7]),
-              "cap_feats": [torch.randn(40, width, generator=g), torch.randn(9, width, generator=g)]}
+    inputs = {
+        "x": [torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 16, generator=g)],
+        "t": torch.tensor([0.7, 0.7]),
+        "cap_feats": [torch.randn(40, width, generator=g), torch.randn(9, width, generator=g)],
+    }
     negative = [torch.randn(5, width, generator=g), torch.randn(70, width, generator=g)]
-    with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative}, fast=fast, **SETTINGS) as handle:
+    with nag.denoiser.apply_to_denoiser(model, {"encoder_hidden_states": negative}, fast=fast, **SETTINGS):
         counts = tpl.count_stock_calls(model)
         with torch.no_grad():
             out = model(**inputs, return_dict=False)[0]
     assert (len(counts) == 0) == fast
     with torch.no_grad():
-        expected = naive_nag.naive_zimage_forward(model, inputs["x"], inputs["t"], inputs["cap_feats"], negative,
-                                                  p=1, **SETTINGS)
+        expected = naive_nag.naive_zimage_forward(
+            model, inputs["x"], inputs["t"], inputs["cap_feats"], negative, p=1, **SETTINGS
+        )
         stock = model(**inputs, return_dict=False)[0]
     assert_lists_close(out, expected)
     assert all((a - b).abs().max() > 1e-4 for a, b in zip(out, stock))

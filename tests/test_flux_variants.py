@@ -4,18 +4,18 @@ text, and agrees with the naive implementation."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
-import torch
-
-import nag
 import test_pipelines as tpl
 import tiny_pipelines as tp
+import torch
 from test_pipelines import PROMPTS, SETTINGS, state_of
 
+import nag
 
-@lru_cache(maxsize=None)
+
+@cache
 def variant(name):
     import diffusers
     from diffusers import FluxTransformer2DModel
@@ -24,13 +24,25 @@ def variant(name):
     if name in ("control", "fill"):  # control: + 16 control-image channels; fill: + 16 masked-image + 16 mask
         with tp._seeded(5):
             components["transformer"] = FluxTransformer2DModel(
-                patch_size=1, in_channels=32 if name == "control" else 48, out_channels=16, num_layers=1, num_single_layers=1,
-                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                patch_size=1,
+                in_channels=32 if name == "control" else 48,
+                out_channels=16,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                pooled_projection_dim=32,
                 axes_dims_rope=(4, 4, 8),
             ).eval()
-    cls = {"img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline", "control": "FluxControlPipeline",
-           "kontext": "FluxKontextPipeline", "fill": "FluxFillPipeline",
-           "kontext_inpaint": "FluxKontextInpaintPipeline"}[name]
+    cls = {
+        "img2img": "FluxImg2ImgPipeline",
+        "inpaint": "FluxInpaintPipeline",
+        "control": "FluxControlPipeline",
+        "kontext": "FluxKontextPipeline",
+        "fill": "FluxFillPipeline",
+        "kontext_inpaint": "FluxKontextInpaintPipeline",
+    }[name]
     pipeline_class = getattr(diffusers, cls)
     accepted = pipeline_class._get_signature_keys(pipeline_class)[0]
     pipe = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
@@ -55,8 +67,14 @@ def call_kwargs(name):
     elif name == "fill":
         kwargs.update(image=image(1), mask_image=(image(2, 1) > 0.5).float())
     elif name == "kontext_inpaint":
-        kwargs.update(image=image(1), mask_image=(image(2, 1) > 0.5).float(), image_reference=image(4),
-                      strength=0.9, _auto_resize=False, max_area=16 * 16)
+        kwargs.update(
+            image=image(1),
+            mask_image=(image(2, 1) > 0.5).float(),
+            image_reference=image(4),
+            strength=0.9,
+            _auto_resize=False,
+            max_area=16 * 16,
+        )
     return kwargs
 
 
@@ -91,8 +109,10 @@ def test_agrees_with_naive_implementation(name):
     pipe = variant(name)
     model = pipe.transformer
     g = torch.Generator().manual_seed(7)
-    negative = {"negative_prompt_embeds": torch.randn(2, 11, model.config.joint_attention_dim, generator=g),
-                "negative_pooled_prompt_embeds": torch.randn(2, model.config.pooled_projection_dim, generator=g)}
+    negative = {
+        "negative_prompt_embeds": torch.randn(2, 11, model.config.joint_attention_dim, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(2, model.config.pooled_projection_dim, generator=g),
+    }
     with nag.apply(pipe, **negative, **SETTINGS):
         _, calls = tpl.record_calls(model, generate, pipe, name)
     assert calls

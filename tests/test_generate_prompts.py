@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli_errors import one_paragraph_error, run_nag
 
 from nag.evaluation.prompts import read_records
-from test_cli_errors import one_paragraph_error, run_nag
 
 FAST = ["--steps", "2", "--num-images", "2", "-n", "red"]
 LINES = [{"prompt": "a star", "negative": "yellow", "seed": 40}, {"prompt": "a circle"},

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
-
-import nag
 import test_pipelines as tpl
 import tiny_pipelines as tp
+import torch
 from test_pipelines import PROMPTS, SETTINGS, state_of
+
+import nag
 
 
 def img2img(custom_denoiser: bool):

@@ -11,13 +11,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from naive_nag import (  # noqa: E402
-    naive_combine,
-    naive_cross_attention_forward,
-    naive_flux_forward,
-    naive_sd3_forward,
-)
-
 from diffusers import (  # noqa: E402
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
@@ -25,6 +18,12 @@ from diffusers import (  # noqa: E402
     SD3Transformer2DModel,
     UNet2DConditionModel,
     WanTransformer3DModel,
+)
+from naive_nag import (  # noqa: E402
+    naive_combine,
+    naive_cross_attention_forward,
+    naive_flux_forward,
+    naive_sd3_forward,
 )
 
 TOL = 1e-5

@@ -7,22 +7,37 @@ and checks an invariant or agreement with the independent implementation in ``na
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
-
-import pytest
-import torch
+from functools import cache
 
 import naive_nag
-import nag
+import pytest
 import tiny_pipelines as tp
+import torch
 
-NAMES = ["flux", "flux_dev", "sd3", "sd35", "sdxl", "sd", "pixart_sigma", "pixart_alpha", "sana", "sana_sprint", "wan", "skyreels_v2", "ltx", "sana_video"]
+import nag
+
+NAMES = [
+    "flux",
+    "flux_dev",
+    "sd3",
+    "sd35",
+    "sdxl",
+    "sd",
+    "pixart_sigma",
+    "pixart_alpha",
+    "sana",
+    "sana_sprint",
+    "wan",
+    "skyreels_v2",
+    "ltx",
+    "sana_video",
+]
 PROMPTS = ["a red circle on a blue background", "a small green square"]
 NEGATIVE = "blurry, low quality, ugly watermark text"
 SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
 
 
-@lru_cache(maxsize=None)
+@cache
 def pipeline(name):
     return {**tp.FACTORIES, **tp.FAMILY_FACTORIES}[name]()
 
@@ -48,9 +63,7 @@ def state_of(pipe):
     """Everything NAG could leave behind: processors, hooks, instance attributes."""
     model = tp.denoiser(pipe)
     processors = tuple((name, id(getattr(m, "processor", None))) for name, m in model.named_modules())
-    hooks = tuple(
-        (name, len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()
-    )
+    hooks = tuple((name, len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules())
     return processors, hooks, tuple(sorted(pipe.__dict__))
 
 
@@ -140,12 +153,14 @@ def family_tests(names, straightforward_only):
     """The tests of a family file, for every configuration in ``names``: ``test_invariants``,
     ``test_cfg_unconditional_branch_is_untouched``, ``test_guided_without_cfg_on_its_attention_path`` (the
     configurations in ``straightforward_only`` have no fast path), ``test_agrees_with_naive_implementation`` (through
-    the pipeline, CFG on where the pipeline has CFG) and ``test_batch_with_one_guided_row_agrees_with_naive_implementation``
-    (on the denoiser), in that order."""
+    the pipeline, CFG on where the pipeline has CFG) and
+    ``test_batch_with_one_guided_row_agrees_with_naive_implementation`` (on the denoiser), in that order."""
     return (
         each_configuration(check_invariants, names),
         each_configuration(check_cfg_unconditional_branch_is_untouched, names),
-        each_configuration(check_fast_path_never_calls_the_stock_processor, names, straightforward_only=straightforward_only),
+        each_configuration(
+            check_fast_path_never_calls_the_stock_processor, names, straightforward_only=straightforward_only
+        ),
         each_configuration_and_path(check_agrees_with_naive_implementation, names),
         each_configuration_and_path(check_batch_with_one_guided_row_agrees_with_naive_implementation, names),
     )
@@ -257,7 +272,8 @@ def check_exception_inside_a_generation_leaves_nothing_behind(name):
 
 
 test_exception_inside_a_generation_leaves_nothing_behind = each_configuration(
-    check_exception_inside_a_generation_leaves_nothing_behind, NAMES)
+    check_exception_inside_a_generation_leaves_nothing_behind, NAMES
+)
 
 
 def check_cfg_unconditional_branch_is_untouched(name, pipe=None, mode=None, **overrides):
@@ -272,7 +288,9 @@ def check_cfg_unconditional_branch_is_untouched(name, pipe=None, mode=None, **ov
         rows = len(overrides.get("prompts", [None] * batch_rows(name)))
         first_stock, first_guided = stacked(stock_calls[0]["output"]), stacked(guided_calls[0]["output"])
         assert first_guided.shape == first_stock.shape
-        cond, uncond = (slice(rows, None), slice(None, rows)) if mode == "batched" else (slice(None, rows), slice(rows, None))
+        cond, uncond = (
+            (slice(rows, None), slice(None, rows)) if mode == "batched" else (slice(None, rows), slice(rows, None))
+        )
         torch.testing.assert_close(first_guided[uncond], first_stock[uncond], rtol=0, atol=1e-6)
         assert (first_guided[cond] - first_stock[cond]).abs().max() > 1e-4
     else:  # one call per branch: cond first, then uncond
@@ -281,7 +299,8 @@ def check_cfg_unconditional_branch_is_untouched(name, pipe=None, mode=None, **ov
 
 
 test_cfg_unconditional_branch_is_untouched = each_configuration(
-    check_cfg_unconditional_branch_is_untouched, [n for n in NAMES if tp.has_cfg(n)])
+    check_cfg_unconditional_branch_is_untouched, [n for n in NAMES if tp.has_cfg(n)]
+)
 
 
 def check_steps_outside_the_window_are_stock(name):
@@ -319,7 +338,8 @@ def test_num_images_per_prompt_and_negative_list(name):
 # agreement with the naive implementation, through the pipeline path
 # ---------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def family(name):
     """The NAG family of test configuration ``name`` (a family's name that is no configuration stands for itself)."""
     if name in tp.FACTORIES or name in tp.FAMILY_FACTORIES:
@@ -331,8 +351,16 @@ def family(name):
 
 # Families with a text mask, and which tokens the random negatives below mask: "suffix" (the valid tokens first: the
 # last three of row 0, the last one of the last row) or "ends" (left-padded text: the first token of the last row).
-NEGATIVE_MASKS = {"pixart": "suffix", "sana": "suffix", "ltx": "suffix", "qwenimage": "suffix", "chroma": "suffix",
-                  "hunyuanvideo": "suffix", "lumina2": "suffix", "cogview4": "ends"}
+NEGATIVE_MASKS = {
+    "pixart": "suffix",
+    "sana": "suffix",
+    "ltx": "suffix",
+    "qwenimage": "suffix",
+    "chroma": "suffix",
+    "hunyuanvideo": "suffix",
+    "lumina2": "suffix",
+    "cogview4": "ends",
+}
 
 
 def random_negative(name, call_inputs, length_delta, rows=None, seed=7):
@@ -376,62 +404,142 @@ def naive_output(name, model, inputs, negative, cond_rows=None):
     kind = family(name)
     if kind == "flux":
         return naive_nag.naive_flux_forward(
-            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["pooled_projections"],
-            inputs["timestep"], inputs["img_ids"], inputs["txt_ids"], inputs.get("guidance"),
-            neg_text, neg_pooled, None, cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            inputs["pooled_projections"],
+            inputs["timestep"],
+            inputs["img_ids"],
+            inputs["txt_ids"],
+            inputs.get("guidance"),
+            neg_text,
+            neg_pooled,
+            None,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if kind == "sd3":
         return naive_nag.naive_sd3_forward(
-            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["pooled_projections"],
-            inputs["timestep"], neg_text, neg_pooled, cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            inputs["pooled_projections"],
+            inputs["timestep"],
+            neg_text,
+            neg_pooled,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if kind == "qwenimage":
         return naive_nag.naive_qwen_forward(
-            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs.get("encoder_hidden_states_mask"),
-            inputs["timestep"], inputs["img_shapes"], neg_text, neg_mask, cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            inputs.get("encoder_hidden_states_mask"),
+            inputs["timestep"],
+            inputs["img_shapes"],
+            neg_text,
+            neg_mask,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if kind == "chroma":
         return naive_nag.naive_chroma_forward(
-            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["img_ids"],
-            inputs["txt_ids"], inputs.get("attention_mask"), neg_text, neg_mask, cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            inputs["timestep"],
+            inputs["img_ids"],
+            inputs["txt_ids"],
+            inputs.get("attention_mask"),
+            neg_text,
+            neg_mask,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if kind == "auraflow":
         return naive_nag.naive_auraflow_forward(
-            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], neg_text,
-            cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            inputs["timestep"],
+            neg_text,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if kind == "cogview4":
         return naive_nag.naive_cogview4_forward(
-            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["original_size"],
-            inputs["target_size"], inputs["crop_coords"], inputs.get("attention_mask"), neg_text, neg_mask,
-            cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            inputs["timestep"],
+            inputs["original_size"],
+            inputs["target_size"],
+            inputs["crop_coords"],
+            inputs.get("attention_mask"),
+            neg_text,
+            neg_mask,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if kind == "cogvideox":
         return naive_nag.naive_cogvideox_forward(
-            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"],
-            inputs.get("image_rotary_emb"), neg_text, cond_rows=cond_rows, ofs=inputs.get("ofs"), **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            inputs["timestep"],
+            inputs.get("image_rotary_emb"),
+            neg_text,
+            cond_rows=cond_rows,
+            ofs=inputs.get("ofs"),
+            **nag_settings,
         )
     if kind == "hunyuanvideo":
         return naive_nag.naive_hunyuanvideo_forward(
-            model, inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"],
-            inputs["encoder_attention_mask"], inputs["pooled_projections"], inputs.get("guidance"), neg_text, neg_mask,
-            neg_pooled, cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["timestep"],
+            inputs["encoder_hidden_states"],
+            inputs["encoder_attention_mask"],
+            inputs["pooled_projections"],
+            inputs.get("guidance"),
+            neg_text,
+            neg_mask,
+            neg_pooled,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if kind == "flux2":
         return naive_nag.naive_flux2_forward(
-            model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"], inputs["img_ids"],
-            inputs["txt_ids"], inputs.get("guidance"), neg_text, cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            inputs["timestep"],
+            inputs["img_ids"],
+            inputs["txt_ids"],
+            inputs.get("guidance"),
+            neg_text,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if kind == "lumina2":
         return naive_nag.naive_lumina2_forward(
-            model, inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"],
-            inputs["encoder_attention_mask"], neg_text, neg_mask, cond_rows=cond_rows, **nag_settings,
+            model,
+            inputs["hidden_states"],
+            inputs["timestep"],
+            inputs["encoder_hidden_states"],
+            inputs["encoder_attention_mask"],
+            neg_text,
+            neg_mask,
+            cond_rows=cond_rows,
+            **nag_settings,
         )
     if nag.families.FAMILIES[kind].layout != "cross":
         raise KeyError(f"no naive reference here for the {kind!r} family (its test file has its own)")
     kwargs = {k: v for k, v in inputs.items() if k != "return_dict"}
-    return naive_nag.naive_cross_attention_forward(model, kind, kwargs, neg_text, neg_mask, cond_rows=cond_rows,
-                                                   **nag_settings)
+    return naive_nag.naive_cross_attention_forward(
+        model, kind, kwargs, neg_text, neg_mask, cond_rows=cond_rows, **nag_settings
+    )
 
 
 def cond_rows_of(name, call_index, batch):
@@ -458,8 +566,9 @@ def check_agrees_with_naive_implementation(name, fast, length_deltas=(-3, 5)):
     model = tp.denoiser(pipe)
     _, stock_calls = record(pipe, name)
     with torch.no_grad():  # the reference itself reproduces the stock model
-        torch.testing.assert_close(naive_output(name, model, stock_calls[0]["inputs"], None),
-                                   stock_calls[0]["output"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            naive_output(name, model, stock_calls[0]["inputs"], None), stock_calls[0]["output"], rtol=1e-4, atol=1e-5
+        )
     for length_delta in length_deltas:
         negative = random_negative(name, stock_calls[0]["inputs"], length_delta, rows=batch_rows(name))
         with nag.apply(pipe, **negative, **SETTINGS, fast=fast):
@@ -501,8 +610,11 @@ def denoiser_batch(name):
     return tp.denoiser(pipe), inputs
 
 
-NEGATIVE_KEYS = {"negative_prompt_embeds": "encoder_hidden_states", "negative_prompt_attention_mask": "encoder_attention_mask",
-                 "negative_pooled_prompt_embeds": "pooled_projections"}
+NEGATIVE_KEYS = {
+    "negative_prompt_embeds": "encoder_hidden_states",
+    "negative_prompt_attention_mask": "encoder_attention_mask",
+    "negative_pooled_prompt_embeds": "pooled_projections",
+}
 
 
 def check_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast):
@@ -511,8 +623,13 @@ def check_batch_with_one_guided_row_agrees_with_naive_implementation(name, fast)
     model, inputs = denoiser_batch(name)
     for length_delta in (-3, 5):
         negative = random_negative(name, inputs, length_delta, rows=1)
-        with nag.denoiser.apply_to_denoiser(model, {NEGATIVE_KEYS[k]: v for k, v in negative.items()}, fast=fast,
-                                            positive_reference=inputs["encoder_hidden_states"][1:], **SETTINGS):
+        with nag.denoiser.apply_to_denoiser(
+            model,
+            {NEGATIVE_KEYS[k]: v for k, v in negative.items()},
+            fast=fast,
+            positive_reference=inputs["encoder_hidden_states"][1:],
+            **SETTINGS,
+        ):
             with torch.no_grad():
                 out = model(**inputs, return_dict=False)[0]
         with torch.no_grad():
@@ -556,8 +673,9 @@ def check_conditioning_is_left_unguided(name, parts, **overrides):
     negative = {k: inputs[k][-rows:] for k in negative_keys if inputs.get(k) is not None}
     with torch.no_grad():
         stock = model(**inputs, return_dict=False)[0]
-        with nag.denoiser.apply_to_denoiser(model, negative, fast=False,
-                                            positive_reference=inputs["encoder_hidden_states"][-rows:], **SETTINGS):
+        with nag.denoiser.apply_to_denoiser(
+            model, negative, fast=False, positive_reference=inputs["encoder_hidden_states"][-rows:], **SETTINGS
+        ):
             same = model(**inputs, return_dict=False)[0]
     torch.testing.assert_close(same, stock, rtol=0, atol=1e-5)
 
@@ -568,8 +686,12 @@ class InputShapes:
 
     def __init__(self, modules):
         self.seen = {key: [] for key, _ in modules}
-        self._handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, key=key: self._count(key, args, kwargs),
-                                                     with_kwargs=True) for key, m in modules]
+        self._handles = [
+            m.register_forward_pre_hook(
+                lambda _m, args, kwargs, key=key: self._count(key, args, kwargs), with_kwargs=True
+            )
+            for key, m in modules
+        ]
 
     def _count(self, key, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()))
@@ -628,8 +750,8 @@ def check_fast_path_never_calls_the_stock_processor(name, fast_path=True, straig
                 if isinstance(processor, nag.attention.NAGProcessor):
                     stock = processor.stock
 
-                    def counting(*args, _stock=stock, **kwargs):
-                        counts.append(1)
+                    def counting(*args, _stock=stock, _counts=counts, **kwargs):
+                        _counts.append(1)
                         return _stock(*args, **kwargs)
 
                     processor.stock = counting
@@ -639,7 +761,8 @@ def check_fast_path_never_calls_the_stock_processor(name, fast_path=True, straig
 
 
 test_fast_path_never_calls_the_stock_processor = each_configuration(
-    check_fast_path_never_calls_the_stock_processor, NAMES)
+    check_fast_path_never_calls_the_stock_processor, NAMES
+)
 
 
 def test_wan22_two_experts_are_both_guided():
@@ -651,14 +774,22 @@ def test_wan22_two_experts_are_both_guided():
     with torch.no_grad():
         for p in second.parameters():
             p.mul_(0.9)
-    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
-                       scheduler=base.scheduler, transformer=base.transformer, transformer_2=second,
-                       boundary_ratio=0.5)
+    pipe = WanPipeline(
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        transformer=base.transformer,
+        transformer_2=second,
+        boundary_ratio=0.5,
+    )
     pipe.set_progress_bar_config(disable=True)
     kwargs = {**tp.no_cfg_kwargs("wan"), "num_inference_steps": 4}
     calls = {"transformer": 0, "transformer_2": 0}
-    hooks = [getattr(pipe, name).register_forward_pre_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
-             for name in calls]
+    hooks = [
+        getattr(pipe, name).register_forward_pre_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+        for name in calls
+    ]
     stock = tp.output_tensor(pipe(prompt=PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs))
     for hook in hooks:
         hook.remove()

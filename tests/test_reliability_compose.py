@@ -8,12 +8,12 @@ leaves the feature working. Combinations that cannot work raise a clear error.
 from __future__ import annotations
 
 import pytest
+import tiny_pipelines as tp
 import torch
+from test_pipelines import NEGATIVE, SETTINGS, generate, state_of
+from test_reliability_state import references
 
 import nag
-import tiny_pipelines as tp
-from test_pipelines import NEGATIVE, SETTINGS, generate, pipeline, state_of
-from test_reliability_state import references
 
 
 def reliability(case: str, expect: str):
@@ -96,11 +96,15 @@ def test_sequential_cpu_offload(name, record_property):
     except Exception as error:  # noqa: BLE001 - the stock pipeline itself cannot run this here
         pytest.skip(f"stock diffusers cannot run it on this CPU-only machine ({type(error).__name__}: "
                     f"{str(error).splitlines()[0][:90]})")
-    record_property("observed", check_composes(fresh(name), name, lambda p: p.enable_sequential_cpu_offload(device="cpu")))
+    record_property(
+        "observed", check_composes(fresh(name), name, lambda p: p.enable_sequential_cpu_offload(device="cpu"))
+    )
 
 
-@reliability("group offloading (enable_group_offload, onload and offload device = cpu)",
-             "identical output; offloading keeps working after removal; either order")
+@reliability(
+    "group offloading (enable_group_offload, onload and offload device = cpu)",
+    "identical output; offloading keeps working after removal; either order",
+)
 @pytest.mark.parametrize("name", ["sd", "flux", "wan"])
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 @pytest.mark.parametrize("nag_first", [False, True], ids=["feature-then-nag", "nag-then-feature"])
@@ -145,11 +149,15 @@ def _save_random_lora(name: str, directory) -> None:
 
 
 def _lora_scale_kwargs(name: str, scale: float) -> dict:
-    return {"joint_attention_kwargs": {"scale": scale}} if name == "flux" else {"cross_attention_kwargs": {"scale": scale}}
+    return (
+        {"joint_attention_kwargs": {"scale": scale}} if name == "flux" else {"cross_attention_kwargs": {"scale": scale}}
+    )
 
 
-@reliability("LoRA (load_lora_weights), unfused, fused, with a LoRA scale, loaded or unloaded while NAG is applied",
-             "NAG with the LoRA equals NAG on the LoRA-merged weights; the LoRA works unchanged after removal")
+@reliability(
+    "LoRA (load_lora_weights), unfused, fused, with a LoRA scale, loaded or unloaded while NAG is applied",
+    "NAG with the LoRA equals NAG on the LoRA-merged weights; the LoRA works unchanged after removal",
+)
 @pytest.mark.parametrize("name", ["sd", "flux"])
 def test_lora(name, tmp_path):
     _save_random_lora(name, tmp_path)
@@ -203,30 +211,41 @@ def _caches():
     )
 
     steps = 6
-    timestep = lambda p: (lambda: p._current_timestep)  # noqa: E731
+    timestep = lambda p: lambda: p._current_timestep  # noqa: E731
     return steps, {
-        "first-block cache, threshold 0 (never reuses)":
-            lambda p: apply_first_block_cache(tp.denoiser(p), FirstBlockCacheConfig(threshold=0.0)),
-        "first-block cache, threshold 10 (reuses after the first step)":
-            lambda p: apply_first_block_cache(tp.denoiser(p), FirstBlockCacheConfig(threshold=10.0)),
-        "pyramid attention broadcast (self-attention every 2nd block)":
-            lambda p: apply_pyramid_attention_broadcast(tp.denoiser(p), PyramidAttentionBroadcastConfig(
-                spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
-                current_timestep_callback=timestep(p))),
-        "pyramid attention broadcast (cross-attention every 2nd block)":
-            lambda p: apply_pyramid_attention_broadcast(tp.denoiser(p), PyramidAttentionBroadcastConfig(
-                cross_attention_block_skip_range=2, cross_attention_timestep_skip_range=(-1, 1001),
-                current_timestep_callback=timestep(p))),
-        "TaylorSeer cache (active from step 2)":
-            lambda p: apply_taylorseer_cache(tp.denoiser(p), TaylorSeerCacheConfig(
-                cache_interval=2, disable_cache_before_step=1, max_order=1)),
-        "MagCache (given ratios)":
-            lambda p: apply_mag_cache(tp.denoiser(p), MagCacheConfig(
-                num_inference_steps=steps, mag_ratios=[1.0] * steps, threshold=1.0, retention_ratio=0.0)),
-        "SeaCache":
-            lambda p: apply_sea_cache(tp.denoiser(p), SeaCacheConfig()),
-        "FasterCache":
-            lambda p: apply_faster_cache(tp.denoiser(p), FasterCacheConfig(current_timestep_callback=timestep(p))),
+        "first-block cache, threshold 0 (never reuses)": lambda p: apply_first_block_cache(
+            tp.denoiser(p), FirstBlockCacheConfig(threshold=0.0)
+        ),
+        "first-block cache, threshold 10 (reuses after the first step)": lambda p: apply_first_block_cache(
+            tp.denoiser(p), FirstBlockCacheConfig(threshold=10.0)
+        ),
+        "pyramid attention broadcast (self-attention every 2nd block)": lambda p: apply_pyramid_attention_broadcast(
+            tp.denoiser(p),
+            PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=2,
+                spatial_attention_timestep_skip_range=(-1, 1001),
+                current_timestep_callback=timestep(p),
+            ),
+        ),
+        "pyramid attention broadcast (cross-attention every 2nd block)": lambda p: apply_pyramid_attention_broadcast(
+            tp.denoiser(p),
+            PyramidAttentionBroadcastConfig(
+                cross_attention_block_skip_range=2,
+                cross_attention_timestep_skip_range=(-1, 1001),
+                current_timestep_callback=timestep(p),
+            ),
+        ),
+        "TaylorSeer cache (active from step 2)": lambda p: apply_taylorseer_cache(
+            tp.denoiser(p), TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1)
+        ),
+        "MagCache (given ratios)": lambda p: apply_mag_cache(
+            tp.denoiser(p),
+            MagCacheConfig(num_inference_steps=steps, mag_ratios=[1.0] * steps, threshold=1.0, retention_ratio=0.0),
+        ),
+        "SeaCache": lambda p: apply_sea_cache(tp.denoiser(p), SeaCacheConfig()),
+        "FasterCache": lambda p: apply_faster_cache(
+            tp.denoiser(p), FasterCacheConfig(current_timestep_callback=timestep(p))
+        ),
     }
 
 
@@ -250,19 +269,27 @@ CACHE_CASES = {
 _EXPECT = {
     "exact": "identical output; the cache works unchanged after removal",
     "effect": "runs; NAG still guides; NAG's output moves by less than the guidance itself plus the cache's own "
-              "effect on the stock output (skipped steps are approximated from guided ones); the cache works "
-              "unchanged after removal",
+    "effect on the stock output (skipped steps are approximated from guided ones); the cache works "
+    "unchanged after removal",
     "refused": "NotImplementedError at nag.apply (and at the next generation if enabled later) naming the "
-               "feature and how to turn it off",
+    "feature and how to turn it off",
 }
 
 
 @pytest.mark.parametrize(
     "name, cache, expected",
-    [pytest.param(n, c, e, id=f"{n}-{c.split(' (')[0]}-{e}",
-                  marks=pytest.mark.reliability(area="composition", case=f"diffusers cache hook: {c} ({n})",
-                                                expect=_EXPECT[e]))
-     for (n, c), e in CACHE_CASES.items()],
+    [
+        pytest.param(
+            n,
+            c,
+            e,
+            id=f"{n}-{c.split(' (')[0]}-{e}",
+            marks=pytest.mark.reliability(
+                area="composition", case=f"diffusers cache hook: {c} ({n})", expect=_EXPECT[e]
+            ),
+        )
+        for (n, c), e in CACHE_CASES.items()
+    ],
 )
 def test_cache_hooks(name, cache, expected, record_property):
     enable = CACHES[cache]
@@ -303,8 +330,10 @@ def global_attention_backend():
     _AttentionBackendRegistry.set_active_backend(saved)
 
 
-@reliability("attention backend chosen with set_attention_backend",
-             "same output as NAG on the default backend (to 1e-5); the backend stays set after removal")
+@reliability(
+    "attention backend chosen with set_attention_backend",
+    "same output as NAG on the default backend (to 1e-5); the backend stays set after removal",
+)
 @pytest.mark.parametrize("name", ["flux", "wan"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ACCELERATOR_BACKENDS)
 @pytest.mark.filterwarnings("ignore")
@@ -359,8 +388,10 @@ def test_stock_follows_the_process_wide_attention_backend(name, monkeypatch):
     assert _calls_on_process_wide_backend(name, monkeypatch, guided=False) > 0
 
 
-@reliability("attention backend chosen process-wide (diffusers' attention_backend(...) context)",
-             "NAG's attention runs on the chosen backend too")
+@reliability(
+    "attention backend chosen process-wide (diffusers' attention_backend(...) context)",
+    "NAG's attention runs on the chosen backend too",
+)
 @pytest.mark.parametrize("name", ["flux", "wan"])
 @pytest.mark.usefixtures("global_attention_backend")
 @pytest.mark.filterwarnings("ignore")
@@ -373,8 +404,11 @@ def test_process_wide_attention_backend(name, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@reliability("torch.compile'd denoiser: pipe.transformer = torch.compile(...), used before and after nag.apply "
-             "(dynamo, eager backend)", "same output as eager NAG; the compiled model works after removal")
+@reliability(
+    "torch.compile'd denoiser: pipe.transformer = torch.compile(...), used before and after nag.apply "
+    "(dynamo, eager backend)",
+    "same output as eager NAG; the compiled model works after removal",
+)
 @pytest.mark.filterwarnings("ignore")
 def test_compiled_denoiser_wrapper(record_property):
     torch._dynamo.reset()

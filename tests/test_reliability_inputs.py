@@ -10,13 +10,13 @@ import inspect
 
 import numpy as np
 import pytest
+import tiny_pipelines as tp
 import torch
+from test_pipelines import NEGATIVE, SETTINGS, generate, pipeline, state_of
 
 import nag
 import nag.checks
 import nag.pipeline
-import tiny_pipelines as tp
-from test_pipelines import NEGATIVE, PROMPTS, SETTINGS, generate, pipeline, state_of
 
 
 def reliability(area: str, case: str, expect: str):
@@ -56,45 +56,112 @@ BAD_APPLY = [
     ("negative prompt not a string", dict(negative_prompt=3), TypeError, "negative_prompt must be a string"),
     ("negative prompt list with a non-string", dict(negative_prompt=["ok", 3]), TypeError, "list of strings"),
     ("empty negative prompt list", dict(negative_prompt=[]), TypeError, "non-empty list"),
-    ("negative prompt and embeddings together",
-     lambda: dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 4, _flux_width())), ValueError, "either"),
-    ("negative embeddings: wrong number of dimensions", lambda: dict(negative_prompt_embeds=torch.zeros(4, _flux_width())),
-     ValueError, r"3 dimensions \(rows, tokens, width\)"),
-    ("negative embeddings: integer dtype (token ids)",
-     lambda: dict(negative_prompt_embeds=torch.zeros(1, 4, _flux_width(), dtype=torch.long),
-                  negative_pooled_prompt_embeds=torch.zeros(1, 32)), TypeError, "floating-point.*not token ids"),
-    ("negative embeddings: complex dtype",
-     lambda: dict(negative_prompt_embeds=torch.zeros(1, 4, _flux_width(), dtype=torch.complex64),
-                  negative_pooled_prompt_embeds=torch.zeros(1, 32)), TypeError, "floating-point"),
-    ("negative embeddings: meta device (no data)",
-     lambda: dict(negative_prompt_embeds=torch.zeros(1, 4, _flux_width(), device="meta"),
-                  negative_pooled_prompt_embeds=torch.zeros(1, 32)), ValueError, "meta device.*materialized"),
-    ("negative embeddings: zero tokens",
-     lambda: dict(negative_prompt_embeds=torch.zeros(1, 0, _flux_width()),
-                  negative_pooled_prompt_embeds=torch.zeros(1, 32)), ValueError, "empty.*at least one"),
-    ("negative embeddings: NaN values",
-     lambda: dict(negative_prompt_embeds=torch.full((1, 4, _flux_width()), float("nan")),
-                  negative_pooled_prompt_embeds=torch.zeros(1, 32)), ValueError, "NaN or inf"),
-    ("negative embeddings: wrong hidden width",
-     lambda: dict(negative_prompt_embeds=torch.zeros(1, 4, _flux_width() + 16),
-                  negative_pooled_prompt_embeds=torch.zeros(1, 32)), ValueError,
-     r"width 48 but .* expects 32 \(config.joint_attention_dim\): expected shape \('rows', 'tokens', 32\)"),
-    ("negative pooled embeddings: wrong width",
-     lambda: dict(negative_prompt_embeds=torch.zeros(1, 4, _flux_width()), negative_pooled_prompt_embeds=torch.zeros(1, 7)),
-     ValueError, r"negative_pooled_prompt_embeds.*width 7.*expects 32 \(config.pooled_projection_dim\)"),
-    ("negative embeddings without the pooled ones (Flux)",
-     lambda: dict(negative_prompt_embeds=torch.zeros(1, 4, _flux_width())), ValueError, "negative_pooled_prompt_embeds"),
-    ("a negative input the pipeline does not take", dict(negative_prompt_attention_mask=torch.ones(1, 4)), TypeError,
-     "accepts"),
-    ("negative embeddings not a tensor", lambda: dict(negative_prompt_embeds=[[0.0]], negative_pooled_prompt_embeds=torch.zeros(1, 32)),
-     TypeError, "must be a torch.Tensor"),
+    (
+        "negative prompt and embeddings together",
+        lambda: dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 4, _flux_width())),
+        ValueError,
+        "either",
+    ),
+    (
+        "negative embeddings: wrong number of dimensions",
+        lambda: dict(negative_prompt_embeds=torch.zeros(4, _flux_width())),
+        ValueError,
+        r"3 dimensions \(rows, tokens, width\)",
+    ),
+    (
+        "negative embeddings: integer dtype (token ids)",
+        lambda: dict(
+            negative_prompt_embeds=torch.zeros(1, 4, _flux_width(), dtype=torch.long),
+            negative_pooled_prompt_embeds=torch.zeros(1, 32),
+        ),
+        TypeError,
+        "floating-point.*not token ids",
+    ),
+    (
+        "negative embeddings: complex dtype",
+        lambda: dict(
+            negative_prompt_embeds=torch.zeros(1, 4, _flux_width(), dtype=torch.complex64),
+            negative_pooled_prompt_embeds=torch.zeros(1, 32),
+        ),
+        TypeError,
+        "floating-point",
+    ),
+    (
+        "negative embeddings: meta device (no data)",
+        lambda: dict(
+            negative_prompt_embeds=torch.zeros(1, 4, _flux_width(), device="meta"),
+            negative_pooled_prompt_embeds=torch.zeros(1, 32),
+        ),
+        ValueError,
+        "meta device.*materialized",
+    ),
+    (
+        "negative embeddings: zero tokens",
+        lambda: dict(
+            negative_prompt_embeds=torch.zeros(1, 0, _flux_width()), negative_pooled_prompt_embeds=torch.zeros(1, 32)
+        ),
+        ValueError,
+        "empty.*at least one",
+    ),
+    (
+        "negative embeddings: NaN values",
+        lambda: dict(
+            negative_prompt_embeds=torch.full((1, 4, _flux_width()), float("nan")),
+            negative_pooled_prompt_embeds=torch.zeros(1, 32),
+        ),
+        ValueError,
+        "NaN or inf",
+    ),
+    (
+        "negative embeddings: wrong hidden width",
+        lambda: dict(
+            negative_prompt_embeds=torch.zeros(1, 4, _flux_width() + 16),
+            negative_pooled_prompt_embeds=torch.zeros(1, 32),
+        ),
+        ValueError,
+        r"width 48 but .* expects 32 \(config.joint_attention_dim\): expected shape \('rows', 'tokens', 32\)",
+    ),
+    (
+        "negative pooled embeddings: wrong width",
+        lambda: dict(
+            negative_prompt_embeds=torch.zeros(1, 4, _flux_width()), negative_pooled_prompt_embeds=torch.zeros(1, 7)
+        ),
+        ValueError,
+        r"negative_pooled_prompt_embeds.*width 7.*expects 32 \(config.pooled_projection_dim\)",
+    ),
+    (
+        "negative embeddings without the pooled ones (Flux)",
+        lambda: dict(negative_prompt_embeds=torch.zeros(1, 4, _flux_width())),
+        ValueError,
+        "negative_pooled_prompt_embeds",
+    ),
+    (
+        "a negative input the pipeline does not take",
+        dict(negative_prompt_attention_mask=torch.ones(1, 4)),
+        TypeError,
+        "accepts",
+    ),
+    (
+        "negative embeddings not a tensor",
+        lambda: dict(negative_prompt_embeds=[[0.0]], negative_pooled_prompt_embeds=torch.zeros(1, 32)),
+        TypeError,
+        "must be a torch.Tensor",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     "make, error, match",
-    [pytest.param(make, error, match, id=case, marks=reliability("bad input at nag.apply", case, f"{error.__name__} naming the fix; pipeline untouched"))
-     for case, make, error, match in BAD_APPLY],
+    [
+        pytest.param(
+            make,
+            error,
+            match,
+            id=case,
+            marks=reliability("bad input at nag.apply", case, f"{error.__name__} naming the fix; pipeline untouched"),
+        )
+        for case, make, error, match in BAD_APPLY
+    ],
 )
 def test_bad_input_at_apply(make, error, match, record_property):
     pipe = pipeline("flux")
@@ -107,14 +174,19 @@ def test_bad_input_at_apply(make, error, match, record_property):
     assert nag.pipeline._HANDLES.get(pipe) is None
 
 
-@reliability("bad input at nag.apply", "mask length differs from the embeddings' (PixArt)",
-             "ValueError naming the expected shape")
+@reliability(
+    "bad input at nag.apply",
+    "mask length differs from the embeddings' (PixArt)",
+    "ValueError naming the expected shape",
+)
 def test_mask_shape_must_match_the_embeddings(record_property):
     pipe = pipeline("pixart_sigma")
     before = state_of(pipe)
     width = pipe.transformer.config.caption_channels
     with pytest.raises(ValueError, match=r"expected \(2, 5\)") as info:
-        nag.apply(pipe, negative_prompt_embeds=torch.zeros(2, 5, width), negative_prompt_attention_mask=torch.ones(2, 7))
+        nag.apply(
+            pipe, negative_prompt_embeds=torch.zeros(2, 5, width), negative_prompt_attention_mask=torch.ones(2, 7)
+        )
     observe(record_property, info.value)
     assert state_of(pipe) == before
 
@@ -122,7 +194,9 @@ def test_mask_shape_must_match_the_embeddings(record_property):
 @reliability("bad input at nag.apply", "settings given as numpy scalars", "accepted, stored as Python numbers")
 def test_numpy_scalars_are_accepted():
     pipe = pipeline("sd")
-    with nag.apply(pipe, NEGATIVE, scale=np.float32(3.0), tau=np.float64(2.5), alpha=np.float32(0.5), norm=np.int64(2)) as handle:
+    with nag.apply(
+        pipe, NEGATIVE, scale=np.float32(3.0), tau=np.float64(2.5), alpha=np.float32(0.5), norm=np.int64(2)
+    ) as handle:
         settings = handle.settings
         assert (type(settings.scale), type(settings.norm)) == (float, int)
         out = generate(pipe, "sd")
@@ -130,10 +204,19 @@ def test_numpy_scalars_are_accepted():
         assert torch.equal(generate(pipe, "sd"), out)
 
 
-@reliability("bad input at handle.update", "invalid or unknown setting", "ValueError / TypeError; settings in force unchanged")
-@pytest.mark.parametrize("changes, error", [(dict(tau=0), ValueError), (dict(scale=0.2), ValueError),
-                                            (dict(start=0.9, end=0.1), ValueError), (dict(scle=3), TypeError),
-                                            (dict(eps=0.1), TypeError)])
+@reliability(
+    "bad input at handle.update", "invalid or unknown setting", "ValueError / TypeError; settings in force unchanged"
+)
+@pytest.mark.parametrize(
+    "changes, error",
+    [
+        (dict(tau=0), ValueError),
+        (dict(scale=0.2), ValueError),
+        (dict(start=0.9, end=0.1), ValueError),
+        (dict(scle=3), TypeError),
+        (dict(eps=0.1), TypeError),
+    ],
+)
 def test_bad_update_keeps_the_settings(changes, error, record_property):
     pipe = pipeline("sd")
     with nag.apply(pipe, NEGATIVE, **SETTINGS) as handle:
@@ -144,8 +227,11 @@ def test_bad_update_keeps_the_settings(changes, error, record_property):
         assert handle.settings == settings
 
 
-@reliability("bad input at generation", "negative prompt list length differs from the prompts",
-             "ValueError at the call naming both counts; NAG stays installed and usable")
+@reliability(
+    "bad input at generation",
+    "negative prompt list length differs from the prompts",
+    "ValueError at the call naming both counts; NAG stays installed and usable",
+)
 @pytest.mark.parametrize("name", ["sd", "flux", "wan"])
 def test_negative_prompt_count_mismatch(name, record_property):
     pipe = pipeline(name)
@@ -161,21 +247,29 @@ def test_negative_prompt_count_mismatch(name, record_property):
     assert torch.equal(out, reference)
 
 
-@reliability("bad input at generation", "negative embeddings narrower than this call's prompt embeddings "
-             "(denoiser config silent on the width)", "ValueError at the call naming the expected shape")
+@reliability(
+    "bad input at generation",
+    "negative embeddings narrower than this call's prompt embeddings (denoiser config silent on the width)",
+    "ValueError at the call naming the expected shape",
+)
 def test_width_checked_against_the_prompt_embeddings(monkeypatch, record_property):
     pipe = pipeline("sd")
     monkeypatch.setattr(nag.checks, "expected_widths", lambda denoiser: {})
     width = pipe.unet.config.cross_attention_dim
     with nag.apply(pipe, negative_prompt_embeds=torch.zeros(1, 5, width - 8), **SETTINGS):
-        with pytest.raises(ValueError, match=rf"width {width - 8} but this call's prompt embeddings have width {width}") as info:
+        with pytest.raises(
+            ValueError, match=rf"width {width - 8} but this call's prompt embeddings have width {width}"
+        ) as info:
             generate(pipe, "sd")
         observe(record_property, info.value)
     assert state_of(pipe) == state_of(pipeline("sd"))
 
 
-@reliability("bad input at nag.apply", "negative embeddings on another device than the model",
-             "accepted and moved to the model's device at use (only meta tensors, which hold no data, are refused)")
+@reliability(
+    "bad input at nag.apply",
+    "negative embeddings on another device than the model",
+    "accepted and moved to the model's device at use (only meta tensors, which hold no data, are refused)",
+)
 def test_embeddings_on_another_device_are_moved():
     # A CPU-only machine has one real device: a tensor that claims another one is emulated by
     # checking the move: the stored embeddings are used through `.to(device)`.
@@ -205,7 +299,9 @@ def test_applying_twice(record_property):
         assert torch.equal(generate(pipe, "sd"), reference)
 
 
-@reliability("pipeline", "a second pipeline sharing the first one's denoiser", "RuntimeError: remove NAG from the first")
+@reliability(
+    "pipeline", "a second pipeline sharing the first one's denoiser", "RuntimeError: remove NAG from the first"
+)
 def test_shared_denoiser(record_property):
     pipe = pipeline("sd")
     twin = type(pipe)(**pipe.components)
@@ -225,8 +321,11 @@ def test_unsupported_pipeline(record_property):
     observe(record_property, info.value)
 
 
-@reliability("pipeline", "supported pipeline class with a denoiser of another architecture",
-             "NotImplementedError naming the expected denoiser")
+@reliability(
+    "pipeline",
+    "supported pipeline class with a denoiser of another architecture",
+    "NotImplementedError naming the expected denoiser",
+)
 def test_swapped_denoiser(record_property):
     pipe = tp.FACTORIES["sd"]()
     pipe.unet = pipeline("wan").transformer  # not a UNet
@@ -258,15 +357,21 @@ class _OpaqueProcessor:
         return self.inner(attn, *args, **kwargs)
 
 
-@reliability("attention patched by another tool", "processor taking only *args/**kwargs",
-             "TypeError at nag.apply naming the module and how to restore diffusers' processors")
+@reliability(
+    "attention patched by another tool",
+    "processor taking only *args/**kwargs",
+    "TypeError at nag.apply naming the module and how to restore diffusers' processors",
+)
 def test_opaque_foreign_processor_is_refused(record_property):
     pipe = tp.FACTORIES["sd"]()
     for module in _cross_attention_modules(pipe.unet):
         module.set_processor(_OpaqueProcessor(module.processor))
     before = state_of(pipe)
-    with pytest.raises(TypeError, match=r"_OpaqueProcessor that takes no named \['hidden_states', "
-                                        r"'encoder_hidden_states'\].*set_default_attn_processor") as info:
+    with pytest.raises(
+        TypeError,
+        match=r"_OpaqueProcessor that takes no named \['hidden_states', "
+        r"'encoder_hidden_states'\].*set_default_attn_processor",
+    ) as info:
         nag.apply(pipe, NEGATIVE)
     observe(record_property, info.value)
     assert state_of(pipe) == before
@@ -282,8 +387,11 @@ def test_non_callable_processor_is_refused(record_property):
     observe(record_property, info.value)
 
 
-@reliability("attention patched by another tool", "processor keeping the stock signature (a subclass that also records calls)",
-             "works: same output as NAG over diffusers' processor")
+@reliability(
+    "attention patched by another tool",
+    "processor keeping the stock signature (a subclass that also records calls)",
+    "works: same output as NAG over diffusers' processor",
+)
 @pytest.mark.parametrize("name", ["sd", "flux"])
 def test_foreign_processor_with_the_stock_signature_works(name):
     pipe = tp.FACTORIES[name]()
@@ -314,8 +422,11 @@ def test_foreign_processor_with_the_stock_signature_works(name):
     torch.testing.assert_close(generate(pipe, name, cfg=False), stock_with_tool, rtol=0, atol=0)  # still installed
 
 
-@reliability("attention patched by another tool", "processors replaced after nag.apply (set_attn_processor)",
-             "RuntimeError at the next generation: remove, set the processors, apply again")
+@reliability(
+    "attention patched by another tool",
+    "processors replaced after nag.apply (set_attn_processor)",
+    "RuntimeError at the next generation: remove, set the processors, apply again",
+)
 def test_processors_replaced_after_apply(record_property):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -333,7 +444,9 @@ class _ManualProjectionProcessor:
     """A processor with the stock signature that applies the output projection by hand
     (``F.linear`` on the weights) instead of calling ``attn.to_out[0]``."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         import torch.nn.functional as F
 
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -347,8 +460,11 @@ class _ManualProjectionProcessor:
         return attn.to_out[1](out) / attn.rescale_output_factor
 
 
-@reliability("attention patched by another tool", "processor with the stock signature that never calls attn.to_out[0]",
-             "a clear error (NAG cannot see the attention output to guide it)")
+@reliability(
+    "attention patched by another tool",
+    "processor with the stock signature that never calls attn.to_out[0]",
+    "a clear error (NAG cannot see the attention output to guide it)",
+)
 def test_processor_that_skips_the_output_projection():
     pipe = tp.FACTORIES["sd"]()
     for module in _cross_attention_modules(pipe.unet):

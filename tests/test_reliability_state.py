@@ -9,21 +9,21 @@ from __future__ import annotations
 import filecmp
 import os
 import threading
-from functools import lru_cache
+from functools import cache
 
 import pytest
+import tiny_pipelines as tp
 import torch
+from test_pipelines import NAMES, NEGATIVE, SETTINGS, generate, pipeline, state_of
 
 import nag
-import tiny_pipelines as tp
-from test_pipelines import NAMES, NEGATIVE, PROMPTS, SETTINGS, generate, pipeline, state_of
 
 
 def reliability(area: str, case: str, expect: str):
     return pytest.mark.reliability(area=area, case=case, expect=expect)
 
 
-@lru_cache(maxsize=None)
+@cache
 def references(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(stock output, NAG output) of the shared tiny pipeline, CFG on."""
     pipe = pipeline(name)

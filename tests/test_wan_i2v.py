@@ -3,20 +3,20 @@ NAG guides the text branch only; the image branch is added unguided."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-
-import nag
 import test_pipelines as tpl
 import tiny_pipelines as tp
+import torch
+from PIL import Image
 from test_pipelines import PROMPTS, SETTINGS, state_of
 
+import nag
 
-@lru_cache(maxsize=None)
+
+@cache
 def pipeline():
     return tp.wan_i2v()
 

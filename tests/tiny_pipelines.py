@@ -45,7 +45,8 @@ Pass ``output_type="latent"`` to skip decoding (then values are unclamped latent
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -676,7 +677,12 @@ def sana_video():
 
 def ltx():
     """LTXPipeline (text-to-video): LTXVideoTransformer3DModel with masked cross-attention."""
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
 
     tokenizer, text_encoder = make_t5(seed=0, d_model=32)
     with _seeded(1):
@@ -982,7 +988,12 @@ def make_qwen25_vl(seed: int = 0, hidden_size: int = 32):
 
 def qwenimage():
     """QwenImagePipeline: dual-stream MMDiT, text modulated by the timestep only, text mask."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
 
     tokenizer, text_encoder = make_qwen25_vl(seed=0)
     with _seeded(1):
@@ -1039,8 +1050,12 @@ def _qwen_vl_tokenizer():
 def make_qwen25_vl_processor(seed: int = 0, hidden_size: int = 32):
     """A tiny Qwen2.5-VL with a working vision tower, its tokenizer (with the vision specials) and a
     Qwen2VLProcessor whose image processor shrinks every image to 56x56 pixels (4 merged image tokens)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
-    from transformers import Qwen2VLImageProcessor
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
 
     class TinyQwen2VLProcessor(Qwen2VLProcessor):
         # without torchvision, transformers 5 fails to look up the (unused) video processor class when checking
@@ -1126,8 +1141,12 @@ CFG_INFO.update(qwenimage_edit=dict(CFG_INFO["qwenimage"]), qwenimage_edit_plus=
 # image per prompt (a list of two for the batch of two); QwenImageEditPlus: two reference images shared by the one
 # prompt (its prompt template puts every image into every prompt, so a batch of prompts is refused by the processor).
 _BASE_KWARGS.update(
-    qwenimage_edit=dict(height=256, width=256, max_sequence_length=64, output_type="latent", image=[_pil_frame(15), _pil_frame(16)]),
-    qwenimage_edit_plus=dict(height=256, width=256, max_sequence_length=64, output_type="latent", image=[_pil_frame(17), _pil_frame(18)]),
+    qwenimage_edit=dict(
+        height=256, width=256, max_sequence_length=64, output_type="latent", image=[_pil_frame(15), _pil_frame(16)]
+    ),
+    qwenimage_edit_plus=dict(
+        height=256, width=256, max_sequence_length=64, output_type="latent", image=[_pil_frame(17), _pil_frame(18)]
+    ),
 )
 SINGLE_PROMPT.add("qwenimage_edit_plus")
 
@@ -1144,23 +1163,47 @@ def make_qwen3_vl_processor(seed: int = 0, hidden_size: int = 16):
             return None
 
     tok, ids = _qwen_vl_tokenizer()
-    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-                "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}"
+    )
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=16, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=8, pad_token_id=tok.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]}),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden_size,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=hidden_size,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            pad_token_id=tok.pad_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=16,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     with _seeded(seed):
         model = Qwen3VLForConditionalGeneration(config)
-    images = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
-                                   max_pixels=64 * 64)
-    processor = TinyQwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=None, chat_template=template)
+    images = Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=64 * 64
+    )
+    processor = TinyQwen3VLProcessor(
+        image_processor=images, tokenizer=tok, video_processor=None, chat_template=template
+    )
     return processor, model.eval()
 
 
@@ -1168,21 +1211,48 @@ def qwenimage21(causal_condition: bool = True):
     """QwenImage21Pipeline: one block-causal single-stream transformer over ``[text with condition-image slots, target
     image]``; true CFG (one call per branch, cond first); a key/value cache of the text prefix across steps when
     ``causal_condition`` (the text modulated from t = 0). 32x32 pixels -> 2x2 latent -> 4 target tokens."""
-    from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
-                           QwenImage21Transformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
 
     processor, text_encoder = make_qwen3_vl_processor(seed=0)
     with _seeded(1):  # five stages: the 16x spatial compression the pipeline assumes
-        vae = AutoencoderKLQwenImage21(base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1] * 5, num_res_blocks=1,
-                                       attn_scales=[], temperal_downsample=[False, True, True, True],
-                                       latents_mean=[0.0] * 8, latents_std=[1.0] * 8).eval()
+        vae = AutoencoderKLQwenImage21(
+            base_dim=4,
+            decoder_base_dim=4,
+            z_dim=8,
+            dim_mult=[1] * 5,
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[False, True, True, True],
+            latents_mean=[0.0] * 8,
+            latents_std=[1.0] * 8,
+        ).eval()
     with _seeded(2):
         transformer = QwenImage21Transformer2DModel(
-            patch_size=1, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-            context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6), causal_condition=causal_condition,
+            patch_size=1,
+            in_channels=8,
+            out_channels=8,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            context_in_dim=16,
+            mlp_ratio=2,
+            axes_dims_rope=(4, 6, 6),
+            causal_condition=causal_condition,
         ).eval()
-    return _finish(QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                                       processor=processor, transformer=transformer))
+    return _finish(
+        QwenImage21Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=text_encoder,
+            processor=processor,
+            transformer=transformer,
+        )
+    )
 
 
 def qwenimage21_timestep_text():
@@ -1197,10 +1267,15 @@ def qwenimage21_condition_image():
     return qwenimage21()
 
 
-FAMILY_FACTORIES.update(qwenimage21=qwenimage21, qwenimage21_timestep_text=qwenimage21_timestep_text,
-                        qwenimage21_condition_image=qwenimage21_condition_image)
+FAMILY_FACTORIES.update(
+    qwenimage21=qwenimage21,
+    qwenimage21_timestep_text=qwenimage21_timestep_text,
+    qwenimage21_condition_image=qwenimage21_condition_image,
+)
 for _name in ("qwenimage21", "qwenimage21_timestep_text", "qwenimage21_condition_image"):
-    CFG_INFO[_name] = dict(CFG_INFO["qwenimage"], text_mask="encoder_hidden_states_mask, None when every token is valid")
+    CFG_INFO[_name] = dict(
+        CFG_INFO["qwenimage"], text_mask="encoder_hidden_states_mask, None when every token is valid"
+    )
     _BASE_KWARGS[_name] = dict(height=32, width=32, output_type="latent")
 # one condition image, shared by the batch (the pipeline puts every image into every prompt)
 _BASE_KWARGS["qwenimage21_condition_image"].update(image=_pil_frame(19), output_resolution=32)
@@ -1219,21 +1294,48 @@ def chroma():
     tokenizer, text_encoder = make_t5(seed=1, d_model=32)
     with _seeded(2):
         transformer = ChromaTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
-            approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1,
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 4, 8),
+            approximator_num_channels=16,
+            approximator_hidden_dim=32,
+            approximator_layers=1,
         ).eval()
-    vae = make_vae_kl(seed=3, latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
-                      shift_factor=0.0609, scaling_factor=1.5035)
-    return _finish(ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                                  tokenizer=tokenizer, transformer=transformer))
+    vae = make_vae_kl(
+        seed=3,
+        latent_channels=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    return _finish(
+        ChromaPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+    )
 
 
 FAMILY_FACTORIES.update(chroma=chroma)
 CFG_INFO.update(
     # Chroma: CFG when guidance_scale > 1 (negative prompt "" by default), one call per branch, cond first.
-    chroma=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
-                text_mask="attention_mask over [text, image] (float 0/1, one padding token kept)"),
+    chroma=dict(
+        mode="sequential",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=True,
+        text_mask="attention_mask over [text, image] (float 0/1, one padding token kept)",
+    ),
 )
 _BASE_KWARGS.update(chroma=dict(height=16, width=16, max_sequence_length=16))
 
@@ -1246,9 +1348,17 @@ def auraflow():
     tokenizer, text_encoder = make_t5(seed=1, d_model=32, umt5=True)
     with _seeded(2):
         transformer = AuraFlowTransformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=2,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
-            out_channels=4, pos_embed_max_size=64,
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_mmdit_layers=2,
+            num_single_dit_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            out_channels=4,
+            pos_embed_max_size=64,
         ).eval()
         # At random init the attention output reaches the prediction only weakly (through norm2 after the
         # residual): larger output projections make the text's effect visible after decoding.
@@ -1257,14 +1367,27 @@ def auraflow():
                 block.attn.to_out[0].weight.mul_(4)
             transformer.proj_out.weight.mul_(8)
     vae = make_vae_kl(seed=3, latent_channels=4)
-    return _finish(AuraFlowPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                                    scheduler=FlowMatchEulerDiscreteScheduler()))
+    return _finish(
+        AuraFlowPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+        )
+    )
 
 
 FAMILY_FACTORIES.update(auraflow=auraflow)
 CFG_INFO.update(
-    auraflow=dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
-                  text_mask="none (the pipeline zeroes the padding positions of encoder_hidden_states)"),
+    auraflow=dict(
+        mode="batched",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=True,
+        text_mask="none (the pipeline zeroes the padding positions of encoder_hidden_states)",
+    ),
 )
 _BASE_KWARGS.update(auraflow=dict(height=16, width=16, max_sequence_length=16))
 
@@ -1294,9 +1417,19 @@ def make_glm(seed: int = 0, hidden_size: int = 32):
     from transformers import GlmConfig, GlmModel
 
     tok = make_t5_tokenizer()
-    cfg = GlmConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.pad_token_id)
+    cfg = GlmConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.pad_token_id,
+    )
     with _seeded(seed):
         model = GlmModel(cfg)
     return tok, model.eval()
@@ -1310,21 +1443,44 @@ def cogview4():
     tokenizer, text_encoder = make_glm(seed=1)
     with _seeded(2):
         transformer = CogView4Transformer2DModel(
-            patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
-            num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16,
-            sample_size=8, rope_axes_dim=(8, 8),
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            text_embed_dim=32,
+            time_embed_dim=16,
+            condition_dim=8,
+            pos_embed_max_size=16,
+            sample_size=8,
+            rope_axes_dim=(8, 8),
         ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
-                                                use_dynamic_shifting=True, time_shift_type="linear")
-    return _finish(CogView4Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=make_vae_kl(seed=3),
-                                    transformer=transformer, scheduler=scheduler))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True, time_shift_type="linear"
+    )
+    return _finish(
+        CogView4Pipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=make_vae_kl(seed=3),
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+    )
 
 
 FAMILY_FACTORIES.update(cogview4=cogview4)
 CFG_INFO.update(
     # CogView4: CFG when guidance_scale > 1, one call per branch, cond first; no text mask reaches the model.
-    cogview4=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
-                  text_mask="none (the GLM text is left-padded, padding attended)"),
+    cogview4=dict(
+        mode="sequential",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=True,
+        text_mask="none (the GLM text is left-padded, padding attended)",
+    ),
 )
 _BASE_KWARGS.update(
     cogview4=dict(height=32, width=32),
@@ -1336,9 +1492,20 @@ def _tiny_cogvideox_transformer(rotary: bool, seed: int = 2):
 
     with _seeded(seed):
         transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-            text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=rotary,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=16,
+            text_embed_dim=32,
+            num_layers=2,
+            sample_width=4,
+            sample_height=4,
+            sample_frames=9,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=16,
+            use_rotary_positional_embeddings=rotary,
         ).eval()
     return transformer
 
@@ -1351,19 +1518,37 @@ def cogvideox():
     tokenizer, text_encoder = make_t5(seed=1, d_model=32)
     with _seeded(3):
         vae = AutoencoderKLCogVideoX(
-            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
-            up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4,
-            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("CogVideoXDownBlock3D",) * 3,
+            up_block_types=("CogVideoXUpBlock3D",) * 3,
+            block_out_channels=(8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=2,
+            temporal_compression_ratio=4,
         ).eval()
-    return _finish(CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                     transformer=_tiny_cogvideox_transformer(rotary=True),
-                                     scheduler=CogVideoXDDIMScheduler()))
+    return _finish(
+        CogVideoXPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            transformer=_tiny_cogvideox_transformer(rotary=True),
+            scheduler=CogVideoXDDIMScheduler(),
+        )
+    )
 
 
 FAMILY_FACTORIES.update(cogvideox=cogvideox)
 CFG_INFO.update(
-    cogvideox=dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
-                   text_mask="none (T5 padding to max_sequence_length attended)"),
+    cogvideox=dict(
+        mode="batched",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=True,
+        text_mask="none (T5 padding to max_sequence_length attended)",
+    ),
 )
 # 16px -> 4x4 latent -> 2x2 patches; 9 frames -> 3 latent frames: 12 video tokens
 _BASE_KWARGS.update(cogvideox=dict(height=16, width=16, num_frames=9, max_sequence_length=16))
@@ -1372,15 +1557,28 @@ _BASE_KWARGS.update(cogvideox=dict(height=16, width=16, num_frames=9, max_sequen
 def hunyuanvideo():
     """HunyuanVideoPipeline: Llama text (through the model's timestep-dependent token refiner, with a mask),
     pooled CLIP in the modulation, [video, text] double and single blocks; true CFG, one call per branch."""
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
-                           HunyuanVideoTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
     from transformers import LlamaConfig, LlamaModel
 
     tokenizer = make_t5_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+    )
     with _seeded(1):
         text_encoder = LlamaModel(config).eval()
     from transformers import CLIPTextModel
@@ -1390,33 +1588,70 @@ def hunyuanvideo():
         text_encoder_2 = CLIPTextModel(_clip_config(tokenizer_2)).eval()
     with _seeded(3):
         vae = AutoencoderKLHunyuanVideo(
-            in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-            up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-            act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
-            temporal_compression_ratio=4, mid_block_add_attention=True,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            act_fn="silu",
+            norm_num_groups=4,
+            scaling_factor=0.476986,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+            mid_block_add_attention=True,
         ).eval()
     with _seeded(2):
         transformer = HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-            num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-            text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6),
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            patch_size=1,
+            patch_size_t=1,
+            guidance_embeds=True,
+            text_embed_dim=32,
+            pooled_projection_dim=32,
+            rope_axes_dim=(4, 6, 6),
         ).eval()
-    return _finish(HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
-                                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-                                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2))
+    return _finish(
+        HunyuanVideoPipeline(
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+    )
 
 
 FAMILY_FACTORIES.update(hunyuanvideo=hunyuanvideo)
 CFG_INFO.update(
     # HunyuanVideo: true CFG (true_cfg_scale > 1 and a negative prompt), one call per branch, cond first;
     # `guidance_scale` feeds the guidance embedding.
-    hunyuanvideo=dict(mode="sequential", scale_arg="true_cfg_scale", on=4.0, off=1.0, negative_prompt=True,
-                      needs_negative_prompt=True, embedded_guidance_scale=6.0,
-                      text_mask="encoder_attention_mask, (B, max_seq), 1 = real token"),
+    hunyuanvideo=dict(
+        mode="sequential",
+        scale_arg="true_cfg_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=True,
+        needs_negative_prompt=True,
+        embedded_guidance_scale=6.0,
+        text_mask="encoder_attention_mask, (B, max_seq), 1 = real token",
+    ),
 )
 # 32px -> 4x4 latent; 5 frames -> 2 latent frames: 32 video tokens. The prompt template is the prompt itself.
-_BASE_KWARGS.update(hunyuanvideo=dict(height=32, width=32, num_frames=5, max_sequence_length=16,
-                                      prompt_template={"template": "{}", "crop_start": 0}))
+_BASE_KWARGS.update(
+    hunyuanvideo=dict(
+        height=32, width=32, num_frames=5, max_sequence_length=16, prompt_template={"template": "{}", "crop_start": 0}
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1432,19 +1667,38 @@ def cogvideox_i2v():
     base = cogvideox()
     with _seeded(5):
         transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,
-            text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=8,
+            out_channels=4,
+            time_embed_dim=16,
+            text_embed_dim=32,
+            num_layers=2,
+            sample_width=4,
+            sample_height=4,
+            sample_frames=9,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=16,
+            use_rotary_positional_embeddings=True,
             ofs_embed_dim=16,
         ).eval()
-    return _finish(CogVideoXImageToVideoPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
-                                                 transformer=transformer, scheduler=base.scheduler))
+    return _finish(
+        CogVideoXImageToVideoPipeline(
+            tokenizer=base.tokenizer,
+            text_encoder=base.text_encoder,
+            vae=base.vae,
+            transformer=transformer,
+            scheduler=base.scheduler,
+        )
+    )
 
 
 FAMILY_FACTORIES.update(cogvideox_i2v=cogvideox_i2v)
 CFG_INFO.update(cogvideox_i2v=dict(CFG_INFO["cogvideox"]))
-_BASE_KWARGS.update(cogvideox_i2v=dict(image=_image_batch(16, size=16), height=16, width=16, num_frames=9,
-                                       max_sequence_length=16))
+_BASE_KWARGS.update(
+    cogvideox_i2v=dict(image=_image_batch(16, size=16), height=16, width=16, num_frames=9, max_sequence_length=16)
+)
 
 
 _QWEN_CHAT_TEMPLATE = (
@@ -1459,9 +1713,17 @@ def make_qwen3(seed: int = 0, hidden_size: int = 16, layers: int = 3):
 
     tok = make_qwen_tokenizer()
     tok.chat_template = _QWEN_CHAT_TEMPLATE
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=24, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-                         pad_token_id=tok.pad_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=24,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+    )
     with _seeded(seed):
         model = Qwen3ForCausalLM(config)
     return tok, model.eval()
@@ -1471,30 +1733,61 @@ def flux2_klein():
     """Flux2KleinPipeline (base, not distilled: CFG with an empty negative, one call per branch): Qwen3 hidden
     states of three layers stacked on the features, Flux-like double blocks, then parallel single blocks over the
     [text, image] the model joins itself."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
 
     tokenizer, text_encoder = make_qwen3(seed=1)
     with _seeded(2):
         transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16, mlp_ratio=2.0,
-            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=48,
+            timestep_guidance_channels=16,
+            mlp_ratio=2.0,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
         ).eval()
     with _seeded(3):
         vae = AutoencoderKLFlux2(
-            block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+            block_out_channels=(8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
         ).eval()
-    return _finish(Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                                      tokenizer=tokenizer, transformer=transformer, is_distilled=False))
+    return _finish(
+        Flux2KleinPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            is_distilled=False,
+        )
+    )
 
 
 FAMILY_FACTORIES.update(flux2_klein=flux2_klein)
 CFG_INFO.update(
     # Flux2 klein (base): CFG when guidance_scale > 1 and not distilled, one call per branch (cond first); the
     # negative branch always encodes "" (no negative_prompt argument); text padded to max_sequence_length, no mask.
-    flux2_klein=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=False,
-                     text_mask="none (padding to max_sequence_length attended)"),
+    flux2_klein=dict(
+        mode="sequential",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=False,
+        text_mask="none (padding to max_sequence_length attended)",
+    ),
 )
 # 16px -> 8x8 latent (vae scale 2) -> 4x4 packed tokens of 16 channels; three text-encoder layers stacked.
 _BASE_KWARGS.update(flux2_klein=dict(height=16, width=16, max_sequence_length=24, text_encoder_out_layers=(1, 2, 3)))
@@ -1510,10 +1803,14 @@ def flux2_klein_inpaint():
 FAMILY_FACTORIES.update(flux2_klein_inpaint=flux2_klein_inpaint)
 CFG_INFO.update(flux2_klein_inpaint=dict(CFG_INFO["flux2_klein"]))
 # strength 1: every step of the 2-step schedule runs (the window checks count steps from the noisy end)
-_BASE_KWARGS.update(flux2_klein_inpaint=dict(
-    _BASE_KWARGS["flux2_klein"], image=_image_batch(23, size=16), strength=1.0,
-    mask_image=torch.cat([torch.zeros(2, 1, 16, 8), torch.ones(2, 1, 16, 8)], dim=3),  # repaint the right half
-))
+_BASE_KWARGS.update(
+    flux2_klein_inpaint=dict(
+        _BASE_KWARGS["flux2_klein"],
+        image=_image_batch(23, size=16),
+        strength=1.0,
+        mask_image=torch.cat([torch.zeros(2, 1, 16, 8), torch.ones(2, 1, 16, 8)], dim=3),  # repaint the right half
+    )
+)
 
 
 def lumina2():
@@ -1524,28 +1821,67 @@ def lumina2():
     tokenizer, text_encoder = make_gemma2(seed=1, hidden_size=32)
     with _seeded(2):
         transformer = Lumina2Transformer2DModel(
-            sample_size=4, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=2,
-            num_attention_heads=4, num_kv_heads=2, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
-            axes_lens=(256, 16, 16), cap_feat_dim=32,
+            sample_size=4,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=32,
+            num_layers=2,
+            num_refiner_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            multiple_of=16,
+            norm_eps=1e-5,
+            axes_dim_rope=(4, 2, 2),
+            axes_lens=(256, 16, 16),
+            cap_feat_dim=32,
         ).eval()
     # the pipeline assumes vae_scale_factor 8: four blocks
-    vae = make_vae_kl(seed=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                      block_out_channels=(8, 8, 8, 8), shift_factor=0.0609, scaling_factor=1.5035)
-    return _finish(Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                                   text_encoder=text_encoder, tokenizer=tokenizer))
+    vae = make_vae_kl(
+        seed=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    return _finish(
+        Lumina2Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
+    )
 
 
 FAMILY_FACTORIES.update(lumina2=lumina2)
 CFG_INFO.update(
-    lumina2=dict(mode="sequential", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
-                 text_mask="encoder_attention_mask, (B, max_seq), valid tokens first"),
+    lumina2=dict(
+        mode="sequential",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=True,
+        text_mask="encoder_attention_mask, (B, max_seq), valid tokens first",
+    ),
 )
 # 32px -> 4x4 latent -> 2x2 patches; a short system prompt keeps the captions' valid lengths apart
 _BASE_KWARGS.update(lumina2=dict(height=32, width=32, max_sequence_length=32, system_prompt="draw:"))
 
 
-_MISTRAL_SPECIALS = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                     "[INST]", "[/INST]"]
+_MISTRAL_SPECIALS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[INST]",
+    "[/INST]",
+]
 # Mistral-Small-3's text-only format; content is a list of {"type": "text", ...} parts as Flux2Pipeline sends it
 _MISTRAL_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
@@ -1567,16 +1903,42 @@ def make_mistral3(seed: int = 0, hidden_size: int = 16, layers: int = 3):
     chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
     words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
     vocab, merges = _bpe_tables(_MISTRAL_SPECIALS, chars, words)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, pad_token="<pad>", bos_token="<s>",
-                         eos_token="</s>", unk_token=None, additional_special_tokens=_MISTRAL_SPECIALS[3:])
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=256,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token=None,
+        additional_special_tokens=_MISTRAL_SPECIALS[3:],
+    )
     tok.chat_template = _MISTRAL_CHAT_TEMPLATE
     config = Mistral3Config(
-        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=24,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                         max_position_embeddings=256, pad_token_id=tok.pad_token_id),
-        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                           num_attention_heads=2, head_dim=8, patch_size=14, image_size=56),
-        image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1,
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=len(tok),
+            hidden_size=hidden_size,
+            intermediate_size=24,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=8,
+            patch_size=14,
+            image_size=56,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=1,
     )
     with _seeded(seed):
         model = Mistral3ForConditionalGeneration(config)
@@ -1592,17 +1954,34 @@ def flux2():
     tokenizer, text_encoder = make_mistral3(seed=1)
     with _seeded(2):
         transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16, mlp_ratio=2.0,
-            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=48,
+            timestep_guidance_channels=16,
+            mlp_ratio=2.0,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=True,
         ).eval()
     with _seeded(3):
         vae = AutoencoderKLFlux2(
-            block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+            block_out_channels=(8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
         ).eval()
-    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                         tokenizer=tokenizer, transformer=transformer)
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
     # the stock system message is longer than the tiny max_sequence_length: every prompt would be cut to it
     pipe.system_message = "draw:"
     return _finish(pipe)
@@ -1612,11 +1991,19 @@ FAMILY_FACTORIES.update(flux2=flux2)
 CFG_INFO.update(
     # FLUX.2 dev: guidance-distilled; `guidance_scale` feeds the guidance embedding (the denoiser gets
     # `guidance=`), no CFG and no negative_prompt argument; text padded to max_sequence_length, no mask.
-    flux2=dict(mode=None, scale_arg=None, on=None, off=None, negative_prompt=False, embedded_guidance_scale=4.0,
-               text_mask="none (padding to max_sequence_length attended)"),
+    flux2=dict(
+        mode=None,
+        scale_arg=None,
+        on=None,
+        off=None,
+        negative_prompt=False,
+        embedded_guidance_scale=4.0,
+        text_mask="none (padding to max_sequence_length attended)",
+    ),
 )
-_BASE_KWARGS.update(flux2=dict(height=16, width=16, max_sequence_length=24, text_encoder_out_layers=(1, 2, 3),
-                               guidance_scale=4.0))
+_BASE_KWARGS.update(
+    flux2=dict(height=16, width=16, max_sequence_length=24, text_encoder_out_layers=(1, 2, 3), guidance_scale=4.0)
+)
 
 
 def zimage():
@@ -1628,23 +2015,45 @@ def zimage():
     tokenizer, text_encoder = make_qwen3(seed=1, hidden_size=16)
     with _seeded(2):
         transformer = ZImageTransformer2DModel(
-            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
-            n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 16, 16],
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=4,
+            dim=32,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=16,
+            axes_dims=[8, 4, 4],
+            axes_lens=[256, 16, 16],
         ).eval()
         # zero-initialised pad tokens in the stock model: random ones make the image padding visible
         transformer.x_pad_token.data.normal_()
         transformer.cap_pad_token.data.normal_()
     vae = make_vae_kl(seed=3, shift_factor=0.1159, scaling_factor=0.3611)
-    return _finish(ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                                  tokenizer=tokenizer, transformer=transformer))
+    return _finish(
+        ZImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+    )
 
 
 FAMILY_FACTORIES.update(zimage=zimage)
 CFG_INFO.update(
     # Z-Image: CFG when guidance_scale > 0, ONE call per step on the lists prompt_embeds + negative_prompt_embeds:
     # the conditional rows FIRST ("batched_cond_first"); the denoiser returns a list of per-sample outputs.
-    zimage=dict(mode="batched_cond_first", scale_arg="guidance_scale", on=4.0, off=0.0, negative_prompt=True,
-                text_mask="none (padding removed: per-sample caption lengths)"),
+    zimage=dict(
+        mode="batched_cond_first",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=0.0,
+        negative_prompt=True,
+        text_mask="none (padding removed: per-sample caption lengths)",
+    ),
 )
 # 16px -> 8x8 latent (vae scale 2) -> 4x4 patches: 16 image tokens, padded by the model to 32
 _BASE_KWARGS.update(zimage=dict(height=16, width=16, max_sequence_length=48))
@@ -1661,31 +2070,70 @@ def hunyuanimage(guider=None, distilled=True):
     [valid byT5, valid text, padding]; [image, text] double and single blocks; modulation from the timestep
     alone. CFG comes from the `guider` component (one call per branch, cond first); none: no CFG. `distilled`: a
     guidance embedding and a meanflow second timestep (`timestep_r`), as in HunyuanImage-2.1-Distilled."""
-    from diffusers import (AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline,
-                           HunyuanImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     tokenizer, text_encoder = make_qwen25_vl(seed=0)
     tokenizer_2 = ByT5Tokenizer()
     with _seeded(1):
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=len(tokenizer_2), d_model=16, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
-            relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-            pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id)).eval()
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=16,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                dropout_rate=0.0,
+                pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+                decoder_start_token_id=tokenizer_2.pad_token_id,
+            )
+        ).eval()
     with _seeded(3):
-        vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-                                        layers_per_block=1, spatial_compression_ratio=2, sample_size=32,
-                                        scaling_factor=0.75).eval()
+        vae = AutoencoderKLHunyuanImage(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(32, 32),
+            layers_per_block=1,
+            spatial_compression_ratio=2,
+            sample_size=32,
+            scaling_factor=0.75,
+        ).eval()
     with _seeded(2):
         transformer = HunyuanImageTransformer2DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-            num_single_layers=2, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=32, text_embed_2_dim=16,
-            rope_axes_dim=(8, 8), guidance_embeds=distilled, use_meanflow=distilled,
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            patch_size=(1, 1),
+            text_embed_dim=32,
+            text_embed_2_dim=16,
+            rope_axes_dim=(8, 8),
+            guidance_embeds=distilled,
+            use_meanflow=distilled,
         ).eval()
-    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                                tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-                                transformer=transformer, guider=guider)
+    pipe = HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+        guider=guider,
+    )
     # the real template and lengths (1000 + 34 Qwen tokens, 128 byT5 bytes) made small
     pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx = "{}", 0
     pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = 24, 16
@@ -1697,9 +2145,16 @@ CFG_INFO.update(
     # HunyuanImage 2.1: CFG is the `guider` component's (no call argument switches it); this configuration has
     # none (the distilled model's setting). tests/test_families_hunyuan.py builds the same components with a
     # ClassifierFreeGuidance guider for its CFG checks (one call per branch, cond first).
-    hunyuanimage=dict(mode=None, scale_arg=None, on=None, off=None, negative_prompt=True, cfg_by_guider=True,
-                      embedded_guidance_scale=3.25,
-                      text_mask="encoder_attention_mask and encoder_attention_mask_2 (byT5), (B, max_seq), 1 = real token"),
+    hunyuanimage=dict(
+        mode=None,
+        scale_arg=None,
+        on=None,
+        off=None,
+        negative_prompt=True,
+        cfg_by_guider=True,
+        embedded_guidance_scale=3.25,
+        text_mask="encoder_attention_mask and encoder_attention_mask_2 (byT5), (B, max_seq), 1 = real token",
+    ),
 )
 # 32px -> 16x16 latent (patch 1): 256 image tokens; 24 Qwen + 16 byT5 text tokens.
 _BASE_KWARGS.update(hunyuanimage=dict(height=32, width=32, distilled_guidance_scale=3.25))
@@ -1715,9 +2170,20 @@ def _tiny_hunyuanvideo15_transformer(seed: int, task_type: str):
 
     with _seeded(seed):
         return HunyuanVideo15Transformer3DModel(
-            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-            num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
-            image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=32, task_type=task_type,
+            in_channels=9,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            num_refiner_layers=1,
+            patch_size=1,
+            patch_size_t=1,
+            text_embed_dim=32,
+            text_embed_2_dim=16,
+            image_embed_dim=16,
+            rope_axes_dim=(4, 6, 6),
+            target_size=32,
+            task_type=task_type,
         ).eval()
 
 
@@ -1727,35 +2193,68 @@ def hunyuanvideo15(guider=None):
     per sample [valid image embedding (all zero in text-to-video: masked), valid byT5, valid text, the rest] in front
     of which its [video, text] double blocks put the video. CFG comes from the `guider` component (one call per
     branch, conditional first); the default guider here has scale 1 (no CFG: one call per step)."""
-    from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
-                           HunyuanVideo15Pipeline)
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+    )
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
     tokenizer = make_qwen_tokenizer()
     tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
     config = Qwen2_5_VLTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None, eos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
     )
     with _seeded(0):
         text_encoder = Qwen2_5_VLTextModel(config).eval()
     tokenizer_2 = ByT5Tokenizer()
     with _seeded(1):
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=len(tokenizer_2), d_model=16, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
-            relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-            pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id)).eval()
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=16,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                dropout_rate=0.0,
+                pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+                decoder_start_token_id=tokenizer_2.pad_token_id,
+            )
+        ).eval()
     with _seeded(3):
-        vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
-                                          layers_per_block=1, spatial_compression_ratio=4,
-                                          temporal_compression_ratio=4).eval()
+        vae = AutoencoderKLHunyuanVideo15(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8, 8, 8),
+            layers_per_block=1,
+            spatial_compression_ratio=4,
+            temporal_compression_ratio=4,
+        ).eval()
     transformer = _tiny_hunyuanvideo15_transformer(seed=2, task_type="t2v")
     pipe = HunyuanVideo15Pipeline(
-        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
         guider=guider if guider is not None else ClassifierFreeGuidance(guidance_scale=1.0),
     )
     # the real system message and lengths (108 cropped template tokens + 1000 Qwen tokens, 256 byT5 bytes,
@@ -1772,8 +2271,15 @@ CFG_INFO.update(
     # HunyuanVideo 1.5: CFG is the `guider` component's (no call argument switches it); this configuration's guider
     # has scale 1 (off). tests/test_families_video2.py builds the same components with a scale-4 guider for its CFG
     # checks (one call per branch, cond first).
-    hunyuanvideo15=dict(mode=None, scale_arg=None, on=None, off=None, negative_prompt=True, cfg_by_guider=True,
-                        text_mask="encoder_attention_mask and encoder_attention_mask_2 (byT5), (B, max_seq), 1 = real token"),
+    hunyuanvideo15=dict(
+        mode=None,
+        scale_arg=None,
+        on=None,
+        off=None,
+        negative_prompt=True,
+        cfg_by_guider=True,
+        text_mask="encoder_attention_mask and encoder_attention_mask_2 (byT5), (B, max_seq), 1 = real token",
+    ),
 )
 # The tiny VAE's decoder fails on batches of two in diffusers 0.42.1 (its causal attention mask has one row):
 # the checks compare latents. 32px -> 8x8 latent (patch 1), 5 frames -> 2 latent frames: 128 video tokens.
@@ -1781,8 +2287,12 @@ _BASE_KWARGS.update(hunyuanvideo15=dict(height=32, width=32, num_frames=5, outpu
 
 
 def _ltx2(cross_attn_mod: bool):
-    from diffusers import (AutoencoderKLLTX2Audio, FlowMatchEulerDiscreteScheduler,
-                           LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
@@ -1791,38 +2301,87 @@ def _ltx2(cross_attn_mod: bool):
     tokenizer, text_encoder = make_gemma2(seed=0, hidden_size=32)
     with _seeded(21):
         transformer = LTX2VideoTransformer3DModel(
-            in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
-            cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
-            audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
-            caption_channels=32, rope_double_precision=False, rope_type="split", cross_attn_mod=cross_attn_mod,
-            gated_attn=cross_attn_mod, audio_gated_attn=cross_attn_mod,
+            in_channels=4,
+            out_channels=4,
+            patch_size=1,
+            patch_size_t=1,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            audio_in_channels=4,
+            audio_out_channels=4,
+            audio_num_attention_heads=2,
+            audio_attention_head_dim=4,
+            audio_cross_attention_dim=8,
+            num_layers=2,
+            qk_norm="rms_norm_across_heads",
+            caption_channels=32,
+            rope_double_precision=False,
+            rope_type="split",
+            cross_attn_mod=cross_attn_mod,
+            gated_attn=cross_attn_mod,
+            audio_gated_attn=cross_attn_mod,
         ).eval()
     with _seeded(22):
         connectors = LTX2TextConnectors(
-            caption_channels=32, text_proj_in_factor=3, video_connector_num_attention_heads=4,
-            video_connector_attention_head_dim=8, video_connector_num_layers=1,
-            video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=4,
-            audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
-            audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
-            rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
+            caption_channels=32,
+            text_proj_in_factor=3,
+            video_connector_num_attention_heads=4,
+            video_connector_attention_head_dim=8,
+            video_connector_num_layers=1,
+            video_connector_num_learnable_registers=None,
+            audio_connector_num_attention_heads=4,
+            audio_connector_attention_head_dim=8,
+            audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=None,
+            connector_rope_base_seq_len=32,
+            rope_theta=10000.0,
+            rope_double_precision=False,
+            causal_temporal_positioning=False,
+            rope_type="split",
         ).eval()
     vae = _ltx2_video_vae(patch_size=1)
     with _seeded(24):
         audio_vae = AutoencoderKLLTX2Audio(
-            base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
-            resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
-            mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+            base_channels=4,
+            output_channels=2,
+            ch_mult=(1,),
+            num_res_blocks=1,
+            attn_resolutions=None,
+            in_channels=2,
+            resolution=32,
+            latent_channels=2,
+            norm_type="pixel",
+            causality_axis="height",
+            dropout=0.0,
+            mid_block_add_attention=False,
+            sample_rate=16000,
+            mel_hop_length=160,
+            is_causal=True,
+            mel_bins=8,
         ).eval()
     with _seeded(25):
         vocoder = LTX2Vocoder(
-            in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4],
-            upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
-            leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+            in_channels=2 * 8,
+            hidden_channels=32,
+            out_channels=2,
+            upsample_kernel_sizes=[4, 4],
+            upsample_factors=[2, 2],
+            resnet_kernel_sizes=[3],
+            resnet_dilations=[[1, 3, 5]],
+            leaky_relu_negative_slope=0.1,
+            output_sampling_rate=16000,
         ).eval()
     return _finish(
         LTX2Pipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=text_encoder,
-            tokenizer=tokenizer, connectors=connectors, transformer=transformer, vocoder=vocoder,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            audio_vae=audio_vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            connectors=connectors,
+            transformer=transformer,
+            vocoder=vocoder,
         )
     )
 
@@ -1833,11 +2392,24 @@ def _ltx2_video_vae(patch_size: int):
 
     with _seeded(23):
         vae = AutoencoderKLLTX2Video(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
-            layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
-            decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
-            upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=patch_size,
-            patch_size_t=1, encoder_causal=True, decoder_causal=False,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8,),
+            decoder_block_out_channels=(8,),
+            layers_per_block=(1,),
+            decoder_layers_per_block=(1, 1),
+            spatio_temporal_scaling=(True,),
+            decoder_spatio_temporal_scaling=(True,),
+            decoder_inject_noise=(False, False),
+            downsample_type=("spatial",),
+            upsample_residual=(False,),
+            upsample_factor=(1,),
+            timestep_conditioning=False,
+            patch_size=patch_size,
+            patch_size_t=1,
+            encoder_causal=True,
+            decoder_causal=False,
         ).eval()
         vae.use_framewise_encoding = vae.use_framewise_decoding = False
     return vae
@@ -1860,12 +2432,30 @@ FAMILY_FACTORIES.update(ltx2=ltx2, ltx2_adaln=ltx2_adaln)
 # The pipeline's other guidance terms (STG, modality isolation, rescale) are off here: plain CFG on the video and
 # audio predictions (audio_guidance_scale follows guidance_scale so that scale 1 switches CFG off).
 for _name in ("ltx2", "ltx2_adaln"):
-    CFG_INFO[_name] = dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
-                           text_mask="encoder_attention_mask (connectors' mask, (2B, max_seq), 1 = valid)")
-    _BASE_KWARGS[_name] = dict(height=32, width=32, num_frames=5, frame_rate=25.0, max_sequence_length=16,
-                               stg_scale=0.0, modality_scale=1.0, guidance_rescale=0.0, audio_guidance_scale=1.0,
-                               audio_stg_scale=0.0, audio_modality_scale=1.0, audio_guidance_rescale=0.0,
-                               spatio_temporal_guidance_blocks=None, use_cross_timestep=False)
+    CFG_INFO[_name] = dict(
+        mode="batched",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=True,
+        text_mask="encoder_attention_mask (connectors' mask, (2B, max_seq), 1 = valid)",
+    )
+    _BASE_KWARGS[_name] = dict(
+        height=32,
+        width=32,
+        num_frames=5,
+        frame_rate=25.0,
+        max_sequence_length=16,
+        stg_scale=0.0,
+        modality_scale=1.0,
+        guidance_rescale=0.0,
+        audio_guidance_scale=1.0,
+        audio_stg_scale=0.0,
+        audio_modality_scale=1.0,
+        audio_guidance_rescale=0.0,
+        spatio_temporal_guidance_blocks=None,
+        use_cross_timestep=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1889,9 +2479,19 @@ def make_llama(seed: int = 0, hidden_size: int = 16, layers: int = 3):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_llama_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=24, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=24,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        attn_implementation="eager",
+    )
     with _seeded(seed):
         model = LlamaForCausalLM(config)
     return tok, model.eval()
@@ -1910,16 +2510,34 @@ def hidream(max_resolution: tuple[int, int] = (8, 8)):
     tokenizer_4, text_encoder_4 = make_llama(seed=3, hidden_size=16, layers=3)
     with _seeded(4):
         transformer = HiDreamImageTransformer2DModel(
-            patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, caption_channels=[32, 16], text_emb_dim=32, num_routed_experts=3,
-            num_activated_experts=2, axes_dims_rope=(4, 6, 6), max_resolution=max_resolution,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            caption_channels=[32, 16],
+            text_emb_dim=32,
+            num_routed_experts=3,
+            num_activated_experts=2,
+            axes_dims_rope=(4, 6, 6),
+            max_resolution=max_resolution,
             llama_layers=[0, 1, 2, 1],
         ).eval()
     vae = make_vae_kl(seed=5, latent_channels=4, shift_factor=0.1159, scaling_factor=0.3611)
     pipe = HiDreamImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
-        text_encoder_4=text_encoder_4, tokenizer_4=tokenizer_4, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+        text_encoder_4=text_encoder_4,
+        tokenizer_4=tokenizer_4,
+        transformer=transformer,
     )
     # the pipeline rescales every request to the area of default_sample_size latents (128: 1024px): 8 -> 16px
     pipe.default_sample_size = 8
@@ -1930,8 +2548,14 @@ FAMILY_FACTORIES.update(hidream=hidream)
 CFG_INFO.update(
     # HiDream: CFG when guidance_scale > 1, one call on [uncond, cond] (Llama-3 states joined along their batch
     # axis, dim 1); T5 and Llama-3 padded to max_sequence_length and attended (no mask).
-    hidream=dict(mode="batched", scale_arg="guidance_scale", on=4.0, off=1.0, negative_prompt=True,
-                 text_mask="none (T5 and Llama-3 padding to max_sequence_length attended)"),
+    hidream=dict(
+        mode="batched",
+        scale_arg="guidance_scale",
+        on=4.0,
+        off=1.0,
+        negative_prompt=True,
+        text_mask="none (T5 and Llama-3 padding to max_sequence_length attended)",
+    ),
 )
 # 16px (the default area here) -> 8x8 latent -> 4x4 patches: 16 image tokens; 16 T5 + 2 x 16 Llama text tokens.
 _BASE_KWARGS.update(hidream=dict(height=16, width=16, max_sequence_length=16))
@@ -1943,9 +2567,11 @@ _LLAVA_SPECIALS = ["<pad>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_i
 # pipeline keeps them (every `image_embed_interleave`-th one) before the user text, and cuts the template
 # around the text by token counts: exactly four tokens `<|eot_id|><|start_header_id|>assistant<|end_header_id|>`
 # after the text, the last `<|end_header_id|>` being the third of the prompt.
-_HUNYUAN_I2V_TEMPLATE = ("<|start_header_id|>system<|end_header_id|>\n\n<image>\ndraw it:<|eot_id|>\n\n"
-                         "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant"
-                         "<|end_header_id|>\n\n")
+_HUNYUAN_I2V_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\n<image>\ndraw it:<|eot_id|>\n\n"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant"
+    "<|end_header_id|>\n\n"
+)
 _LLAVA_IMAGE_TOKENS = 4  # 28x28 pixels, 14x14 patches, the CLS token dropped
 
 
@@ -1957,16 +2583,41 @@ def make_llava(seed: int = 0, hidden_size: int = 32):
     chars = list(_LOWER + _UPPER + _DIGITS + _PUNCT) + ["Ġ", "Ċ"]
     words = [["Ġ"] + list(w) for w in WORDS] + [list(w) for w in WORDS if len(w) > 1]
     vocab, merges = _bpe_tables(_LLAVA_SPECIALS, chars, words)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=256, pad_token="<pad>", unk_token=None,
-                         additional_special_tokens=_LLAVA_SPECIALS[1:])
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=256,
+        pad_token="<pad>",
+        unk_token=None,
+        additional_special_tokens=_LLAVA_SPECIALS[1:],
+    )
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=16, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=37,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         max_position_embeddings=256, pad_token_id=tok.pad_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=16,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=hidden_size,
+            intermediate_size=37,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
     )
     with _seeded(seed):
         model = LlavaForConditionalGeneration(config)
@@ -1977,8 +2628,13 @@ def make_llava(seed: int = 0, hidden_size: int = 32):
 def _hunyuan_i2v_template(tokenizer) -> dict[str, Any]:
     head = tokenizer(_HUNYUAN_I2V_TEMPLATE.split("{}")[0]).input_ids
     start = head.index(tokenizer.convert_tokens_to_ids("<image>"))
-    return {"template": _HUNYUAN_I2V_TEMPLATE, "crop_start": len(head), "image_emb_start": start,
-            "image_emb_end": start + _LLAVA_IMAGE_TOKENS, "image_emb_len": _LLAVA_IMAGE_TOKENS}
+    return {
+        "template": _HUNYUAN_I2V_TEMPLATE,
+        "crop_start": len(head),
+        "image_emb_start": start,
+        "image_emb_end": start + _LLAVA_IMAGE_TOKENS,
+        "image_emb_len": _LLAVA_IMAGE_TOKENS,
+    }
 
 
 def _hunyuanvideo_i2v(image_condition_type: str):
@@ -1988,14 +2644,33 @@ def _hunyuanvideo_i2v(image_condition_type: str):
     tokenizer, image_processor, text_encoder = make_llava(seed=1)
     with _seeded(6):
         transformer = HunyuanVideoTransformer3DModel(
-            in_channels=4 * 2 + 1 if image_condition_type == "latent_concat" else 4, out_channels=4,
-            num_attention_heads=2, attention_head_dim=16, num_layers=2, num_single_layers=2, num_refiner_layers=1,
-            patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=32,
-            rope_axes_dim=(4, 6, 6), image_condition_type=image_condition_type,
+            in_channels=4 * 2 + 1 if image_condition_type == "latent_concat" else 4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            patch_size=1,
+            patch_size_t=1,
+            guidance_embeds=True,
+            text_embed_dim=32,
+            pooled_projection_dim=32,
+            rope_axes_dim=(4, 6, 6),
+            image_condition_type=image_condition_type,
         ).eval()
-    return _finish(HunyuanVideoImageToVideoPipeline(
-        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=base.vae, scheduler=base.scheduler,
-        text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, image_processor=image_processor))
+    return _finish(
+        HunyuanVideoImageToVideoPipeline(
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            vae=base.vae,
+            scheduler=base.scheduler,
+            text_encoder_2=base.text_encoder_2,
+            tokenizer_2=base.tokenizer_2,
+            image_processor=image_processor,
+        )
+    )
 
 
 def hunyuanvideo_i2v():
@@ -2011,19 +2686,34 @@ def hunyuanvideo_i2v_token_replace():
     return _hunyuanvideo_i2v("token_replace")
 
 
-FAMILY_FACTORIES.update(hunyuanvideo_i2v=hunyuanvideo_i2v, hunyuanvideo_i2v_token_replace=hunyuanvideo_i2v_token_replace)
+FAMILY_FACTORIES.update(
+    hunyuanvideo_i2v=hunyuanvideo_i2v, hunyuanvideo_i2v_token_replace=hunyuanvideo_i2v_token_replace
+)
 for _name in ("hunyuanvideo_i2v", "hunyuanvideo_i2v_token_replace"):
     # True CFG (true_cfg_scale > 1 and a negative prompt, one call per branch, cond first) encodes the negative
     # prompts with ONE black image: with a batch of two prompts the Llava encoder gets 2 x 4 image tokens for 4
     # image features and fails without NAG too (diffusers 0.42.1). The default calls run a batch of two prompts
     # (one image each) without CFG; `cfg_batch_one`: the CFG checks run one prompt.
-    CFG_INFO[_name] = dict(mode=None, scale_arg=None, on=None, off=None, negative_prompt=True, cfg_batch_one=True,
-                           embedded_guidance_scale=6.0,
-                           text_mask="encoder_attention_mask, (B, image tokens + max_seq), 1 = real token")
+    CFG_INFO[_name] = dict(
+        mode=None,
+        scale_arg=None,
+        on=None,
+        off=None,
+        negative_prompt=True,
+        cfg_batch_one=True,
+        embedded_guidance_scale=6.0,
+        text_mask="encoder_attention_mask, (B, image tokens + max_seq), 1 = real token",
+    )
     # 32px -> 4x4 latent; 5 frames -> 2 latent frames: 32 video tokens
-    _BASE_KWARGS[_name] = dict(image=[_pil_frame(30), _pil_frame(31)], height=32, width=32, num_frames=5,
-                               max_sequence_length=16, guidance_scale=6.0,
-                               prompt_template=_hunyuan_i2v_template(make_llava()[0]))
+    _BASE_KWARGS[_name] = dict(
+        image=[_pil_frame(30), _pil_frame(31)],
+        height=32,
+        width=32,
+        num_frames=5,
+        max_sequence_length=16,
+        guidance_scale=6.0,
+        prompt_template=_hunyuan_i2v_template(make_llava()[0]),
+    )
 
 
 def hunyuanvideo15_i2v(guider=None):
@@ -2035,14 +2725,29 @@ def hunyuanvideo15_i2v(guider=None):
 
     base = hunyuanvideo15(guider)
     with _seeded(7):
-        image_encoder = SiglipVisionModel(SiglipVisionConfig(
-            hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-            patch_size=14)).eval()
+        image_encoder = SiglipVisionModel(
+            SiglipVisionConfig(
+                hidden_size=16,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            )
+        ).eval()
     feature_extractor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
     transformer = _tiny_hunyuanvideo15_transformer(seed=8, task_type="i2v")
-    pipe = HunyuanVideo15ImageToVideoPipeline(**{**base.components, "transformer": transformer},
-                                              image_encoder=image_encoder, feature_extractor=feature_extractor)
-    for attr in ("system_message", "prompt_template_encode_start_idx", "tokenizer_max_length", "tokenizer_2_max_length"):
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        **{**base.components, "transformer": transformer},
+        image_encoder=image_encoder,
+        feature_extractor=feature_extractor,
+    )
+    for attr in (
+        "system_message",
+        "prompt_template_encode_start_idx",
+        "tokenizer_max_length",
+        "tokenizer_2_max_length",
+    ):
         setattr(pipe, attr, getattr(base, attr))
     pipe.vision_num_semantic_tokens = 4  # 28x28 pixels, 14x14 patches
     return _finish(pipe)
@@ -2081,15 +2786,19 @@ def _ltx2_conditions():
     from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 
     # crf 0: no H.264 re-compression of the condition images (it needs PyAV)
-    return [LTX2VideoCondition(frames=_pil_frame(33), index=0, crf=0),
-            LTX2VideoCondition(frames=_pil_frame(34), index=2, strength=0.8, crf=0)]
+    return [
+        LTX2VideoCondition(frames=_pil_frame(33), index=0, crf=0),
+        LTX2VideoCondition(frames=_pil_frame(34), index=2, strength=0.8, crf=0),
+    ]
 
 
 FAMILY_FACTORIES.update(ltx2_i2v=ltx2_i2v, ltx2_condition=ltx2_condition)
 CFG_INFO.update(ltx2_i2v=dict(CFG_INFO["ltx2"]), ltx2_condition=dict(CFG_INFO["ltx2"]))
 # image_crf 0: no H.264 re-compression of the image (it needs PyAV); latents (test speed: no video and audio decoding)
-_BASE_KWARGS.update(ltx2_i2v=dict(_BASE_KWARGS["ltx2"], image=_pil_frame(33), image_crf=0, output_type="latent"),
-                    ltx2_condition=dict(_BASE_KWARGS["ltx2"], conditions=_ltx2_conditions(), output_type="latent"))
+_BASE_KWARGS.update(
+    ltx2_i2v=dict(_BASE_KWARGS["ltx2"], image=_pil_frame(33), image_crf=0, output_type="latent"),
+    ltx2_condition=dict(_BASE_KWARGS["ltx2"], conditions=_ltx2_conditions(), output_type="latent"),
+)
 
 
 def zimage_img2img():
@@ -2122,7 +2831,9 @@ for _name in ("zimage_img2img", "zimage_inpaint"):
 # per prompt
 _BASE_KWARGS.update(
     zimage_img2img=dict(_BASE_KWARGS["zimage"], image=_image_batch(35, size=16), strength=1.0),
-    zimage_inpaint=dict(_BASE_KWARGS["zimage"], image=_image_batch(36, size=16), mask_image=_zimage_mask(), strength=1.0),
+    zimage_inpaint=dict(
+        _BASE_KWARGS["zimage"], image=_image_batch(36, size=16), mask_image=_zimage_mask(), strength=1.0
+    ),
 )
 
 
@@ -2131,8 +2842,14 @@ def _zimage_controlnet(control_in_dim: int):
 
     with _seeded(9):
         controlnet = ZImageControlNetModel(
-            control_layers_places=[0, 1], control_in_dim=control_in_dim, all_patch_size=(2,), all_f_patch_size=(1,),
-            dim=32, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+            control_layers_places=[0, 1],
+            control_in_dim=control_in_dim,
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            dim=32,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
         ).eval()
         # zero-initialised projections in the stock model: random ones make the control visible
         for module in controlnet.modules():
@@ -2155,9 +2872,9 @@ def zimage_controlnet_inpaint():
     latents] (9 channels)."""
     from diffusers import ZImageControlNetInpaintPipeline
 
-    return _finish(ZImageControlNetInpaintPipeline(**zimage().components,
-                                                   controlnet=_zimage_controlnet(control_in_dim=9)))
-
+    return _finish(
+        ZImageControlNetInpaintPipeline(**zimage().components, controlnet=_zimage_controlnet(control_in_dim=9))
+    )
 
 
 FAMILY_FACTORIES.update(zimage_controlnet=zimage_controlnet, zimage_controlnet_inpaint=zimage_controlnet_inpaint)
@@ -2167,6 +2884,10 @@ for _name in ("zimage_controlnet", "zimage_controlnet_inpaint"):
 # batch: one mask per prompt
 _BASE_KWARGS.update(
     zimage_controlnet=dict(_BASE_KWARGS["zimage"], control_image=_image_batch(37, size=16)),
-    zimage_controlnet_inpaint=dict(_BASE_KWARGS["zimage"], image=_image_batch(38, size=16),
-                                   mask_image=_zimage_mask(rows=2), control_image=_image_batch(39, size=16)),
+    zimage_controlnet_inpaint=dict(
+        _BASE_KWARGS["zimage"],
+        image=_image_batch(38, size=16),
+        mask_image=_zimage_mask(rows=2),
+        control_image=_image_batch(39, size=16),
+    ),
 )

@@ -21,8 +21,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,7 +141,8 @@ def build_text_encoder(tokenizer, seed: int = 0):
     with torch.no_grad():
         inner = getattr(model, "text_model", model)  # transformers 5 flattened CLIPTextModel
         embeddings = inner.embeddings
-        embeddings.token_embedding.weight.copy_(torch.randn(embeddings.token_embedding.weight.shape, generator=generator))
+        token_shape = embeddings.token_embedding.weight.shape
+        embeddings.token_embedding.weight.copy_(torch.randn(token_shape, generator=generator))
         embeddings.position_embedding.weight.copy_(
             0.1 * torch.randn(embeddings.position_embedding.weight.shape, generator=generator)
         )

@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = common.build_tokenizer()
     backgrounds = args.backgrounds.split(",")
-    images, _, attributes = common.dataset_arrays(args.seed, args.images, desc="generating images", backgrounds=backgrounds)
+    images, _, attributes = common.dataset_arrays(
+        args.seed, args.images, desc="generating images", backgrounds=backgrounds
+    )
     pixels = torch.from_numpy(images)  # uint8 (N, H, W, 3)
 
     torch.manual_seed(args.seed)

@@ -4,8 +4,8 @@
 
 Training images get mild corruptions (noise, blur, contrast and brightness changes, a one-pixel
 shift) so the probe also reads imperfect generated images. A realness head learns to tell those
-from junk (noise, blends, heavy blur, two half images): it decides whether a sample is valid. Its accuracy per attribute on held-out
-clean images (a different dataset seed) and on corrupted ones is printed and saved to
+from junk (noise, blends, heavy blur, two half images): it decides whether a sample is valid. Its accuracy per
+attribute on held-out clean images (a different dataset seed) and on corrupted ones is printed and saved to
 ``metrics.json`` next to the weights.
 """
 

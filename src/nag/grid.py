@@ -5,8 +5,9 @@ method and one labelled row per seed. ``python -m nag.demo`` and ``nag compare``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["make_grid", "GridLayout", "layout", "MIN_CELL", "PAD", "HEADER", "ROW_LABEL"]
 

@@ -495,7 +495,8 @@ def apply(
     Args:
         pipe: a supported diffusers pipeline (see ``nag.supported_pipelines()``).
         negative_prompt: what to steer away from: a string, or a list with one entry per prompt.
-            It is encoded with the pipeline's own text encoders and call settings.
+            It is encoded with the pipeline's own text encoders and call settings. An empty (or blank) string
+            is no negative prompt: NAG stays off, as in ``nag generate`` and the web UI.
         scale: extrapolation factor ``s`` (> 1 guides; 1 is off). The paper's phi = ``scale - 1``.
         tau: bound on the guided feature's norm growth.
         alpha: blend of the normalized guided feature with the positive one.
@@ -525,6 +526,8 @@ def apply(
         )
     check_processors(denoiser, spec)
     check_hooks(denoiser, spec)
+    if isinstance(negative_prompt, str) and not negative_prompt.strip():
+        negative_prompt = None  # one rule everywhere: an empty negative prompt is no negative prompt (NAG off)
     if negative_prompt is not None and negative_embeds:
         raise ValueError("pass either negative_prompt or precomputed negative embeddings, not both")
     if negative_prompt is not None:

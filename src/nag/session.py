@@ -14,10 +14,11 @@ import importlib
 import inspect
 import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 from nag.toy import DEFAULT_NAG
 
@@ -311,7 +312,7 @@ def _check_supported(pipe: Any) -> None:
         ) from exc
 
 
-def load_model(model: str, device: str, dtype: Any, offload: bool = False, lora: Optional[Path] = None,
+def load_model(model: str, device: str, dtype: Any, offload: bool = False, lora: Path | None = None,
                note: Callable[[str], None] = lambda _msg: None) -> Loaded:
     """Load ``model`` (a ``builtin:`` id, a local directory or a Hub id) onto ``device``.
 

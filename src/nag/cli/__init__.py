@@ -21,10 +21,10 @@ One module per command; what the command line shares with the web UI is :mod:`na
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from nag.grid import make_grid
 from nag.session import NagCLIError, load_model, resolve_device, resolve_dtype, version
@@ -51,7 +51,7 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=_show_version, is_eager=True,
+def _root(version: Annotated[bool | None, typer.Option("--version", callback=_show_version, is_eager=True,
                                                           help="Show the version and exit.")] = None) -> None:
     """Normalized Attention Guidance (NAG) for diffusers pipelines: a negative prompt that works, also on
     few-step models."""

@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 from nag import session
 from nag.evaluation import generate as eval_generate
@@ -150,8 +151,8 @@ def _manifest(out_dir: Path, items: Sequence[Item], settings: dict[str, Any]) ->
     return {"settings": settings, "prompts": entries}
 
 
-def run(prompts_file: Path, out_dir: Path, model: str, options: Options, device: Optional[str],
-        dtype: Optional[str], offload: bool, lora: Optional[Path]) -> None:
+def run(prompts_file: Path, out_dir: Path, model: str, options: Options, device: str | None,
+        dtype: str | None, offload: bool, lora: Path | None) -> None:
     """Draw every missing image of every prompt in ``prompts_file``: this process's share of them."""
     began = time.perf_counter()
     try:

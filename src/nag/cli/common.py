@@ -3,15 +3,15 @@ and progress bars. The work itself is in :mod:`nag.session`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from typing_extensions import Annotated
 
 from nag import session
 from nag.session import NagCLIError
@@ -35,31 +35,31 @@ Model = Annotated[str, typer.Option("--model", "-m", help="builtin:fewstep, buil
 Prompt = Annotated[str, typer.Option("--prompt", "-p", help="What to draw.")]
 Negative = Annotated[str, typer.Option("--negative", "-n", help="What to steer away from (the NAG negative "
                                        "prompt). Empty: NAG off.")]
-Scale = Annotated[Optional[float], typer.Option(help="NAG scale s (1 = off; the paper's phi is s - 1). "
+Scale = Annotated[float | None, typer.Option(help="NAG scale s (1 = off; the paper's phi is s - 1). "
                                                 "Default: the model family's.")]
-Tau = Annotated[Optional[float], typer.Option(help="NAG tau: cap on the guided feature's norm growth. "
+Tau = Annotated[float | None, typer.Option(help="NAG tau: cap on the guided feature's norm growth. "
                                               "Default: the family's.")]
-Alpha = Annotated[Optional[float], typer.Option(help="NAG alpha in [0, 1]: blend of guided and positive "
+Alpha = Annotated[float | None, typer.Option(help="NAG alpha in [0, 1]: blend of guided and positive "
                                                 "features. Default: the family's.")]
 Start = Annotated[float, typer.Option(help="Fraction of the trajectory (from the noisy end) where NAG starts.")]
 End = Annotated[float, typer.Option(help="Fraction of the trajectory where NAG stops (0.25: first quarter only).")]
 Norm = Annotated[int, typer.Option(help="Norm order of NAG's ratio: 1 or 2.")]
-Steps = Annotated[Optional[int], typer.Option(min=1, help="Sampling steps. Default: the model's.")]
-Guidance = Annotated[Optional[float], typer.Option(help="The pipeline's guidance_scale (CFG; 0 or 1 = off). "
+Steps = Annotated[int | None, typer.Option(min=1, help="Sampling steps. Default: the model's.")]
+Guidance = Annotated[float | None, typer.Option(help="The pipeline's guidance_scale (CFG; 0 or 1 = off). "
                                                    "Default: the model's.")]
 Seed = Annotated[int, typer.Option(help="Random seed; sample i uses seed + i.")]
-Width = Annotated[Optional[int], typer.Option(help="Image width in pixels (multiple of 8). Default: the model's.")]
-Height = Annotated[Optional[int], typer.Option(help="Image height in pixels (multiple of 8). Default: the model's.")]
-Frames = Annotated[Optional[int], typer.Option(help="Video frames (video models only). Default: the model's.")]
+Width = Annotated[int | None, typer.Option(help="Image width in pixels (multiple of 8). Default: the model's.")]
+Height = Annotated[int | None, typer.Option(help="Image height in pixels (multiple of 8). Default: the model's.")]
+Frames = Annotated[int | None, typer.Option(help="Video frames (video models only). Default: the model's.")]
 NumImages = Annotated[int, typer.Option("--num-images", min=1, help="Samples to draw.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per pipeline call (memory grows "
                                         "with it; 1 gives the same images whatever --num-images is).")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps. Default: cuda > mps > cpu.")]
-Dtype = Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16. Default: bfloat16 on CUDA "
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps. Default: cuda > mps > cpu.")]
+Dtype = Annotated[str | None, typer.Option(help="float32, float16 or bfloat16. Default: bfloat16 on CUDA "
                                               "where supported, float16 on MPS, float32 on the CPU.")]
 Offload = Annotated[bool, typer.Option("--offload", help="Keep weights on the CPU until each part of the model "
                                        "runs (enable_model_cpu_offload); for GPUs short of memory.")]
-Lora = Annotated[Optional[Path], typer.Option(help="A LoRA .safetensors file (or directory) to load into the "
+Lora = Annotated[Path | None, typer.Option(help="A LoRA .safetensors file (or directory) to load into the "
                                               "pipeline.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
 
@@ -99,7 +99,7 @@ def progress_bar(console: Console = err) -> Iterator[Progress]:
 
 
 def load_with_progress(model: str, device: str | None, dtype: str | None, offload: bool,
-                       lora: Optional[Path]) -> session.Loaded:
+                       lora: Path | None) -> session.Loaded:
     """Resolve device and dtype, then load ``model`` under a spinner."""
     dev = session.resolve_device(device)
     torch_dtype = session.resolve_dtype(dtype, dev)

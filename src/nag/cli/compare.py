@@ -5,25 +5,46 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any
 
 import typer
-from typing_extensions import Annotated
 
 from nag import session
 from nag.grid import make_grid
 
 from . import common, output
 from .batch import Options, total_steps
-from .common import (Alpha, BatchSize, Debug, Device, Dtype, End, Frames, Guidance, Height, Lora, Model,
-                     Negative, Norm, Offload, Prompt, Scale, Seed, Start, Steps, Tau, Width, app)
+from .common import (
+    Alpha,
+    BatchSize,
+    Debug,
+    Device,
+    Dtype,
+    End,
+    Frames,
+    Guidance,
+    Height,
+    Lora,
+    Model,
+    Negative,
+    Norm,
+    Offload,
+    Prompt,
+    Scale,
+    Seed,
+    Start,
+    Steps,
+    Tau,
+    Width,
+    app,
+)
 
 __all__ = ["compare", "column_labels"]
 
 CfgOpt = Annotated[float, typer.Option(help="CFG scale of the CFG column (the negative prompt as its "
                                        "unconditional branch); must be > 1, since CFG at 1 is no guidance.")]
 Rows = Annotated[int, typer.Option("--num-images", min=1, help="Rows of the grid (seeds seed, seed + 1, ...).")]
-Out = Annotated[Optional[Path], typer.Option(help="Output: an image grid (.png/.jpg/.webp), or a video side by "
+Out = Annotated[Path | None, typer.Option(help="Output: an image grid (.png/.jpg/.webp), or a video side by "
                                              "side (.mp4) for video models. Default: nag_compare.png / .mp4.")]
 
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any
 
 import typer
-from typing_extensions import Annotated
 
 from nag import evaluation as ev
 from nag import session
 from nag.evaluation.generate import get_state
 
 from . import common
-from .common import (Alpha, Debug, Device, Dtype, End, Height, Model, Norm, Offload, Scale, Start, Steps, Tau,
-                     Width, app)
+from .common import Alpha, Debug, Device, Dtype, End, Height, Model, Norm, Offload, Scale, Start, Steps, Tau, Width, app
 
 __all__ = ["eval_"]
 
@@ -31,7 +29,7 @@ def _methods(methods: str) -> list[str]:
     return names
 
 
-def _device(state: Any, device: Optional[str]) -> str:
+def _device(state: Any, device: str | None) -> str:
     """Under accelerate launch each process has its own device; otherwise --device (or the best one)."""
     if state.num_processes == 1:
         return session.resolve_device(device)
@@ -42,7 +40,7 @@ def _device(state: Any, device: Optional[str]) -> str:
     return dev
 
 
-def _report(results: Optional[dict], out: Path, metrics: bool, prompts: int, methods: int) -> None:
+def _report(results: dict | None, out: Path, metrics: bool, prompts: int, methods: int) -> None:
     if results is None:  # not the main process
         return
     if not metrics:
@@ -59,7 +57,7 @@ def _report(results: Optional[dict], out: Path, metrics: bool, prompts: int, met
 def eval_(
     prompts: Annotated[Path, typer.Option("--prompts", help="Prompts: .txt (one a line), .json/.jsonl list, .csv "
                                           "with a 'prompt' column, or a COCO captions JSON.")],
-    reference_images: Annotated[Optional[Path], typer.Option("--reference-images", help="Folder of real images "
+    reference_images: Annotated[Path | None, typer.Option("--reference-images", help="Folder of real images "
                                                              "for FID and patch-FID (COCO val images).")] = None,
     model: Model = session.DEFAULT_MODEL,
     methods: Annotated[str, typer.Option(help="Comma-separated: none (no guidance), cfg (the pipeline's CFG with "
@@ -76,17 +74,17 @@ def eval_(
     norm: Norm = 1,
     cfg: Annotated[float, typer.Option(help="CFG scale of the cfg method.")] = 4.0,
     steps: Steps = None,
-    guidance: Annotated[Optional[float], typer.Option(help="guidance_scale of the none and nag methods (CFG with "
+    guidance: Annotated[float | None, typer.Option(help="guidance_scale of the none and nag methods (CFG with "
                                                       "an empty negative on top of NAG). Default: off.")] = None,
     seed: Annotated[int, typer.Option(help="Base seed: prompt i uses seed + i, whatever the number of processes.")]
     = 0,
     width: Width = None,
     height: Height = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per pipeline call.")] = 1,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N prompts (5000: COCO-5K).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use the first N prompts (5000: COCO-5K).")] = None,
     clip_model: Annotated[str, typer.Option(help="CLIP model of the CLIP score: Hub id or local folder (offline: "
                                             "see docs/evaluation.md).")] = ev.DEFAULT_CLIP,
-    inception: Annotated[Optional[Path], typer.Option(help="FID feature extractor: the FID Inception weights file, "
+    inception: Annotated[Path | None, typer.Option(help="FID feature extractor: the FID Inception weights file, "
                                                       "or a torch.export .pt2 archive. Default: torchmetrics'.")]
     = None,
     image_reward: Annotated[bool, typer.Option("--image-reward/--no-image-reward", help="ImageReward column, when "

@@ -4,25 +4,46 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from nag import session
 
 from . import batch, common, output
-from .common import (Alpha, BatchSize, Debug, Device, Dtype, End, Frames, Guidance, Height, Lora, Model,
-                     Negative, Norm, NumImages, Offload, Scale, Seed, Start, Steps, Tau, Width, app)
+from .common import (
+    Alpha,
+    BatchSize,
+    Debug,
+    Device,
+    Dtype,
+    End,
+    Frames,
+    Guidance,
+    Height,
+    Lora,
+    Model,
+    Negative,
+    Norm,
+    NumImages,
+    Offload,
+    Scale,
+    Seed,
+    Start,
+    Steps,
+    Tau,
+    Width,
+    app,
+)
 
 __all__ = ["generate"]
 
-OptionalPrompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="What to draw (or --prompts FILE).")]
-PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="Many prompts: .txt (one a line), .jsonl "
+OptionalPrompt = Annotated[str | None, typer.Option("--prompt", "-p", help="What to draw (or --prompts FILE).")]
+PromptsFile = Annotated[Path | None, typer.Option("--prompts", help="Many prompts: .txt (one a line), .jsonl "
                                                      "or .csv with a prompt and optional negative and seed per "
                                                      "line; --out is then a folder (resumable, shardable with "
                                                      "accelerate launch).")]
-Out = Annotated[Optional[Path], typer.Option(help="Output file: .png/.jpg/.webp for images, .mp4 for video; with "
+Out = Annotated[Path | None, typer.Option(help="Output file: .png/.jpg/.webp for images, .mp4 for video; with "
                                              "--num-images N, files NAME-0 ... NAME-(N-1). Default: nag.png / "
                                              "nag.mp4. With --prompts: the output folder (default nag-out).")]
 

@@ -7,8 +7,9 @@ first written to a temporary name in the same folder, and renamed only once all 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nag.session import NagCLIError
 

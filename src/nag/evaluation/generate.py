@@ -10,10 +10,11 @@ run continues where it stopped and a finished image is never drawn twice.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .manifest import check_settings_file, image_path, method_dir, save_image_atomic, write_json_atomic
 from .prompts import EvalError, prompts_digest, seed_for
@@ -185,8 +186,9 @@ def generate_images(
     Images do not depend on the number of processes: prompt i always uses seed ``base_seed + i``
     and, at ``batch_size`` 1, runs alone.
     """
-    import nag
     import torch
+
+    import nag
 
     if batch_size < 1:
         raise EvalError("Option out of range", f"--batch-size must be at least 1, got {batch_size}.")

@@ -14,13 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .prompts import EvalError, prompts_digest, seed_for
 
-__all__ = ["image_path", "method_dir", "save_image_atomic", "write_json_atomic", "check_settings_file", "check_settings_json",
-           "build_manifest", "MANIFEST", "file_sha256"]
+__all__ = [
+    "image_path",
+    "method_dir",
+    "save_image_atomic",
+    "write_json_atomic",
+    "check_settings_file",
+    "check_settings_json",
+    "build_manifest",
+    "MANIFEST",
+    "file_sha256",
+]
 
 MANIFEST = "manifest.json"
 
@@ -87,8 +97,9 @@ def check_settings_json(path: Path, settings: dict[str, Any]) -> bool:
     return False
 
 
-def build_manifest(out_dir: str | Path, prompts: Sequence[str], methods: dict[str, dict[str, Any]],
-                   base_seed: int) -> dict[str, Any]:
+def build_manifest(
+    out_dir: str | Path, prompts: Sequence[str], methods: dict[str, dict[str, Any]], base_seed: int
+) -> dict[str, Any]:
     """The merged manifest: per method, one entry per prompt index in order (prompt, seed, file,
     SHA-256 of the PNG, or ``"file": null`` where the image is missing). Depends only on the files,
     the prompts and the settings, never on how many processes made the images."""
@@ -105,12 +116,14 @@ def build_manifest(out_dir: str | Path, prompts: Sequence[str], methods: dict[st
         for i, prompt in enumerate(prompts):
             path = image_path(out_dir, name, i)
             done = path.is_file()
-            entries.append({
-                "index": i,
-                "prompt": prompt,
-                "seed": seed_for(i, base_seed),
-                "file": path.relative_to(out_dir).as_posix() if done else None,
-                "sha256": file_sha256(path) if done else None,
-            })
+            entries.append(
+                {
+                    "index": i,
+                    "prompt": prompt,
+                    "seed": seed_for(i, base_seed),
+                    "file": path.relative_to(out_dir).as_posix() if done else None,
+                    "sha256": file_sha256(path) if done else None,
+                }
+            )
         manifest["methods"][name] = {"settings": settings, "images": entries}
     return manifest

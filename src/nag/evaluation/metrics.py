@@ -17,9 +17,10 @@ Image views (the same for generated and reference images):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .prompts import EvalError
 

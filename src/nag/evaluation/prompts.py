@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["EvalError", "read_prompts", "read_records", "seed_for", "prompts_digest", "IMAGE_SUFFIXES", "list_images"]
 

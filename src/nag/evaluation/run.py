@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .generate import DEFAULT_NEGATIVE, METHODS, OnImage, build_methods, fingerprint, generate_images, get_state
 from .manifest import MANIFEST, build_manifest, image_path, write_json_atomic

@@ -28,8 +28,8 @@ A few captions are a lone attribute ("red", "star"), and with ``caption_dropout`
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -224,7 +224,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy + r * 0.1 - r * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        corners = (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+        return [(cx + r * math.cos(a), cy + r * 0.1 - r * math.sin(a)) for a in corners]
     if shape == "star":
         points = []
         for k in range(10):
@@ -335,7 +336,9 @@ class ToyDataset:
         attributes = self.attributes(index)
         image = render(attributes, self.image_size, _rng(self.seed, index, 1))
         caption_rng = _rng(self.seed, index, 2)
-        caption = "" if caption_rng.uniform() < self.caption_dropout else caption_for(attributes, caption_rng, self.keep)
+        caption = (
+            "" if caption_rng.uniform() < self.caption_dropout else caption_for(attributes, caption_rng, self.keep)
+        )
         return ToySample(image, caption, attributes)
 
     def batch(self, start: int, size: int) -> tuple[np.ndarray, list[str], list[Attributes]]:

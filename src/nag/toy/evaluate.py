@@ -24,8 +24,8 @@ The measurement is paired, per sample (a prompt and a seed):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 

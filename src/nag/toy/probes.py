@@ -17,9 +17,9 @@ own accuracy on held-out images (also in ``weights/probe/metrics.json``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -110,22 +110,22 @@ class AttributeProbe(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / "probe.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / "probe.safetensors"
+        )
         (directory / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
         if metrics is not None:
             (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path | str = PROBE_DIR, device: str | torch.device = "cpu") -> "AttributeProbe":
+    def load(cls, directory: Path | str = PROBE_DIR, device: str | torch.device = "cpu") -> AttributeProbe:
         """Load probe weights (default: the shipped ones)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
         weights = directory / "probe.safetensors"
         if not weights.exists():
-            raise FileNotFoundError(
-                f"no probe weights at {weights}; run `python training/train_probe.py` to make them"
-            )
+            raise FileNotFoundError(f"no probe weights at {weights}; run `python training/train_probe.py` to make them")
         config = json.loads((directory / "config.json").read_text())
         probe = cls(**config)
         probe.load_state_dict(load_file(weights))
