@@ -104,7 +104,9 @@ def check_hooks(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
     """Refuse diffusers features (hooks) that cannot carry NAG's negative conditioning."""
     layout = FAMILIES[spec.family].layout
     for module in denoiser.modules():
-        registry = getattr(module, "_diffusers_hook", None)
+        # (read from the instance dict: a missing attribute through nn.Module.__getattr__ raises, slowly, per module;
+        # this runs at every generation)
+        registry = module.__dict__.get("_diffusers_hook")
         for name in getattr(registry, "hooks", {}) or {}:
             layouts, feature = _INCOMPATIBLE_HOOKS.get(name, ((), ""))
             if layout in layouts:

@@ -259,13 +259,10 @@ class NAGHandle:
     def _check_processors_in_place(self) -> None:
         """Refuse to generate when something replaced NAG's attention processors after ``apply``
         (``set_attn_processor``, another attention tool): the extended text inputs would reach
-        processors that do not split them again."""
-        family = FAMILIES[self.spec.family]
-        for name, module in self.denoiser.named_modules():
-            if family.attention_role(name, module) is None:
-                continue
-            processor = module.processor
-            if not (isinstance(processor, NAGProcessor) and processor.runtime is self.runtime):
+        processors that do not split them again. (Only the wrapped modules are looked at: this runs every
+        generation.)"""
+        for attachment in (self._attachment, *self._expert_attachments):
+            for name, processor in attachment.replaced_processors():
                 raise RuntimeError(
                     f"the attention processor of `{name}` was replaced after nag.apply (now "
                     f"{type(processor).__name__}); call nag.remove(pipe), set the processors, then nag.apply again"
@@ -519,7 +516,7 @@ def apply(
             f"{type(pipe).__name__} already carries NAG; call nag.remove(pipe) (or handle.update(...)) first"
         )
     denoiser = _denoiser_of(pipe, spec)
-    if any(isinstance(getattr(m, "processor", None), NAGProcessor) for m in denoiser.modules()):
+    if any(isinstance(m.__dict__.get("processor"), NAGProcessor) for m in denoiser.modules()):
         raise RuntimeError(
             f"the {spec.denoiser_attr} of this pipeline already carries NAG (through another pipeline "
             "sharing it); remove that first"

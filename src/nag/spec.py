@@ -11,6 +11,7 @@ what its ``encode_prompt`` returns. The hooks (``nag.hooks``) read these; the fa
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -199,7 +200,7 @@ class Family:
 
     def attention_role(self, name: str, module: torch.nn.Module) -> Any:
         """The attention mechanism of the module named ``name``, or None where NAG leaves it alone."""
-        if not hasattr(module, "processor"):
+        if not has_processor(module):
             return None
         for pattern, mechanism in self.attention:
             if re.fullmatch(pattern, name):
@@ -208,7 +209,19 @@ class Family:
 
     def module_kinds(self, name: str) -> list[ModuleKind]:
         """The kinds of hooked module the module named ``name`` is, in installation order."""
-        return [kind for kind in ModuleKind if kind in self.modules and re.fullmatch(self.modules[kind], name)]
+        return [kind for kind, pattern in self._module_patterns if re.fullmatch(pattern, name)]
+
+    @functools.cached_property
+    def _module_patterns(self) -> list[tuple[ModuleKind, str]]:
+        """``modules`` in installation order (computed once: ``module_kinds`` runs for every module)."""
+        return [(kind, self.modules[kind]) for kind in ModuleKind if kind in self.modules]
+
+
+def has_processor(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a diffusers attention module (it has a processor, a plain object or a module). Read from
+    the instance's dicts: ``hasattr`` on a module without it raises inside ``nn.Module.__getattr__``, slowly, and this
+    runs for every module of a denoiser."""
+    return "processor" in module.__dict__ or "processor" in module.__dict__.get("_modules", {})
 
 
 @dataclass(frozen=True)

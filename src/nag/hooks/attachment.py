@@ -48,6 +48,7 @@ class Attachment:
         self.runtime = runtime
         self.fast = fast
         self._stock_processors: list[tuple[torch.nn.Module, Any]] = []
+        self._wrappers: list[tuple[str, torch.nn.Module, Any]] = []  # (name, module, the NAG wrapper installed)
         self.hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
         self._blocks = BlockHooks(family, runtime, self._stock_processors)
         self._forward_signature = inspect.signature(denoiser.forward)
@@ -63,38 +64,47 @@ class Attachment:
         reason = family.refuse(self.denoiser) if family.refuse is not None else None
         if reason:
             raise NotImplementedError(f"NAG cannot guide this {type(self.denoiser).__name__}: {reason}")
-        for name, module in self.denoiser.named_modules():
-            mechanism = family.attention_role(name, module)
-            if mechanism is None:
-                continue
-            stock = module.processor
-            self._stock_processors.append((module, stock))
-            module.set_processor(wrap_processor(mechanism.wrapper(self.fast), stock, self.runtime))
-        if not self._stock_processors:
-            raise RuntimeError(
-                f"found no text attention modules in {type(self.denoiser).__name__} for family {family.name!r}"
-            )
         self._register(
             "denoiser", self.denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True, prepend=True)
         )
         self._register("denoiser", self.denoiser.register_forward_hook(self._after_denoiser, always_call=True))
-        for name, module in self.denoiser.named_modules():
+        for name, module in self.denoiser.named_modules():  # (one walk: it is most of what apply costs)
+            mechanism = family.attention_role(name, module)
+            if mechanism is not None:
+                self._wrap(name, module, mechanism)
             for kind in family.module_kinds(name):
-                hook = HOOKS[kind]
-                if not hook.applies(self.fast, family):
-                    hook = hook.otherwise
-                if hook is None:
-                    continue
-                if hook.pre:
-                    pre = getattr(self._blocks, hook.pre)
-                    self._register(f"{name}:{hook.pre}", module.register_forward_pre_hook(pre, with_kwargs=True))
-                if hook.post:
-                    self._register(
-                        f"{name}:{hook.post}", module.register_forward_hook(getattr(self._blocks, hook.post))
-                    )
+                self._hook(name, module, kind)
+        if not self._stock_processors:
+            raise RuntimeError(
+                f"found no text attention modules in {type(self.denoiser).__name__} for family {family.name!r}"
+            )
+
+    def _wrap(self, name: str, module: torch.nn.Module, mechanism: Any) -> None:
+        stock = module.processor
+        self._stock_processors.append((module, stock))
+        wrapper = wrap_processor(mechanism.wrapper(self.fast), stock, self.runtime)
+        module.set_processor(wrapper)
+        self._wrappers.append((name, module, wrapper))
+
+    def _hook(self, name: str, module: torch.nn.Module, kind: Any) -> None:
+        hook = HOOKS[kind]
+        if not hook.applies(self.fast, self.family):
+            hook = hook.otherwise
+        if hook is None:
+            return
+        if hook.pre:
+            pre = getattr(self._blocks, hook.pre)
+            self._register(f"{name}:{hook.pre}", module.register_forward_pre_hook(pre, with_kwargs=True))
+        if hook.post:
+            self._register(f"{name}:{hook.post}", module.register_forward_hook(getattr(self._blocks, hook.post)))
 
     def _register(self, name: str, handle: torch.utils.hooks.RemovableHandle) -> None:
         self.hooks.append((f"nag:{name}", handle))
+
+    def replaced_processors(self) -> list[tuple[str, Any]]:
+        """``(module name, processor)`` of the text-attention modules whose NAG wrapper something replaced since
+        installation (``set_attn_processor``, another attention tool)."""
+        return [(name, module.processor) for name, module, wrapper in self._wrappers if module.processor is not wrapper]
 
     def detach(self) -> None:
         for _, hook in self.hooks:
@@ -103,6 +113,7 @@ class Attachment:
         for module, stock in reversed(self._stock_processors):
             module.set_processor(stock)
         self._stock_processors.clear()
+        self._wrappers.clear()
         self.runtime.call = None
 
     # -- denoiser hooks -----------------------------------------------------------------------

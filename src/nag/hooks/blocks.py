@@ -300,7 +300,8 @@ def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundAr
 
 def _text_attention_processor(block: torch.nn.Module) -> Any:
     """The NAG wrapper of a block's text attention (None if it has none)."""
-    return next((m.processor for m in block.modules() if isinstance(getattr(m, "processor", None), NAGProcessor)), None)
+    # (the instance dict, not getattr: this runs at every block call; NAG wrappers are plain objects)
+    return next((p for m in block.modules() if isinstance(p := m.__dict__.get("processor"), NAGProcessor)), None)
 
 
 @dataclass(frozen=True)
