@@ -24,6 +24,7 @@ from .checks import (
 from .control import ControlAttachment, attach_control
 from .families import FAMILIES, pipeline_spec
 from .hooks import Attachment, attach, unwrap_compiled
+from .schedule import schedule_fraction
 from .settings import NAGSettings
 from .spec import PipelineSpec
 from .state import NAGRuntime
@@ -377,23 +378,23 @@ class NAGHandle:
             expanded[key] = value.to(reference[0].device if isinstance(reference, (list, tuple)) else reference.device)
         return expanded
 
-    def _progress(self, step_index: int) -> float | None:
-        """Fraction of the trajectory done at ``step_index`` of this generation's denoising loop.
+    def _progress(self, timestep: Any, counted_steps: int) -> float | None:
+        """Fraction of the full noise schedule done when the current call's step began (``nag.schedule``).
 
-        The loop's length is the pipeline's ``_num_timesteps`` (set before the loop), else the
-        scheduler's timestep count; an img2img-style start inside the schedule counts as done.
+        Read from the pipeline's scheduler, so every call of one step gets that step's decision and img2img
+        ``strength`` or ``denoising_start``/``denoising_end`` count on the full schedule. Where the scheduler does
+        not say (a custom one without a schedule), the steps counted from the timesteps the denoiser saw, on the
+        scheduler's timestep count.
         """
         scheduler = getattr(self.pipe, "scheduler", None)
+        fraction = schedule_fraction(scheduler, timestep)
+        if fraction is not None:
+            return fraction
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None or len(timesteps) == 0:
+            return None
         begin = getattr(scheduler, "begin_index", None) or 0
-        steps = getattr(self.pipe, "_num_timesteps", None)
-        if steps:
-            total = begin + steps
-        else:
-            timesteps = getattr(scheduler, "timesteps", None)
-            if timesteps is None or len(timesteps) == 0:
-                return None
-            total = len(timesteps)
-        return (begin + step_index) / total
+        return (begin + counted_steps) / len(timesteps)
 
 
 class _Missing:
@@ -500,7 +501,8 @@ def apply(
         scale: extrapolation factor ``s`` (> 1 guides; 1 is off). The paper's phi = ``scale - 1``.
         tau: bound on the guided feature's norm growth.
         alpha: blend of the normalized guided feature with the positive one.
-        start, end: the fraction of the sampling trajectory (from the noisy end) that is guided.
+        start, end: the fraction of the full noise schedule (from the noisy end) that is guided: step ``i`` of the
+            scheduler's ``N`` steps when ``start <= i / N < end``, every call of a step alike (see ``nag.schedule``).
         norm: 1 (L1, default) or 2 (L2, the reference Flux code's choice).
         fast: use the fast attention paths where they apply (default). ``False`` runs every
             stock attention processor once per branch: slower, the reference the fast paths

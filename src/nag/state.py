@@ -115,7 +115,8 @@ class NAGRuntime:
     settings: NAGSettings
     negative: dict[str, torch.Tensor] | None = None
     positive_reference: torch.Tensor | None = None
-    progress: Callable[[int], float | None] | None = None  # step index -> fraction of the trajectory
+    # (the call's timestep, the steps counted so far) -> fraction of the full schedule done when the step began
+    progress: Callable[[Any, int], float | None] | None = None
     call: GuidedCall | None = None
     step_index: int = -1
     last_timestep: torch.Tensor | None = None
@@ -156,7 +157,8 @@ class NAGRuntime:
         self.whole_rows_block = False
 
     def advance(self, timestep: Any) -> None:
-        """Count steps: a call whose timestep differs from the previous call's starts a new step."""
+        """Count steps: a call whose timestep differs from the previous call's starts a new step (what the window
+        falls back on where the scheduler does not say where a call stands)."""
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.detach()
             same = (
@@ -171,6 +173,7 @@ class NAGRuntime:
             self.step_index += 1
             self.last_timestep = timestep
 
-    def step_in_window(self) -> bool:
-        progress = self.progress(self.step_index) if self.progress is not None else None
+    def step_in_window(self, timestep: Any = None) -> bool:
+        """Whether the step the current call (at ``timestep``) belongs to lies inside ``[start, end)``."""
+        progress = self.progress(timestep, self.step_index) if self.progress is not None else None
         return self.settings.in_window(progress)

@@ -113,8 +113,9 @@ class Attachment:
         family = self.family
         bound = self._forward_signature.bind_partial(*args, **kwargs)
         arguments = bound.arguments
-        runtime.advance(arguments.get(family.timestep_kwarg))
-        if not runtime.settings.enabled or runtime.negative is None or not runtime.step_in_window():
+        timestep = arguments.get(family.timestep_kwarg)
+        runtime.advance(timestep)
+        if not runtime.settings.enabled or runtime.negative is None or not runtime.step_in_window(timestep):
             return None
         text = arguments.get(family.text_kwarg)
         if text is None:
