@@ -175,3 +175,89 @@ def test_skip_layer_guidance_calls_are_not_steps():
     assert guided_pattern(pipe, run, end=0.5) == "G" + "GG" + ".." * 2
     assert guided_pattern(pipe, run, start=0.75) == "." + ".." * 2 + "GG"
     assert len(steps) == 3 * STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# other people's hooks, shared denoisers, copies
+# ---------------------------------------------------------------------------------------------
+
+
+@reliability("composition", "a user's forward pre-hook (with_kwargs) on the denoiser reading keyword arguments",
+             "it sees the keyword arguments as the pipeline passed them (the guided call's values)")
+@pytest.mark.parametrize("name", ["sd", "flux", "wan"])
+def test_user_pre_hook_sees_the_keyword_arguments(name):
+    pipe = pipeline(name)
+    model = tp.denoiser(pipe)
+    seen: list[tuple[int, list[str]]] = []
+
+    def user_hook(module, args, kwargs):
+        seen.append((len(args), sorted(kwargs)))
+        kwargs["encoder_hidden_states"]  # noqa: B018 (what a user's hook does: read an argument by name)
+
+    stock: list[tuple[int, list[str]]] = []
+    hook = model.register_forward_pre_hook(user_hook, with_kwargs=True)
+    try:
+        tp_generate(pipe, name)
+        stock, seen[:] = list(seen), []
+        with nag.apply(pipe, NEGATIVE, **SETTINGS) as handle:
+            tp_generate(pipe, name)
+            assert handle.guided_calls > 0
+    finally:
+        hook.remove()
+    assert seen == stock  # same positional count and the same keyword names as the stock calls
+
+
+def tp_generate(pipe, name):
+    from test_pipelines import generate
+
+    return generate(pipe, name)
+
+
+@reliability("pipeline", "a second pipeline sharing the guided one's denoiser (from_pipe)",
+             "the second generates stock (bit-identical); the guided one stays guided")
+@pytest.mark.parametrize("embeds", [False, True], ids=["negative_prompt", "negative_embeds_after_a_generation"])
+def test_sibling_sharing_the_denoiser_generates_stock(embeds):
+    import diffusers
+
+    pipe = tp.FACTORIES["sd"]()
+    sibling = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    stock_sibling = _generate(sibling, image=image, strength=0.75).images
+    stock_pipe = _generate(pipe).images
+    negative = (dict(negative_prompt_embeds=pipe.encode_prompt(NEGATIVE, "cpu", 1, False)[0]) if embeds
+                else dict(negative_prompt=NEGATIVE))
+    with nag.apply(pipe, **negative, **SETTINGS) as handle:
+        guided = _generate(pipe).images
+        assert handle.guided_calls == STEPS
+        assert torch.equal(_generate(sibling, image=image, strength=0.75).images, stock_sibling)
+        assert handle.guided_calls == STEPS  # (the sibling's calls are not counted as this pipeline's)
+        assert torch.equal(_generate(pipe).images, guided)
+    assert (guided - stock_pipe).abs().max() > 1e-4
+
+
+@reliability("state", "copy.deepcopy(pipe) and torch.save(pipe.unet / transformer) while NAG is applied",
+             "both work; the copy is stock (bit-identical to the stock pipeline); the original stays guided")
+@pytest.mark.parametrize("name", ["sd", "flux", "sd3"])
+def test_deepcopy_and_save_while_applied(name, tmp_path):
+    import copy
+
+    from test_pipelines import generate, state_of
+
+    pipe = tp.FACTORIES[name]()
+    stock = generate(pipe, name)
+    with nag.apply(pipe, NEGATIVE, **SETTINGS) as handle:
+        guided = generate(pipe, name)
+        twin = copy.deepcopy(pipe)
+        model = tp.denoiser(pipe)
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        assert torch.equal(generate(twin, name), stock)  # the copy is stock
+        assert handle.guided_calls > 0 and torch.equal(generate(pipe, name), guided)  # the original still guided
+        assert not any(isinstance(getattr(m, "processor", None), nag.attention.NAGProcessor)
+                       for m in list(tp.denoiser(twin).modules()) + list(loaded.modules()))
+        with nag.apply(twin, NEGATIVE, **SETTINGS):  # the copy takes NAG of its own
+            assert torch.equal(generate(twin, name), guided)
+        assert torch.equal(generate(pipe, name), guided)
+    assert torch.equal(generate(twin, name), stock)
+    assert "check_inputs" not in twin.__dict__ or state_of(twin) is not None
+    tp.denoiser(pipe).load_state_dict(loaded.state_dict())  # the saved weights are the model's

@@ -27,7 +27,7 @@ from .hooks import Attachment, attach, unwrap_compiled
 from .schedule import schedule_fraction
 from .settings import NAGSettings
 from .spec import PipelineSpec
-from .state import NAGRuntime
+from .state import NAGRuntime, inert_copy
 
 __all__ = ["apply", "remove", "NAGHandle"]
 
@@ -71,7 +71,7 @@ class NAGHandle:
         self.family = spec.family
         self.negative_prompt = negative_prompt
         self.negative_embeds = negative_embeds
-        self.runtime = NAGRuntime(settings=settings, progress=self._progress)
+        self.runtime = NAGRuntime(settings=settings, progress=self._progress, owns_call=self._owns_call)
         self._awaiting_positive = True
         self._saved_attributes: dict[str, Any] = {}
         self._attachment: Attachment | None = None
@@ -114,6 +114,11 @@ class NAGHandle:
         except BaseException:
             self.remove()
             raise
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """A deep copy or a saved copy of the pipeline, or of a model the handle hooks, is stock: the handle's hooks
+        there do nothing (:func:`~nag.state.inert_copy`) and its patched methods are the pipeline's own."""
+        return inert_copy, (type(self), {"_connector_pending": None})
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -179,8 +184,9 @@ class NAGHandle:
             original = getattr(self.pipe, name, None)
             if original is None:
                 continue
-            self._saved_attributes[name] = self.pipe.__dict__.get(name, _MISSING)
-            self.pipe.__dict__[name] = getattr(self, f"_wrap_{name}")(original)
+            previous = self._saved_attributes[name] = self.pipe.__dict__.get(name, _MISSING)
+            wrapper = getattr(self, f"_wrap_{name}")(original)
+            self.pipe.__dict__[name] = _PatchedMethod(wrapper, self.pipe, name, previous)
 
     def _wrap_check_inputs(self, original: Any) -> Any:
         signature = inspect.signature(original)
@@ -233,6 +239,14 @@ class NAGHandle:
         return progress_bar
 
     # -- one generation at a time ----------------------------------------------------------------
+    def _owns_call(self) -> bool:
+        """Whether a denoiser call is this pipeline's: its generation is running in this thread (from
+        ``check_inputs`` to the end of the denoising loop). Outside one, the calls of a pipeline sharing the
+        denoiser (``from_pipe``) run stock; so do direct denoiser calls, except before the first generation with
+        negative embeddings given to ``apply`` (every row guided, see ``apply``)."""
+        return self._generating_thread is threading.current_thread() or self.runtime.positive_reference is None
+
+
     def _open_generation(self) -> None:
         """Mark a generation as running in this thread; refuse one from a second thread meanwhile.
 
@@ -395,6 +409,29 @@ class NAGHandle:
             return None
         begin = getattr(scheduler, "begin_index", None) or 0
         return (begin + counted_steps) / len(timesteps)
+
+
+class _PatchedMethod:
+    """One of the pipeline methods NAG wraps (``_PATCHED_METHODS``), as an instance attribute. A deep copy or a saved
+    copy of the pipeline gets the pipeline's own method back instead (what it had before ``apply``): the copy is
+    stock and never calls into the original pipeline."""
+
+    def __init__(self, wrapper: Any, pipe: Any, name: str, previous: Any):
+        self._wrapper = wrapper
+        self._pipe = pipe
+        self._name = name
+        self._previous = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapper(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return _unpatched, (self._pipe, self._name, self._previous)
+
+
+def _unpatched(pipe: Any, name: str, previous: Any) -> Any:
+    """The method ``name`` of a copied pipeline as it was before ``nag.apply``."""
+    return getattr(type(pipe), name).__get__(pipe) if isinstance(previous, _Missing) else previous
 
 
 class _Missing:
