@@ -211,6 +211,8 @@ class NAGHandle:
         signature = inspect.signature(original)
 
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+            if "check_inputs" not in self._saved_attributes:  # (Z-Image has none: its generation opens here)
+                self._open_generation()
             try:
                 result = original(*args, **kwargs)
                 if (
