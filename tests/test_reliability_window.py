@@ -1,4 +1,4 @@
-"""The step window ``[start, end)`` on the full noise schedule, read from the scheduler (``nag.schedule``).
+"""Reliability: the step window ``[start, end)`` on the full noise schedule, read from the scheduler (``nag.schedule``).
 
 Every call of one step gets that step's decision, whatever the scheduler (Heun and KDPM2 make two calls a step, PNDM a
 warm-up pair or four-call Runge-Kutta steps); img2img ``strength`` and SDXL's ``denoising_start``/``denoising_end``
