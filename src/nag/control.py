@@ -22,7 +22,7 @@ import torch
 
 from .attention import pad_tokens
 from .hooks import unwrap_compiled
-from .state import NAGRuntime
+from .state import NAGRuntime, inert_copy
 
 __all__ = ["ControlModel", "CONTROL_MODELS", "ControlAttachment", "attach_control"]
 
@@ -91,6 +91,11 @@ class ControlAttachment:
             control.register_forward_hook(self._remember, with_kwargs=True),
             denoiser.register_forward_pre_hook(self._extend_hints, with_kwargs=True),
         ]
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """Copies of the models (deepcopy, torch.save) carry hooks that do nothing (``inert_copy``)."""
+        state = {"runtime": NAGRuntime(self.runtime.settings), "_running": True, "_last": None}
+        return inert_copy, (type(self), state)
 
     def remove(self) -> None:
         for hook in self._hooks:

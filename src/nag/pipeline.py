@@ -24,9 +24,10 @@ from .checks import (
 from .control import ControlAttachment, attach_control
 from .families import FAMILIES, pipeline_spec
 from .hooks import Attachment, attach, unwrap_compiled
+from .schedule import schedule_fraction
 from .settings import NAGSettings
 from .spec import PipelineSpec
-from .state import NAGRuntime
+from .state import NAGRuntime, inert_copy
 
 __all__ = ["apply", "remove", "NAGHandle"]
 
@@ -70,7 +71,7 @@ class NAGHandle:
         self.family = spec.family
         self.negative_prompt = negative_prompt
         self.negative_embeds = negative_embeds
-        self.runtime = NAGRuntime(settings=settings, progress=self._progress)
+        self.runtime = NAGRuntime(settings=settings, progress=self._progress, owns_call=self._owns_call)
         self._awaiting_positive = True
         self._saved_attributes: dict[str, Any] = {}
         self._attachment: Attachment | None = None
@@ -113,6 +114,11 @@ class NAGHandle:
         except BaseException:
             self.remove()
             raise
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """A deep copy or a saved copy of the pipeline, or of a model the handle hooks, is stock: the handle's hooks
+        there do nothing (:func:`~nag.state.inert_copy`) and its patched methods are the pipeline's own."""
+        return inert_copy, (type(self), {"_connector_pending": None})
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -178,8 +184,9 @@ class NAGHandle:
             original = getattr(self.pipe, name, None)
             if original is None:
                 continue
-            self._saved_attributes[name] = self.pipe.__dict__.get(name, _MISSING)
-            self.pipe.__dict__[name] = getattr(self, f"_wrap_{name}")(original)
+            previous = self._saved_attributes[name] = self.pipe.__dict__.get(name, _MISSING)
+            wrapper = getattr(self, f"_wrap_{name}")(original)
+            self.pipe.__dict__[name] = _PatchedMethod(wrapper, self.pipe, name, previous)
 
     def _wrap_check_inputs(self, original: Any) -> Any:
         signature = inspect.signature(original)
@@ -204,6 +211,8 @@ class NAGHandle:
         signature = inspect.signature(original)
 
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+            if "check_inputs" not in self._saved_attributes:  # (Z-Image has none: its generation opens here)
+                self._open_generation()
             try:
                 result = original(*args, **kwargs)
                 if (
@@ -232,6 +241,14 @@ class NAGHandle:
         return progress_bar
 
     # -- one generation at a time ----------------------------------------------------------------
+    def _owns_call(self) -> bool:
+        """Whether a denoiser call is this pipeline's: its generation is running in this thread (from
+        ``check_inputs`` to the end of the denoising loop). Outside one, the calls of a pipeline sharing the
+        denoiser (``from_pipe``) run stock; so do direct denoiser calls, except before the first generation with
+        negative embeddings given to ``apply`` (every row guided, see ``apply``)."""
+        return self._generating_thread is threading.current_thread() or self.runtime.positive_reference is None
+
+
     def _open_generation(self) -> None:
         """Mark a generation as running in this thread; refuse one from a second thread meanwhile.
 
@@ -374,23 +391,46 @@ class NAGHandle:
             expanded[key] = value.to(reference[0].device if isinstance(reference, (list, tuple)) else reference.device)
         return expanded
 
-    def _progress(self, step_index: int) -> float | None:
-        """Fraction of the trajectory done at ``step_index`` of this generation's denoising loop.
+    def _progress(self, timestep: Any, counted_steps: int) -> float | None:
+        """Fraction of the full noise schedule done when the current call's step began (``nag.schedule``).
 
-        The loop's length is the pipeline's ``_num_timesteps`` (set before the loop), else the
-        scheduler's timestep count; an img2img-style start inside the schedule counts as done.
+        Read from the pipeline's scheduler, so every call of one step gets that step's decision and img2img
+        ``strength`` or ``denoising_start``/``denoising_end`` count on the full schedule. Where the scheduler does
+        not say (a custom one without a schedule), the steps counted from the timesteps the denoiser saw, on the
+        scheduler's timestep count.
         """
         scheduler = getattr(self.pipe, "scheduler", None)
+        fraction = schedule_fraction(scheduler, timestep)
+        if fraction is not None:
+            return fraction
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None or len(timesteps) == 0:
+            return None
         begin = getattr(scheduler, "begin_index", None) or 0
-        steps = getattr(self.pipe, "_num_timesteps", None)
-        if steps:
-            total = begin + steps
-        else:
-            timesteps = getattr(scheduler, "timesteps", None)
-            if timesteps is None or len(timesteps) == 0:
-                return None
-            total = len(timesteps)
-        return (begin + step_index) / total
+        return (begin + counted_steps) / len(timesteps)
+
+
+class _PatchedMethod:
+    """One of the pipeline methods NAG wraps (``_PATCHED_METHODS``), as an instance attribute. A deep copy or a saved
+    copy of the pipeline gets the pipeline's own method back instead (what it had before ``apply``): the copy is
+    stock and never calls into the original pipeline."""
+
+    def __init__(self, wrapper: Any, pipe: Any, name: str, previous: Any):
+        self._wrapper = wrapper
+        self._pipe = pipe
+        self._name = name
+        self._previous = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapper(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return _unpatched, (self._pipe, self._name, self._previous)
+
+
+def _unpatched(pipe: Any, name: str, previous: Any) -> Any:
+    """The method ``name`` of a copied pipeline as it was before ``nag.apply``."""
+    return getattr(type(pipe), name).__get__(pipe) if isinstance(previous, _Missing) else previous
 
 
 class _Missing:
@@ -497,7 +537,8 @@ def apply(
         scale: extrapolation factor ``s`` (> 1 guides; 1 is off). The paper's phi = ``scale - 1``.
         tau: bound on the guided feature's norm growth.
         alpha: blend of the normalized guided feature with the positive one.
-        start, end: the fraction of the sampling trajectory (from the noisy end) that is guided.
+        start, end: the fraction of the full noise schedule (from the noisy end) that is guided: step ``i`` of the
+            scheduler's ``N`` steps when ``start <= i / N < end``, every call of a step alike (see ``nag.schedule``).
         norm: 1 (L1, default) or 2 (L2, the reference Flux code's choice).
         fast: use the fast attention paths where they apply (default). ``False`` runs every
             stock attention processor once per branch: slower, the reference the fast paths

@@ -26,8 +26,11 @@ class NAGSettings:
         scale: extrapolation factor ``s`` (1 = off). The paper's phi is ``scale - 1``.
         tau: bound on how much the guided feature's norm may grow relative to the positive one.
         alpha: blend between the normalized guided feature (1) and the positive feature (0).
-        start: fraction of the sampling trajectory, counted from the noisy end, at which NAG begins.
-        end: fraction of the trajectory at which NAG stops (``end=0.5`` guides the first half).
+        start: fraction of the full noise schedule, counted from the noisy end, at which NAG begins: step ``i`` of
+            the ``N`` steps the scheduler built is guided when ``start <= i / N < end`` (``nag.schedule`` reads
+            ``i`` from the scheduler, so img2img and SDXL's ``denoising_start/end`` count on the full schedule
+            and every call of one step is guided alike).
+        end: fraction of the schedule at which NAG stops (``end=0.5`` guides the first half of the steps).
         norm: order ``p`` of the norm used for the ratio (1 or 2).
         eps: floor on both norms.
     """

@@ -20,7 +20,28 @@ from .settings import NAGSettings
 
 logger = logging.getLogger("nag")
 
-__all__ = ["GuidedCall", "NegativeText", "PrefixKeysValues", "PrefixRecording", "NegativePrefix", "NAGRuntime"]
+__all__ = [
+    "GuidedCall",
+    "NegativeText",
+    "PrefixKeysValues",
+    "PrefixRecording",
+    "NegativePrefix",
+    "NAGRuntime",
+    "inert_copy",
+]
+
+
+def inert_copy(cls: type, attributes: dict[str, Any]) -> Any:
+    """What a NAG object that hooks a model becomes in ``copy.deepcopy`` or ``torch.save`` of that model: an instance
+    of its class with only ``attributes`` (an empty :class:`NAGRuntime`), whose hooks pass every call through.
+
+    A copy of a guided model therefore generates stock: NAG's state (the negative conditioning, the pipeline's
+    generation, a thread lock) belongs to the one attachment ``nag.apply`` made, and ``nag.apply`` on the copy
+    guides it independently."""
+    copy = cls.__new__(cls)
+    copy.__dict__.update(attributes)
+    return copy
+
 
 
 @dataclass
@@ -115,12 +136,16 @@ class NAGRuntime:
     settings: NAGSettings
     negative: dict[str, torch.Tensor] | None = None
     positive_reference: torch.Tensor | None = None
-    progress: Callable[[int], float | None] | None = None  # step index -> fraction of the trajectory
+    # (the call's timestep, the steps counted so far) -> fraction of the full schedule done when the step began
+    progress: Callable[[Any, int], float | None] | None = None
     call: GuidedCall | None = None
     step_index: int = -1
     last_timestep: torch.Tensor | None = None
     guided_calls: int = 0
     denoiser_calls: int = 0
+    # whether a denoiser call belongs to the generation this runtime serves (None: every call does); a pipeline
+    # sharing the denoiser (``from_pipe``) makes calls that do not, and they run stock
+    owns_call: Callable[[], bool] | None = None
     control_attached: bool = False  # a control model's hints are extended for the negative rows (nag.control)
     # per generation: the projected negative keys/values of each cross-attention module (fast path)
     negative_kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -129,6 +154,10 @@ class NAGRuntime:
     prefix_recording: PrefixRecording | None = None  # set while the negative prefix's own call runs
     text_path: NegativeText | None = None  # the negative text a block hook took out of the current block
     whole_rows_block: bool = False  # the current concatenating block runs on whole rows (no fast path)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """Copies and saves carry the settings only: no negative, so nothing is guided (see :func:`inert_copy`)."""
+        return NAGRuntime, (self.settings,)
 
     def begin_generation(
         self, negative: dict[str, torch.Tensor] | None, positive_reference: torch.Tensor | None
@@ -156,7 +185,8 @@ class NAGRuntime:
         self.whole_rows_block = False
 
     def advance(self, timestep: Any) -> None:
-        """Count steps: a call whose timestep differs from the previous call's starts a new step."""
+        """Count steps: a call whose timestep differs from the previous call's starts a new step (what the window
+        falls back on where the scheduler does not say where a call stands)."""
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.detach()
             same = (
@@ -171,6 +201,7 @@ class NAGRuntime:
             self.step_index += 1
             self.last_timestep = timestep
 
-    def step_in_window(self) -> bool:
-        progress = self.progress(self.step_index) if self.progress is not None else None
+    def step_in_window(self, timestep: Any = None) -> bool:
+        """Whether the step the current call (at ``timestep``) belongs to lies inside ``[start, end)``."""
+        progress = self.progress(timestep, self.step_index) if self.progress is not None else None
         return self.settings.in_window(progress)

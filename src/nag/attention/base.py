@@ -115,6 +115,10 @@ class NAGProcessor:
             name for name, p in self._signature.parameters.items() if p.kind is inspect.Parameter.VAR_POSITIONAL
         )
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """``copy.deepcopy`` and ``torch.save`` of a guided model see the stock processor: the copy is stock."""
+        return _itself, (self.stock,)
+
     # diffusers' ``set_attention_backend`` configures a module's processor: pass it to the stock one.
     @property
     def _attention_backend(self) -> Any:
@@ -233,6 +237,11 @@ class BesideStockRows:
         self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
     ) -> Any:
         raise NotImplementedError
+
+
+def _itself(processor: Any) -> Any:
+    """Rebuilds a copied or saved NAG wrapper as its stock processor (a copy of it, deep-copied or unpickled)."""
+    return processor
 
 
 def wrap_processor(cls: type[NAGProcessor], stock: Any, runtime: NAGRuntime) -> NAGProcessor:

@@ -26,7 +26,7 @@ import torch
 
 from ..attention import wrap_processor
 from ..spec import Family
-from ..state import NAGRuntime, NegativePrefix, PrefixRecording
+from ..state import NAGRuntime, NegativePrefix, PrefixRecording, inert_copy
 from .blocks import HOOKS, BlockHooks
 from .inputs import conditional_rows, extend_inputs, rows_for, to_device
 
@@ -47,6 +47,7 @@ class Attachment:
         self.family = family
         self.runtime = runtime
         self.fast = fast
+        self.live = True  # False in copies of the model (deepcopy, torch.save): their hooks pass calls through
         self._stock_processors: list[tuple[torch.nn.Module, Any]] = []
         self._wrappers: list[tuple[str, torch.nn.Module, Any]] = []  # (name, module, the NAG wrapper installed)
         self.hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
@@ -57,6 +58,10 @@ class Attachment:
         except BaseException:
             self.detach()
             raise
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """The hooks a deep copy or a saved copy of the denoiser carries pass every call through (``inert_copy``)."""
+        return inert_copy, (type(self), {"runtime": NAGRuntime(self.runtime.settings), "live": False})
 
     # -- installation -------------------------------------------------------------------------
     def _install(self) -> None:
@@ -119,13 +124,16 @@ class Attachment:
     # -- denoiser hooks -----------------------------------------------------------------------
     def _before_denoiser(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         runtime = self.runtime
+        if not self.live or (runtime.owns_call is not None and not runtime.owns_call()):
+            return None  # a copy of the model, or a call from a pipeline sharing the denoiser: stock
         runtime.call = None
         runtime.denoiser_calls += 1
         family = self.family
         bound = self._forward_signature.bind_partial(*args, **kwargs)
         arguments = bound.arguments
-        runtime.advance(arguments.get(family.timestep_kwarg))
-        if not runtime.settings.enabled or runtime.negative is None or not runtime.step_in_window():
+        timestep = arguments.get(family.timestep_kwarg)
+        runtime.advance(timestep)
+        if not runtime.settings.enabled or runtime.negative is None or not runtime.step_in_window(timestep):
             return None
         text = arguments.get(family.text_kwarg)
         if text is None:
@@ -170,7 +178,21 @@ class Attachment:
             call.image_lengths = family.row_image_lengths(arguments)
         runtime.call = call
         runtime.guided_calls += 1
-        return bound.args, bound.kwargs
+        return self._in_callers_convention(args, kwargs, changes)
+
+    def _in_callers_convention(self, args: tuple, kwargs: dict, changes: dict) -> tuple[tuple, dict]:
+        """The call's arguments with ``changes`` made, each where the caller put it: a keyword stays a keyword and
+        a positional argument stays positional, so other forward pre-hooks (which run after NAG's) read the call
+        as the pipeline made it. An argument the caller left at its default becomes a keyword."""
+        args, kwargs = list(args), dict(kwargs)
+        names = list(self._forward_signature.parameters)
+        for name, value in changes.items():
+            index = names.index(name) if name in names else len(args)
+            if index < len(args) and name not in kwargs:
+                args[index] = value
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
 
     def _prefill_negative(
         self, module: torch.nn.Module, arguments: dict, negative: dict, cond_rows: torch.Tensor

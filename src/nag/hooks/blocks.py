@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..attention import NAGProcessor, pad_tokens
 from ..spec import Family, ModuleKind
-from ..state import NAGRuntime, NegativeText
+from ..state import NAGRuntime, NegativeText, inert_copy
 
 __all__ = ["BlockHooks", "HOOKS", "Hook"]
 
@@ -29,6 +29,10 @@ class BlockHooks:
         self.family = family
         self.runtime = runtime
         self.wrapped = wrapped
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """Copies of the model (deepcopy, torch.save) carry hooks that do nothing: no call is guided there."""
+        return inert_copy, (type(self), {"runtime": NAGRuntime(self.runtime.settings), "wrapped": []})
 
     def _start_text(self, block: torch.nn.Module, text: torch.Tensor, modulation: Any) -> NegativeText:
         normed, saved = self.family.text_path.start(block, text, modulation)
