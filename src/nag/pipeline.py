@@ -34,7 +34,14 @@ logger = logging.getLogger("nag")
 
 
 _HANDLES: weakref.WeakKeyDictionary[Any, NAGHandle] = weakref.WeakKeyDictionary()
-_PATCHED_METHODS = ("check_inputs", "encode_prompt", "progress_bar")
+_PATCHED_METHODS = (
+    "check_inputs",
+    "encode_prompt",
+    "progress_bar",
+    "set_ip_adapter_scale",
+    "load_ip_adapter",
+    "unload_ip_adapter",
+)
 
 
 def _reset_to_default(name: str) -> bool:
@@ -230,6 +237,34 @@ class NAGHandle:
             return _ClosingProgressBar(original(*args, **kwargs), self._close_generation)
 
         return progress_bar
+
+    def _wrap_set_ip_adapter_scale(self, original: Any) -> Any:
+        """diffusers finds the IP-Adapter processors by their class to set their scales: it does so with the stock
+        processors in place (NAG's wrappers call the very same processor objects)."""
+
+        def set_ip_adapter_scale(*args: Any, **kwargs: Any) -> Any:
+            with contextlib.ExitStack() as stack:
+                for attachment in [self._attachment, *self._expert_attachments]:
+                    if attachment is not None:
+                        stack.enter_context(attachment.stock_processors())
+                return original(*args, **kwargs)
+
+        return set_ip_adapter_scale
+
+    def _wrap_load_ip_adapter(self, original: Any) -> Any:
+        return self._refused_while_applied("load_ip_adapter")
+
+    def _wrap_unload_ip_adapter(self, original: Any) -> Any:
+        return self._refused_while_applied("unload_ip_adapter")
+
+    def _refused_while_applied(self, name: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(
+                f"pipe.{name} replaces the attention processors NAG has wrapped; call nag.remove(pipe) first, then "
+                f"pipe.{name}(...), then nag.apply(pipe, ...) again"
+            )
+
+        return refused
 
     # -- one generation at a time ----------------------------------------------------------------
     def _open_generation(self) -> None:
