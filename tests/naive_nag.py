@@ -367,7 +367,8 @@ def _preprocess_negative_context(model, kind, neg):
     """Apply to the negative text exactly the preprocessing the model applies to its ``encoder_hidden_states``."""
     if kind == "unet":
         # (an IP-Adapter's image projection works on the image embeddings, not the text)
-        if getattr(model, "encoder_hid_proj", None) is not None and model.config.encoder_hid_dim_type != "ip_image_proj":
+        ip_adapter = model.config.encoder_hid_dim_type == "ip_image_proj"
+        if getattr(model, "encoder_hid_proj", None) is not None and not ip_adapter:
             raise NotImplementedError("naive reference: UNet with encoder_hid_proj is not supported")
         return neg
     if kind == "pixart":

@@ -144,7 +144,8 @@ def test_ip_adapter_with_foreign_processor_is_refused_at_apply():
     name, module = next((n, m) for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
     module.set_processor(AttnProcessor2_0())
     before = tpl.state_of(pipe)
-    with pytest.raises(NotImplementedError, match=rf"IP-Adapter.*`unet\.{name}` has a AttnProcessor2_0.*load_ip_adapter"):
+    expected = rf"IP-Adapter.*`unet\.{name}` has a AttnProcessor2_0.*load_ip_adapter"
+    with pytest.raises(NotImplementedError, match=expected):
         nag.apply(pipe, tpl.NEGATIVE)
     assert tpl.state_of(pipe) == before
 
@@ -170,3 +171,19 @@ def test_ip_adapter_weights_follow_the_unet():
         out = generate(pipe, "sd", output_type="latent")
     assert processor.to_k_ip[0].weight.dtype == torch.float64
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+@reliability("IP-Adapter on Flux", "refused at nag.apply with the reason and the fix; nothing left installed")
+def test_flux_ip_adapter_is_refused_at_apply(record_property):
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    pipe = tp.FACTORIES["flux"]()
+    model = pipe.transformer
+    for module in model.transformer_blocks:  # the processors load_ip_adapter puts on the double blocks
+        module.attn.set_processor(FluxIPAdapterAttnProcessor(model.inner_dim, model.inner_dim, num_tokens=(4,)))
+    before = tpl.state_of(pipe)
+    refusal = r"IP-Adapter.*FluxIPAdapterAttnProcessor.*unload_ip_adapter"
+    with pytest.raises(NotImplementedError, match=refusal) as error:
+        nag.apply(pipe, tpl.NEGATIVE)
+    record_property("observed", str(error.value))
+    assert tpl.state_of(pipe) == before

@@ -397,19 +397,26 @@ class NAGHandle:
         with _tokenizer_state_kept(self.pipe):
             return self._named_outputs(encode(**call))
 
-    def _expand_negative_embeds(self, prompts: int, per_prompt: int, rows: int, reference: torch.Tensor) -> dict:
+    def _expand_negative_embeds(self, prompts: int, per_prompt: int, rows: int, reference: Any) -> dict:
         expanded = {}
         family = FAMILIES[self.spec.family]
+        device = reference[0].device if isinstance(reference, (list, tuple)) else reference.device
         for key, value in self.negative_embeds.items():
-            dim = family.batch_dim(key)
-            if value.shape[dim] == prompts and per_prompt > 1:
-                value = value.repeat_interleave(per_prompt, dim=dim)
-            if value.shape[dim] not in (1, rows):
+            if isinstance(value, list):  # per-prompt tensors (Z-Image), each of its own length
+                count = len(value)
+                if count == prompts and per_prompt > 1:
+                    value, count = [item for item in value for _ in range(per_prompt)], count * per_prompt
+            else:
+                dim = family.batch_dim(key)
+                if value.shape[dim] == prompts and per_prompt > 1:
+                    value = value.repeat_interleave(per_prompt, dim=dim)
+                count = value.shape[dim]
+            if count not in (1, rows):
                 raise ValueError(
-                    f"negative embeddings `{key}` have {value.shape[dim]} rows; expected 1, {prompts} (one per prompt) "
+                    f"negative embeddings `{key}` have {count} rows; expected 1, {prompts} (one per prompt) "
                     f"or {rows} (one per generated sample)"
                 )
-            expanded[key] = value.to(reference[0].device if isinstance(reference, (list, tuple)) else reference.device)
+            expanded[key] = [item.to(device) for item in value] if isinstance(value, list) else value.to(device)
         return expanded
 
     def _progress(self, step_index: int) -> float | None:

@@ -114,6 +114,8 @@ PIPELINES = (
         FamilyDefaults(3.0, 2.5, 0.5),
         (TEXT, None, None, None),
         denoiser_attr="unet",
+        # (the pooled embedding enters the UNet's added time embedding, not its cross-attention: it stays the prompt's)
+        unused_negative_names=("negative_pooled_prompt_embeds",),
     ),
     PipelineSpec(
         "StableDiffusionPipeline",

@@ -105,7 +105,7 @@ class Attachment:
         for module, stock in reversed(self._stock_processors):
             # a processor set after NAG's (by the user or another tool) stays: restoring would undo their change
             current = module.processor
-            if isinstance(current, NAGProcessor) and current.stock is stock and current.runtime is self.runtime:
+            if isinstance(current, NAGProcessor) and current.runtime is self.runtime:
                 module.set_processor(stock)
         self._stock_processors.clear()
         self.runtime.call = None
