@@ -26,6 +26,15 @@ def image_prompt_context(context: Any) -> tuple[Any, Any]:
     return context, None
 
 
+def split_context_mask(call: GuidedCall, context: torch.Tensor, mask: Any) -> tuple[int, Any, Any]:
+    """Where the negative context starts in ``[positive | negative]``, and the mask of each part (the negative
+    part's for the guided rows)."""
+    split = context.shape[1] - call.negative_text_len
+    if mask is None:
+        return split, None, None
+    return split, mask[..., :split], split_rows(mask[..., split:], call.cond_rows)
+
+
 class CrossAttentionNAG(NAGProcessor):
     """Cross-attention to text (UNet ``attn2``, PixArt, Sana, Wan, ...).
 
@@ -49,12 +58,7 @@ class CrossAttentionNAG(NAGProcessor):
                 f"{type(attn).__name__} also attends to an image context (image-to-video); NAG guides its text "
                 "branch only on the fast path: apply NAG with fast=True (the default)"
             )
-        split = context.shape[1] - call.negative_text_len
-        mask = arguments.get("attention_mask")
-        positive_mask = negative_mask = None
-        if mask is not None:
-            positive_mask = mask[..., :split]
-            negative_mask = split_rows(mask[..., split:], call.cond_rows)
+        split, positive_mask, negative_mask = split_context_mask(call, context, arguments.get("attention_mask"))
         hidden = arguments["hidden_states"]
 
         def run_negative(view: Any) -> Any:
@@ -81,12 +85,7 @@ class CrossAttentionNAG(NAGProcessor):
         image embeddings), capturing ``Z+`` and ``Z-`` at the output projection, then as stock, where the guided rows'
         text attention ``Z+`` inside the projection's input is replaced by ``nag_combine(Z+, Z-)``; what remains of
         that input is the image-prompt attention the processor added, unguided."""
-        split = context.shape[1] - call.negative_text_len
-        mask = arguments.get("attention_mask")
-        positive_mask = negative_mask = None
-        if mask is not None:
-            positive_mask = mask[..., :split]
-            negative_mask = split_rows(mask[..., split:], call.cond_rows)
+        split, positive_mask, negative_mask = split_context_mask(call, context, arguments.get("attention_mask"))
         rows, project = call.cond_rows, attn.to_out[0]
         text_only = {"ip_adapter_masks": None} if "ip_adapter_masks" in arguments else {}
         captured: dict[str, torch.Tensor] = {}
