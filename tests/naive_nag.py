@@ -129,7 +129,7 @@ def _split_heads(x, heads):
 
 # Which stock processor each kind's ``attn2`` is expected to carry; the naive processor re-implements that one.
 _EXPECTED_STOCK_PROCESSORS = {
-    "unet": ("AttnProcessor2_0",),
+    "unet": ("AttnProcessor2_0", "IPAdapterAttnProcessor2_0"),
     "pixart": ("AttnProcessor2_0",),
     "sana": ("SanaAttnProcessor2_0",),
     "wan": ("WanAttnProcessor",),
@@ -191,7 +191,9 @@ class _NaiveCrossAttnProcessor:
         return encoder_hidden_states is not None and self.neg_context is not None and len(self.rows) > 0
 
     # -- diffusers AttnProcessor2_0 ------------------------------------------------------------------------------
-    def _attn2_0(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    def _attn2_0(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompt=None):
+        """``image_prompt``: ``(q -> term)`` added to the attention output before the output projection, unguided
+        (an IP-Adapter's image-prompt attention)."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -236,6 +238,8 @@ class _NaiveCrossAttnProcessor:
             bias_neg = _mask_bias_4d(self.neg_bias, k_neg.shape[1])
 
         out = _guided_attention(q, k, v, bias, k_neg, v_neg, bias_neg, self.rows if guided else [], self.nag)
+        if image_prompt is not None:
+            out = out + image_prompt(q)
 
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -331,10 +335,40 @@ class _NaiveCrossAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class _NaiveIPAdapterProcessor:
+    """IPAdapterAttnProcessor2_0 written out, NAG on its text branch only: with the UNet's context ``(text, [image
+    embeddings per adapter])``, ``out = to_out(NAG(Attn(q, K+, V+), Attn(q, K-, V-)) + sum_i scale_i * Attn(q,
+    K_ip_i, V_ip_i))``: the image-prompt attention is added unguided (no IP masks; the processor applies no q/k
+    norms). The adapter weights and scales are read from the module's own IP-Adapter processor."""
+
+    def __init__(self, text, ip_processor):
+        self.text = text
+        self.ip = ip_processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale=1.0,
+                 ip_adapter_masks=None):
+        if ip_adapter_masks is not None:
+            raise NotImplementedError("naive reference: IP-Adapter masks")
+        text, image_embeds = encoder_hidden_states
+
+        def image_prompt(q):
+            total = 0
+            for states, weight, to_k, to_v in zip(image_embeds, self.ip.scale, self.ip.to_k_ip, self.ip.to_v_ip):
+                # (rows, images, tokens, width) or (rows, tokens, width): every image's tokens are keys of its row
+                k = to_k(states).reshape(q.shape[0], -1, *q.shape[2:])
+                v = to_v(states).reshape(q.shape[0], -1, *q.shape[2:])
+                total = total + weight * naive_attention(q, k, v)
+            return total
+
+        return self.text._attn2_0(attn, hidden_states, text, attention_mask, temb, image_prompt)
+
+
 def _preprocess_negative_context(model, kind, neg):
     """Apply to the negative text exactly the preprocessing the model applies to its ``encoder_hidden_states``."""
     if kind == "unet":
-        if getattr(model, "encoder_hid_proj", None) is not None:
+        # (an IP-Adapter's image projection works on the image embeddings, not the text)
+        ip_adapter = model.config.encoder_hid_dim_type == "ip_image_proj"
+        if getattr(model, "encoder_hid_proj", None) is not None and not ip_adapter:
             raise NotImplementedError("naive reference: UNet with encoder_hid_proj is not supported")
         return neg
     if kind == "pixart":
@@ -429,8 +463,11 @@ def naive_cross_attention_forward(
 
     originals = [(module, module.processor) for _, module in modules]
     try:
-        for module, _ in originals:
-            module.set_processor(processor)
+        for module, original in originals:
+            if type(original).__name__ == "IPAdapterAttnProcessor2_0":
+                module.set_processor(_NaiveIPAdapterProcessor(processor, original))
+            else:
+                module.set_processor(processor)
         kwargs["return_dict"] = False
         out = model(**kwargs)[0]
     finally:

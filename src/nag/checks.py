@@ -139,6 +139,9 @@ def check_widths_against_positive(
     pipeline's names of precomputed negative embeddings, for the error message)."""
     for key, value in negative.items():
         reference = positive.get(key)
+        if isinstance(reference, (list, tuple)) and reference:  # per-prompt lists (Z-Image): one tensor's width
+            reference = reference[0]
+        value = value[0] if isinstance(value, (list, tuple)) else value
         if key.startswith("encoder_attention_mask") or not isinstance(reference, torch.Tensor):
             continue
         if value.shape[-1] != reference.shape[-1]:
@@ -153,9 +156,31 @@ def check_widths_against_positive(
             )
 
 
+def _check_tensor(name: str, value: Any, key: str, ndim: int, layout: str = "") -> None:
+    """One precomputed negative tensor: its type, dimensions, dtype, device and values."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim != ndim:
+        raise ValueError(f"`{name}` must have {ndim} dimensions {layout}, got shape {tuple(value.shape)}")
+    if key.startswith("encoder_attention_mask"):
+        if value.is_complex():
+            raise TypeError(f"`{name}` must be a bool, integer or float mask (1 = keep), got {value.dtype}")
+    elif not value.is_floating_point():
+        raise TypeError(
+            f"`{name}` must be a floating-point tensor (embeddings, not token ids), got {value.dtype}; "
+            f"encode the negative prompt with the pipeline's encode_prompt, or pass it as text"
+        )
+    if value.is_meta:
+        raise ValueError(f"`{name}` is on the meta device (shape only, no values); pass a materialized tensor")
+    if 0 in value.shape:
+        raise ValueError(f"`{name}` is empty (shape {tuple(value.shape)}); it needs at least one row and one token")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"`{name}` contains NaN or inf; NAG would turn every guided output into NaN")
+
+
 def validate_negative_embeds(
     spec: PipelineSpec, embeds: dict[str, Any], denoiser: torch.nn.Module | None = None
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Check precomputed negative embeddings: names, types, dtypes, devices, shapes, values.
 
     Tensors on another (real) device than the denoiser are fine: they are moved at use. Widths
@@ -165,37 +190,29 @@ def validate_negative_embeds(
     family = FAMILIES[spec.family]
     names = spec.negative_embed_names or NEGATIVE_EMBED_NAMES
     accepted = {name: key for name, key in names.items() if key in family.negative_keys}
-    unknown = sorted(set(embeds) - set(accepted))
+    unknown = sorted(set(embeds) - set(accepted) - set(spec.unused_negative_names))
     if unknown:
         raise TypeError(
             f"nag.apply got unexpected keyword argument(s) {unknown} for {spec.pipeline}; "
-            f"precomputed negative embeddings it accepts: {sorted(accepted)}"
+            f"precomputed negative embeddings it accepts: {sorted({*accepted, *spec.unused_negative_names})}"
         )
-    converted: dict[str, torch.Tensor] = {}
+    converted: dict[str, Any] = {}
     for name, value in embeds.items():
         if value is None:
             continue
+        if name in spec.unused_negative_names:  # checked like the others, then left out: NAG does not use it
+            _check_tensor(name, value, NEGATIVE_EMBED_NAMES.get(name, "pooled_projections"), getattr(value, "ndim", 0))
+            continue
         key = accepted[name]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-        if value.ndim != _EMBED_NDIM[key]:
-            raise ValueError(
-                f"`{name}` must have {_EMBED_NDIM[key]} dimensions {_EMBED_LAYOUT[key]}, got shape {tuple(value.shape)}"
-            )
-        if key.startswith("encoder_attention_mask"):
-            if value.is_complex():
-                raise TypeError(f"`{name}` must be a bool, integer or float mask (1 = keep), got {value.dtype}")
-        elif not value.is_floating_point():
-            raise TypeError(
-                f"`{name}` must be a floating-point tensor (embeddings, not token ids), got {value.dtype}; "
-                f"encode the negative prompt with the pipeline's encode_prompt, or pass it as text"
-            )
-        if value.is_meta:
-            raise ValueError(f"`{name}` is on the meta device (shape only, no values); pass a materialized tensor")
-        if 0 in value.shape:
-            raise ValueError(f"`{name}` is empty (shape {tuple(value.shape)}); it needs at least one row and one token")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"`{name}` contains NaN or inf; NAG would turn every guided output into NaN")
+        if spec.per_prompt_lists and key == "encoder_hidden_states" and isinstance(value, (list, tuple)):
+            # one (tokens, width) tensor per prompt, each of its own length, as encode_prompt returns them
+            if not value:
+                raise ValueError(f"`{name}` is an empty list; it needs one (tokens, width) tensor per prompt")
+            for index, item in enumerate(value):
+                _check_tensor(f"{name}[{index}]", item, key, 2, "(tokens, width)")
+            converted[key] = list(value)
+            continue
+        _check_tensor(name, value, key, _EMBED_NDIM[key], _EMBED_LAYOUT[key])
         converted[key] = value
     if converted:
         required = [name for name, key in accepted.items() if key != "encoder_attention_mask" and key not in converted]
@@ -204,7 +221,7 @@ def validate_negative_embeds(
                 f"{spec.pipeline} needs {required} too when negative embeddings are passed instead of a prompt"
             )
     text, mask = converted.get("encoder_hidden_states"), converted.get("encoder_attention_mask")
-    if text is not None and mask is not None:
+    if isinstance(text, torch.Tensor) and mask is not None:
         if mask.shape[1] != text.shape[1] or mask.shape[0] not in (1, text.shape[0]):
             raise ValueError(
                 f"`negative_prompt_attention_mask` has shape {tuple(mask.shape)} but `negative_prompt_embeds` "
@@ -212,6 +229,7 @@ def validate_negative_embeds(
             )
     for key, (entry, width) in expected_widths(denoiser).items():
         value = converted.get(key)
+        value = value[0] if isinstance(value, list) else value
         if value is not None and value.shape[-1] != width:
             name = next(n for n, k in accepted.items() if k == key)
             expected = ("rows", "tokens", width) if value.ndim == 3 else ("rows", width)

@@ -35,7 +35,14 @@ logger = logging.getLogger("nag")
 
 
 _HANDLES: weakref.WeakKeyDictionary[Any, NAGHandle] = weakref.WeakKeyDictionary()
-_PATCHED_METHODS = ("check_inputs", "encode_prompt", "progress_bar")
+_PATCHED_METHODS = (
+    "check_inputs",
+    "encode_prompt",
+    "progress_bar",
+    "set_ip_adapter_scale",
+    "load_ip_adapter",
+    "unload_ip_adapter",
+)
 
 
 def _reset_to_default(name: str) -> bool:
@@ -240,6 +247,34 @@ class NAGHandle:
 
         return progress_bar
 
+    def _wrap_set_ip_adapter_scale(self, original: Any) -> Any:
+        """diffusers finds the IP-Adapter processors by their class to set their scales: it does so with the stock
+        processors in place (NAG's wrappers call the very same processor objects)."""
+
+        def set_ip_adapter_scale(*args: Any, **kwargs: Any) -> Any:
+            with contextlib.ExitStack() as stack:
+                for attachment in [self._attachment, *self._expert_attachments]:
+                    if attachment is not None:
+                        stack.enter_context(attachment.stock_processors())
+                return original(*args, **kwargs)
+
+        return set_ip_adapter_scale
+
+    def _wrap_load_ip_adapter(self, original: Any) -> Any:
+        return self._refused_while_applied("load_ip_adapter")
+
+    def _wrap_unload_ip_adapter(self, original: Any) -> Any:
+        return self._refused_while_applied("unload_ip_adapter")
+
+    def _refused_while_applied(self, name: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(
+                f"pipe.{name} replaces the attention processors NAG has wrapped; call nag.remove(pipe) first, then "
+                f"pipe.{name}(...), then nag.apply(pipe, ...) again"
+            )
+
+        return refused
+
     # -- one generation at a time ----------------------------------------------------------------
     def _owns_call(self) -> bool:
         """Whether a denoiser call is this pipeline's: its generation is running in this thread (from
@@ -376,19 +411,26 @@ class NAGHandle:
         with _tokenizer_state_kept(self.pipe):
             return self._named_outputs(encode(**call))
 
-    def _expand_negative_embeds(self, prompts: int, per_prompt: int, rows: int, reference: torch.Tensor) -> dict:
+    def _expand_negative_embeds(self, prompts: int, per_prompt: int, rows: int, reference: Any) -> dict:
         expanded = {}
         family = FAMILIES[self.spec.family]
+        device = reference[0].device if isinstance(reference, (list, tuple)) else reference.device
         for key, value in self.negative_embeds.items():
-            dim = family.batch_dim(key)
-            if value.shape[dim] == prompts and per_prompt > 1:
-                value = value.repeat_interleave(per_prompt, dim=dim)
-            if value.shape[dim] not in (1, rows):
+            if isinstance(value, list):  # per-prompt tensors (Z-Image), each of its own length
+                count = len(value)
+                if count == prompts and per_prompt > 1:
+                    value, count = [item for item in value for _ in range(per_prompt)], count * per_prompt
+            else:
+                dim = family.batch_dim(key)
+                if value.shape[dim] == prompts and per_prompt > 1:
+                    value = value.repeat_interleave(per_prompt, dim=dim)
+                count = value.shape[dim]
+            if count not in (1, rows):
                 raise ValueError(
-                    f"negative embeddings `{key}` have {value.shape[dim]} rows; expected 1, {prompts} (one per prompt) "
+                    f"negative embeddings `{key}` have {count} rows; expected 1, {prompts} (one per prompt) "
                     f"or {rows} (one per generated sample)"
                 )
-            expanded[key] = value.to(reference[0].device if isinstance(reference, (list, tuple)) else reference.device)
+            expanded[key] = [item.to(device) for item in value] if isinstance(value, list) else value.to(device)
         return expanded
 
     def _progress(self, timestep: Any, counted_steps: int) -> float | None:

@@ -253,6 +253,12 @@ class PipelineSpec:
     # A pipeline component run before the denoiser whose output the denoiser adds to its text tokens too (Z-Image's
     # `controlnet`, see nag.control): NAG's negative rows get its output for their own text.
     control_model: str | None = None
+    # Negative outputs of this pipeline's encode_prompt that its own call takes beside the embeddings but NAG does not
+    # use (AuraFlow's mask, already applied to its embeddings; SDXL's pooled embedding, which stays the prompt's):
+    # accepted by nag.apply so that encode_prompt's outputs can be passed unchanged, checked, and left out.
+    unused_negative_names: tuple[str, ...] = ()
+    # encode_prompt returns one tensor per prompt, of its own length, in a list (Z-Image): negatives may come so too.
+    per_prompt_lists: bool = False
 
     def name_outputs(self, values: Any) -> dict[str, torch.Tensor]:
         """``encode_prompt``'s result as ``{denoiser argument: tensor}``."""

@@ -114,6 +114,10 @@ class NAGProcessor:
         self._var_positional = tuple(
             name for name, p in self._signature.parameters.items() if p.kind is inspect.Parameter.VAR_POSITIONAL
         )
+        # A stock processor with weights of its own (an IP-Adapter's) leaves the module tree while the wrapper is
+        # installed (diffusers' set_processor), so `pipe.to(...)` and offloading no longer move it: it follows the
+        # attention module's weights at each call instead.
+        self._stock_weight = next(stock.parameters(), None) if isinstance(stock, torch.nn.Module) else None
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """``copy.deepcopy`` and ``torch.save`` of a guided model see the stock processor: the copy is stock."""
@@ -148,7 +152,17 @@ class NAGProcessor:
         (its stock processor is one it knows, on the default attention backend)."""
         return self.stock_kind in self.split_text_processors and default_backend(self.stock)
 
+    def follow_module(self, attn: torch.nn.Module) -> None:
+        """Move the stock processor's own weights to the attention module's device and dtype where they differ."""
+        reference = getattr(getattr(attn, "to_q", None), "weight", None)
+        weight = self._stock_weight
+        if reference is not None and (weight.device != reference.device or weight.dtype != reference.dtype):
+            self.stock.to(device=reference.device, dtype=reference.dtype)
+            self._stock_weight = next(self.stock.parameters())
+
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self._stock_weight is not None:
+            self.follow_module(attn)
         call = self.runtime.call
         if call is None:
             return self.stock(attn, *args, **kwargs)

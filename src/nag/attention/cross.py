@@ -8,7 +8,31 @@ import torch
 
 from ..kernels import attention
 from ..state import GuidedCall
-from .base import NAGProcessor, default_backend, split_heads, split_rows
+from .base import NAGProcessor, OutputProjectionView, default_backend, split_heads, split_rows
+
+#: Processors that take the UNet's ``(text, [image embeddings per adapter])`` context of an IP-Adapter and add
+#: ``scale * Attn(q, K_ip, V_ip)`` per adapter to the text attention before the output projection: given an empty
+#: list of image embeddings (and no IP masks) they attend to the text alone.
+IP_ADAPTER_PROCESSORS = frozenset(
+    {"IPAdapterAttnProcessor", "IPAdapterAttnProcessor2_0", "IPAdapterXFormersAttnProcessor"}
+)
+
+
+def image_prompt_context(context: Any) -> tuple[Any, Any]:
+    """``(text, image embeddings)`` of a cross-attention context: an IP-Adapter's UNet passes ``(text, [image
+    embeddings per adapter])``; any other context is text alone (image embeddings None)."""
+    if isinstance(context, tuple) and len(context) == 2 and isinstance(context[1], (list, tuple)):
+        return context
+    return context, None
+
+
+def split_context_mask(call: GuidedCall, context: torch.Tensor, mask: Any) -> tuple[int, Any, Any]:
+    """Where the negative context starts in ``[positive | negative]``, and the mask of each part (the negative
+    part's for the guided rows)."""
+    split = context.shape[1] - call.negative_text_len
+    if mask is None:
+        return split, None, None
+    return split, mask[..., :split], split_rows(mask[..., split:], call.cond_rows)
 
 
 class CrossAttentionNAG(NAGProcessor):
@@ -18,23 +42,23 @@ class CrossAttentionNAG(NAGProcessor):
     (``[positive | negative]``, masks likewise), so the model's own text preprocessing runs on
     both. Here the two are split again: ``Z+`` from the positive part, ``Z-`` from the negative
     part for the guided rows.
+
+    With an IP-Adapter the context is ``(text, [image embeddings])``: only the text is guided. The image-prompt
+    attention is added to the combined text attention as the IP-Adapter processor adds it, unguided.
     """
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        context = arguments.get("encoder_hidden_states")
+        context, image_prompt = image_prompt_context(arguments.get("encoder_hidden_states"))
         if context is None:
             return self.run_stock(attn, arguments)
+        if image_prompt is not None:
+            return self.guided_with_image_prompt(attn, call, arguments, context, image_prompt)
         if getattr(attn, "add_k_proj", None) is not None:
             raise NotImplementedError(
                 f"{type(attn).__name__} also attends to an image context (image-to-video); NAG guides its text "
                 "branch only on the fast path: apply NAG with fast=True (the default)"
             )
-        split = context.shape[1] - call.negative_text_len
-        mask = arguments.get("attention_mask")
-        positive_mask = negative_mask = None
-        if mask is not None:
-            positive_mask = mask[..., :split]
-            negative_mask = split_rows(mask[..., split:], call.cond_rows)
+        split, positive_mask, negative_mask = split_context_mask(call, context, arguments.get("attention_mask"))
         hidden = arguments["hidden_states"]
 
         def run_negative(view: Any) -> Any:
@@ -53,6 +77,60 @@ class CrossAttentionNAG(NAGProcessor):
 
         _, positive = self.guided_projection_inputs(attn, call, run_negative, run_positive)
         return positive
+
+    def guided_with_image_prompt(
+        self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], context: Any, image_prompt: Any
+    ) -> Any:
+        """An IP-Adapter processor, run three times: on the positive and on the negative text alone (an empty list of
+        image embeddings), capturing ``Z+`` and ``Z-`` at the output projection, then as stock, where the guided rows'
+        text attention ``Z+`` inside the projection's input is replaced by ``nag_combine(Z+, Z-)``; what remains of
+        that input is the image-prompt attention the processor added, unguided."""
+        split, positive_mask, negative_mask = split_context_mask(call, context, arguments.get("attention_mask"))
+        rows, project = call.cond_rows, attn.to_out[0]
+        text_only = {"ip_adapter_masks": None} if "ip_adapter_masks" in arguments else {}
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(name: str) -> Any:
+            def tap(z: torch.Tensor) -> torch.Tensor:
+                captured[name] = z
+                return project(z)
+
+            return OutputProjectionView(attn, tap)
+
+        def combine(z: torch.Tensor) -> torch.Tensor:
+            z, text = z.clone(), captured["positive"][rows]
+            z[rows] = self.combine(call, text, captured["negative"]) + (z[rows] - text)
+            return project(z)
+
+        negative_context = (context[rows, split:], [])
+        self.run_stock(
+            capture("negative"),
+            arguments,
+            hidden_states=arguments["hidden_states"][rows],
+            encoder_hidden_states=negative_context,
+            attention_mask=negative_mask,
+            **text_only,
+        )
+        positive_context = context[:, :split]
+        self.run_stock(
+            capture("positive"),
+            arguments,
+            encoder_hidden_states=(positive_context, []),
+            attention_mask=positive_mask,
+            **text_only,
+        )
+        if "negative" not in captured or "positive" not in captured:
+            raise RuntimeError(
+                f"NAG cannot guide {type(attn).__name__} with {self.stock_kind}: the processor never calls "
+                "attn.to_out, where NAG combines the attention outputs. Restore diffusers' IP-Adapter processors "
+                "(load the IP-Adapter again) or remove NAG."
+            )
+        return self.run_stock(
+            OutputProjectionView(attn, combine),
+            arguments,
+            encoder_hidden_states=(positive_context, image_prompt),
+            attention_mask=positive_mask,
+        )
 
 
 _CROSS_FLAT_NORM = {
@@ -74,11 +152,21 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
     """Cross-attention fast path: one query and one output projection; the negative keys/values
     are projected once per generation (the negative context does not change between steps)."""
 
-    fast_processors = frozenset(_CROSS_FLAT_NORM)
+    fast_processors = frozenset({*_CROSS_FLAT_NORM, "IPAdapterAttnProcessor2_0"})
 
-    def _supported(self, attn: Any, hidden: torch.Tensor) -> bool:
+    def _supported(self, attn: Any, hidden: torch.Tensor, arguments: dict[str, Any], image_prompt: Any) -> bool:
+        if image_prompt is None:
+            known = self.stock_kind in _CROSS_FLAT_NORM
+        else:  # IP-Adapter: the processor applies no q/k norms; per-image scales come with IP masks only
+            known = (
+                self.stock_kind == "IPAdapterAttnProcessor2_0"
+                and arguments.get("ip_adapter_masks") is None
+                and getattr(attn, "norm_q", None) is None
+                and getattr(attn, "norm_k", None) is None
+                and all(isinstance(scale, (int, float)) for scale in self.stock.scale)
+            )
         return (
-            self.stock_kind in _CROSS_FLAT_NORM
+            known
             and default_backend(self.stock)
             and hidden.ndim == 3
             and getattr(attn, "spatial_norm", None) is None
@@ -86,6 +174,18 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
             and not getattr(attn, "norm_cross", None)
             and (getattr(attn, "add_k_proj", None) is None or self.stock_kind in _IMAGE_CONTEXT_PROCESSORS)
         )
+
+    def _image_prompt_attention(self, attn: Any, query: torch.Tensor, image_prompt: Any) -> torch.Tensor | int:
+        """The IP-Adapter processor's image-prompt term: ``sum(scale * Attn(q, K_ip, V_ip))`` over its adapters."""
+        total: torch.Tensor | int = 0
+        stock = self.stock
+        for states, scale, to_k, to_v in zip(image_prompt, stock.scale, stock.to_k_ip, stock.to_v_ip):
+            if scale == 0:
+                continue
+            key = to_k(states).reshape(query.shape[0], -1, *query.shape[2:])
+            value = to_v(states).reshape(query.shape[0], -1, *query.shape[2:])
+            total = total + scale * attention(query, key, value).flatten(2)
+        return total
 
     def _mask(self, attn: Any, mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
         if mask is None:
@@ -95,11 +195,12 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         return mask.view(rows, attn.heads, -1, keys)
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
-        hidden, context = arguments["hidden_states"], arguments.get("encoder_hidden_states")
+        hidden = arguments["hidden_states"]
+        context, image_prompt = image_prompt_context(arguments.get("encoder_hidden_states"))
         rotary = arguments.get("query_rotary_emb") is not None or arguments.get("key_rotary_emb") is not None
-        if context is None or rotary or not self._supported(attn, hidden):
+        if context is None or rotary or not self._supported(attn, hidden, arguments, image_prompt):
             return super().guided(attn, call, arguments)
-        flat = _CROSS_FLAT_NORM[self.stock_kind]
+        flat = _CROSS_FLAT_NORM.get(self.stock_kind, False)
         split = context.shape[1] - call.negative_text_len
         mask = arguments.get("attention_mask")
         rows = hidden.shape[0]
@@ -139,6 +240,8 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
             image_key = attn.norm_added_k(attn.add_k_proj(image)).unflatten(-1, (attn.heads, -1))
             image_value = attn.add_v_proj(image).unflatten(-1, (attn.heads, -1))
             z = z + attention(query, image_key, image_value).flatten(2)
+        if image_prompt is not None:  # IP-Adapter: its image-prompt attention, unguided
+            z = z + self._image_prompt_attention(attn, query, image_prompt)
 
         out = attn.to_out[1](attn.to_out[0](z))
         if getattr(attn, "residual_connection", False):

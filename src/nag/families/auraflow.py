@@ -59,5 +59,13 @@ FAMILIES = (
 
 PIPELINES = (
     # AuraFlow: no published NAG defaults; SD3.5's (the closest published MMDiT) are used.
-    PipelineSpec("AuraFlowPipeline", "auraflow", "AuraFlow", FamilyDefaults(5.0, 2.5, 0.125), (TEXT, None, None, None)),
+    # (its encode_prompt's mask has already zeroed the padding of the embeddings; the transformer takes no mask)
+    PipelineSpec(
+        "AuraFlowPipeline",
+        "auraflow",
+        "AuraFlow",
+        FamilyDefaults(5.0, 2.5, 0.125),
+        (TEXT, None, None, None),
+        unused_negative_names=("negative_prompt_attention_mask",),
+    ),
 )

@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import re
+
+import torch
+
 from ..attention import CROSS
+from ..attention.cross import IP_ADAPTER_PROCESSORS
 from ..settings import FamilyDefaults
 from ..spec import MASK, TEXT, Family, PipelineSpec
+
+_UNET_TEXT_ATTENTION = r".*\.attn2"
+
+
+def unet_refusal(unet: torch.nn.Module) -> str | None:
+    """An IP-Adapter makes the UNet pass its cross-attention ``(text, [image embeddings])``: NAG separates the two
+    for diffusers' IP-Adapter processors only (any other processor there would get a tuple it cannot read)."""
+    if getattr(unet.config, "encoder_hid_dim_type", None) != "ip_image_proj":
+        return None
+    for name, module in unet.named_modules():
+        kind = type(getattr(module, "processor", None)).__name__
+        if (
+            re.fullmatch(_UNET_TEXT_ATTENTION, name)
+            and hasattr(module, "processor")
+            and kind not in IP_ADAPTER_PROCESSORS
+        ):
+            return (
+                f"it carries an IP-Adapter (config.encoder_hid_dim_type 'ip_image_proj'), so its cross-attention gets "
+                f"`(text, [image embeddings])`, but `unet.{name}` has a {kind}; NAG guides the text of diffusers' "
+                f"IP-Adapter processors ({', '.join(sorted(IP_ADAPTER_PROCESSORS))}) only. Load the IP-Adapter again "
+                "(pipe.load_ip_adapter) to restore its processors, or unload it (pipe.unload_ip_adapter())"
+            )
+    return None
+
 
 FAMILIES = (
     Family(
         name="unet",
         denoisers=("UNet2DConditionModel",),
-        attention=((r".*\.attn2", CROSS),),
+        attention=((_UNET_TEXT_ATTENTION, CROSS),),
         layout="cross",
         mask_kwarg="encoder_attention_mask",
+        refuse=unet_refusal,
     ),
     Family(
         name="pixart",
@@ -84,6 +114,8 @@ PIPELINES = (
         FamilyDefaults(3.0, 2.5, 0.5),
         (TEXT, None, None, None),
         denoiser_attr="unet",
+        # (the pooled embedding enters the UNet's added time embedding, not its cross-attention: it stays the prompt's)
+        unused_negative_names=("negative_pooled_prompt_embeds",),
     ),
     PipelineSpec(
         "StableDiffusionPipeline",

@@ -89,13 +89,32 @@ FAMILIES = (
 PIPELINES = (
     # Z-Image (Turbo: few-step distilled, no CFG; base: CFG with the conditional rows first): no published
     # NAG defaults; FLUX.1's (the closest published flow-matching DiT, also distilled) are used.
-    PipelineSpec("ZImagePipeline", "zimage", "Z-Image (Turbo / base)", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)),
+    PipelineSpec(
+        "ZImagePipeline",
+        "zimage",
+        "Z-Image (Turbo / base)",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, None),
+        per_prompt_lists=True,
+    ),
     # Z-Image image-to-image / inpainting: the image enters as the starting latents (and, inpainting, the kept region
     # blended back by the pipeline), never as text. Z-Image's defaults.
     PipelineSpec(
-        "ZImageImg2ImgPipeline", "zimage", "Z-Image image-to-image", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)
+        "ZImageImg2ImgPipeline",
+        "zimage",
+        "Z-Image image-to-image",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, None),
+        per_prompt_lists=True,
     ),
-    PipelineSpec("ZImageInpaintPipeline", "zimage", "Z-Image inpainting", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, None)),
+    PipelineSpec(
+        "ZImageInpaintPipeline",
+        "zimage",
+        "Z-Image inpainting",
+        FamilyDefaults(5.0, 2.5, 0.25),
+        (TEXT, None),
+        per_prompt_lists=True,
+    ),
     # Z-Image ControlNet (also inpainting): the control image enters the ControlNet, whose hints the transformer adds
     # to its [image, caption] sequence; the negative rows get the ControlNet's hints for their own caption (with the
     # guided rows' latents and control), the stock rows the stock hints. Z-Image's defaults.
@@ -106,6 +125,7 @@ PIPELINES = (
         FamilyDefaults(5.0, 2.5, 0.25),
         (TEXT, None),
         control_model="controlnet",
+        per_prompt_lists=True,
     ),
     PipelineSpec(
         "ZImageControlNetInpaintPipeline",
@@ -114,5 +134,6 @@ PIPELINES = (
         FamilyDefaults(5.0, 2.5, 0.25),
         (TEXT, None),
         control_model="controlnet",
+        per_prompt_lists=True,
     ),
 )

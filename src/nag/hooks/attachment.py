@@ -19,12 +19,14 @@ the stock arguments through unchanged, so the output is bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ..attention import wrap_processor
+from ..attention import NAGProcessor, wrap_processor
 from ..spec import Family
 from ..state import NAGRuntime, NegativePrefix, PrefixRecording, inert_copy
 from .blocks import HOOKS, BlockHooks
@@ -116,10 +118,26 @@ class Attachment:
             hook.remove()
         self.hooks.clear()
         for module, stock in reversed(self._stock_processors):
-            module.set_processor(stock)
+            # a processor set after NAG's (by the user or another tool) stays: restoring would undo their change
+            current = module.processor
+            if isinstance(current, NAGProcessor) and current.runtime is self.runtime:
+                module.set_processor(stock)
         self._stock_processors.clear()
         self._wrappers.clear()
         self.runtime.call = None
+
+    @contextlib.contextmanager
+    def stock_processors(self) -> Iterator[None]:
+        """The stock processors in place for a while, NAG's wrappers back afterwards (also on an exception): for
+        diffusers code that finds processors by their class and changes them in place (``set_ip_adapter_scale``)."""
+        wrappers = [(module, module.processor, stock) for module, stock in self._stock_processors]
+        try:
+            for module, _, stock in wrappers:
+                module.set_processor(stock)
+            yield
+        finally:
+            for module, wrapper, _ in wrappers:
+                module.set_processor(wrapper)
 
     # -- denoiser hooks -----------------------------------------------------------------------
     def _before_denoiser(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
