@@ -40,6 +40,7 @@ FAMILIES = (
             ModuleKind.CONCATENATING_BLOCK: r"single_transformer_blocks\.\d+",
         },
         text_path=TextPath(_flux_single_text_start, _flux_single_text_finish),
+        context_parallel=True,
     ),
     # Chroma: Flux-like blocks whose modulation comes from the timestep alone (a distilled
     # approximator, no pooled text); the model itself joins [text, image] before the single
