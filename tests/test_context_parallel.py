@@ -92,3 +92,28 @@ def test_unverified_family_is_refused_at_attach_and_at_call() -> None:
         transformer(**inputs)
     handle.remove()
     transformer._parallel_config = None
+
+
+def test_cli_parallel_needs_a_launcher_and_a_model_with_a_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``nag generate --parallel``: a clear error without torchrun, for an unknown mode, beside --prompts, and for
+    a model whose denoiser has no context-parallel plan; nothing is written."""
+    from typer.testing import CliRunner
+
+    from nag.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "x.png"
+    base = ["generate", "-p", "a cat", "--device", "cpu", "--steps", "1", "--out", str(out)]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    alone = runner.invoke(app, [*base, "--parallel", "ulysses"])
+    assert alone.exit_code == 1 and "torchrun --nproc_per_node" in alone.output
+    unknown = runner.invoke(app, [*base, "--parallel", "sideways"])
+    assert unknown.exit_code == 1 and "ulysses or ring" in unknown.output
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    both = runner.invoke(app, ["generate", "--prompts", str(prompts), "--parallel", "ring"])
+    assert both.exit_code == 1 and "--prompts" in both.output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    no_plan = runner.invoke(app, [*base, "--parallel", "ring"])  # the built-in model: a UNet, no plan
+    assert no_plan.exit_code == 1 and "no context-parallel plan" in no_plan.output
+    assert not out.exists()
