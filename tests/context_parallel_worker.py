@@ -110,12 +110,42 @@ def run_nag(transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict
         return transformer(**inputs)[0]
 
 
+def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
+    """``nag.apply`` on the whole tiny pipeline (2 prompts, true CFG for Flux, 2 steps), then parallelism."""
+    import tiny_pipelines as tp
+
+    import nag
+
+    pipe = tp.FACTORIES[family]()
+
+    def generate(negative: str = "blurry, low quality") -> torch.Tensor:
+        with nag.apply(pipe, negative):  # (an empty negative prompt: NAG off)
+            out = pipe(
+                prompt=["a red circle on a blue background", "a cat"],
+                num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+                **({"negative_prompt": "grey", "true_cfg_scale": 4.0} if family == "flux" else {}),
+            )
+        return tp.output_tensor(out)
+
+    expected, stock = generate(), generate("")
+    pipe.transformer.enable_parallelism(config=config)
+    got = generate()
+    return {"nag_effect": (expected - stock).abs().max().item(), "max_abs_diff": (got - expected).abs().max().item()}
+
+
 def run_case(case: str) -> dict[str, Any]:
     from diffusers import ContextParallelConfig
 
     import nag
 
     family, mode, negative_len, order = case.split(":")
+    if negative_len == "pipeline":
+        return {
+            "case": case,
+            **run_pipeline_case(family, ContextParallelConfig(**{f"{mode}_degree": WORLD})),
+        }
     transformer, inputs, negative = CASES[family](int(negative_len))
     expected = run_nag(transformer, inputs, negative)
     with torch.no_grad():

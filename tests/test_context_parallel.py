@@ -27,6 +27,7 @@ CASES = [
     "flux:ulysses:12:before",
     "flux:ring:12:after",
     "flux:ring:8:after",
+    "flux:ring:pipeline:after",  # nag.apply on the whole FluxPipeline, true CFG, 2 steps
     "flux:ulysses:5:after",  # refused: an odd negative length cannot be split in two
 ]
 
