@@ -26,6 +26,7 @@ __all__ = [
     "NagCLIError", "Loaded", "BUILTIN_PREFIX", "DEFAULT_MODEL", "BUILTIN_NAG", "FEW_STEP", "resolve_device",
     "resolve_dtype", "load_model", "check_settings", "check_sizes", "nag_settings", "sampling_kwargs", "guide",
     "negative_is_off", "run_pipeline", "is_oom", "oom_error", "require", "install_hint", "version",
+    "PARALLEL_MODES", "parallel_rank", "parallel_device", "enable_parallel",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -449,6 +450,69 @@ def guide(pipe: Any, negative: str | None, settings: dict[str, Any]) -> Abstract
     import nag
 
     return nullcontext() if negative_is_off(negative) else nag.apply(pipe, negative, **settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Context parallelism (one generation sharded over the processes of torchrun / accelerate launch)
+# --------------------------------------------------------------------------------------------------
+
+PARALLEL_MODES = ("ulysses", "ring")
+
+
+def parallel_rank(mode: str | None) -> tuple[int, int]:
+    """``(rank, processes)`` of a ``--parallel`` run, from the launcher's environment; ``(0, 1)`` without one."""
+    if mode is None:
+        return 0, 1
+    if mode not in PARALLEL_MODES:
+        raise NagCLIError("Unknown --parallel", f"--parallel takes {' or '.join(PARALLEL_MODES)}, not {mode!r}.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise NagCLIError(
+            "Not launched in parallel",
+            "--parallel shards each generation over the processes of `torchrun --nproc_per_node N -m nag.cli "
+            "generate ...` (or `accelerate launch --num_processes N -m nag.cli generate ...`); this process runs "
+            "alone. Launch it that way, or drop --parallel.",
+        )
+    return int(os.environ.get("RANK", "0")), world
+
+
+def parallel_device(device: str | None, mode: str | None) -> str | None:
+    """Under ``--parallel``, each process's own GPU (``cuda:LOCAL_RANK``) unless a device was named."""
+    import torch
+
+    if mode is None or device not in (None, "cuda") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def enable_parallel(loaded: Loaded, mode: str | None) -> None:
+    """Shard the denoiser's sequence over the launched processes with diffusers' context parallelism
+    (``mode``: ``"ulysses"`` or ``"ring"``; None: nothing), refusing what NAG cannot guide that way."""
+    if mode is None:
+        return
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    from nag.families import family_of
+    from nag.hooks.parallel import refusal
+
+    _, world = parallel_rank(mode)
+    denoiser = getattr(loaded.pipe, "transformer", None)
+    if denoiser is None or getattr(denoiser, "_cp_plan", None) is None:
+        raise NagCLIError(
+            "No context parallelism for this model",
+            f"{type(loaded.pipe).__name__}'s denoiser declares no context-parallel plan in the installed "
+            "diffusers; run it without --parallel.",
+        )
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(loaded.device).startswith("cuda") else "gloo")
+    try:
+        denoiser.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": world}))
+    except (ValueError, RuntimeError) as exc:
+        raise NagCLIError("Context parallelism failed", f"diffusers' enable_parallelism refused: {exc}") from exc
+    reason = refusal(denoiser, family_of(denoiser))
+    if reason:
+        raise NagCLIError("NAG under --parallel", reason)
 
 
 # --------------------------------------------------------------------------------------------------

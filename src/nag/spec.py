@@ -166,6 +166,9 @@ class Family:
         equal_text_lengths: the model joins the text with further streams and attends to all of it
             without a mask (HiDream): padding cannot be cut out again, so positive and negative text
             must have the same length (a clear error otherwise).
+        context_parallel: NAG is exact for this family under diffusers' context parallelism
+            (``enable_parallelism`` with a ``ContextParallelConfig``, Ulysses or ring), checked against one process
+            by ``tests/test_context_parallel.py``; under context parallelism every other family is refused.
     """
 
     name: str
@@ -193,6 +196,7 @@ class Family:
     control_hints_kwarg: str | None = None
     batch_dims: tuple[tuple[str, int], ...] = ()
     equal_text_lengths: bool = False
+    context_parallel: bool = False
 
     def batch_dim(self, key: str) -> int:
         """The batch axis of the conditioning ``key`` (0 unless ``batch_dims`` says otherwise)."""

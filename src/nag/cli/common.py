@@ -61,6 +61,9 @@ Offload = Annotated[bool, typer.Option("--offload", help="Keep weights on the CP
                                        "runs (enable_model_cpu_offload); for GPUs short of memory.")]
 Lora = Annotated[Path | None, typer.Option(help="A LoRA .safetensors file (or directory) to load into the "
                                               "pipeline.")]
+Parallel = Annotated[str | None, typer.Option(help="ulysses or ring: shard each generation's sequence over the "
+                                                 "processes of `torchrun --nproc_per_node N -m nag.cli generate` "
+                                                 "(diffusers' context parallelism; Flux, Wan).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
 
 

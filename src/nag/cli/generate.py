@@ -27,6 +27,7 @@ from .common import (
     Norm,
     NumImages,
     Offload,
+    Parallel,
     Scale,
     Seed,
     Start,
@@ -73,6 +74,7 @@ def generate(
     dtype: Dtype = None,
     offload: Offload = False,
     lora: Lora = None,
+    parallel: Parallel = None,
     debug: Debug = False,
 ) -> None:
     """Generate images or a video with NAG steering away from --negative (an empty one: NAG off)."""
@@ -85,19 +87,24 @@ def generate(
         if prompts is not None:
             if prompt is not None:
                 raise session.NagCLIError("Conflicting options", "pass either --prompt or --prompts, not both.")
+            if parallel is not None:
+                raise session.NagCLIError("Conflicting options", "--parallel shards one generation over the "
+                                          "processes; --prompts already splits the prompts between them.")
             batch.run(prompts, out or Path("nag-out"), model, options, device, dtype, offload, lora)
             return
         if prompt is None:
             raise session.NagCLIError("Missing option", "pass --prompt TEXT (what to draw) or --prompts FILE.")
-        _one_prompt(prompt, out, model, options, device, dtype, offload, lora)
+        _one_prompt(prompt, out, model, options, device, dtype, offload, lora, parallel)
 
 
 def _one_prompt(prompt: str, out: Path | None, model: str, options: batch.Options, device: str | None,
-                dtype: str | None, offload: bool, lora: Path | None) -> None:
+                dtype: str | None, offload: bool, lora: Path | None, parallel: str | None = None) -> None:
+    rank, _ = session.parallel_rank(parallel)
     if out is not None:
         output.check_out(out)
     began = time.perf_counter()
-    loaded = common.load_with_progress(model, device, dtype, offload, lora)
+    loaded = common.load_with_progress(model, session.parallel_device(device, parallel), dtype, offload, lora)
+    session.enable_parallel(loaded, parallel)
     out = out or Path("nag.mp4" if loaded.is_video else "nag.png")
     output.check_kind(out, loaded.is_video, model)
     call, settings = options.call(loaded), options.nag(loaded)
@@ -105,6 +112,8 @@ def _one_prompt(prompt: str, out: Path | None, model: str, options: batch.Option
     with common.progress_bar() as progress, session.guide(loaded.pipe, options.negative, settings):
         on_step = common.step_counter(progress, "generating", batch.total_steps(loaded, call, seeds, options))
         results = session.run_pipeline(loaded, prompt, seeds, options.batch_size, on_step, **call)
+    if rank:  # every process holds the whole result under --parallel: the first one writes it
+        return
     paths = [output.numbered(out, i, len(results)) for i in range(len(results))]
     output.write_all(paths, results)
     for path in paths:

@@ -94,6 +94,8 @@ FAMILIES = (
         denoisers=("WanTransformer3DModel",),
         attention=((r"blocks\.\d+\.attn2", CROSS),),
         layout="cross",
+        # under context parallelism the text reaches every rank whole (the model's plan splits only the video)
+        context_parallel=True,
     ),
     # VACE: the control video enters through `control_hidden_states` (the VACE blocks' own stream),
     # not as text; the text cross-attention of both the main and the VACE blocks is guided.

@@ -56,6 +56,7 @@ FAMILIES = (
         },
         text_path=TextPath(_flux_single_text_start, _flux_single_text_finish),
         refuse=flux_refusal,
+        context_parallel=True,
     ),
     # Chroma: Flux-like blocks whose modulation comes from the timestep alone (a distilled
     # approximator, no pooled text); the model itself joins [text, image] before the single

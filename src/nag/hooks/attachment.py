@@ -31,6 +31,7 @@ from ..spec import Family
 from ..state import NAGRuntime, NegativePrefix, PrefixRecording, inert_copy
 from .blocks import HOOKS, BlockHooks
 from .inputs import conditional_rows, extend_inputs, rows_for, to_device
+from .parallel import refusal, text_shards
 
 __all__ = ["Attachment", "attach", "unwrap_compiled"]
 
@@ -69,6 +70,7 @@ class Attachment:
     def _install(self) -> None:
         family = self.family
         reason = family.refuse(self.denoiser) if family.refuse is not None else None
+        reason = reason or refusal(self.denoiser, family)
         if reason:
             raise NotImplementedError(f"NAG cannot guide this {type(self.denoiser).__name__}: {reason}")
         self._register(
@@ -181,7 +183,9 @@ class Attachment:
             for key, value in runtime.negative.items()
         }
         pad_to = (family.text_length(module) or 0) if family.text_length is not None else 0
-        call, changes = extend_inputs(family, arguments, negative, cond_rows, pad_to)
+        # (context parallelism may have been enabled after NAG was applied: checked on every guided call)
+        shards = text_shards(module, family)
+        call, changes = extend_inputs(family, arguments, negative, cond_rows, pad_to, shards)
         if family.layout == "prefix":
             self._prefill_negative(module, arguments, negative, cond_rows)
             runtime.call = call

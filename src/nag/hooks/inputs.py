@@ -10,6 +10,7 @@ import torch
 from ..attention import pad_tokens
 from ..spec import Family
 from ..state import GuidedCall
+from .parallel import shard_tokens
 
 
 def conditional_rows(text: Any, reference: Any) -> torch.Tensor | None:
@@ -103,9 +104,11 @@ def extend_inputs(
     negative: dict[str, torch.Tensor],
     cond_rows: torch.Tensor,
     pad_to: int = 0,
+    shards: int = 1,
 ) -> tuple[GuidedCall, dict[str, Any]]:
     """The guided call's inputs; ``pad_to``: joint and concat layouts pad both branches' text to at
-    least this length (the model's required text length, see ``text_length``)."""
+    least this length (the model's required text length, see ``text_length``); ``shards``: the model splits the
+    text into this many equal shards along the sequence (context parallelism, see ``nag.hooks.parallel``)."""
     if isinstance(arguments.get(family.text_kwarg), (list, tuple)):
         return _extend_lists(family, arguments, negative, cond_rows)
     if family.layout == "cross":
@@ -118,7 +121,7 @@ def extend_inputs(
         return call, {}
     if family.layout == "concat":
         return _extend_concat(family, arguments, negative, cond_rows, pad_to)
-    return _extend_joint(family, arguments, negative, cond_rows, pad_to)
+    return _extend_joint(family, arguments, negative, cond_rows, pad_to, shards)
 
 
 def _extend_cross(family: Family, arguments, negative, cond_rows):
@@ -149,7 +152,7 @@ def _extend_cross(family: Family, arguments, negative, cond_rows):
     return call, changes
 
 
-def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0):
+def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0, shards=1):
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
     negative_text = negative["encoder_hidden_states"].to(text.dtype)
@@ -161,9 +164,8 @@ def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0):
             "the negative prompt with the same max_sequence_length as the prompt (or pass the negative prompt as text)"
         )
     padded = max(positive_len, negative_len, pad_to)
-    changes: dict[str, Any] = {
-        family.text_kwarg: torch.cat([pad_tokens(text, padded), pad_tokens(negative_text, padded)])
-    }
+    layout = TextLayout(positive_len, negative_len, padded, shards)
+    changes: dict[str, Any] = {family.text_kwarg: torch.cat([layout.place(text), layout.place(negative_text)])}
     if family.mask_kwarg:
         positive_mask = arguments.get(family.mask_kwarg)
         negative_mask = negative.get("encoder_attention_mask")
@@ -175,7 +177,7 @@ def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0):
                 negative_mask = like.new_ones(len(cond_rows), negative_len)
             # padding past each branch's own length is never attended (the processors slice it off)
             changes[family.mask_kwarg] = torch.cat(
-                [pad_tokens(positive_mask, padded), pad_tokens(negative_mask.to(like.dtype), padded)]
+                [layout.place(positive_mask), layout.place(negative_mask.to(like.dtype))]
             )
     for key in family.negative_keys:
         if key in ("encoder_hidden_states", "encoder_attention_mask"):
@@ -198,9 +200,52 @@ def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0):
         elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
             raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
     if family.text_ids_kwarg and arguments.get(family.text_ids_kwarg) is not None:
-        changes[family.text_ids_kwarg] = pad_text_ids(arguments[family.text_ids_kwarg], padded)
-    call = GuidedCall(rows, cond_rows, positive_len, negative_len, padded)
+        changes[family.text_ids_kwarg] = layout.text_ids(arguments[family.text_ids_kwarg])
+    call = GuidedCall(rows, cond_rows, *layout.lengths())
     return call, changes
+
+
+class TextLayout:
+    """Where the joint layouts put each branch's text tokens: first, padded to ``padded`` tokens; with ``shards``
+    (the model splits the text sequence into that many equal shards), each shard holds its share of each branch's
+    tokens first and padding after, so that every rank cuts its branches from its own shard exactly as one process
+    cuts them from the whole text (the call then records the lengths within one shard)."""
+
+    def __init__(self, positive_len: int, negative_len: int, padded: int, shards: int = 1):
+        if shards > 1 and (positive_len % shards or negative_len % shards):
+            raise ValueError(
+                f"under context parallelism over {shards} ranks NAG needs text lengths divisible by {shards}; the "
+                f"prompt has {positive_len} tokens and the negative prompt {negative_len}: encode both with a "
+                f"max_sequence_length divisible by {shards}"
+            )
+        self.positive_len, self.negative_len, self.shards = positive_len, negative_len, shards
+        self.chunk = -(-padded // shards)  # tokens per shard
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        """A branch's ``(rows, tokens, ...)`` text (or mask) in the layout."""
+        if self.shards == 1:
+            return pad_tokens(x, self.chunk)
+        return shard_tokens(x, self.shards, self.chunk)
+
+    def lengths(self) -> tuple[int, int, int]:
+        """Positive, negative and padded text lengths as the attention modules see them (within one shard)."""
+        return self.positive_len // self.shards, self.negative_len // self.shards, self.chunk
+
+    def text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text position ids for the layout (one table for both branches, as the models take them)."""
+        if self.shards == 1:
+            return pad_text_ids(ids, self.chunk)
+        full = pad_text_ids(ids, max(self.positive_len, self.negative_len))
+        positive, negative = (self.place(full[None, :length])[0] for length in (self.positive_len, self.negative_len))
+        real = [self.place(full.new_ones(1, length, 1))[0].bool() for length in (self.positive_len, self.negative_len)]
+        both = real[0] & real[1]
+        if not torch.equal(positive.masked_fill(~both, 0), negative.masked_fill(~both, 0)):
+            raise NotImplementedError(
+                "under context parallelism NAG needs the prompt and the negative prompt at the same text length "
+                "for a model whose text position ids differ from token to token; encode both with the same "
+                "max_sequence_length"
+            )
+        return torch.where(real[0], positive, negative)
 
 
 def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
