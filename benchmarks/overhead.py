@@ -13,7 +13,14 @@ Modes (one denoiser forward each; batch 1 image):
     cfg      stock forward on the [unconditional, conditional] batch of 2
     nag      NAG on the one image (negative of the same length as the positive)
     nag-end  average per step with ``end=0.5`` (half the steps guided): (none + nag) / 2
-    nag (straightforward path)  ``fast=False``: each stock attention processor run once per branch
+    nag_eager  NAG with the combine's eager code (``NAG_EAGER=1``): the compiled combine's saving
+    floor    stock forward with the negative's text appended to the prompt's (joint and concatenating families)
+             or the text twice (cross-attention ones): what NAG cannot go below; reported as NAG / floor
+    nag_plain (straightforward path)  ``fast=False``: each stock attention processor run once per branch
+
+Presets: ``cpu`` (fewer layers and heads), ``real`` (the published widths with one or two layers and about 1024
+image tokens, for a CPU; FLUX.1, SD3.5-Large, SDXL, PixArt-Sigma, Sana, Wan 1.3B, Qwen-Image, HunyuanVideo) and
+``full`` (published sizes, for a GPU).
 
 On CPU the benchmark runs on one thread and measures that thread's CPU time, so other work on
 the machine does not distort the ratios; on CUDA it measures wall time with synchronisation.
@@ -25,10 +32,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -41,7 +50,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, settings: dict) -> dict:
+MODES = ("none", "cfg", "nag", "nag_eager", "floor", "nag_plain")
+LABELS = {"cfg": "CFG", "nag": "NAG", "nag_eager": "NAG, eager combine", "floor": "floor",
+          "nag_plain": "NAG, straightforward path"}
+
+
+def _call(model: torch.nn.Module, inputs: dict, nag_options: dict | None, negative: dict, settings: dict,
+          device: torch.device, clock: Callable[[], float]) -> float:
+    """One timed forward; ``nag_options`` (None: no NAG) may carry ``eager=True`` (the combine's eager code,
+    through ``NAG_EAGER``)."""
+    options = dict(nag_options or {})
+    eager = options.pop("eager", False)
+    handle = nag.apply_to_denoiser(model, negative, **settings, **options) if nag_options is not None else None
+    previous = os.environ.get("NAG_EAGER")
+    os.environ["NAG_EAGER"] = "1" if eager else "0"
+    try:
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = clock()
+        model(**inputs)
+        _sync(device)
+        return clock() - start
+    finally:
+        if previous is None:
+            os.environ.pop("NAG_EAGER", None)
+        else:
+            os.environ["NAG_EAGER"] = previous
+        if handle is not None:
+            handle.remove()
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, settings: dict,
+             modes: tuple[str, ...] = MODES) -> dict:
     """Time every mode round-robin (one call of each per round), so load that varies over the
     run affects all modes alike; report the fastest call of each mode (and the median)."""
     # On CPU: one thread and its CPU time, which other processes on the machine do not inflate.
@@ -57,29 +98,22 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
     single = case.inputs(1, device, dtype)
     double = case.inputs(2, device, dtype)
     negative = case.negative(single)
-    modes: dict[str, tuple[dict, dict | None]] = {
+    plan: dict[str, tuple[dict, dict | None]] = {
         "none": (single, None),
         "cfg": (double, None),
         "nag": (single, {"fast": True}),
+        "nag_eager": (single, {"fast": True, "eager": True}),
         "nag_plain": (single, {"fast": False}),
     }
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    if case.floor is not None:
+        plan["floor"] = (case.floor(single, negative), None)
+    plan = {mode: plan[mode] for mode in ("none", *modes) if mode in plan}
+    times: dict[str, list[float]] = {mode: [] for mode in plan}
     peaks: dict[str, float | None] = {}
     with torch.no_grad():
         for round_index in range(warmup + repeats):
-            for mode, (inputs, nag_options) in modes.items():
-                handle = nag.apply_to_denoiser(model, negative, **settings, **nag_options) if nag_options else None
-                try:
-                    _sync(device)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    start = clock()
-                    model(**inputs)
-                    _sync(device)
-                    elapsed = clock() - start
-                finally:
-                    if handle is not None:
-                        handle.remove()
+            for mode, (inputs, nag_options) in plan.items():
+                elapsed = _call(model, inputs, nag_options, negative, settings, device, clock)
                 if round_index >= warmup:
                     times[mode].append(elapsed)
                     peaks[mode] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
@@ -91,12 +125,17 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
         "none_s": base,
         "none_median_s": statistics.median(times["none"]),
     }
-    for mode in ("cfg", "nag", "nag_plain"):
+    for mode in plan:
+        if mode == "none":
+            continue
         row[f"{mode}_s"] = min(times[mode])
         row[f"{mode}_median_s"] = statistics.median(times[mode])
         row[f"{mode}_ratio"] = min(times[mode]) / base
         row[f"{mode}_memory_ratio"] = (peaks[mode] / peaks["none"]) if peaks.get("none") else None
-    row["nag_end_0.5_ratio"] = (1 + row["nag_ratio"]) / 2
+    if "nag" in plan:
+        row["nag_end_0.5_ratio"] = (1 + row["nag_ratio"]) / 2
+    if "nag" in plan and "floor" in plan:
+        row["nag_over_floor"] = row["nag_s"] / row["floor_s"]
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -104,21 +143,24 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    """The table of ``rows``, with a column for each mode any row has."""
+    ratio = lambda r, key: f"{r[key]:.2f}x" if r.get(key) is not None else "n/a"  # noqa: E731
+    columns = [("CFG", "cfg_ratio"), ("NAG", "nag_ratio"), ("NAG, end=0.5", "nag_end_0.5_ratio"),
+               ("NAG, eager combine", "nag_eager_ratio"), ("floor", "floor_ratio"), ("NAG / floor", "nag_over_floor"),
+               ("NAG, straightforward path", "nag_plain_ratio"), ("CFG memory", "cfg_memory_ratio"),
+               ("NAG memory", "nag_memory_ratio")]
+    columns = [(title, key) for title, key in columns if any(key in r for r in rows)]
     lines = [
         f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}, diffusers {meta['diffusers']}, "
         f"dtype {meta['dtype']}, preset `{meta['preset']}`, fastest of {meta['repeats']} forwards per mode, modes interleaved. "
-        "Ratios are to no guidance in the same run.",
+        "Ratios are to no guidance in the same run (NAG / floor: to the floor).",
         "",
-        "| model | params | no guidance | CFG | NAG | NAG, end=0.5 | NAG, straightforward path | CFG memory | NAG memory |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | no guidance | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for r in rows:
-        mem = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
-        lines.append(
-            f"| {r['case']} | {r['parameters'] / 1e6:.0f}M | {r['none_s'] * 1000:.1f} ms | {r['cfg_ratio']:.2f}x | "
-            f"{r['nag_ratio']:.2f}x | {r['nag_end_0.5_ratio']:.2f}x | {r['nag_plain_ratio']:.2f}x | "
-            f"{mem(r['cfg_memory_ratio'])} | {mem(r['nag_memory_ratio'])} |"
-        )
+        cells = [ratio(r, key) for _, key in columns]
+        lines.append(f"| {r['case']} | {r['parameters'] / 1e6:.0f}M | {r['none_s'] * 1000:.1f} ms | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "real", "full"])
+    parser.add_argument("--modes", default=",".join(MODES[1:]),
+                        help=f"modes besides no guidance, comma-separated, of {', '.join(MODES[1:])}")
     parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2,auraflow,cogview4,cogvideox")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -176,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for case in cases(args.preset, args.families.split(",")):
         print(f"{case.label} ...", file=sys.stderr, flush=True)
-        row = run_case(case, device, dtype, args.repeats, args.warmup, settings)
+        row = run_case(case, device, dtype, args.repeats, args.warmup, settings, tuple(args.modes.split(",")))
         row.update(meta)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -19,6 +19,9 @@ class Case:
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[int, torch.device, torch.dtype], dict[str, Any]]
     negative: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+    # the stock inputs with the negative's text appended (joint/concat families) or the text twice (cross-attention
+    # families): NAG's cost floor; None where the benchmark has no such input
+    floor: Callable[[dict[str, Any], dict[str, torch.Tensor]], dict[str, Any]] | None = None
 
 
 def _randn(*shape, device, dtype, seed=0):
@@ -31,6 +34,32 @@ def _text_negative(inputs: dict[str, Any], keys=("encoder_hidden_states",)) -> d
     return {k: (inputs[k][-1:] * -0.5 + 0.1) if inputs[k].is_floating_point() else inputs[k][-1:] for k in keys}
 
 
+def floor_inputs(single: dict[str, Any], negative: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One image's inputs with the negative's text tokens appended to its own: the stock forward that attends to as
+    many text tokens as NAG does. Text masks ``(B, text)`` are extended with the negative's (or repeated), Flux-style
+    text position ids ``(text, axes)`` repeated."""
+    text = single["encoder_hidden_states"]
+    length = text.shape[1]
+    out = dict(single, encoder_hidden_states=torch.cat([text, negative["encoder_hidden_states"]], dim=1))
+    for key, value in single.items():
+        if key == "encoder_hidden_states" or not isinstance(value, torch.Tensor):
+            continue
+        if "mask" in key and value.ndim == 2 and value.shape[1] == length:
+            extra = negative.get(key, negative.get("encoder_attention_mask", value))
+            out[key] = torch.cat([value, extra.to(value.dtype)], dim=1)
+        elif key == "txt_ids":
+            out[key] = torch.cat([value, value], dim=0)
+    return out
+
+
+def _blocks(real: bool, config: dict[str, Any]) -> str:
+    """The label's note of the layers kept at the ``real`` preset."""
+    if not real:
+        return ""
+    names = (("num_layers", "layers"), ("num_single_layers", "single layers"), ("layers_per_block", "layers per block"))
+    return "".join(f", {config[key]} {name}" for key, name in names if key in config) + ", real width"
+
+
 def _image_ids(side: int, axes: int) -> torch.Tensor:
     """Flux-style position ids of a ``side`` x ``side`` token grid: ``(tokens, axes)``, row and column on axes 1 and 2."""
     ids = torch.zeros(side, side, axes)
@@ -39,13 +68,16 @@ def _image_ids(side: int, axes: int) -> torch.Tensor:
     return ids.reshape(-1, axes)
 
 
-def flux_case(full: bool, text_len: int) -> Case:
+def flux_case(full: bool, text_len: int, real: bool = False) -> Case:
     from diffusers import FluxTransformer2DModel
 
-    if full:
+    if full or real:
         config = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                       joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64, axes_dims_rope=(16, 56, 56))
         side = 64  # 1024 px -> 128 latent -> 64x64 tokens
+        if real:
+            config.update(num_layers=1, num_single_layers=1)
+            side = 32
     else:
         config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
                       joint_attention_dim=1024, pooled_projection_dim=768, in_channels=64, axes_dims_rope=(16, 56, 56))
@@ -62,8 +94,9 @@ def flux_case(full: bool, text_len: int) -> Case:
             txt_ids=torch.zeros(text_len, 3, device=device),
         )
 
-    return Case("flux", f"FLUX.1 ({tokens} image + {text_len} text tokens)", lambda: FluxTransformer2DModel(**config),
-                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")))
+    return Case("flux", f"FLUX.1 ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
+                lambda: FluxTransformer2DModel(**config), inputs,
+                lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")), floor_inputs)
 
 
 def chroma_case(full: bool, text_len: int) -> Case:
@@ -138,7 +171,7 @@ def flux2_case(full: bool, text_len: int) -> Case:
         )
 
     return Case("flux2", f"FLUX.2 ({tokens} image + {text_len} text tokens)",
-                lambda: Flux2Transformer2DModel(**config), inputs, _text_negative)
+                lambda: Flux2Transformer2DModel(**config), inputs, _text_negative, floor_inputs)
 
 
 def zimage_case(full: bool, text_len: int) -> Case:
@@ -230,12 +263,15 @@ def auraflow_case(full: bool, text_len: int) -> Case:
                 lambda: AuraFlowTransformer2DModel(**config), inputs, _text_negative)
 
 
-def qwenimage_case(full: bool, text_len: int) -> Case:
+def qwenimage_case(full: bool, text_len: int, real: bool = False) -> Case:
     """Qwen-Image: joint attention with split complex rotary tables and a text mask (a few padding tokens masked);
     one image stream, the negative text rows beside it. ``full``: the diffusers defaults (20B) at 1024x1024."""
     from diffusers import QwenImageTransformer2DModel
 
-    if full:
+    if real:
+        config = dict(num_layers=1)
+        side = 32
+    elif full:
         config = dict()
         side = 64  # 1024 px -> 128 latent -> 64x64 patches
     else:
@@ -255,19 +291,23 @@ def qwenimage_case(full: bool, text_len: int) -> Case:
             img_shapes=[[(1, side, side)]] * batch,
         )
 
-    return Case("qwenimage", f"Qwen-Image ({tokens} image + {text_len} text tokens)",
+    return Case("qwenimage", f"Qwen-Image ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
                 lambda: QwenImageTransformer2DModel(**config), inputs,
-                lambda i: {**_text_negative(i), "encoder_attention_mask": i["encoder_hidden_states_mask"][-1:]})
+                lambda i: {**_text_negative(i), "encoder_attention_mask": i["encoder_hidden_states_mask"][-1:]},
+                floor_inputs)
 
 
-def hunyuanvideo_case(full: bool, text_len: int) -> Case:
+def hunyuanvideo_case(full: bool, text_len: int, real: bool = False) -> Case:
     """HunyuanVideo: [video, text] double and single blocks, a masked text (a few padding tokens), the pooled CLIP
     embedding in the modulation. The fast path keeps the video at the stock batch through every block (the negative
     text beside it); ``fast=False`` carries whole negative rows [video copy, negative text] through the model.
     ``full``: the diffusers defaults (13B) at 720x1280, 129 frames."""
     from diffusers import HunyuanVideoTransformer3DModel
 
-    if full:
+    if real:
+        config = dict(num_layers=1, num_single_layers=1)
+        frames, height, width = 5, 32, 32
+    elif full:
         config = dict()
         frames, height, width = 33, 90, 160  # 129 frames at 720x1280 -> 33 latent frames of 45x80 patches
     else:
@@ -289,10 +329,10 @@ def hunyuanvideo_case(full: bool, text_len: int) -> Case:
             guidance=torch.full((batch,), 6000.0, device=device, dtype=dtype),
         )
 
-    return Case("hunyuanvideo", f"HunyuanVideo ({tokens} video + {text_len} text tokens)",
+    return Case("hunyuanvideo", f"HunyuanVideo ({tokens} video + {text_len} text tokens{_blocks(real, config)})",
                 lambda: HunyuanVideoTransformer3DModel(**config), inputs,
                 lambda i: {**_text_negative(i, ("encoder_hidden_states", "pooled_projections")),
-                           "encoder_attention_mask": i["encoder_attention_mask"][-1:]})
+                           "encoder_attention_mask": i["encoder_attention_mask"][-1:]}, floor_inputs)
 
 
 def cogview4_case(full: bool, text_len: int) -> Case:
@@ -398,14 +438,17 @@ def hidream_case(full: bool) -> Case:
                 lambda: HiDreamImageTransformer2DModel(**config), inputs, negative)
 
 
-def sd3_case(full: bool) -> Case:
+def sd3_case(full: bool, real: bool = False) -> Case:
     from diffusers import SD3Transformer2DModel
 
-    if full:  # SD3.5-Large
+    if full or real:  # SD3.5-Large
         config = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
                       num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
         latent, text_len = 128, 333
+        if real:
+            config.update(num_layers=2)
+            latent, text_len = 64, 83
     else:
         config = dict(sample_size=64, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
                       num_attention_heads=12, joint_attention_dim=1024, caption_projection_dim=768,
@@ -421,11 +464,12 @@ def sd3_case(full: bool) -> Case:
         )
 
     tokens = (latent // 2) ** 2
-    return Case("sd3", f"SD3.5-Large ({tokens} image + {text_len} text tokens)", lambda: SD3Transformer2DModel(**config),
-                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")))
+    return Case("sd3", f"SD3.5-Large ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
+                lambda: SD3Transformer2DModel(**config), inputs,
+                lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")), floor_inputs)
 
 
-def sdxl_case(full: bool) -> Case:
+def sdxl_case(full: bool, real: bool = False) -> Case:
     from diffusers import UNet2DConditionModel
 
     config = dict(
@@ -436,7 +480,10 @@ def sdxl_case(full: bool) -> Case:
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
     )
     latent = 128
-    if not full:
+    if real:
+        config.update(layers_per_block=1, transformer_layers_per_block=(1, 1, 2))
+        latent = 64
+    elif not full:
         config.update(block_out_channels=(160, 320, 640), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(5, 10, 20))
         latent = 64
 
@@ -449,11 +496,11 @@ def sdxl_case(full: bool) -> Case:
                                "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype)},
         )
 
-    return Case("sdxl", f"SDXL ({latent * 8}x{latent * 8}, 77 text tokens)", lambda: UNet2DConditionModel(**config),
-                inputs, _text_negative)
+    return Case("sdxl", f"SDXL ({latent * 8}x{latent * 8}, 77 text tokens{_blocks(real, config)})",
+                lambda: UNet2DConditionModel(**config), inputs, _text_negative, floor_inputs)
 
 
-def pixart_case(full: bool) -> Case:
+def pixart_case(full: bool, real: bool = False) -> Case:
     from diffusers import PixArtTransformer2DModel
 
     config = dict(sample_size=128, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
@@ -461,7 +508,7 @@ def pixart_case(full: bool) -> Case:
                   norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=2)
     latent = 128
     if not full:
-        config.update(num_layers=4, sample_size=64)
+        config.update(num_layers=2 if real else 4, sample_size=64)
         latent = 64
 
     def inputs(batch, device, dtype):
@@ -475,12 +522,12 @@ def pixart_case(full: bool) -> Case:
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         )
 
-    return Case("pixart", f"PixArt-Sigma ({(latent // 2) ** 2} image + 300 text tokens)",
+    return Case("pixart", f"PixArt-Sigma ({(latent // 2) ** 2} image + 300 text tokens{_blocks(real, config)})",
                 lambda: PixArtTransformer2DModel(**config), inputs,
-                lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")))
+                lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")), floor_inputs)
 
 
-def sana_case(full: bool) -> Case:
+def sana_case(full: bool, real: bool = False) -> Case:
     from diffusers import SanaTransformer2DModel
 
     config = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
@@ -488,7 +535,7 @@ def sana_case(full: bool) -> Case:
                   caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)
     latent = 32
     if not full:
-        config.update(num_layers=4)
+        config.update(num_layers=2 if real else 4)
 
     def inputs(batch, device, dtype):
         mask = torch.ones(batch, 300, device=device)
@@ -500,11 +547,12 @@ def sana_case(full: bool) -> Case:
             timestep=torch.full((batch,), 500.0, device=device),
         )
 
-    return Case("sana", f"Sana 1.6B ({latent * latent} image + 300 text tokens)", lambda: SanaTransformer2DModel(**config),
-                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")))
+    return Case("sana", f"Sana 1.6B ({latent * latent} image + 300 text tokens{_blocks(real, config)})",
+                lambda: SanaTransformer2DModel(**config), inputs,
+                lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")), floor_inputs)
 
 
-def wan_case(full: bool, size: str) -> Case:
+def wan_case(full: bool, size: str, real: bool = False) -> Case:
     from diffusers import WanTransformer3DModel
 
     if size == "14B":
@@ -526,11 +574,25 @@ def wan_case(full: bool, size: str) -> Case:
         )
 
     tokens = frames * (height // 2) * (width // 2)
-    return Case(f"wan-{size}", f"Wan 2.1 {size} ({tokens} video + 512 text tokens)", lambda: WanTransformer3DModel(**config),
-                inputs, _text_negative)
+    return Case(f"wan-{size}", f"Wan 2.1 {size} ({tokens} video + 512 text tokens{_blocks(real, config)})",
+                lambda: WanTransformer3DModel(**config), inputs, _text_negative, floor_inputs)
+
+
+REAL = {  # preset "real": published widths, fewer layers, about 1024 image tokens (CPU)
+    "flux": lambda: [flux_case(False, 128, real=True)],
+    "sd3": lambda: [sd3_case(False, real=True)],
+    "sdxl": lambda: [sdxl_case(False, real=True)],
+    "pixart": lambda: [pixart_case(False, real=True)],
+    "sana": lambda: [sana_case(False, real=True)],
+    "wan": lambda: [wan_case(False, "1.3B", real=True)],
+    "qwenimage": lambda: [qwenimage_case(False, 256, real=True)],
+    "hunyuanvideo": lambda: [hunyuanvideo_case(False, 256, real=True)],
+}
 
 
 def cases(preset: str, families: list[str]) -> list[Case]:
+    if preset == "real":
+        return [case for family in families if family in REAL for case in REAL[family]()]
     full = preset == "full"
     makers = {
         "flux": lambda: [flux_case(full, 256), flux_case(full, 512)],
