@@ -74,12 +74,12 @@ def test_compiled_combine_large_values_stay_finite(compiled_mode, dtype):
     torch.testing.assert_close(compiled.double(), eager.double(), rtol=4 * torch.finfo(dtype).eps, atol=0)
 
 
-def test_no_recompile_for_a_new_token_count(compiled_mode):
+def test_no_recompile_for_a_new_token_count_or_batch(compiled_mode):
     z_pos, z_neg = pair((2, 64, 96))
     nag_combine(z_pos, z_neg, **SETTINGS)
     graphs = counters["stats"]["unique_graphs"]
-    for tokens in (65, 130):
-        z_pos, z_neg = pair((2, tokens, 96))
+    for shape in ((2, 65, 96), (1, 130, 96), (3, 7, 96)):  # other token counts and batch sizes
+        z_pos, z_neg = pair(shape)
         compiled, eager = both(z_pos, z_neg, 3.0, 100.0, 0.25)  # other settings: not baked into the compiled code
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs

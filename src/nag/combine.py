@@ -64,7 +64,11 @@ def nag_combine(
     scalars = combine_scalars(z_positive.dtype, z_negative.dtype, scale, tau, alpha, eps)
     if not compiled:
         return combine_eager(z_positive, z_negative, *scalars, norm)
-    return _COMPILED(z_positive, z_negative, *as_tensors(scalars), norm)
+    # (tokens, hidden): tokens are independent, and one token axis gives the compiled code one shape whatever the
+    # batch (no recompiles for batch 1 against 2, which dynamic shapes specialise)
+    hidden = z_positive.shape[-1]
+    out = _COMPILED(z_positive.reshape(-1, hidden), z_negative.reshape(-1, hidden), *as_tensors(scalars), norm)
+    return out.reshape(z_positive.shape)
 
 
 def check_combine_inputs(z_positive: torch.Tensor, z_negative: torch.Tensor) -> None:

@@ -40,11 +40,11 @@ def eager_forced() -> bool:
 
 
 def _signature(args: tuple[Any, ...]) -> tuple[str, ...]:
-    """The device types and dtypes of the tensors among ``args`` (nested in lists/tuples too): what a
-    failure is remembered by."""
+    """The device types and dtypes of the tensors among ``args`` (nested in lists/tuples too; 0-d ones left out):
+    what a failure is remembered by."""
     found: list[str] = []
     for arg in args:
-        if isinstance(arg, torch.Tensor):
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0:  # (0-d tensors are the scalar settings)
             found.append(f"{arg.device.type}:{arg.dtype}")
         elif isinstance(arg, (list, tuple)):
             found.extend(_signature(tuple(arg)))

@@ -93,4 +93,10 @@ def merge_and_combine(
     scalars = combine_scalars(positive[0][0].dtype, negative[0][0].dtype, scale, tau, alpha, eps)
     if not compiled:
         return merge_and_combine_eager(positive, negative, *scalars, norm)
-    return _COMPILED(tuple(positive), tuple(negative), *as_tensors(scalars), norm)
+    batch, tokens, heads, head_dim = positive[0][0].shape  # one token axis, as in nag_combine
+
+    def flat(parts: Sequence[Part]) -> tuple[Part, ...]:
+        return tuple((out.reshape(-1, heads, head_dim), lse.reshape(-1, heads)) for out, lse in parts)
+
+    out = _COMPILED(flat(positive), flat(negative), *as_tensors(scalars), norm)
+    return out.reshape(batch, tokens, heads * head_dim)
