@@ -64,8 +64,8 @@ def nag_combine(
     scalars = combine_scalars(z_positive.dtype, z_negative.dtype, scale, tau, alpha, eps)
     if not compiled:
         return combine_eager(z_positive, z_negative, *scalars, norm)
-    # (tokens, hidden): tokens are independent, and one token axis gives the compiled code one shape whatever the
-    # batch (no recompiles for batch 1 against 2, which dynamic shapes specialise)
+    # (tokens, hidden): tokens are independent, and one token axis lets batch sizes above 1 share the compiled code
+    # with any token count (dynamic shapes still compile batch 1 separately: sizes 0 and 1 are specialised)
     hidden = z_positive.shape[-1]
     out = _COMPILED(z_positive.reshape(-1, hidden), z_negative.reshape(-1, hidden), *as_tensors(scalars), norm)
     return out.reshape(z_positive.shape)
