@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cold", action="store_true", help="compile with an empty inductor cache")
+    parser.add_argument("--markdown", default=None,
+                        help="update the block 'combine-DEVICE-DTYPE' of this markdown file (see overhead.py)")
     args = parser.parse_args(argv)
     if args.cold:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nag-inductor-")
@@ -94,7 +96,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(row))
     for name, value in median.items():
         print(f"{name:24s} {value * 1e3:8.2f} ms", file=sys.stderr)
+    if args.markdown:
+        from overhead import update_markdown
+
+        update_markdown(args.markdown, f"combine-{device.type}-{args.dtype}", table(row, median, first))
     return row
+
+
+def table(row: dict, median: dict[str, float], first: dict[str, float]) -> str:
+    """The markdown block of one run."""
+    cache = "an empty inductor cache" if row["cold"] else "inductor's cache left from earlier runs"
+    lines = [f"{row['device']}, {row['dtype']}, outputs {tuple(row['shape'])}, torch {row['torch']}; first compiled "
+             f"call with {cache}.", "",
+             "| | eager | compiled | compiled / eager | first compiled call |", "|---|---|---|---|---|"]
+    for what in ("combine", "merge+combine"):
+        eager, compiled = median[f"{what} eager"], median[f"{what} compiled"]
+        lines.append(f"| {what} | {eager * 1e3:.1f} ms | {compiled * 1e3:.1f} ms | {compiled / eager:.2f}x | "
+                     f"{first[f'{what} compiled']:.1f} s |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
