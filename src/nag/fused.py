@@ -81,6 +81,19 @@ def merge_and_combine(
 
     Compiled, eager or falling back exactly as :func:`nag.combine.nag_combine` (``compiled=False``,
     ``NAG_EAGER=1``, inside a ``torch.compile`` trace, or after a failed compile).
+
+    On a joint-attention path (``rows`` the guided rows; ``image_bias``: a mask's value shared by the image keys of
+    the negative branch, or 0)::
+
+        image, image_lse = attention_with_lse(qi, ki, vi)                       # once, every row
+        positive, positive_lse = attention_with_lse(qi, kp, vp)
+        negative, negative_lse = attention_with_lse(qi[rows], kn, vn)           # guided rows only
+        z_rows = merge_and_combine([(image[rows], image_lse[rows]), (positive[rows], positive_lse[rows])],
+                                   [(image[rows], image_lse[rows] + image_bias), (negative, negative_lse)],
+                                   s.scale, s.tau, s.alpha, norm=s.norm, eps=s.eps)
+
+    ``z_rows`` replaces ``merge_attention(image, image_lse, positive, positive_lse).flatten(2)[rows]``; rows that
+    are not guided (CFG's unconditional ones) keep that plain merge.
     """
     if not positive or not negative:
         raise ValueError("merge_and_combine needs at least one (out, lse) part per branch")
