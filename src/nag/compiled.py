@@ -7,8 +7,8 @@ Triton on CUDA) fuses the chain into a few passes over the data.
 
 :class:`CompiledFunction` wraps an eager function:
 
-* it compiles on first use (once per process; ``dynamic=True``, so new token counts and batch
-  sizes reuse the compiled code instead of recompiling);
+* it compiles on first use, once per process and input shape for the first few shapes (code for
+  one shape is the fastest), then once more with dynamic shapes for all further ones;
 * it calls the eager function instead when ``NAG_EAGER`` is set to ``1``/``true``/``yes``/``on``,
   when the caller is itself being traced by ``torch.compile`` (the user's compile then fuses the
   eager code into its own graph; compiling inside it would nest two compilers), or when
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import types
 from typing import Any, Callable
 
 import torch
@@ -51,17 +52,46 @@ def _signature(args: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What static compiled code is specialised to: each tensor's shape, dtype and device, and the other arguments
+    (0-d tensors, the scalar settings, are data: left out)."""
+    key: list[Any] = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if arg.dim() > 0:
+                key.append((tuple(arg.shape), arg.dtype, arg.device))
+        elif isinstance(arg, (list, tuple)):
+            key.append(_shapes(tuple(arg)))
+        else:
+            key.append(arg)
+    return tuple(key)
+
+
+def _renamed(function: Callable[..., Any], suffix: str) -> Callable[..., Any]:
+    """A copy of ``function`` with its own code object: torch.compile keeps its compiled entries, and counts them
+    against its recompile limit, per code object, so the static and the dynamic code do not share one count."""
+    code = function.__code__.replace(co_name=f"{function.__code__.co_name}_{suffix}")
+    copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
 class CompiledFunction:
     """``eager`` compiled on first use, with ``eager`` itself as the fallback (see the module's docstring).
 
-    ``options`` are passed to ``torch.compile``. Calling the object takes ``eager``'s arguments.
+    The first ``static_shapes`` distinct input shapes (and dtypes) of the process get code compiled for exactly
+    that shape (on the CPU inductor vectorises it several times better than code for any token count; a pipeline
+    calls the combine with the same few shapes in every step); further shapes share one dynamic-shape compile.
+    Calling the object takes ``eager``'s arguments.
     """
 
-    def __init__(self, eager: Callable[..., Any], name: str, **options: Any) -> None:
+    def __init__(self, eager: Callable[..., Any], name: str, static_shapes: int = 4) -> None:
         self.eager = eager
         self.name = name
-        self.options = {"dynamic": True, "fullgraph": True, **options}
-        self._compiled: Callable[..., Any] | None = None
+        self.static_shapes = static_shapes  # (below torch.compile's default limit of 8 entries per function)
+        self._static: Callable[..., Any] | None = None
+        self._dynamic: Callable[..., Any] | None = None
+        self._static_keys: set[tuple[Any, ...]] = set()
         self._failed: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
 
@@ -71,18 +101,25 @@ class CompiledFunction:
             return False
         return _signature(args) not in self._failed
 
-    def compiled(self) -> Callable[..., Any]:
-        """The compiled function (created once; inductor compiles on its first call)."""
+    def compiled(self, args: tuple[Any, ...]) -> Callable[..., Any]:
+        """The compiled function for these arguments: static-shape code while there is room for their shapes,
+        else the dynamic-shape code (each created once; inductor compiles on a call it has no code for)."""
+        key = _shapes(args)
         with self._lock:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.eager, **self.options)
-            return self._compiled
+            if key in self._static_keys or len(self._static_keys) < self.static_shapes:
+                self._static_keys.add(key)
+                if self._static is None:
+                    self._static = torch.compile(self.eager, dynamic=False, fullgraph=True)
+                return self._static
+            if self._dynamic is None:
+                self._dynamic = torch.compile(_renamed(self.eager, "dynamic"), dynamic=True, fullgraph=True)
+            return self._dynamic
 
     def __call__(self, *args: Any) -> Any:
         if not self.use_compiled(args):
             return self.eager(*args)
         try:
-            return self.compiled()(*args)
+            return self.compiled(args)(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure must leave the eager result
             key = _signature(args)
             if key not in self._failed:
@@ -92,7 +129,8 @@ class CompiledFunction:
             return self.eager(*args)
 
     def reset(self) -> None:
-        """Forget the compiled function and the remembered failures (after ``torch._dynamo.reset()``)."""
+        """Forget the compiled functions, the shapes and the remembered failures (after ``torch._dynamo.reset()``)."""
         with self._lock:
-            self._compiled = None
+            self._static = self._dynamic = None
+            self._static_keys.clear()
             self._failed.clear()
