@@ -99,16 +99,20 @@ def _unscaled(positive_dtype: torch.dtype, negative_dtype: torch.dtype) -> bool:
 
 def combine_scalars(
     positive_dtype: torch.dtype, negative_dtype: torch.dtype, scale: float, tau: float, alpha: float, eps: float
-) -> tuple[float, float, float, float, float]:
-    """The Python numbers :func:`combine_eager` takes after the two tensors: ``(s, tau, alpha, eps, eps / s)``
-    with ``s`` the scale capped so that ``w * s`` stays finite and ``tau`` capped at the compute dtype's maximum.
+) -> tuple[float, float, float, float, float, float]:
+    """The Python numbers :func:`combine_eager` takes after the two tensors: ``(s, 1 / s, tau, alpha, eps, eps / s)``
+    with ``s`` the scale capped (absurd scales only, see below) and ``tau`` at the compute dtype's maximum.
 
     Computed outside the tensor code so that a compiled :func:`combine_eager` sees plain inputs (no Python
     arithmetic on them that would specialize the compiled code to one scale)."""
     info = torch.finfo(_compute_dtype(positive_dtype, negative_dtype))
     bound = torch.finfo(torch.float16).max if _unscaled(positive_dtype, negative_dtype) else 2.0
-    s = min(float(scale), info.max / (4.0 * bound))
-    return s, min(float(tau), info.max), float(alpha), float(eps), float(eps) / s
+    # s is capped so that w * s stays finite and, for rescaled tokens (largest entry in [0.5, 1)), so that the
+    # largest entries of w = z- / s + ... stay normal numbers with a full mantissa (near s = 0.5 / tiny they would
+    # round like subnormals and lose the token's own precision)
+    cap = info.max / (4.0 * bound) if bound > 2.0 else min(info.max / (4.0 * bound), 0.5 / info.tiny * info.eps)
+    s = min(float(scale), cap)
+    return s, 1.0 / s, min(float(tau), info.max), float(alpha), float(eps), float(eps) / s
 
 
 def as_tensors(scalars: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
@@ -122,8 +126,8 @@ Scalar = float | torch.Tensor
 
 
 def combine_eager(
-    z_positive: torch.Tensor, z_negative: torch.Tensor, s: Scalar, tau: Scalar, alpha: Scalar, eps: Scalar,
-    eps_over_s: Scalar, norm: int = 1,
+    z_positive: torch.Tensor, z_negative: torch.Tensor, s: Scalar, inverse_s: Scalar, tau: Scalar, alpha: Scalar,
+    eps: Scalar, eps_over_s: Scalar, norm: int = 1,
 ) -> torch.Tensor:
     """The combine in plain PyTorch after the checks and shortcuts of :func:`nag_combine`, the scalars from
     :func:`combine_scalars` (Python numbers, or 0-d tensors from :func:`as_tensors` when compiled): the reference
@@ -153,8 +157,11 @@ def combine_eager(
         floor_positive, floor_w = down * eps, down * eps_over_s
 
     # w = z_tilde / s, free of cancellation when z_negative == z_positive. |w| <= 3 * bound, and
-    # s is capped so that w * s stays finite (only absurd scales, > ~1e33, are affected).
-    w = (positive - negative) + negative / s
+    # s is capped so that w * s stays finite and w keeps its precision (only absurd scales, > ~1e30, are affected).
+    if isinstance(inverse_s, torch.Tensor):  # (compiled: the scalar is a tensor)
+        w = (positive - negative) + negative * inverse_s
+    else:  # (the eager kernel may fuse the multiply-add: one rounding)
+        w = torch.add(positive - negative, negative, alpha=inverse_s)
     norm_positive = torch.linalg.vector_norm(positive, ord=norm, dim=-1, keepdim=True).clamp_min(floor_positive)
     if norm == 2:
         # |w| ~ |z_tilde| / s may be small enough for its squares to underflow: scale it first.

@@ -43,12 +43,13 @@ def merge_parts(parts: Sequence[Part]) -> torch.Tensor:
 
 
 def merge_and_combine_eager(
-    positive: Sequence[Part], negative: Sequence[Part], s: Scalar, tau: Scalar, alpha: Scalar, eps: Scalar,
-    eps_over_s: Scalar, norm: int = 1,
+    positive: Sequence[Part], negative: Sequence[Part], s: Scalar, inverse_s: Scalar, tau: Scalar, alpha: Scalar,
+    eps: Scalar, eps_over_s: Scalar, norm: int = 1,
 ) -> torch.Tensor:
     """:func:`merge_and_combine` in plain PyTorch after its checks and shortcuts (the scalars from
     :func:`nag.combine.combine_scalars`)."""
-    return combine_eager(merge_parts(positive), merge_parts(negative), s, tau, alpha, eps, eps_over_s, norm)
+    return combine_eager(merge_parts(positive), merge_parts(negative), s, inverse_s, tau, alpha, eps, eps_over_s,
+                         norm)
 
 
 _COMPILED = CompiledFunction(merge_and_combine_eager, "merge_and_combine")
