@@ -67,7 +67,7 @@ def nag_combine(
     # (tokens, hidden): tokens are independent, and one token axis lets batch sizes above 1 share the compiled code
     # with any token count (dynamic shapes still compile batch 1 separately: sizes 0 and 1 are specialised)
     hidden = z_positive.shape[-1]
-    out = _COMPILED(z_positive.reshape(-1, hidden), z_negative.reshape(-1, hidden), *as_tensors(scalars), norm)
+    out = _COMPILED(z_positive.reshape(-1, hidden), z_negative.reshape(-1, hidden), *scalars, norm)
     return out.reshape(z_positive.shape)
 
 
@@ -115,13 +115,6 @@ def combine_scalars(
     return s, 1.0 / s, min(float(tau), info.max), float(alpha), float(eps), float(eps) / s
 
 
-def as_tensors(scalars: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
-    """``scalars`` as 0-d float64 CPU tensors, for compiled code: a tensor's value is data to the compiler, while a
-    Python number may be baked into the compiled code (without a guard for some operations: a later call with
-    another scale would silently reuse the first one)."""
-    return tuple(torch.tensor(value, dtype=torch.float64) for value in scalars)
-
-
 Scalar = float | torch.Tensor
 
 
@@ -130,7 +123,7 @@ def combine_eager(
     eps: Scalar, eps_over_s: Scalar, norm: int = 1,
 ) -> torch.Tensor:
     """The combine in plain PyTorch after the checks and shortcuts of :func:`nag_combine`, the scalars from
-    :func:`combine_scalars` (Python numbers, or 0-d tensors from :func:`as_tensors` when compiled): the reference
+    :func:`combine_scalars` (Python numbers, or 0-d tensors when compiled: see :mod:`nag.compiled`): the reference
     the compiled code is tested against, and its fallback."""
     out_dtype = z_positive.dtype
     compute_dtype = _compute_dtype(out_dtype, z_negative.dtype)

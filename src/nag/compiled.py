@@ -13,6 +13,8 @@ Triton on CUDA) fuses the chain into a few passes over the data.
   when the caller is itself being traced by ``torch.compile`` (the user's compile then fuses the
   eager code into its own graph; compiling inside it would nest two compilers), or when
   compiling or running the compiled code failed before for the same device type and dtypes;
+* Python floats among the arguments (settings) reach the compiled code as 0-d tensors, so that new
+  values reuse it;
 * a failure logs one warning (logger ``nag``) per function, device type and dtypes, and the
   call returns the eager result.
 """
@@ -118,8 +120,12 @@ class CompiledFunction:
     def __call__(self, *args: Any) -> Any:
         if not self.use_compiled(args):
             return self.eager(*args)
+        # Python floats reach the compiled code as 0-d tensors: a tensor's value is data to the compiler, while a
+        # float may be baked into the code (without a guard for some operations, so that a later call with another
+        # value would silently reuse the first). The eager fallback gets the floats themselves.
+        data = tuple(torch.tensor(arg, dtype=torch.float64) if isinstance(arg, float) else arg for arg in args)
         try:
-            return self.compiled(args)(*args)
+            return self.compiled(data)(*data)
         except Exception as error:  # noqa: BLE001 - any compiler failure must leave the eager result
             key = _signature(args)
             if key not in self._failed:

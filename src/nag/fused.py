@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .combine import Scalar, as_tensors, check_combine_inputs, combine_eager, combine_scalars
+from .combine import Scalar, check_combine_inputs, combine_eager, combine_scalars
 from .compiled import CompiledFunction
 
 __all__ = ["merge_and_combine", "merge_and_combine_eager", "merge_parts"]
@@ -112,5 +112,5 @@ def merge_and_combine(
     def flat(parts: Sequence[Part]) -> tuple[Part, ...]:
         return tuple((out.reshape(-1, heads, head_dim), lse.reshape(-1, heads)) for out, lse in parts)
 
-    out = _COMPILED(flat(positive), flat(negative), *as_tensors(scalars), norm)
+    out = _COMPILED(flat(positive), flat(negative), *scalars, norm)
     return out.reshape(batch, tokens, heads * head_dim)
