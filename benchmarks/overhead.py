@@ -149,7 +149,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                ("NAG, eager combine", "nag_eager_ratio"), ("floor", "floor_ratio"), ("NAG / floor", "nag_over_floor"),
                ("NAG, straightforward path", "nag_plain_ratio"), ("CFG memory", "cfg_memory_ratio"),
                ("NAG memory", "nag_memory_ratio")]
-    columns = [(title, key) for title, key in columns if any(key in r for r in rows)]
+    columns = [(title, key) for title, key in columns if any(r.get(key) is not None for r in rows)]
     lines = [
         f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}, diffusers {meta['diffusers']}, "
         f"dtype {meta['dtype']}, preset `{meta['preset']}`, fastest of {meta['repeats']} forwards per mode, modes interleaved. "
