@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nag import combine as combine_module
+from nag import compiled as compiled_module
 from nag import fused
 from nag.combine import combine_eager, nag_combine
 from nag.compiled import CompiledFunction, _renamed
@@ -21,8 +22,9 @@ SETTINGS = dict(scale=5.0, tau=2.5, alpha=0.5)
 
 @pytest.fixture
 def compiled_mode(monkeypatch):
-    """The compiled code on (tests/conftest.py turns it off for the rest of the suite)."""
+    """The compiled code on (tests/conftest.py turns it off for the rest of the suite), for inputs of any size."""
     monkeypatch.delenv("NAG_EAGER", raising=False)
+    monkeypatch.setattr(compiled_module, "MIN_ELEMENTS", 0)
 
 
 def pair(shape, dtype=torch.float32, seed=0, spread=1.0):
@@ -208,3 +210,12 @@ def test_compiled_combine_over_any_finite_input(compiled_mode, dtype):
         assert ((compiled.double() - eager.double()).abs() <= 64 * torch.finfo(dtype).eps * scale_of).all()
 
     check()
+
+
+def test_small_inputs_run_eager(monkeypatch):
+    """Below MIN_ELEMENTS (the toy model's sizes) the compile would cost more than it saves: eager code."""
+    monkeypatch.delenv("NAG_EAGER", raising=False)
+    monkeypatch.setattr(combine_module._COMPILED, "compiled", lambda args: pytest.fail("compiled code used"))
+    z_pos, z_neg = pair((2, 64, 96))
+    assert z_pos.numel() < compiled_module.MIN_ELEMENTS
+    assert torch.equal(nag_combine(z_pos, z_neg, **SETTINGS), nag_combine(z_pos, z_neg, **SETTINGS, compiled=False))

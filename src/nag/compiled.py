@@ -9,7 +9,8 @@ Triton on CUDA) fuses the chain into a few passes over the data.
 
 * it compiles on first use, once per process and input shape for the first few shapes (code for
   one shape is the fastest), then once more with dynamic shapes for all further ones;
-* it calls the eager function instead when ``NAG_EAGER`` is set to ``1``/``true``/``yes``/``on``,
+* it calls the eager function instead for small inputs (fewer than :data:`MIN_ELEMENTS` in the
+  largest tensor), when ``NAG_EAGER`` is set to ``1``/``true``/``yes``/``on``,
   when the caller is itself being traced by ``torch.compile`` (the user's compile then fuses the
   eager code into its own graph; compiling inside it would nest two compilers), or when
   compiling or running the compiled code failed before for the same device type and dtypes;
@@ -34,6 +35,16 @@ __all__ = ["CompiledFunction", "eager_forced"]
 logger = logging.getLogger("nag")
 
 _TRUE = {"1", "true", "yes", "on"}
+#: Calls whose largest tensor has fewer elements run the eager code: there a call takes about a millisecond
+#: eager, and a compile (seconds) would not pay for itself within a generation (the shipped toy model, tests).
+MIN_ELEMENTS = 1 << 18
+
+
+def _largest(args: tuple[Any, ...]) -> int:
+    """The number of elements of the largest tensor among ``args`` (nested in lists/tuples too)."""
+    sizes = [arg.numel() if isinstance(arg, torch.Tensor) else _largest(tuple(arg)) if isinstance(arg, (list, tuple))
+             else 0 for arg in args]
+    return max(sizes, default=0)
 
 
 def eager_forced() -> bool:
@@ -99,7 +110,7 @@ class CompiledFunction:
 
     def use_compiled(self, args: tuple[Any, ...]) -> bool:
         """Whether a call with these arguments goes to the compiled code."""
-        if eager_forced() or torch.compiler.is_compiling():
+        if eager_forced() or torch.compiler.is_compiling() or _largest(args) < MIN_ELEMENTS:
             return False
         return _signature(args) not in self._failed
 
