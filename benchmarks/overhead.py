@@ -13,7 +13,14 @@ Modes (one denoiser forward each; batch 1 image):
     cfg      stock forward on the [unconditional, conditional] batch of 2
     nag      NAG on the one image (negative of the same length as the positive)
     nag-end  average per step with ``end=0.5`` (half the steps guided): (none + nag) / 2
-    nag (straightforward path)  ``fast=False``: each stock attention processor run once per branch
+    nag_eager  NAG with the combine's eager code (``NAG_EAGER=1``): the compiled combine's saving
+    floor    stock forward with the negative's text appended to the prompt's (joint and concatenating families)
+             or the text twice (cross-attention ones): what NAG cannot go below; reported as NAG / floor
+    nag_plain (straightforward path)  ``fast=False``: each stock attention processor run once per branch
+
+Presets: ``cpu`` (fewer layers and heads), ``real`` (the published widths with one or two layers and about 1024
+image tokens, for a CPU; FLUX.1, SD3.5-Large, SDXL, PixArt-Sigma, Sana, Wan 1.3B, Qwen-Image, HunyuanVideo) and
+``full`` (published sizes, for a GPU).
 
 On CPU the benchmark runs on one thread and measures that thread's CPU time, so other work on
 the machine does not distort the ratios; on CUDA it measures wall time with synchronisation.
@@ -25,557 +32,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 import nag
-
-
-@dataclass
-class Case:
-    family: str
-    label: str
-    build: Callable[[], torch.nn.Module]
-    inputs: Callable[[int, torch.device, torch.dtype], dict[str, Any]]
-    negative: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
-
-
-def _randn(*shape, device, dtype, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-
-def _text_negative(inputs: dict[str, Any], keys=("encoder_hidden_states",)) -> dict[str, torch.Tensor]:
-    """A negative of the same shape as the conditional row's conditioning, different values."""
-    return {k: (inputs[k][-1:] * -0.5 + 0.1) if inputs[k].is_floating_point() else inputs[k][-1:] for k in keys}
-
-
-def _image_ids(side: int, axes: int) -> torch.Tensor:
-    """Flux-style position ids of a ``side`` x ``side`` token grid: ``(tokens, axes)``, row and column on axes 1 and 2."""
-    ids = torch.zeros(side, side, axes)
-    ids[..., 1] = torch.arange(side)[:, None]
-    ids[..., 2] = torch.arange(side)[None, :]
-    return ids.reshape(-1, axes)
-
-
-def flux_case(full: bool, text_len: int) -> Case:
-    from diffusers import FluxTransformer2DModel
-
-    if full:
-        config = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                      joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64, axes_dims_rope=(16, 56, 56))
-        side = 64  # 1024 px -> 128 latent -> 64x64 tokens
-    else:
-        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
-                      joint_attention_dim=1024, pooled_projection_dim=768, in_channels=64, axes_dims_rope=(16, 56, 56))
-        side = 32  # 512 px
-    tokens = side * side
-
-    def inputs(batch, device, dtype):
-        return dict(
-            hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
-            pooled_projections=_randn(batch, 768, device=device, dtype=dtype, seed=2),
-            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-            img_ids=_image_ids(side, 3).to(device),
-            txt_ids=torch.zeros(text_len, 3, device=device),
-        )
-
-    return Case("flux", f"FLUX.1 ({tokens} image + {text_len} text tokens)", lambda: FluxTransformer2DModel(**config),
-                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")))
-
-
-def chroma_case(full: bool, text_len: int) -> Case:
-    """Chroma: Flux-like blocks that NAG guides on the concatenating layout (whole negative rows from the model input
-    on; with the fast path the double blocks run the image stream at the stock batch and the single blocks the stock
-    rows, the negative text beside them), with the (rows, text + image) float 0/1 mask the pipeline passes (a quarter
-    of the text valid for the prompt, an eighth for the negative)."""
-    from diffusers import ChromaTransformer2DModel
-
-    if full:
-        config = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                      joint_attention_dim=4096, in_channels=64, axes_dims_rope=(16, 56, 56))
-        side = 64
-    else:
-        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
-                      joint_attention_dim=1024, in_channels=64, axes_dims_rope=(16, 56, 56),
-                      approximator_hidden_dim=1024, approximator_layers=2)
-        side = 32
-    tokens = side * side
-
-    def inputs(batch, device, dtype):
-        return dict(
-            hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
-            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-            img_ids=_image_ids(side, 3).to(device),
-            txt_ids=torch.zeros(text_len, 3, device=device),
-            attention_mask=_chroma_mask(batch, text_len // 4, text_len, tokens, device, dtype),
-        )
-
-    def negative(inputs):
-        mask = _chroma_mask(1, text_len // 8, text_len, 0, inputs["attention_mask"].device, inputs["attention_mask"].dtype)
-        return {**_text_negative(inputs), "encoder_attention_mask": mask}
-
-    return Case("chroma", f"Chroma ({tokens} image + {text_len} text tokens)",
-                lambda: ChromaTransformer2DModel(**config), inputs, negative)
-
-
-def _chroma_mask(batch: int, valid: int, text_len: int, image_len: int, device, dtype) -> torch.Tensor:
-    """The Chroma pipeline's mask: float 1 on the prompt's tokens and one padding token, 0 on the rest of the text,
-    1 on every image token."""
-    mask = torch.ones(batch, text_len + image_len, device=device, dtype=dtype)
-    mask[:, valid + 1 : text_len] = 0
-    return mask
-
-
-def flux2_case(full: bool, text_len: int) -> Case:
-    """FLUX.2: double blocks with the image stream at the stock batch, parallel single blocks whose negative text
-    runs beside the stock rows (the fast path); ``fast=False`` carries whole negative rows through the single
-    blocks. ``full``: the diffusers defaults (FLUX.2 dev)."""
-    from diffusers import Flux2Transformer2DModel
-
-    if full:
-        config = dict(num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
-                      joint_attention_dim=15360, in_channels=128, guidance_embeds=False)
-        side = 64
-    else:
-        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
-                      joint_attention_dim=1024, in_channels=128, timestep_guidance_channels=256, guidance_embeds=False)
-        side = 32
-    tokens = side * side
-
-    def inputs(batch, device, dtype):
-        text_ids = torch.zeros(text_len, 4)
-        text_ids[:, 3] = torch.arange(text_len)
-        return dict(
-            hidden_states=_randn(batch, tokens, 128, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
-            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-            img_ids=_image_ids(side, 4).to(device),
-            txt_ids=text_ids.to(device),
-        )
-
-    return Case("flux2", f"FLUX.2 ({tokens} image + {text_len} text tokens)",
-                lambda: Flux2Transformer2DModel(**config), inputs, _text_negative)
-
-
-def zimage_case(full: bool, text_len: int) -> Case:
-    """Z-Image (Turbo): per-sample lists in, each sample joined as [image, caption] by the model; the fast path runs the
-    main layers on the stock rows with the negative caption beside them and the image refiner and final layer on the
-    stock rows; ``fast=False`` carries whole negative rows [image copy, negative caption] through the model.
-    ``full``: the diffusers defaults (6B) at 1024x1024."""
-    from diffusers import ZImageTransformer2DModel
-
-    if full:
-        config = dict()
-        latent = 128  # 1024 px -> 128 latent -> 64x64 patches
-    else:
-        config = dict(dim=512, n_layers=4, n_refiner_layers=2, n_heads=4, n_kv_heads=4)
-        latent = 64  # 512 px
-    tokens = (latent // 2) ** 2
-
-    def inputs(batch, device, dtype):
-        return dict(
-            x=[_randn(16, 1, latent, latent, device=device, dtype=dtype, seed=i) for i in range(batch)],
-            cap_feats=[_randn(text_len, 2560, device=device, dtype=dtype, seed=10 + i) for i in range(batch)],
-            t=torch.full((batch,), 0.5, device=device, dtype=dtype),
-        )
-
-    def negative(inputs):
-        return {"encoder_hidden_states": [inputs["cap_feats"][-1] * -0.5 + 0.1]}
-
-    return Case("zimage", f"Z-Image ({tokens} image + {text_len} caption tokens)",
-                lambda: ZImageTransformer2DModel(**config), inputs, negative)
-
-
-def lumina2_case(full: bool, text_len: int, valid: int) -> Case:
-    """Lumina-Image 2.0: each sample joined as [caption (its valid tokens), image] by the model; the fast path runs the
-    joint layers on the stock rows with the negative caption beside them and the patch embedding, image refiner and
-    final norm on the stock rows; ``fast=False`` carries whole negative rows [negative caption, image copy] through
-    the model. Captions of ``text_len`` tokens, the first ``valid`` of them valid (the mask). ``full``: diffusers'
-    defaults with Gemma-2's 2304-wide captions (the published 2.6B configuration) at 1024x1024."""
-    from diffusers import Lumina2Transformer2DModel
-
-    if full:
-        config = dict(cap_feat_dim=2304)
-        latent = 128  # 1024 px -> 128 latent -> 64x64 patches
-    else:
-        config = dict(hidden_size=512, num_layers=4, num_refiner_layers=2, num_attention_heads=4, num_kv_heads=2,
-                      axes_dim_rope=(32, 48, 48), cap_feat_dim=2304)
-        latent = 64  # 512 px
-    tokens = (latent // 2) ** 2
-
-    def inputs(batch, device, dtype):
-        mask = torch.zeros(batch, text_len, dtype=torch.bool, device=device)
-        mask[:, :valid] = True
-        return dict(
-            hidden_states=_randn(batch, 16, latent, latent, device=device, dtype=dtype),
-            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, 2304, device=device, dtype=dtype, seed=1),
-            encoder_attention_mask=mask,
-        )
-
-    return Case("lumina2", f"Lumina-Image 2.0 ({tokens} image + {valid} of {text_len} caption tokens)",
-                lambda: Lumina2Transformer2DModel(**config), inputs,
-                lambda inputs: _text_negative(inputs, ("encoder_hidden_states", "encoder_attention_mask")))
-
-
-def auraflow_case(full: bool, text_len: int) -> Case:
-    """AuraFlow: register tokens before the text, joint (MMDiT) blocks, then single blocks over the [registers, text,
-    image] the model joins; the fast path runs the joint blocks' image stream at the stock batch and the single blocks
-    on the stock rows with the negative [registers, text] beside them; ``fast=False`` carries whole negative rows
-    through the single blocks. ``full``: diffusers' defaults with the published position table (AuraFlow v0.3,
-    ``pos_embed_max_size=9216``) at 1024x1024."""
-    from diffusers import AuraFlowTransformer2DModel
-
-    if full:
-        config = dict(pos_embed_max_size=9216)
-        latent = 128  # 1024 px -> 128 latent -> 64x64 patches
-    else:
-        config = dict(num_mmdit_layers=2, num_single_dit_layers=4, attention_head_dim=128, num_attention_heads=4,
-                      caption_projection_dim=512)
-        latent = 64  # 512 px
-    tokens = (latent // 2) ** 2
-
-    def inputs(batch, device, dtype):
-        return dict(
-            hidden_states=_randn(batch, 4, latent, latent, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, 2048, device=device, dtype=dtype, seed=1),
-            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-        )
-
-    return Case("auraflow", f"AuraFlow ({tokens} image + 8 register + {text_len} text tokens)",
-                lambda: AuraFlowTransformer2DModel(**config), inputs, _text_negative)
-
-
-def qwenimage_case(full: bool, text_len: int) -> Case:
-    """Qwen-Image: joint attention with split complex rotary tables and a text mask (a few padding tokens masked);
-    one image stream, the negative text rows beside it. ``full``: the diffusers defaults (20B) at 1024x1024."""
-    from diffusers import QwenImageTransformer2DModel
-
-    if full:
-        config = dict()
-        side = 64  # 1024 px -> 128 latent -> 64x64 patches
-    else:
-        config = dict(num_layers=2, attention_head_dim=128, num_attention_heads=4, joint_attention_dim=1024)
-        side = 32
-    tokens = side * side
-
-    def inputs(batch, device, dtype):
-        mask = torch.ones(batch, text_len, dtype=torch.long, device=device)
-        mask[:, -8:] = 0  # the tokenizer's padding
-        return dict(
-            hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config.get("joint_attention_dim", 3584), device=device,
-                                         dtype=dtype, seed=1),
-            encoder_hidden_states_mask=mask,
-            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-            img_shapes=[[(1, side, side)]] * batch,
-        )
-
-    return Case("qwenimage", f"Qwen-Image ({tokens} image + {text_len} text tokens)",
-                lambda: QwenImageTransformer2DModel(**config), inputs,
-                lambda i: {**_text_negative(i), "encoder_attention_mask": i["encoder_hidden_states_mask"][-1:]})
-
-
-def hunyuanvideo_case(full: bool, text_len: int) -> Case:
-    """HunyuanVideo: [video, text] double and single blocks, a masked text (a few padding tokens), the pooled CLIP
-    embedding in the modulation. The fast path keeps the video at the stock batch through every block (the negative
-    text beside it); ``fast=False`` carries whole negative rows [video copy, negative text] through the model.
-    ``full``: the diffusers defaults (13B) at 720x1280, 129 frames."""
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    if full:
-        config = dict()
-        frames, height, width = 33, 90, 160  # 129 frames at 720x1280 -> 33 latent frames of 45x80 patches
-    else:
-        config = dict(num_attention_heads=4, attention_head_dim=128, num_layers=2, num_single_layers=4,
-                      text_embed_dim=1024)
-        frames, height, width = 5, 32, 32  # 5 latent frames of 16x16 patches
-    tokens = frames * (height // 2) * (width // 2)
-
-    def inputs(batch, device, dtype):
-        mask = torch.ones(batch, text_len, dtype=torch.long, device=device)
-        mask[:, -24:] = 0  # the tokenizer's padding
-        return dict(
-            hidden_states=_randn(batch, 16, frames, height, width, device=device, dtype=dtype),
-            timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
-                                         dtype=dtype, seed=1),
-            encoder_attention_mask=mask,
-            pooled_projections=_randn(batch, 768, device=device, dtype=dtype, seed=2),
-            guidance=torch.full((batch,), 6000.0, device=device, dtype=dtype),
-        )
-
-    return Case("hunyuanvideo", f"HunyuanVideo ({tokens} video + {text_len} text tokens)",
-                lambda: HunyuanVideoTransformer3DModel(**config), inputs,
-                lambda i: {**_text_negative(i, ("encoder_hidden_states", "pooled_projections")),
-                           "encoder_attention_mask": i["encoder_attention_mask"][-1:]})
-
-
-def cogview4_case(full: bool, text_len: int) -> Case:
-    """CogView4: one stream of blocks whose processor joins [text, image] with shared projections (output projection
-    included), modulation from the timestep and size conditions, no text mask (the pipeline passes none). The fast
-    path keeps the image at the stock batch through every block (the negative text beside it); ``fast=False``
-    carries whole negative rows [negative text, image copy] through the model. ``full``: the diffusers defaults (2.8B)
-    at 1024x1024."""
-    from diffusers import CogView4Transformer2DModel
-
-    if full:
-        config = dict()
-        side = 128  # 1024 px -> 128x128 latents -> 64x64 patches
-    else:
-        config = dict(num_layers=4, num_attention_heads=4, attention_head_dim=128, text_embed_dim=1024)
-        side = 64  # 32x32 patches
-    tokens = (side // 2) ** 2
-
-    def inputs(batch, device, dtype):
-        size = torch.tensor([[side * 8, side * 8]] * batch, device=device, dtype=dtype)
-        return dict(
-            hidden_states=_randn(batch, 16, side, side, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
-                                         dtype=dtype, seed=1),
-            timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
-            original_size=size, target_size=size, crop_coords=torch.zeros_like(size),
-        )
-
-    return Case("cogview4", f"CogView4 ({tokens} image + {text_len} text tokens)",
-                lambda: CogView4Transformer2DModel(**config), inputs, _text_negative)
-
-
-def cogvideox_case(full: bool) -> Case:
-    """CogVideoX (2b layout, the diffusers defaults): the model joins [text, video] for its patch embedding (sincos
-    positions over both: the text is ``max_text_seq_length`` = 226 tokens long) and every block's processor joins them
-    again with shared projections; timestep-only modulation, no mask. The fast path runs the blocks on the stock rows
-    (the negative text beside them); ``fast=False`` carries whole negative rows [negative text, video copy] through
-    every block. ``full``: the diffusers defaults (2b) at 480x720, 49 frames."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    if full:
-        config = dict()
-        frames, height, width = 13, 60, 90  # 49 frames at 480x720 -> 13 latent frames of 30x45 patches
-    else:
-        config = dict(num_attention_heads=4, attention_head_dim=128, num_layers=4, text_embed_dim=1024)
-        frames, height, width = 4, 32, 32  # 4 latent frames of 16x16 patches
-    tokens = frames * (height // 2) * (width // 2)
-    text_len = 226
-
-    def inputs(batch, device, dtype):
-        return dict(
-            hidden_states=_randn(batch, frames, 16, height, width, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
-                                         dtype=dtype, seed=1),
-            timestep=torch.full((batch,), 500, device=device, dtype=torch.long),
-        )
-
-    return Case("cogvideox", f"CogVideoX ({tokens} video + {text_len} text tokens)",
-                lambda: CogVideoXTransformer3DModel(**config), inputs, _text_negative)
-
-
-def hidream_case(full: bool) -> Case:
-    """HiDream-I1: double-stream blocks over [image, text] (separate text projections), single-stream blocks over
-    the [image, text] stream the model joins, mixture-of-experts feed-forwards; every block's text is [T5, last
-    Llama-3 layer, the block's own Llama-3 layer]. The fast path runs both kinds of blocks on the stock rows with the
-    negative text beside them and the final layer on the stock rows; ``fast=False`` carries whole negative rows
-    [image copy, negative text] through the model. ``full``: the published configuration (17B) at 1024x1024 with the
-    pipeline's 128 T5 and 128 Llama-3 tokens; ``cpu``: a few blocks at a reduced width, 1024 image tokens and the
-    text lengths scaled by the same factor (32 + 32)."""
-    from diffusers import HiDreamImageTransformer2DModel
-
-    if full:
-        config = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
-                      attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048,
-                      num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
-                      max_resolution=(128, 128), llama_layers=list(range(32)) + [31] * 16)
-        latent, text_len, llama_states = 128, 128, 32  # 1024 px -> 128 latent -> 64x64 patches
-    else:
-        config = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=4,
-                      attention_head_dim=128, num_attention_heads=4, caption_channels=[1024, 1024], text_emb_dim=2048,
-                      num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
-                      max_resolution=(128, 128), llama_layers=[0, 1, 2, 3, 3, 3])
-        latent, text_len, llama_states = 64, 32, 4  # 512 px -> 64 latent -> 32x32 patches
-    tokens = (latent // 2) ** 2
-    t5_width, llama_width = config["caption_channels"]
-
-    def inputs(batch, device, dtype):
-        return dict(
-            hidden_states=_randn(batch, 16, latent, latent, device=device, dtype=dtype),
-            timesteps=torch.full((batch,), 500.0, device=device, dtype=dtype),
-            encoder_hidden_states_t5=_randn(batch, text_len, t5_width, device=device, dtype=dtype, seed=1),
-            encoder_hidden_states_llama3=_randn(llama_states, batch, text_len, llama_width, device=device, dtype=dtype,
-                                                seed=2),
-            pooled_embeds=_randn(batch, 2048, device=device, dtype=dtype, seed=3),
-        )
-
-    def negative(inputs):  # (the Llama-3 states have their batch on axis 1)
-        return {"encoder_hidden_states": inputs["encoder_hidden_states_t5"][-1:] * -0.5 + 0.1,
-                "encoder_hidden_states_llama3": inputs["encoder_hidden_states_llama3"][:, -1:] * -0.5 + 0.1,
-                "pooled_embeds": inputs["pooled_embeds"][-1:] * -0.5 + 0.1}
-
-    return Case("hidream", f"HiDream-I1 ({tokens} image + {3 * text_len} text tokens)",
-                lambda: HiDreamImageTransformer2DModel(**config), inputs, negative)
-
-
-def sd3_case(full: bool) -> Case:
-    from diffusers import SD3Transformer2DModel
-
-    if full:  # SD3.5-Large
-        config = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                      num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                      pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
-        latent, text_len = 128, 333
-    else:
-        config = dict(sample_size=64, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
-                      num_attention_heads=12, joint_attention_dim=1024, caption_projection_dim=768,
-                      pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96, qk_norm="rms_norm")
-        latent, text_len = 64, 333
-
-    def inputs(batch, device, dtype):
-        return dict(
-            hidden_states=_randn(batch, 16, latent, latent, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
-            pooled_projections=_randn(batch, 2048, device=device, dtype=dtype, seed=2),
-            timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
-        )
-
-    tokens = (latent // 2) ** 2
-    return Case("sd3", f"SD3.5-Large ({tokens} image + {text_len} text tokens)", lambda: SD3Transformer2DModel(**config),
-                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")))
-
-
-def sdxl_case(full: bool) -> Case:
-    from diffusers import UNet2DConditionModel
-
-    config = dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    )
-    latent = 128
-    if not full:
-        config.update(block_out_channels=(160, 320, 640), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(5, 10, 20))
-        latent = 64
-
-    def inputs(batch, device, dtype):
-        return dict(
-            sample=_randn(batch, 4, latent, latent, device=device, dtype=dtype),
-            timestep=torch.tensor(500.0, device=device),
-            encoder_hidden_states=_randn(batch, 77, 2048, device=device, dtype=dtype, seed=1),
-            added_cond_kwargs={"text_embeds": _randn(batch, 1280, device=device, dtype=dtype, seed=2),
-                               "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype)},
-        )
-
-    return Case("sdxl", f"SDXL ({latent * 8}x{latent * 8}, 77 text tokens)", lambda: UNet2DConditionModel(**config),
-                inputs, _text_negative)
-
-
-def pixart_case(full: bool) -> Case:
-    from diffusers import PixArtTransformer2DModel
-
-    config = dict(sample_size=128, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
-                  out_channels=8, cross_attention_dim=1152, caption_channels=4096, patch_size=2,
-                  norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=2)
-    latent = 128
-    if not full:
-        config.update(num_layers=4, sample_size=64)
-        latent = 64
-
-    def inputs(batch, device, dtype):
-        mask = torch.ones(batch, 300, device=device)
-        mask[:, 120:] = 0
-        return dict(
-            hidden_states=_randn(batch, 4, latent, latent, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, 300, 4096, device=device, dtype=dtype, seed=1),
-            encoder_attention_mask=mask,
-            timestep=torch.full((batch,), 500.0, device=device),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        )
-
-    return Case("pixart", f"PixArt-Sigma ({(latent // 2) ** 2} image + 300 text tokens)",
-                lambda: PixArtTransformer2DModel(**config), inputs,
-                lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")))
-
-
-def sana_case(full: bool) -> Case:
-    from diffusers import SanaTransformer2DModel
-
-    config = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
-                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
-                  caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)
-    latent = 32
-    if not full:
-        config.update(num_layers=4)
-
-    def inputs(batch, device, dtype):
-        mask = torch.ones(batch, 300, device=device)
-        mask[:, 150:] = 0
-        return dict(
-            hidden_states=_randn(batch, 32, latent, latent, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, 300, 2304, device=device, dtype=dtype, seed=1),
-            encoder_attention_mask=mask,
-            timestep=torch.full((batch,), 500.0, device=device),
-        )
-
-    return Case("sana", f"Sana 1.6B ({latent * latent} image + 300 text tokens)", lambda: SanaTransformer2DModel(**config),
-                inputs, lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")))
-
-
-def wan_case(full: bool, size: str) -> Case:
-    from diffusers import WanTransformer3DModel
-
-    if size == "14B":
-        config = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
-    else:
-        config = dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
-    config.update(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-    frames, height, width = 21, 60, 104  # 81 frames at 480x832
-    if not full:
-        config.update(num_layers=2, num_attention_heads=min(config["num_attention_heads"], 12))
-        frames, height, width = 5, 30, 52
-
-    def inputs(batch, device, dtype):
-        return dict(
-            hidden_states=_randn(batch, 16, frames, height, width, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, 512, 4096, device=device, dtype=dtype, seed=1),
-            timestep=torch.full((batch,), 500.0, device=device),
-        )
-
-    tokens = frames * (height // 2) * (width // 2)
-    return Case(f"wan-{size}", f"Wan 2.1 {size} ({tokens} video + 512 text tokens)", lambda: WanTransformer3DModel(**config),
-                inputs, _text_negative)
-
-
-def cases(preset: str, families: list[str]) -> list[Case]:
-    full = preset == "full"
-    makers = {
-        "flux": lambda: [flux_case(full, 256), flux_case(full, 512)],
-        "sd3": lambda: [sd3_case(full)],
-        "sdxl": lambda: [sdxl_case(full)],
-        "pixart": lambda: [pixart_case(full)],
-        "sana": lambda: [sana_case(full)],
-        "wan": lambda: [wan_case(full, "1.3B"), wan_case(full, "14B")],
-        "chroma": lambda: [chroma_case(full, 512)],
-        "flux2": lambda: [flux2_case(full, 512)],
-        "zimage": lambda: [zimage_case(full, 200)],
-        "qwenimage": lambda: [qwenimage_case(full, 256)],
-        "hunyuanvideo": lambda: [hunyuanvideo_case(full, 256)],
-        "hidream": lambda: [hidream_case(full)],
-        "lumina2": lambda: [lumina2_case(full, 256, 200)],
-        "auraflow": lambda: [auraflow_case(full, 256)],
-        "cogview4": lambda: [cogview4_case(full, 256)],
-        "cogvideox": lambda: [cogvideox_case(full)],
-    }
-    return [case for family in families for case in makers[family]()]
+from overhead_cases import Case, cases
 
 
 def _sync(device: torch.device) -> None:
@@ -583,7 +50,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, settings: dict) -> dict:
+MODES = ("none", "cfg", "nag", "nag_eager", "floor", "nag_plain")
+LABELS = {"cfg": "CFG", "nag": "NAG", "nag_eager": "NAG, eager combine", "floor": "floor",
+          "nag_plain": "NAG, straightforward path"}
+
+
+def _call(model: torch.nn.Module, inputs: dict, nag_options: dict | None, negative: dict, settings: dict,
+          device: torch.device, clock: Callable[[], float]) -> float:
+    """One timed forward; ``nag_options`` (None: no NAG) may carry ``eager=True`` (the combine's eager code,
+    through ``NAG_EAGER``)."""
+    options = dict(nag_options or {})
+    eager = options.pop("eager", False)
+    handle = nag.apply_to_denoiser(model, negative, **settings, **options) if nag_options is not None else None
+    previous = os.environ.get("NAG_EAGER")
+    os.environ["NAG_EAGER"] = "1" if eager else "0"
+    try:
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = clock()
+        model(**inputs)
+        _sync(device)
+        return clock() - start
+    finally:
+        if previous is None:
+            os.environ.pop("NAG_EAGER", None)
+        else:
+            os.environ["NAG_EAGER"] = previous
+        if handle is not None:
+            handle.remove()
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, settings: dict,
+             modes: tuple[str, ...] = MODES) -> dict:
     """Time every mode round-robin (one call of each per round), so load that varies over the
     run affects all modes alike; report the fastest call of each mode (and the median)."""
     # On CPU: one thread and its CPU time, which other processes on the machine do not inflate.
@@ -599,29 +98,22 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
     single = case.inputs(1, device, dtype)
     double = case.inputs(2, device, dtype)
     negative = case.negative(single)
-    modes: dict[str, tuple[dict, dict | None]] = {
+    plan: dict[str, tuple[dict, dict | None]] = {
         "none": (single, None),
         "cfg": (double, None),
         "nag": (single, {"fast": True}),
+        "nag_eager": (single, {"fast": True, "eager": True}),
         "nag_plain": (single, {"fast": False}),
     }
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    if case.floor is not None:
+        plan["floor"] = (case.floor(single, negative), None)
+    plan = {mode: plan[mode] for mode in ("none", *modes) if mode in plan}
+    times: dict[str, list[float]] = {mode: [] for mode in plan}
     peaks: dict[str, float | None] = {}
     with torch.no_grad():
         for round_index in range(warmup + repeats):
-            for mode, (inputs, nag_options) in modes.items():
-                handle = nag.apply_to_denoiser(model, negative, **settings, **nag_options) if nag_options else None
-                try:
-                    _sync(device)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    start = clock()
-                    model(**inputs)
-                    _sync(device)
-                    elapsed = clock() - start
-                finally:
-                    if handle is not None:
-                        handle.remove()
+            for mode, (inputs, nag_options) in plan.items():
+                elapsed = _call(model, inputs, nag_options, negative, settings, device, clock)
                 if round_index >= warmup:
                     times[mode].append(elapsed)
                     peaks[mode] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
@@ -633,12 +125,17 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
         "none_s": base,
         "none_median_s": statistics.median(times["none"]),
     }
-    for mode in ("cfg", "nag", "nag_plain"):
+    for mode in plan:
+        if mode == "none":
+            continue
         row[f"{mode}_s"] = min(times[mode])
         row[f"{mode}_median_s"] = statistics.median(times[mode])
         row[f"{mode}_ratio"] = min(times[mode]) / base
         row[f"{mode}_memory_ratio"] = (peaks[mode] / peaks["none"]) if peaks.get("none") else None
-    row["nag_end_0.5_ratio"] = (1 + row["nag_ratio"]) / 2
+    if "nag" in plan:
+        row["nag_end_0.5_ratio"] = (1 + row["nag_ratio"]) / 2
+    if "nag" in plan and "floor" in plan:
+        row["nag_over_floor"] = row["nag_s"] / row["floor_s"]
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -646,21 +143,24 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    """The table of ``rows``, with a column for each mode any row has."""
+    ratio = lambda r, key: f"{r[key]:.2f}x" if r.get(key) is not None else "n/a"  # noqa: E731
+    columns = [("CFG", "cfg_ratio"), ("NAG", "nag_ratio"), ("NAG, end=0.5", "nag_end_0.5_ratio"),
+               ("NAG, eager combine", "nag_eager_ratio"), ("floor", "floor_ratio"), ("NAG / floor", "nag_over_floor"),
+               ("NAG, straightforward path", "nag_plain_ratio"), ("CFG memory", "cfg_memory_ratio"),
+               ("NAG memory", "nag_memory_ratio")]
+    columns = [(title, key) for title, key in columns if any(r.get(key) is not None for r in rows)]
     lines = [
         f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}, diffusers {meta['diffusers']}, "
         f"dtype {meta['dtype']}, preset `{meta['preset']}`, fastest of {meta['repeats']} forwards per mode, modes interleaved. "
-        "Ratios are to no guidance in the same run.",
+        "Ratios are to no guidance in the same run (NAG / floor: to the floor).",
         "",
-        "| model | params | no guidance | CFG | NAG | NAG, end=0.5 | NAG, straightforward path | CFG memory | NAG memory |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | no guidance | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for r in rows:
-        mem = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
-        lines.append(
-            f"| {r['case']} | {r['parameters'] / 1e6:.0f}M | {r['none_s'] * 1000:.1f} ms | {r['cfg_ratio']:.2f}x | "
-            f"{r['nag_ratio']:.2f}x | {r['nag_end_0.5_ratio']:.2f}x | {r['nag_plain_ratio']:.2f}x | "
-            f"{mem(r['cfg_memory_ratio'])} | {mem(r['nag_memory_ratio'])} |"
-        )
+        cells = [ratio(r, key) for _, key in columns]
+        lines.append(f"| {r['case']} | {r['parameters'] / 1e6:.0f}M | {r['none_s'] * 1000:.1f} ms | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -683,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--preset", default="cpu", choices=["cpu", "full"])
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "real", "full"])
+    parser.add_argument("--modes", default=",".join(MODES[1:]),
+                        help=f"modes besides no guidance, comma-separated, of {', '.join(MODES[1:])}")
     parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2,auraflow,cogview4,cogvideox")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -718,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for case in cases(args.preset, args.families.split(",")):
         print(f"{case.label} ...", file=sys.stderr, flush=True)
-        row = run_case(case, device, dtype, args.repeats, args.warmup, settings)
+        row = run_case(case, device, dtype, args.repeats, args.warmup, settings, tuple(args.modes.split(",")))
         row.update(meta)
         rows.append(row)
         print(json.dumps(row), flush=True)

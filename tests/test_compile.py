@@ -37,3 +37,21 @@ def test_compiled_denoiser(order):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
     torch.testing.assert_close(generate(pipe), stock, rtol=0, atol=1e-6)  # the compiled model still works
     torch._dynamo.reset()
+
+
+def test_compiled_denoiser_with_the_compiled_combine(monkeypatch, caplog):
+    """With the combine's own compiled code on (NAG_EAGER unset), a denoiser the user compiles gives the eager NAG
+    result: inside the user's trace the combine's eager code is traced (no compile nested in a compile, no
+    fallback warning)."""
+    torch._dynamo.reset()
+    pipe = tp.FACTORIES["sd"]()
+    with nag.apply(pipe, "blurry, watermark", scale=3.0, alpha=0.5):
+        eager = generate(pipe)
+    monkeypatch.delenv("NAG_EAGER", raising=False)
+    monkeypatch.setattr("nag.compiled.MIN_ELEMENTS", 0)  # (the tiny model's calls would run eager anyway)
+    pipe.unet = torch.compile(pipe.unet, backend="aot_eager")
+    with caplog.at_level("WARNING", logger="nag"), nag.apply(pipe, "blurry, watermark", scale=3.0, alpha=0.5):
+        compiled = generate(pipe)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert not [r for r in caplog.records if "compiling" in r.getMessage()]
+    torch._dynamo.reset()

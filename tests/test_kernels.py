@@ -119,3 +119,56 @@ def test_key_bias_none_or_zero_is_plain_attention_with_lse():
     out, lse = attention_with_lse_and_key_bias(q, k, v, bias)
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse + 1)
     assert torch.equal(bias, torch.ones(3, 7))  # (the input is left as it was)
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """The kernels' self-checks forgotten before and after the test."""
+    from nag import kernels
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    return kernels
+
+
+def wrong_lse(qt, kt, vt):
+    """A kernel with the wrong convention: log-sum-exp in base 2."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
+    return out, lse / math.log(2)
+
+
+def raising(qt, kt, vt):
+    raise RuntimeError("no kernel image for this device\nmore")
+
+
+@pytest.mark.parametrize("kernel, problem", [(wrong_lse, "disagrees"), (raising, "failed (RuntimeError: no kernel")])
+def test_lse_kernel_that_fails_its_self_check_is_replaced_by_the_math(fresh_checks, monkeypatch, caplog, kernel,
+                                                                       problem):
+    monkeypatch.setitem(fresh_checks.LSE_KERNELS, "cpu", (("patched", kernel, None),))
+    q, k, v = tensors(7)
+    expected, expected_lse = reference(q, k, v)
+    with caplog.at_level("WARNING", logger="nag"):
+        for _ in range(2):
+            out, lse = attention_with_lse(q, k, v)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and problem in messages[0] and "patched" in messages[0]
+    assert "head size 8" in messages[0] and "more" not in messages[0]
+
+
+def test_lse_kernel_is_checked_once_per_dtype_and_head_size(fresh_checks, monkeypatch, caplog):
+    calls = []
+
+    def counting(qt, kt, vt):
+        calls.append((qt.dtype, qt.shape[-1], qt.shape[2]))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
+
+    monkeypatch.setitem(fresh_checks.LSE_KERNELS, "cpu", (("counting", counting, None),))
+    q, k, v = tensors(8)
+    with caplog.at_level("WARNING", logger="nag"):
+        attention_with_lse(q, k, v)
+        attention_with_lse(q, k, v)
+        assert calls == [(torch.float32, 8, 24), (torch.float32, 8, 5), (torch.float32, 8, 5)]  # check, then two uses
+        attention_with_lse(q[..., :4], k[..., :4], v[..., :4])  # another head size: checked again
+        out, _ = attention_with_lse(q.bfloat16(), k.bfloat16(), v.bfloat16())  # another dtype: checked again
+    assert [c[2] for c in calls[3:]] == [24, 5, 24, 5] and not caplog.records
+    assert out.dtype == torch.bfloat16

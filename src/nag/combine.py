@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .compiled import CompiledFunction
+
 __all__ = ["nag_combine"]
 
 
@@ -17,6 +19,8 @@ def nag_combine(
     alpha: float,
     norm: int = 1,
     eps: float = 1e-6,
+    *,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """Combine positive and negative attention outputs by Normalized Attention Guidance.
 
@@ -49,33 +53,88 @@ def nag_combine(
       limits neither overflow nor underflow the norms. Tokens are independent of each other.
     * A result beyond the output dtype's range (fp16 values near 65504 pushed further out by
       the guidance) saturates at the largest finite value instead of becoming inf.
+
+    Runs compiled (``torch.compile``; see :mod:`nag.compiled`) unless ``compiled=False``, the
+    environment variable ``NAG_EAGER=1`` is set, the call is inside a ``torch.compile`` trace, or
+    compiling failed (one warning, then the eager code). Both give the same result to rounding.
     """
+    check_combine_inputs(z_positive, z_negative)
+    if scale == 1.0 or alpha == 0.0:
+        return z_positive.clone()
+    scalars = combine_scalars(z_positive.dtype, z_negative.dtype, scale, tau, alpha, eps)
+    if not compiled:
+        return combine_eager(z_positive, z_negative, *scalars, norm)
+    # (tokens, hidden): tokens are independent, and one token axis lets batch sizes above 1 share the compiled code
+    # with any token count (dynamic shapes still compile batch 1 separately: sizes 0 and 1 are specialised)
+    hidden = z_positive.shape[-1]
+    out = _COMPILED(z_positive.reshape(-1, hidden), z_negative.reshape(-1, hidden), *scalars, norm)
+    return out.reshape(z_positive.shape)
+
+
+def check_combine_inputs(z_positive: torch.Tensor, z_negative: torch.Tensor) -> None:
+    """The errors of :func:`nag_combine` for inputs it cannot combine."""
     if z_positive.shape != z_negative.shape:
         raise ValueError(
             f"z_positive {tuple(z_positive.shape)} and z_negative {tuple(z_negative.shape)} must have the same shape"
         )
-    out_dtype = z_positive.dtype
-    if not (out_dtype.is_floating_point and z_negative.dtype.is_floating_point):
+    if not (z_positive.dtype.is_floating_point and z_negative.dtype.is_floating_point):
         raise TypeError(
             f"nag_combine needs floating-point attention outputs, got {z_positive.dtype} and {z_negative.dtype}"
         )
-    if scale == 1.0 or alpha == 0.0:
-        return z_positive.clone()
 
+
+def _compute_dtype(positive_dtype: torch.dtype, negative_dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision outputs, else the wider of the two dtypes."""
     half = (torch.float16, torch.bfloat16)
-    compute_dtype = torch.float32 if out_dtype in half else out_dtype
-    if z_negative.dtype not in half and torch.finfo(z_negative.dtype).bits > torch.finfo(compute_dtype).bits:
-        compute_dtype = z_negative.dtype
+    compute_dtype = torch.float32 if positive_dtype in half else positive_dtype
+    if negative_dtype not in half and torch.finfo(negative_dtype).bits > torch.finfo(compute_dtype).bits:
+        compute_dtype = negative_dtype
+    return compute_dtype
+
+
+def _unscaled(positive_dtype: torch.dtype, negative_dtype: torch.dtype) -> bool:
+    """Whether the inputs need no per-token rescaling (both float16: float32 holds every intermediate)."""
+    return positive_dtype == torch.float16 and negative_dtype == torch.float16
+
+
+def combine_scalars(
+    positive_dtype: torch.dtype, negative_dtype: torch.dtype, scale: float, tau: float, alpha: float, eps: float
+) -> tuple[float, float, float, float, float, float]:
+    """The Python numbers :func:`combine_eager` takes after the two tensors: ``(s, 1 / s, tau, alpha, eps, eps / s)``
+    with ``s`` the scale capped (absurd scales only, see below) and ``tau`` at the compute dtype's maximum.
+
+    Computed outside the tensor code so that a compiled :func:`combine_eager` sees plain inputs (no Python
+    arithmetic on them that would specialize the compiled code to one scale)."""
+    info = torch.finfo(_compute_dtype(positive_dtype, negative_dtype))
+    bound = torch.finfo(torch.float16).max if _unscaled(positive_dtype, negative_dtype) else 2.0
+    # s is capped so that w * s stays finite and, for rescaled tokens (largest entry in [0.5, 1)), so that the
+    # largest entries of w = z- / s + ... stay normal numbers with a full mantissa (near s = 0.5 / tiny they would
+    # round like subnormals and lose the token's own precision)
+    cap = info.max / (4.0 * bound) if bound > 2.0 else min(info.max / (4.0 * bound), 0.5 / info.tiny * info.eps)
+    s = min(float(scale), cap)
+    return s, 1.0 / s, min(float(tau), info.max), float(alpha), float(eps), float(eps) / s
+
+
+Scalar = float | torch.Tensor
+
+
+def combine_eager(
+    z_positive: torch.Tensor, z_negative: torch.Tensor, s: Scalar, inverse_s: Scalar, tau: Scalar, alpha: Scalar,
+    eps: Scalar, eps_over_s: Scalar, norm: int = 1,
+) -> torch.Tensor:
+    """The combine in plain PyTorch after the checks and shortcuts of :func:`nag_combine`, the scalars from
+    :func:`combine_scalars` (Python numbers, or 0-d tensors when compiled: see :mod:`nag.compiled`): the reference
+    the compiled code is tested against, and its fallback."""
+    out_dtype = z_positive.dtype
+    compute_dtype = _compute_dtype(out_dtype, z_negative.dtype)
     info = torch.finfo(compute_dtype)
 
     up: torch.Tensor | None = None
-    if z_positive.dtype == torch.float16 and z_negative.dtype == torch.float16:
+    if _unscaled(out_dtype, z_negative.dtype):
         # float32 holds every intermediate of float16 inputs: no rescaling needed.
         positive, negative = z_positive.to(compute_dtype), z_negative.to(compute_dtype)
-        bound = torch.finfo(torch.float16).max  # largest |value| of positive / negative
-        s = min(float(scale), info.max / (4.0 * bound))
         floor_positive: torch.Tensor | float = eps
-        floor_w: torch.Tensor | float = eps / s
+        floor_w: torch.Tensor | float = eps_over_s
     else:
         # Per token, divide by 2**e with 2**(e-1) <= max|z| < 2**e (e is capped so that 2**e and
         # 2**-e are normal numbers). Powers of two scale exactly; the product is the cast.
@@ -87,14 +146,15 @@ def nag_combine(
         exponent = torch.frexp(peak)[1].clamp(2 - largest, largest).to(compute_dtype)
         down, up = torch.exp2(-exponent), torch.exp2(exponent)
         positive, negative = torch.mul(z_positive, down), torch.mul(z_negative, down)
-        bound = 2.0
-        s = min(float(scale), info.max / (4.0 * bound))
         # The floors in scaled units (subnormal, so a few percent off, for tokens beyond ~1e32).
-        floor_positive, floor_w = down * eps, down * (eps / s)
+        floor_positive, floor_w = down * eps, down * eps_over_s
 
     # w = z_tilde / s, free of cancellation when z_negative == z_positive. |w| <= 3 * bound, and
-    # s is capped so that w * s stays finite (only absurd scales, > ~1e33, are affected).
-    w = torch.add(positive - negative, negative, alpha=1.0 / s)
+    # s is capped so that w * s stays finite and w keeps its precision (only absurd scales, > ~1e30, are affected).
+    if isinstance(inverse_s, torch.Tensor):  # (compiled: the scalar is a tensor)
+        w = (positive - negative) + negative * inverse_s
+    else:  # (the eager kernel may fuse the multiply-add: one rounding)
+        w = torch.add(positive - negative, negative, alpha=inverse_s)
     norm_positive = torch.linalg.vector_norm(positive, ord=norm, dim=-1, keepdim=True).clamp_min(floor_positive)
     if norm == 2:
         # |w| ~ |z_tilde| / s may be small enough for its squares to underflow: scale it first.
@@ -106,9 +166,12 @@ def nag_combine(
     norm_w = norm_w.clamp_min(floor_w)
     # z_tilde * min(r, tau) / r == w * min(s, tau * |z+| / |w|), both norms floored. Per token:
     # a zero |w| (w == 0, so the factor does not matter) takes s; an overflow to inf takes s too.
-    limit = torch.where(norm_w > 0, norm_positive * min(float(tau), info.max) / norm_w, s).clamp_max(s)
+    limit = torch.where(norm_w > 0, norm_positive * tau / norm_w, s).clamp_max(s)
     out = torch.addcmul(positive * (1.0 - alpha), w, limit * alpha)
     if up is not None:
         out = out * up  # may exceed the range: saturated below
     limit_out = torch.finfo(out_dtype).max
     return out.clamp(-limit_out, limit_out).to(out_dtype)
+
+
+_COMPILED = CompiledFunction(combine_eager, "nag_combine")

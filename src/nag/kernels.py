@@ -13,13 +13,17 @@ image->negative-text attention.
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["attention", "attention_with_lse", "attention_with_lse_over_valid_keys", "attention_with_lse_and_key_bias",
-           "merge_attention"]
+           "merge_attention", "LSE_KERNELS", "reset_lse_checks"]
+
+logger = logging.getLogger("nag")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,20 +40,87 @@ def _lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
     return out, lse
 
 
+def _cpu_flash(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
+
+
+def _cudnn(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (query, key, value, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask); LSE (B, H, L, 1)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False)[:2]
+
+
+def _flash(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+
+
+_HALF = frozenset({torch.float16, torch.bfloat16})
+LseKernel = tuple[str, Callable[..., tuple[torch.Tensor, torch.Tensor]], "frozenset[torch.dtype] | None"]
+# The fused kernels that return the log-sum-exp, tried in order per device type; the math is the last resort.
+# (name, kernel, the dtypes it takes or None for any.) Each takes and returns the (B, H, L, D) layout, the
+# log-sum-exp as natural log, (B, H, L) or (B, H, L, 1).
+LSE_KERNELS: dict[str, tuple[LseKernel, ...]] = {
+    "cpu": (("cpu flash", _cpu_flash, None),),
+    "cuda": (("cuDNN", _cudnn, _HALF), ("flash", _flash, _HALF)),
+}
+# (kernel name, device, dtype, head size) -> whether the kernel agreed with the math on the self-check
+_CHECKED: dict[tuple[str, str, torch.dtype, int], bool] = {}
+
+
+def reset_lse_checks() -> None:
+    """Forget the self-checks of :data:`LSE_KERNELS` (each kernel is checked again on its next use)."""
+    _CHECKED.clear()
+
+
+def _self_check(name: str, kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                dtype: torch.dtype, head_dim: int) -> bool:
+    """Run ``kernel`` and the math on a small input (2 heads, 24 queries, 40 keys) of this device, dtype and head
+    size; whether both outputs and log-sum-exps agree. Logs one warning line if not."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, head_dim, generator=g).to(device, dtype).transpose(1, 2) for n in (24, 40, 40))
+    problem = ""
+    try:
+        out, lse = kernel(q, k, v)
+        expected_out, expected_lse = _lse_math(q, k, v)
+        tolerance = max(1e-4, 8 * torch.finfo(dtype).eps)
+        out_error = float((out.float() - expected_out.float()).abs().max())
+        lse_error = float((lse.reshape(q.shape[:3]).float() - expected_lse).abs().max())
+        if not (out_error <= tolerance and lse_error <= tolerance * 4):  # (also catches NaN)
+            problem = f"disagrees with the math (output off by {out_error:.3g}, log-sum-exp by {lse_error:.3g})"
+    except Exception as error:  # noqa: BLE001 - any failure means: do not use this kernel here
+        problem = f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    if problem:
+        logger.warning("nag: the %s attention kernel %s for %s %s, head size %d; using another kernel",
+                       name, problem, device, str(dtype).replace("torch.", ""), head_dim)
+    return not problem
+
+
+def _kernel_is_good(name: str, kernel: Callable[..., Any], q: torch.Tensor) -> bool:
+    """Whether ``kernel`` passed (or, checked now, passes) its self-check for ``q``'s device, dtype and head size.
+    Inside a ``torch.compile`` trace nothing is run: a kernel not yet checked is trusted there."""
+    key = (name, str(q.device), q.dtype, q.shape[-1])
+    if key not in _CHECKED:
+        if torch.compiler.is_compiling():
+            return True
+        _CHECKED[key] = _self_check(name, kernel, q.device, q.dtype, q.shape[-1])
+    return _CHECKED[key]
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention and its natural-log log-sum-exp: ``(B, L, H, D)`` and ``(B, L, H)`` (float32)."""
+    """Attention and its natural-log log-sum-exp: ``(B, L, H, D)`` and ``(B, L, H)`` (float32).
+
+    Uses the first kernel of :data:`LSE_KERNELS` for the device that passed its self-check (once per device, dtype
+    and head size, against the math on a small input; a kernel that disagrees or fails there is not used again and
+    logs one warning) and runs on these inputs; else the math."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = lse = None
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
-    elif q.device.type == "cuda":
-        try:  # cuDNN returns the LSE as (B, H, L, 1)
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False)[:2]
-        except RuntimeError:
-            try:
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
-            except RuntimeError:
-                out = None
+    for name, kernel, dtypes in LSE_KERNELS.get(q.device.type, ()):
+        if (dtypes is not None and q.dtype not in dtypes) or not _kernel_is_good(name, kernel, qt):
+            continue
+        try:
+            out, lse = kernel(qt, kt, vt)
+            break
+        except RuntimeError:  # (e.g. a shape this kernel does not take: the next one, silently)
+            out = None
     if out is None:
         out, lse = _lse_math(qt, kt, vt)
     lse = lse.reshape(qt.shape[:3]).float()

@@ -1,0 +1,153 @@
+"""Compiled versions of NAG's elementwise work, with the eager code as fallback and reference.
+
+The combine (and the log-sum-exp merge before it on the joint-attention paths) is a chain of
+elementwise operations and per-token reductions: memory-bound, so eager PyTorch spends most of
+its time writing and re-reading intermediates. ``torch.compile`` (inductor: C++ on the CPU,
+Triton on CUDA) fuses the chain into a few passes over the data.
+
+:class:`CompiledFunction` wraps an eager function:
+
+* it compiles on first use, once per process and input shape for the first few shapes (code for
+  one shape is the fastest), then once more with dynamic shapes for all further ones;
+* it calls the eager function instead for small inputs (fewer than :data:`MIN_ELEMENTS` in the
+  largest tensor), when ``NAG_EAGER`` is set to ``1``/``true``/``yes``/``on``,
+  when the caller is itself being traced by ``torch.compile`` (the user's compile then fuses the
+  eager code into its own graph; compiling inside it would nest two compilers), or when
+  compiling or running the compiled code failed before for the same device type and dtypes;
+* Python floats among the arguments (settings) reach the compiled code as 0-d tensors, so that new
+  values reuse it;
+* a failure logs one warning (logger ``nag``) per function, device type and dtypes, and the
+  call returns the eager result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import types
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["CompiledFunction", "eager_forced"]
+
+logger = logging.getLogger("nag")
+
+_TRUE = {"1", "true", "yes", "on"}
+#: Calls whose largest tensor has fewer elements run the eager code: there a call takes about a millisecond
+#: eager, and a compile (seconds) would not pay for itself within a generation (the shipped toy model, tests).
+MIN_ELEMENTS = 1 << 18
+
+
+def _largest(args: tuple[Any, ...]) -> int:
+    """The number of elements of the largest tensor among ``args`` (nested in lists/tuples too)."""
+    sizes = [arg.numel() if isinstance(arg, torch.Tensor) else _largest(tuple(arg)) if isinstance(arg, (list, tuple))
+             else 0 for arg in args]
+    return max(sizes, default=0)
+
+
+def eager_forced() -> bool:
+    """Whether ``NAG_EAGER`` asks for the eager code everywhere (read on every call, so that it can be
+    changed at run time)."""
+    return os.environ.get("NAG_EAGER", "").strip().lower() in _TRUE
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[str, ...]:
+    """The device types and dtypes of the tensors among ``args`` (nested in lists/tuples too; 0-d ones left out):
+    what a failure is remembered by."""
+    found: list[str] = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0:  # (0-d tensors are the scalar settings)
+            found.append(f"{arg.device.type}:{arg.dtype}")
+        elif isinstance(arg, (list, tuple)):
+            found.extend(_signature(tuple(arg)))
+    return tuple(found)
+
+
+def _shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What static compiled code is specialised to: each tensor's shape, dtype and device, and the other arguments
+    (0-d tensors, the scalar settings, are data: left out)."""
+    key: list[Any] = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if arg.dim() > 0:
+                key.append((tuple(arg.shape), arg.dtype, arg.device))
+        elif isinstance(arg, (list, tuple)):
+            key.append(_shapes(tuple(arg)))
+        else:
+            key.append(arg)
+    return tuple(key)
+
+
+def _renamed(function: Callable[..., Any], suffix: str) -> Callable[..., Any]:
+    """A copy of ``function`` with its own code object: torch.compile keeps its compiled entries, and counts them
+    against its recompile limit, per code object, so the static and the dynamic code do not share one count."""
+    code = function.__code__.replace(co_name=f"{function.__code__.co_name}_{suffix}")
+    copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
+class CompiledFunction:
+    """``eager`` compiled on first use, with ``eager`` itself as the fallback (see the module's docstring).
+
+    The first ``static_shapes`` distinct input shapes (and dtypes) of the process get code compiled for exactly
+    that shape (on the CPU inductor vectorises it several times better than code for any token count; a pipeline
+    calls the combine with the same few shapes in every step); further shapes share one dynamic-shape compile.
+    Calling the object takes ``eager``'s arguments.
+    """
+
+    def __init__(self, eager: Callable[..., Any], name: str, static_shapes: int = 4) -> None:
+        self.eager = eager
+        self.name = name
+        self.static_shapes = static_shapes  # (below torch.compile's default limit of 8 entries per function)
+        self._static: Callable[..., Any] | None = None
+        self._dynamic: Callable[..., Any] | None = None
+        self._static_keys: set[tuple[Any, ...]] = set()
+        self._failed: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+
+    def use_compiled(self, args: tuple[Any, ...]) -> bool:
+        """Whether a call with these arguments goes to the compiled code."""
+        if eager_forced() or torch.compiler.is_compiling() or _largest(args) < MIN_ELEMENTS:
+            return False
+        return _signature(args) not in self._failed
+
+    def compiled(self, args: tuple[Any, ...]) -> Callable[..., Any]:
+        """The compiled function for these arguments: static-shape code while there is room for their shapes,
+        else the dynamic-shape code (each created once; inductor compiles on a call it has no code for)."""
+        key = _shapes(args)
+        with self._lock:
+            if key in self._static_keys or len(self._static_keys) < self.static_shapes:
+                self._static_keys.add(key)
+                if self._static is None:
+                    self._static = torch.compile(self.eager, dynamic=False, fullgraph=True)
+                return self._static
+            if self._dynamic is None:
+                self._dynamic = torch.compile(_renamed(self.eager, "dynamic"), dynamic=True, fullgraph=True)
+            return self._dynamic
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.use_compiled(args):
+            return self.eager(*args)
+        # Python floats reach the compiled code as 0-d tensors: a tensor's value is data to the compiler, while a
+        # float may be baked into the code (without a guard for some operations, so that a later call with another
+        # value would silently reuse the first). The eager fallback gets the floats themselves.
+        data = tuple(torch.tensor(arg, dtype=torch.float64) if isinstance(arg, float) else arg for arg in args)
+        try:
+            return self.compiled(data)(*data)
+        except Exception as error:  # noqa: BLE001 - any compiler failure must leave the eager result
+            key = _signature(args)
+            if key not in self._failed:
+                self._failed.add(key)
+                logger.warning("nag: compiling %s failed for %s (%s: %s); using the eager code instead",
+                               self.name, ", ".join(key), type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            return self.eager(*args)
+
+    def reset(self) -> None:
+        """Forget the compiled functions, the shapes and the remembered failures (after ``torch._dynamo.reset()``)."""
+        with self._lock:
+            self._static = self._dynamic = None
+            self._static_keys.clear()
+            self._failed.clear()
