@@ -37,12 +37,12 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+from overhead_cases import Case, cases
 
 import nag
-from overhead_cases import Case, cases
 
 
 def _sync(device: torch.device) -> None:
@@ -152,7 +152,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     columns = [(title, key) for title, key in columns if any(r.get(key) is not None for r in rows)]
     lines = [
         f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}, diffusers {meta['diffusers']}, "
-        f"dtype {meta['dtype']}, preset `{meta['preset']}`, fastest of {meta['repeats']} forwards per mode, modes interleaved. "
+        f"dtype {meta['dtype']}, preset `{meta['preset']}`, fastest of {meta['repeats']} forwards per mode, "
+        "modes interleaved. "
         "Ratios are to no guidance in the same run (NAG / floor: to the floor).",
         "",
         "| model | params | no guidance | " + " | ".join(title for title, _ in columns) + " |",
@@ -160,7 +161,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         cells = [ratio(r, key) for _, key in columns]
-        lines.append(f"| {r['case']} | {r['parameters'] / 1e6:.0f}M | {r['none_s'] * 1000:.1f} ms | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r['case']} | {r['parameters'] / 1e6:.0f}M | {r['none_s'] * 1000:.1f} ms | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -184,18 +187,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--preset", default="cpu", choices=["cpu", "real", "full"])
-    parser.add_argument("--modes", default=",".join(MODES[1:]),
-                        help=f"modes besides no guidance, comma-separated, of {', '.join(MODES[1:])}")
-    parser.add_argument("--families", default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2,auraflow,cogview4,cogvideox")
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES[1:]),
+        help=f"modes besides no guidance, comma-separated, of {', '.join(MODES[1:])}",
+    )
+    parser.add_argument(
+        "--families",
+        default="flux,sd3,sdxl,pixart,sana,wan,chroma,flux2,zimage,qwenimage,hunyuanvideo,hidream,lumina2,auraflow,cogview4,cogvideox",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per case")
-    parser.add_argument("--markdown", default=None,
-                        help="markdown file to update: the table replaces the block between "
-                             "'<!-- overhead:SECTION -->' and '<!-- /overhead:SECTION -->' (appended if absent)")
+    parser.add_argument(
+        "--markdown",
+        default=None,
+        help="markdown file to update: the table replaces the block between "
+        "'<!-- overhead:SECTION -->' and '<!-- /overhead:SECTION -->' (appended if absent)",
+    )
     parser.add_argument("--section", default=None, help="block name in --markdown (default: the preset and device)")
-    parser.add_argument("--render", default=None, metavar="JSONL",
-                        help="measure nothing: render the table from JSON lines written earlier with --jsonl")
+    parser.add_argument(
+        "--render",
+        default=None,
+        metavar="JSONL",
+        help="measure nothing: render the table from JSON lines written earlier with --jsonl",
+    )
     args = parser.parse_args(argv)
 
     if args.render:
@@ -211,12 +227,22 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)
     settings = dict(scale=5.0, tau=2.5, alpha=0.25)
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.machine()} CPU, 1 thread, CPU time of the thread")
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU, 1 thread, CPU time of the thread"
+    )
     import diffusers
 
-    meta = dict(date=datetime.date.today().isoformat(), machine=machine, torch=torch.__version__,
-                diffusers=diffusers.__version__, dtype=args.dtype, preset=args.preset, repeats=args.repeats)
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        machine=machine,
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        dtype=args.dtype,
+        preset=args.preset,
+        repeats=args.repeats,
+    )
     rows = []
     for case in cases(args.preset, args.families.split(",")):
         print(f"{case.label} ...", file=sys.stderr, flush=True)

@@ -7,10 +7,12 @@ tokens, for a CPU), ``full`` (the published sizes, for a GPU).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
 
 @dataclass
 class Case:
@@ -61,7 +63,8 @@ def _blocks(real: bool, config: dict[str, Any]) -> str:
 
 
 def _image_ids(side: int, axes: int) -> torch.Tensor:
-    """Flux-style position ids of a ``side`` x ``side`` token grid: ``(tokens, axes)``, row and column on axes 1 and 2."""
+    """Flux-style position ids of a ``side`` x ``side`` token grid: ``(tokens, axes)``, row and column on axes 1 and
+    2."""
     ids = torch.zeros(side, side, axes)
     ids[..., 1] = torch.arange(side)[:, None]
     ids[..., 2] = torch.arange(side)[None, :]
@@ -72,31 +75,54 @@ def flux_case(full: bool, text_len: int, real: bool = False) -> Case:
     from diffusers import FluxTransformer2DModel
 
     if full or real:
-        config = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                      joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64, axes_dims_rope=(16, 56, 56))
+        config = dict(
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            in_channels=64,
+            axes_dims_rope=(16, 56, 56),
+        )
         side = 64  # 1024 px -> 128 latent -> 64x64 tokens
         if real:
             config.update(num_layers=1, num_single_layers=1)
             side = 32
     else:
-        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
-                      joint_attention_dim=1024, pooled_projection_dim=768, in_channels=64, axes_dims_rope=(16, 56, 56))
+        config = dict(
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=128,
+            num_attention_heads=4,
+            joint_attention_dim=1024,
+            pooled_projection_dim=768,
+            in_channels=64,
+            axes_dims_rope=(16, 56, 56),
+        )
         side = 32  # 512 px
     tokens = side * side
 
     def inputs(batch, device, dtype):
         return dict(
             hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
+            encoder_hidden_states=_randn(
+                batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1
+            ),
             pooled_projections=_randn(batch, 768, device=device, dtype=dtype, seed=2),
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
             img_ids=_image_ids(side, 3).to(device),
             txt_ids=torch.zeros(text_len, 3, device=device),
         )
 
-    return Case("flux", f"FLUX.1 ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
-                lambda: FluxTransformer2DModel(**config), inputs,
-                lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")), floor_inputs)
+    return Case(
+        "flux",
+        f"FLUX.1 ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
+        lambda: FluxTransformer2DModel(**config),
+        inputs,
+        lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")),
+        floor_inputs,
+    )
 
 
 def chroma_case(full: bool, text_len: int) -> Case:
@@ -107,20 +133,37 @@ def chroma_case(full: bool, text_len: int) -> Case:
     from diffusers import ChromaTransformer2DModel
 
     if full:
-        config = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                      joint_attention_dim=4096, in_channels=64, axes_dims_rope=(16, 56, 56))
+        config = dict(
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            in_channels=64,
+            axes_dims_rope=(16, 56, 56),
+        )
         side = 64
     else:
-        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
-                      joint_attention_dim=1024, in_channels=64, axes_dims_rope=(16, 56, 56),
-                      approximator_hidden_dim=1024, approximator_layers=2)
+        config = dict(
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=128,
+            num_attention_heads=4,
+            joint_attention_dim=1024,
+            in_channels=64,
+            axes_dims_rope=(16, 56, 56),
+            approximator_hidden_dim=1024,
+            approximator_layers=2,
+        )
         side = 32
     tokens = side * side
 
     def inputs(batch, device, dtype):
         return dict(
             hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
+            encoder_hidden_states=_randn(
+                batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1
+            ),
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
             img_ids=_image_ids(side, 3).to(device),
             txt_ids=torch.zeros(text_len, 3, device=device),
@@ -128,11 +171,18 @@ def chroma_case(full: bool, text_len: int) -> Case:
         )
 
     def negative(inputs):
-        mask = _chroma_mask(1, text_len // 8, text_len, 0, inputs["attention_mask"].device, inputs["attention_mask"].dtype)
+        mask = _chroma_mask(
+            1, text_len // 8, text_len, 0, inputs["attention_mask"].device, inputs["attention_mask"].dtype
+        )
         return {**_text_negative(inputs), "encoder_attention_mask": mask}
 
-    return Case("chroma", f"Chroma ({tokens} image + {text_len} text tokens)",
-                lambda: ChromaTransformer2DModel(**config), inputs, negative)
+    return Case(
+        "chroma",
+        f"Chroma ({tokens} image + {text_len} text tokens)",
+        lambda: ChromaTransformer2DModel(**config),
+        inputs,
+        negative,
+    )
 
 
 def _chroma_mask(batch: int, valid: int, text_len: int, image_len: int, device, dtype) -> torch.Tensor:
@@ -150,12 +200,27 @@ def flux2_case(full: bool, text_len: int) -> Case:
     from diffusers import Flux2Transformer2DModel
 
     if full:
-        config = dict(num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
-                      joint_attention_dim=15360, in_channels=128, guidance_embeds=False)
+        config = dict(
+            num_layers=8,
+            num_single_layers=48,
+            attention_head_dim=128,
+            num_attention_heads=48,
+            joint_attention_dim=15360,
+            in_channels=128,
+            guidance_embeds=False,
+        )
         side = 64
     else:
-        config = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4,
-                      joint_attention_dim=1024, in_channels=128, timestep_guidance_channels=256, guidance_embeds=False)
+        config = dict(
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=128,
+            num_attention_heads=4,
+            joint_attention_dim=1024,
+            in_channels=128,
+            timestep_guidance_channels=256,
+            guidance_embeds=False,
+        )
         side = 32
     tokens = side * side
 
@@ -164,14 +229,22 @@ def flux2_case(full: bool, text_len: int) -> Case:
         text_ids[:, 3] = torch.arange(text_len)
         return dict(
             hidden_states=_randn(batch, tokens, 128, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
+            encoder_hidden_states=_randn(
+                batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1
+            ),
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
             img_ids=_image_ids(side, 4).to(device),
             txt_ids=text_ids.to(device),
         )
 
-    return Case("flux2", f"FLUX.2 ({tokens} image + {text_len} text tokens)",
-                lambda: Flux2Transformer2DModel(**config), inputs, _text_negative, floor_inputs)
+    return Case(
+        "flux2",
+        f"FLUX.2 ({tokens} image + {text_len} text tokens)",
+        lambda: Flux2Transformer2DModel(**config),
+        inputs,
+        _text_negative,
+        floor_inputs,
+    )
 
 
 def zimage_case(full: bool, text_len: int) -> Case:
@@ -199,8 +272,13 @@ def zimage_case(full: bool, text_len: int) -> Case:
     def negative(inputs):
         return {"encoder_hidden_states": [inputs["cap_feats"][-1] * -0.5 + 0.1]}
 
-    return Case("zimage", f"Z-Image ({tokens} image + {text_len} caption tokens)",
-                lambda: ZImageTransformer2DModel(**config), inputs, negative)
+    return Case(
+        "zimage",
+        f"Z-Image ({tokens} image + {text_len} caption tokens)",
+        lambda: ZImageTransformer2DModel(**config),
+        inputs,
+        negative,
+    )
 
 
 def lumina2_case(full: bool, text_len: int, valid: int) -> Case:
@@ -215,8 +293,15 @@ def lumina2_case(full: bool, text_len: int, valid: int) -> Case:
         config = dict(cap_feat_dim=2304)
         latent = 128  # 1024 px -> 128 latent -> 64x64 patches
     else:
-        config = dict(hidden_size=512, num_layers=4, num_refiner_layers=2, num_attention_heads=4, num_kv_heads=2,
-                      axes_dim_rope=(32, 48, 48), cap_feat_dim=2304)
+        config = dict(
+            hidden_size=512,
+            num_layers=4,
+            num_refiner_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            axes_dim_rope=(32, 48, 48),
+            cap_feat_dim=2304,
+        )
         latent = 64  # 512 px
     tokens = (latent // 2) ** 2
 
@@ -230,9 +315,13 @@ def lumina2_case(full: bool, text_len: int, valid: int) -> Case:
             encoder_attention_mask=mask,
         )
 
-    return Case("lumina2", f"Lumina-Image 2.0 ({tokens} image + {valid} of {text_len} caption tokens)",
-                lambda: Lumina2Transformer2DModel(**config), inputs,
-                lambda inputs: _text_negative(inputs, ("encoder_hidden_states", "encoder_attention_mask")))
+    return Case(
+        "lumina2",
+        f"Lumina-Image 2.0 ({tokens} image + {valid} of {text_len} caption tokens)",
+        lambda: Lumina2Transformer2DModel(**config),
+        inputs,
+        lambda inputs: _text_negative(inputs, ("encoder_hidden_states", "encoder_attention_mask")),
+    )
 
 
 def auraflow_case(full: bool, text_len: int) -> Case:
@@ -247,8 +336,13 @@ def auraflow_case(full: bool, text_len: int) -> Case:
         config = dict(pos_embed_max_size=9216)
         latent = 128  # 1024 px -> 128 latent -> 64x64 patches
     else:
-        config = dict(num_mmdit_layers=2, num_single_dit_layers=4, attention_head_dim=128, num_attention_heads=4,
-                      caption_projection_dim=512)
+        config = dict(
+            num_mmdit_layers=2,
+            num_single_dit_layers=4,
+            attention_head_dim=128,
+            num_attention_heads=4,
+            caption_projection_dim=512,
+        )
         latent = 64  # 512 px
     tokens = (latent // 2) ** 2
 
@@ -259,8 +353,13 @@ def auraflow_case(full: bool, text_len: int) -> Case:
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
         )
 
-    return Case("auraflow", f"AuraFlow ({tokens} image + 8 register + {text_len} text tokens)",
-                lambda: AuraFlowTransformer2DModel(**config), inputs, _text_negative)
+    return Case(
+        "auraflow",
+        f"AuraFlow ({tokens} image + 8 register + {text_len} text tokens)",
+        lambda: AuraFlowTransformer2DModel(**config),
+        inputs,
+        _text_negative,
+    )
 
 
 def qwenimage_case(full: bool, text_len: int, real: bool = False) -> Case:
@@ -284,17 +383,22 @@ def qwenimage_case(full: bool, text_len: int, real: bool = False) -> Case:
         mask[:, -8:] = 0  # the tokenizer's padding
         return dict(
             hidden_states=_randn(batch, tokens, 64, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config.get("joint_attention_dim", 3584), device=device,
-                                         dtype=dtype, seed=1),
+            encoder_hidden_states=_randn(
+                batch, text_len, config.get("joint_attention_dim", 3584), device=device, dtype=dtype, seed=1
+            ),
             encoder_hidden_states_mask=mask,
             timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
             img_shapes=[[(1, side, side)]] * batch,
         )
 
-    return Case("qwenimage", f"Qwen-Image ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
-                lambda: QwenImageTransformer2DModel(**config), inputs,
-                lambda i: {**_text_negative(i), "encoder_attention_mask": i["encoder_hidden_states_mask"][-1:]},
-                floor_inputs)
+    return Case(
+        "qwenimage",
+        f"Qwen-Image ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
+        lambda: QwenImageTransformer2DModel(**config),
+        inputs,
+        lambda i: {**_text_negative(i), "encoder_attention_mask": i["encoder_hidden_states_mask"][-1:]},
+        floor_inputs,
+    )
 
 
 def hunyuanvideo_case(full: bool, text_len: int, real: bool = False) -> Case:
@@ -311,8 +415,9 @@ def hunyuanvideo_case(full: bool, text_len: int, real: bool = False) -> Case:
         config = dict()
         frames, height, width = 33, 90, 160  # 129 frames at 720x1280 -> 33 latent frames of 45x80 patches
     else:
-        config = dict(num_attention_heads=4, attention_head_dim=128, num_layers=2, num_single_layers=4,
-                      text_embed_dim=1024)
+        config = dict(
+            num_attention_heads=4, attention_head_dim=128, num_layers=2, num_single_layers=4, text_embed_dim=1024
+        )
         frames, height, width = 5, 32, 32  # 5 latent frames of 16x16 patches
     tokens = frames * (height // 2) * (width // 2)
 
@@ -322,17 +427,25 @@ def hunyuanvideo_case(full: bool, text_len: int, real: bool = False) -> Case:
         return dict(
             hidden_states=_randn(batch, 16, frames, height, width, device=device, dtype=dtype),
             timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
-                                         dtype=dtype, seed=1),
+            encoder_hidden_states=_randn(
+                batch, text_len, config.get("text_embed_dim", 4096), device=device, dtype=dtype, seed=1
+            ),
             encoder_attention_mask=mask,
             pooled_projections=_randn(batch, 768, device=device, dtype=dtype, seed=2),
             guidance=torch.full((batch,), 6000.0, device=device, dtype=dtype),
         )
 
-    return Case("hunyuanvideo", f"HunyuanVideo ({tokens} video + {text_len} text tokens{_blocks(real, config)})",
-                lambda: HunyuanVideoTransformer3DModel(**config), inputs,
-                lambda i: {**_text_negative(i, ("encoder_hidden_states", "pooled_projections")),
-                           "encoder_attention_mask": i["encoder_attention_mask"][-1:]}, floor_inputs)
+    return Case(
+        "hunyuanvideo",
+        f"HunyuanVideo ({tokens} video + {text_len} text tokens{_blocks(real, config)})",
+        lambda: HunyuanVideoTransformer3DModel(**config),
+        inputs,
+        lambda i: {
+            **_text_negative(i, ("encoder_hidden_states", "pooled_projections")),
+            "encoder_attention_mask": i["encoder_attention_mask"][-1:],
+        },
+        floor_inputs,
+    )
 
 
 def cogview4_case(full: bool, text_len: int) -> Case:
@@ -355,14 +468,22 @@ def cogview4_case(full: bool, text_len: int) -> Case:
         size = torch.tensor([[side * 8, side * 8]] * batch, device=device, dtype=dtype)
         return dict(
             hidden_states=_randn(batch, 16, side, side, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
-                                         dtype=dtype, seed=1),
+            encoder_hidden_states=_randn(
+                batch, text_len, config.get("text_embed_dim", 4096), device=device, dtype=dtype, seed=1
+            ),
             timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
-            original_size=size, target_size=size, crop_coords=torch.zeros_like(size),
+            original_size=size,
+            target_size=size,
+            crop_coords=torch.zeros_like(size),
         )
 
-    return Case("cogview4", f"CogView4 ({tokens} image + {text_len} text tokens)",
-                lambda: CogView4Transformer2DModel(**config), inputs, _text_negative)
+    return Case(
+        "cogview4",
+        f"CogView4 ({tokens} image + {text_len} text tokens)",
+        lambda: CogView4Transformer2DModel(**config),
+        inputs,
+        _text_negative,
+    )
 
 
 def cogvideox_case(full: bool) -> Case:
@@ -385,13 +506,19 @@ def cogvideox_case(full: bool) -> Case:
     def inputs(batch, device, dtype):
         return dict(
             hidden_states=_randn(batch, frames, 16, height, width, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config.get("text_embed_dim", 4096), device=device,
-                                         dtype=dtype, seed=1),
+            encoder_hidden_states=_randn(
+                batch, text_len, config.get("text_embed_dim", 4096), device=device, dtype=dtype, seed=1
+            ),
             timestep=torch.full((batch,), 500, device=device, dtype=torch.long),
         )
 
-    return Case("cogvideox", f"CogVideoX ({tokens} video + {text_len} text tokens)",
-                lambda: CogVideoXTransformer3DModel(**config), inputs, _text_negative)
+    return Case(
+        "cogvideox",
+        f"CogVideoX ({tokens} video + {text_len} text tokens)",
+        lambda: CogVideoXTransformer3DModel(**config),
+        inputs,
+        _text_negative,
+    )
 
 
 def hidream_case(full: bool) -> Case:
@@ -405,16 +532,40 @@ def hidream_case(full: bool) -> Case:
     from diffusers import HiDreamImageTransformer2DModel
 
     if full:
-        config = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
-                      attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048,
-                      num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
-                      max_resolution=(128, 128), llama_layers=list(range(32)) + [31] * 16)
+        config = dict(
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=16,
+            num_single_layers=32,
+            attention_head_dim=128,
+            num_attention_heads=20,
+            caption_channels=[4096, 4096],
+            text_emb_dim=2048,
+            num_routed_experts=4,
+            num_activated_experts=2,
+            axes_dims_rope=(64, 32, 32),
+            max_resolution=(128, 128),
+            llama_layers=list(range(32)) + [31] * 16,
+        )
         latent, text_len, llama_states = 128, 128, 32  # 1024 px -> 128 latent -> 64x64 patches
     else:
-        config = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=4,
-                      attention_head_dim=128, num_attention_heads=4, caption_channels=[1024, 1024], text_emb_dim=2048,
-                      num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
-                      max_resolution=(128, 128), llama_layers=[0, 1, 2, 3, 3, 3])
+        config = dict(
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=128,
+            num_attention_heads=4,
+            caption_channels=[1024, 1024],
+            text_emb_dim=2048,
+            num_routed_experts=4,
+            num_activated_experts=2,
+            axes_dims_rope=(64, 32, 32),
+            max_resolution=(128, 128),
+            llama_layers=[0, 1, 2, 3, 3, 3],
+        )
         latent, text_len, llama_states = 64, 32, 4  # 512 px -> 64 latent -> 32x32 patches
     tokens = (latent // 2) ** 2
     t5_width, llama_width = config["caption_channels"]
@@ -424,67 +575,115 @@ def hidream_case(full: bool) -> Case:
             hidden_states=_randn(batch, 16, latent, latent, device=device, dtype=dtype),
             timesteps=torch.full((batch,), 500.0, device=device, dtype=dtype),
             encoder_hidden_states_t5=_randn(batch, text_len, t5_width, device=device, dtype=dtype, seed=1),
-            encoder_hidden_states_llama3=_randn(llama_states, batch, text_len, llama_width, device=device, dtype=dtype,
-                                                seed=2),
+            encoder_hidden_states_llama3=_randn(
+                llama_states, batch, text_len, llama_width, device=device, dtype=dtype, seed=2
+            ),
             pooled_embeds=_randn(batch, 2048, device=device, dtype=dtype, seed=3),
         )
 
     def negative(inputs):  # (the Llama-3 states have their batch on axis 1)
-        return {"encoder_hidden_states": inputs["encoder_hidden_states_t5"][-1:] * -0.5 + 0.1,
-                "encoder_hidden_states_llama3": inputs["encoder_hidden_states_llama3"][:, -1:] * -0.5 + 0.1,
-                "pooled_embeds": inputs["pooled_embeds"][-1:] * -0.5 + 0.1}
+        return {
+            "encoder_hidden_states": inputs["encoder_hidden_states_t5"][-1:] * -0.5 + 0.1,
+            "encoder_hidden_states_llama3": inputs["encoder_hidden_states_llama3"][:, -1:] * -0.5 + 0.1,
+            "pooled_embeds": inputs["pooled_embeds"][-1:] * -0.5 + 0.1,
+        }
 
-    return Case("hidream", f"HiDream-I1 ({tokens} image + {3 * text_len} text tokens)",
-                lambda: HiDreamImageTransformer2DModel(**config), inputs, negative)
+    return Case(
+        "hidream",
+        f"HiDream-I1 ({tokens} image + {3 * text_len} text tokens)",
+        lambda: HiDreamImageTransformer2DModel(**config),
+        inputs,
+        negative,
+    )
 
 
 def sd3_case(full: bool, real: bool = False) -> Case:
     from diffusers import SD3Transformer2DModel
 
     if full or real:  # SD3.5-Large
-        config = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                      num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                      pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+        config = dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=38,
+            attention_head_dim=64,
+            num_attention_heads=38,
+            joint_attention_dim=4096,
+            caption_projection_dim=2432,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        )
         latent, text_len = 128, 333
         if real:
             config.update(num_layers=2)
             latent, text_len = 64, 83
     else:
-        config = dict(sample_size=64, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
-                      num_attention_heads=12, joint_attention_dim=1024, caption_projection_dim=768,
-                      pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96, qk_norm="rms_norm")
+        config = dict(
+            sample_size=64,
+            patch_size=2,
+            in_channels=16,
+            num_layers=4,
+            attention_head_dim=64,
+            num_attention_heads=12,
+            joint_attention_dim=1024,
+            caption_projection_dim=768,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=96,
+            qk_norm="rms_norm",
+        )
         latent, text_len = 64, 333
 
     def inputs(batch, device, dtype):
         return dict(
             hidden_states=_randn(batch, 16, latent, latent, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1),
+            encoder_hidden_states=_randn(
+                batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype, seed=1
+            ),
             pooled_projections=_randn(batch, 2048, device=device, dtype=dtype, seed=2),
             timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
         )
 
     tokens = (latent // 2) ** 2
-    return Case("sd3", f"SD3.5-Large ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
-                lambda: SD3Transformer2DModel(**config), inputs,
-                lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")), floor_inputs)
+    return Case(
+        "sd3",
+        f"SD3.5-Large ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
+        lambda: SD3Transformer2DModel(**config),
+        inputs,
+        lambda i: _text_negative(i, ("encoder_hidden_states", "pooled_projections")),
+        floor_inputs,
+    )
 
 
 def sdxl_case(full: bool, real: bool = False) -> Case:
     from diffusers import UNet2DConditionModel
 
     config = dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
     )
     latent = 128
     if real:
         config.update(layers_per_block=1, transformer_layers_per_block=(1, 1, 2))
         latent = 64
     elif not full:
-        config.update(block_out_channels=(160, 320, 640), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(5, 10, 20))
+        config.update(
+            block_out_channels=(160, 320, 640), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(5, 10, 20)
+        )
         latent = 64
 
     def inputs(batch, device, dtype):
@@ -492,20 +691,39 @@ def sdxl_case(full: bool, real: bool = False) -> Case:
             sample=_randn(batch, 4, latent, latent, device=device, dtype=dtype),
             timestep=torch.tensor(500.0, device=device),
             encoder_hidden_states=_randn(batch, 77, 2048, device=device, dtype=dtype, seed=1),
-            added_cond_kwargs={"text_embeds": _randn(batch, 1280, device=device, dtype=dtype, seed=2),
-                               "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype)},
+            added_cond_kwargs={
+                "text_embeds": _randn(batch, 1280, device=device, dtype=dtype, seed=2),
+                "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype),
+            },
         )
 
-    return Case("sdxl", f"SDXL ({latent * 8}x{latent * 8}, 77 text tokens{_blocks(real, config)})",
-                lambda: UNet2DConditionModel(**config), inputs, _text_negative, floor_inputs)
+    return Case(
+        "sdxl",
+        f"SDXL ({latent * 8}x{latent * 8}, 77 text tokens{_blocks(real, config)})",
+        lambda: UNet2DConditionModel(**config),
+        inputs,
+        _text_negative,
+        floor_inputs,
+    )
 
 
 def pixart_case(full: bool, real: bool = False) -> Case:
     from diffusers import PixArtTransformer2DModel
 
-    config = dict(sample_size=128, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
-                  out_channels=8, cross_attention_dim=1152, caption_channels=4096, patch_size=2,
-                  norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=2)
+    config = dict(
+        sample_size=128,
+        num_layers=28,
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=1152,
+        caption_channels=4096,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+        interpolation_scale=2,
+    )
     latent = 128
     if not full:
         config.update(num_layers=2 if real else 4, sample_size=64)
@@ -522,17 +740,33 @@ def pixart_case(full: bool, real: bool = False) -> Case:
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         )
 
-    return Case("pixart", f"PixArt-Sigma ({(latent // 2) ** 2} image + 300 text tokens{_blocks(real, config)})",
-                lambda: PixArtTransformer2DModel(**config), inputs,
-                lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")), floor_inputs)
+    return Case(
+        "pixart",
+        f"PixArt-Sigma ({(latent // 2) ** 2} image + 300 text tokens{_blocks(real, config)})",
+        lambda: PixArtTransformer2DModel(**config),
+        inputs,
+        lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")),
+        floor_inputs,
+    )
 
 
 def sana_case(full: bool, real: bool = False) -> Case:
     from diffusers import SanaTransformer2DModel
 
-    config = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
-                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
-                  caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)
+    config = dict(
+        in_channels=32,
+        out_channels=32,
+        num_attention_heads=70,
+        attention_head_dim=32,
+        num_layers=20,
+        num_cross_attention_heads=20,
+        cross_attention_head_dim=112,
+        cross_attention_dim=2240,
+        caption_channels=2304,
+        mlp_ratio=2.5,
+        sample_size=32,
+        patch_size=1,
+    )
     latent = 32
     if not full:
         config.update(num_layers=2 if real else 4)
@@ -547,9 +781,14 @@ def sana_case(full: bool, real: bool = False) -> Case:
             timestep=torch.full((batch,), 500.0, device=device),
         )
 
-    return Case("sana", f"Sana 1.6B ({latent * latent} image + 300 text tokens{_blocks(real, config)})",
-                lambda: SanaTransformer2DModel(**config), inputs,
-                lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")), floor_inputs)
+    return Case(
+        "sana",
+        f"Sana 1.6B ({latent * latent} image + 300 text tokens{_blocks(real, config)})",
+        lambda: SanaTransformer2DModel(**config),
+        inputs,
+        lambda i: _text_negative(i, ("encoder_hidden_states", "encoder_attention_mask")),
+        floor_inputs,
+    )
 
 
 def wan_case(full: bool, size: str, real: bool = False) -> Case:
@@ -559,8 +798,17 @@ def wan_case(full: bool, size: str, real: bool = False) -> Case:
         config = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
     else:
         config = dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
-    config.update(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    config.update(
+        patch_size=(1, 2, 2),
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
     frames, height, width = 21, 60, 104  # 81 frames at 480x832
     if not full:
         config.update(num_layers=2, num_attention_heads=min(config["num_attention_heads"], 12))
@@ -574,8 +822,14 @@ def wan_case(full: bool, size: str, real: bool = False) -> Case:
         )
 
     tokens = frames * (height // 2) * (width // 2)
-    return Case(f"wan-{size}", f"Wan 2.1 {size} ({tokens} video + 512 text tokens{_blocks(real, config)})",
-                lambda: WanTransformer3DModel(**config), inputs, _text_negative, floor_inputs)
+    return Case(
+        f"wan-{size}",
+        f"Wan 2.1 {size} ({tokens} video + 512 text tokens{_blocks(real, config)})",
+        lambda: WanTransformer3DModel(**config),
+        inputs,
+        _text_negative,
+        floor_inputs,
+    )
 
 
 REAL = {  # preset "real": published widths, fewer layers, about 1024 image tokens (CPU)

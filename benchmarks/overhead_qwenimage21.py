@@ -47,10 +47,14 @@ def build(full: bool) -> tuple[torch.nn.Module, dict[str, int]]:
     return model.eval(), sizes
 
 
-def call_arguments(sizes: dict[str, int], text: torch.Tensor, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def call_arguments(
+    sizes: dict[str, int], text: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
     side = sizes["side"]
     generator = torch.Generator().manual_seed(0)
-    slots = torch.cat([torch.zeros(1, text.shape[1], dtype=torch.bool), torch.ones(1, side * side // 4, dtype=torch.bool)], 1)
+    slots = torch.cat(
+        [torch.zeros(1, text.shape[1], dtype=torch.bool), torch.ones(1, side * side // 4, dtype=torch.bool)], 1
+    )
     return dict(
         hidden_states=torch.randn(1, side * side, 64, generator=generator).to(device, dtype),
         encoder_hidden_states=text,
@@ -68,8 +72,13 @@ def generation(model: torch.nn.Module, steps: int, calls: list[dict[str, Any]], 
         mode = ("extract" if step == 0 else "cached") if cache else None
         timestep = torch.full((1,), 1.0 - step / steps, device=calls[0]["hidden_states"].device)
         for arguments, kv_cache in zip(calls, caches):
-            model(**arguments, timestep=timestep.to(arguments["hidden_states"].dtype), kv_cache=kv_cache,
-                  kv_cache_mode=mode, return_dict=False)
+            model(
+                **arguments,
+                timestep=timestep.to(arguments["hidden_states"].dtype),
+                kv_cache=kv_cache,
+                kv_cache_mode=mode,
+                return_dict=False,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--markdown", default=None, help="write the table into this file (section qwenimage21-<preset>)")
+    parser.add_argument(
+        "--markdown", default=None, help="write the table into this file (section qwenimage21-<preset>)"
+    )
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu":
@@ -98,8 +109,13 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeats):
             for cache in (True, False):
                 for mode in ("none", "cfg", "nag"):
-                    handle = (nag.apply_to_denoiser(model, {"encoder_hidden_states": negative_text}, scale=5.0, tau=2.5,
-                                                    alpha=0.25) if mode == "nag" else None)
+                    handle = (
+                        nag.apply_to_denoiser(
+                            model, {"encoder_hidden_states": negative_text}, scale=5.0, tau=2.5, alpha=0.25
+                        )
+                        if mode == "nag"
+                        else None
+                    )
                     try:
                         if device.type == "cuda":
                             torch.cuda.synchronize()

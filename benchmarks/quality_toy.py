@@ -31,7 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from nag.toy import DEFAULT_NAG, DEFAULT_STEPS, VARIANTS, load_pipeline  # noqa: E402
+from nag.toy import DEFAULT_NAG, VARIANTS, load_pipeline  # noqa: E402
 from nag.toy.evaluate import Method, TrialResult, negation_trial, wilson_interval  # noqa: E402
 from nag.toy.probes import AttributeProbe  # noqa: E402
 
@@ -147,7 +147,8 @@ def write_report(args: argparse.Namespace, results: dict, seconds: float, grid_s
         "# NAG on the built-in toy model",
         "",
         "Made by `python benchmarks/quality_toy.py` "
-        f"({datetime.date.today().isoformat()}; {seconds / 60:.1f} min for the table, {grid_seconds:.0f} s for the grid). "
+        f"({datetime.date.today().isoformat()}; {seconds / 60:.1f} min for the table, "
+        f"{grid_seconds:.0f} s for the grid). "
         f"Machine: {_cpu_name()}, {torch.get_num_threads()} torch thread(s), no GPU. "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}.",
@@ -157,7 +158,8 @@ def write_report(args: argparse.Namespace, results: dict, seconds: float, grid_s
         "accuracy on 3000 held-out generator images: "
         + ", ".join(f"{k} {_pct(v)}" for k, v in clean.items() if k != "valid")
         + f"; on mildly corrupted copies: shape {_pct(corrupted.get('shape', float('nan')))}, colour "
-        f"{_pct(corrupted.get('colour', float('nan')))}. Its realness head accepts {_pct(clean.get('valid', float('nan')))} "
+        f"{_pct(corrupted.get('colour', float('nan')))}. Its realness head accepts "
+        f"{_pct(clean.get('valid', float('nan')))} "
         f"of clean images, {_pct(metrics.get('valid_on_junk', float('nan')))} of junk images (blends, noise, heavy "
         f"blur, two half images) and {_pct(metrics.get('valid_on_uniform_noise', float('nan')))} of uniform noise.",
         "",

@@ -15,12 +15,12 @@ PACKAGE = ROOT / "src" / "nag"
 
 # Layers, lowest first: a module may import its own layer and those below, never one above.
 LAYERS = [
-    ("core", ["nag.settings", "nag.combine", "nag.kernels", "nag.fused"]),
+    ("core", ["nag.settings", "nag.combine", "nag.kernels", "nag.compiled", "nag.fused"]),
     ("state and descriptions", ["nag.state", "nag.spec", "nag.schedule"]),
     ("attention mechanisms", ["nag.attention"]),
     ("installation and hooks", ["nag.hooks", "nag.control"]),
     ("families", ["nag.families"]),
-    ("pipeline API", ["nag.checks", "nag.pipeline", "nag.denoiser", "nag"]),
+    ("pipeline API", ["nag.checks", "nag.patching", "nag.pipeline", "nag.denoiser", "nag"]),
     ("applications", ["nag.session", "nag.grid", "nag.cli", "nag.ui", "nag.demo", "nag.evaluation", "nag.toy",
                       "nag.__main__"]),
 ]

@@ -136,7 +136,8 @@ def test_norm_ratio_never_exceeds_tau(pair, scale, tau, norm):
     relative, computed = _rounding(positive.dtype, hidden)
     out_norm = _safe_norm(out, norm)
     positive_norm = _safe_norm(positive, norm).clamp_min(1e-6)
-    slack = hidden * float(torch.finfo(positive.dtype).tiny) + hidden * computed * _token_peak(positive, negative)[..., 0]
+    peak = _token_peak(positive, negative)[..., 0]
+    slack = hidden * float(torch.finfo(positive.dtype).tiny) + hidden * computed * peak
     assert (out_norm <= tau * positive_norm * (1 + 2 * relative + computed) + slack).all()
 
 
@@ -178,7 +179,9 @@ def test_half_precision_matches_float32(dtype, data, scale, tau, alpha, norm):
     positive, negative = data.draw(tensor_pairs(dtype=dtype))
     out = nag_combine(positive, negative, scale, tau, alpha, norm=norm)
     limit = torch.finfo(dtype).max
-    expected = nag_combine(positive.float(), negative.float(), scale, tau, alpha, norm=norm).double().clamp(-limit, limit)
+    expected = (
+        nag_combine(positive.float(), negative.float(), scale, tau, alpha, norm=norm).double().clamp(-limit, limit)
+    )
     spacing = torch.finfo(dtype).eps * expected.abs() + float(torch.finfo(dtype).tiny)
     assert ((out.double() - expected).abs() <= spacing).all()
 
@@ -191,11 +194,15 @@ def test_tokens_are_independent(pair, scale, tau, alpha, norm):
     out = nag_combine(positive, negative, scale, tau, alpha, norm=norm)
     for b in range(positive.shape[0]):
         for t in range(positive.shape[1]):
-            alone = nag_combine(positive[b : b + 1, t : t + 1], negative[b : b + 1, t : t + 1], scale, tau, alpha, norm=norm)
+            alone = nag_combine(
+                positive[b : b + 1, t : t + 1], negative[b : b + 1, t : t + 1], scale, tau, alpha, norm=norm
+            )
             assert torch.equal(out[b : b + 1, t : t + 1], alone)
 
 
-@reliability("zero-norm tokens (Z+ = 0 and/or Z- = 0)", "Z+ where both are zero; |out| <= alpha * tau * eps where only Z+ is")
+@reliability(
+    "zero-norm tokens (Z+ = 0 and/or Z- = 0)", "Z+ where both are zero; |out| <= alpha * tau * eps where only Z+ is"
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [1, 2])
 def test_zero_norm_tokens(dtype, norm):

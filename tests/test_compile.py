@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import tiny_pipelines as tp
 import torch
 
 import nag
-import tiny_pipelines as tp
 
 PROMPTS = ["a red circle on a blue background", "a small green square"]
 

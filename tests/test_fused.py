@@ -11,7 +11,6 @@ from torch._dynamo.utils import counters
 
 from nag import combine as combine_module
 from nag import compiled as compiled_module
-from nag import fused
 from nag.combine import combine_eager, nag_combine
 from nag.compiled import CompiledFunction, _renamed
 from nag.fused import merge_and_combine, merge_parts

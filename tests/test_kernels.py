@@ -7,8 +7,12 @@ import math
 import pytest
 import torch
 
-from nag.kernels import (attention_with_lse, attention_with_lse_and_key_bias, attention_with_lse_over_valid_keys,
-                         merge_attention)
+from nag.kernels import (
+    attention_with_lse,
+    attention_with_lse_and_key_bias,
+    attention_with_lse_over_valid_keys,
+    merge_attention,
+)
 
 
 def reference(q, k, v, key_mask=None):

@@ -26,7 +26,8 @@ import logging
 import os
 import threading
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -141,8 +142,13 @@ class CompiledFunction:
             key = _signature(args)
             if key not in self._failed:
                 self._failed.add(key)
-                logger.warning("nag: compiling %s failed for %s (%s: %s); using the eager code instead",
-                               self.name, ", ".join(key), type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                logger.warning(
+                    "nag: compiling %s failed for %s (%s: %s); using the eager code instead",
+                    self.name,
+                    ", ".join(key),
+                    type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "",
+                )
             return self.eager(*args)
 
     def reset(self) -> None:

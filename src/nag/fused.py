@@ -11,7 +11,7 @@ the reference and the fallback.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,7 +28,8 @@ def merge_parts(parts: Sequence[Part]) -> torch.Tensor:
     and float32 ``(B, L, H)``), heads flattened: ``(B, L, H * D)`` in the dtype of the first part's ``out``.
 
     Folds :func:`nag.kernels.merge_attention`'s formula over the parts in order (two parts: the same
-    operations, so the same result; more parts are merged in float32, rounded once at the end). A part with a log-sum-exp of ``-inf`` (no key) adds nothing."""
+    operations, so the same result; more parts are merged in float32, rounded once at the end). A part with a
+    log-sum-exp of ``-inf`` (no key) adds nothing."""
     out, lse = parts[0]
     dtype = out.dtype
     merged = out.float()
@@ -43,13 +44,19 @@ def merge_parts(parts: Sequence[Part]) -> torch.Tensor:
 
 
 def merge_and_combine_eager(
-    positive: Sequence[Part], negative: Sequence[Part], s: Scalar, inverse_s: Scalar, tau: Scalar, alpha: Scalar,
-    eps: Scalar, eps_over_s: Scalar, norm: int = 1,
+    positive: Sequence[Part],
+    negative: Sequence[Part],
+    s: Scalar,
+    inverse_s: Scalar,
+    tau: Scalar,
+    alpha: Scalar,
+    eps: Scalar,
+    eps_over_s: Scalar,
+    norm: int = 1,
 ) -> torch.Tensor:
     """:func:`merge_and_combine` in plain PyTorch after its checks and shortcuts (the scalars from
     :func:`nag.combine.combine_scalars`)."""
-    return combine_eager(merge_parts(positive), merge_parts(negative), s, inverse_s, tau, alpha, eps, eps_over_s,
-                         norm)
+    return combine_eager(merge_parts(positive), merge_parts(negative), s, inverse_s, tau, alpha, eps, eps_over_s, norm)
 
 
 _COMPILED = CompiledFunction(merge_and_combine_eager, "merge_and_combine")

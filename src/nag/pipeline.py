@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from .checks import (
 from .control import ControlAttachment, attach_control
 from .families import FAMILIES, pipeline_spec
 from .hooks import Attachment, attach, unwrap_compiled
+from .patching import MISSING, ClosingProgressBar, PatchedMethod, tokenizer_state_kept
 from .schedule import schedule_fraction
 from .settings import NAGSettings
 from .spec import PipelineSpec
@@ -164,7 +165,7 @@ class NAGHandle:
         self._connector_pending = None
         for name in list(self._saved_attributes):
             previous = self._saved_attributes.pop(name)
-            if previous is _MISSING:
+            if previous is MISSING:
                 self.pipe.__dict__.pop(name, None)
             else:
                 self.pipe.__dict__[name] = previous
@@ -191,9 +192,9 @@ class NAGHandle:
             original = getattr(self.pipe, name, None)
             if original is None:
                 continue
-            previous = self._saved_attributes[name] = self.pipe.__dict__.get(name, _MISSING)
+            previous = self._saved_attributes[name] = self.pipe.__dict__.get(name, MISSING)
             wrapper = getattr(self, f"_wrap_{name}")(original)
-            self.pipe.__dict__[name] = _PatchedMethod(wrapper, self.pipe, name, previous)
+            self.pipe.__dict__[name] = PatchedMethod(wrapper, self.pipe, name, previous)
 
     def _wrap_check_inputs(self, original: Any) -> Any:
         signature = inspect.signature(original)
@@ -243,7 +244,7 @@ class NAGHandle:
         leaving it (normally or by an exception) ends the generation for the thread guard."""
 
         def progress_bar(*args: Any, **kwargs: Any) -> Any:
-            return _ClosingProgressBar(original(*args, **kwargs), self._close_generation)
+            return ClosingProgressBar(original(*args, **kwargs), self._close_generation)
 
         return progress_bar
 
@@ -408,7 +409,7 @@ class NAGHandle:
             elif _reset_to_default(name):
                 call[name] = None if parameter.default is inspect.Parameter.empty else parameter.default
         call.update({k: v for k, v in self.spec.negative_overrides.items() if k in signature.parameters})
-        with _tokenizer_state_kept(self.pipe):
+        with tokenizer_state_kept(self.pipe):
             return self._named_outputs(encode(**call))
 
     def _expand_negative_embeds(self, prompts: int, per_prompt: int, rows: int, reference: Any) -> dict:
@@ -452,90 +453,6 @@ class NAGHandle:
         return (begin + counted_steps) / len(timesteps)
 
 
-class _PatchedMethod:
-    """One of the pipeline methods NAG wraps (``_PATCHED_METHODS``), as an instance attribute. A deep copy or a saved
-    copy of the pipeline gets the pipeline's own method back instead (what it had before ``apply``): the copy is
-    stock and never calls into the original pipeline."""
-
-    def __init__(self, wrapper: Any, pipe: Any, name: str, previous: Any):
-        self._wrapper = wrapper
-        self._pipe = pipe
-        self._name = name
-        self._previous = previous
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._wrapper(*args, **kwargs)
-
-    def __reduce_ex__(self, protocol: Any) -> tuple:
-        return _unpatched, (self._pipe, self._name, self._previous)
-
-
-def _unpatched(pipe: Any, name: str, previous: Any) -> Any:
-    """The method ``name`` of a copied pipeline as it was before ``nag.apply``."""
-    return getattr(type(pipe), name).__get__(pipe) if isinstance(previous, _Missing) else previous
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
-
-
-class _ClosingProgressBar:
-    """A pipeline's progress bar that calls ``on_close`` when its ``with`` block (or iteration) ends."""
-
-    def __init__(self, bar: Any, on_close: Any):
-        self._bar = bar
-        self._on_close = on_close
-
-    def __enter__(self) -> Any:
-        return self._bar.__enter__()
-
-    def __exit__(self, *exc: Any) -> Any:
-        try:
-            return self._bar.__exit__(*exc)
-        finally:
-            self._on_close()
-
-    def __iter__(self) -> Any:
-        try:
-            yield from self._bar
-        finally:
-            self._on_close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._bar, name)
-
-
-@contextlib.contextmanager
-def _tokenizer_state_kept(pipe: Any) -> Iterator[None]:
-    """Restore the padding/truncation state of the pipeline's fast tokenizers afterwards.
-
-    A fast tokenizer keeps the settings of its last call, and ``save_pretrained`` writes them into
-    ``tokenizer.json``: without this, encoding the negative prompt would make a pipeline that used
-    NAG save different files from one that never did.
-    """
-    saved = []
-    for component in getattr(pipe, "components", {}).values():
-        backend = getattr(component, "backend_tokenizer", None)
-        if backend is not None and hasattr(backend, "truncation") and hasattr(backend, "padding"):
-            saved.append((backend, backend.truncation, backend.padding))
-    try:
-        yield
-    finally:
-        for backend, truncation, padding in saved:
-            if truncation is None:
-                backend.no_truncation()
-            else:
-                backend.enable_truncation(**truncation)
-            if padding is None:
-                backend.no_padding()
-            else:
-                backend.enable_padding(**padding)
-
-
 def _denoiser_of(pipe: Any, spec: PipelineSpec) -> torch.nn.Module:
     """The pipeline's denoiser, the module itself when it was wrapped by ``torch.compile``,
     after checking that it is the architecture the pipeline's family expects."""
@@ -552,8 +469,6 @@ def _denoiser_of(pipe: Any, spec: PipelineSpec) -> torch.nn.Module:
             f"family supports {', '.join(family.denoisers)}. Load the pipeline with its stock denoiser."
         )
     return denoiser
-
-
 
 
 def apply(

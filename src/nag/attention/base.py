@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..combine import nag_combine
+from ..fused import merge_and_combine
 from ..state import GuidedCall, NAGRuntime, NegativeText
 
 
@@ -180,6 +181,13 @@ class NAGProcessor:
     def combine(self, call: GuidedCall, z_positive: torch.Tensor, z_negative: torch.Tensor) -> torch.Tensor:
         s = self.runtime.settings
         return nag_combine(z_positive, z_negative, s.scale, s.tau, s.alpha, norm=s.norm, eps=s.eps)
+
+    def merge_and_combine(self, positive: list[tuple[torch.Tensor, torch.Tensor]],
+                          negative: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """NAG on attention given in parts over disjoint key sets (``(out, lse)`` each, per branch), merged and
+        combined in one pass (``nag.fused.merge_and_combine``): the guided rows' output, heads flattened."""
+        s = self.runtime.settings
+        return merge_and_combine(positive, negative, s.scale, s.tau, s.alpha, norm=s.norm, eps=s.eps)
 
     def guided_projection_inputs(
         self,

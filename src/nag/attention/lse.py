@@ -30,6 +30,21 @@ def text_and_image_key_mask(text_mask: torch.Tensor | None, image_len: int) -> t
     return torch.cat([valid, valid.new_ones(valid.shape[0], image_len)], dim=1)[:, None, None, :]
 
 
+def guided_merge(
+    processor: NAGProcessor, call: GuidedCall, image: tuple[torch.Tensor, torch.Tensor],
+    text: tuple[torch.Tensor, torch.Tensor], positive: list, negative: list,
+) -> torch.Tensor:
+    """Every row's image-query attention merged from its ``image`` and ``text`` parts (``(out, lse)`` over all rows),
+    the guided rows' replaced by NAG on their ``positive`` and ``negative`` parts, merged and combined in one pass.
+    Heads flattened."""
+    rows = call.cond_rows
+    if len(call.guided_rows) == image[0].shape[0]:  # (every row guided: no plain merge needed)
+        return processor.merge_and_combine(positive, negative)
+    z = merge_attention(image[0], image[1], text[0], text[1]).flatten(2)
+    z[rows] = processor.merge_and_combine(positive, negative)
+    return z
+
+
 def guided_image_and_text(
     processor: NAGProcessor,
     call: GuidedCall,
@@ -58,9 +73,11 @@ def guided_image_and_text(
     image_image, lse_image = attention_with_lse(qi, ki, vi)
     image_positive, lse_positive = attention_with_lse_over_valid_keys(qi, kp, vp, positive_mask)
     image_negative, lse_negative = attention_with_lse_over_valid_keys(qi[rows], kn, vn, negative_mask)
-    z = merge_attention(image_image, lse_image, image_positive, lse_positive).flatten(2)
-    z_negative = merge_attention(image_image[rows], lse_image[rows], image_negative, lse_negative).flatten(2)
-    z[rows] = processor.combine(call, z[rows], z_negative)
+    shared = (image_image[rows], lse_image[rows])
+    z = guided_merge(
+        processor, call, (image_image, lse_image), (image_positive, lse_positive),
+        [shared, (image_positive[rows], lse_positive[rows])], [shared, (image_negative, lse_negative)],
+    )
 
     image_len = qi.shape[1]
     text_positive = attention(
@@ -159,11 +176,12 @@ def guided_image_and_text_outer_mask(
     image_image, lse_image = attention_with_lse(qi, ki, vi)
     image_positive, lse_positive = attention_with_lse_and_key_bias(qi, kp, vp, key_bias_p)
     image_negative, lse_negative = attention_with_lse_and_key_bias(qi[rows], kn, vn, key_bias_n)
-    z = merge_attention(image_image, lse_image + image_bias_p, image_positive, lse_positive).flatten(2)
-    z_negative = merge_attention(
-        image_image[rows], lse_image[rows] + image_bias_n, image_negative, lse_negative
-    ).flatten(2)
-    z[rows] = processor.combine(call, z[rows], z_negative)
+    positive_image = (image_image, lse_image + image_bias_p)
+    z = guided_merge(
+        processor, call, positive_image, (image_positive, lse_positive),
+        [(image_image[rows], positive_image[1][rows]), (image_positive[rows], lse_positive[rows])],
+        [(image_image[rows], lse_image[rows] + image_bias_n), (image_negative, lse_negative)],
+    )
 
     text_positive = attention(qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1), text_mask_p).flatten(2)
     text_negative = attention(
