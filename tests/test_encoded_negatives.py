@@ -78,16 +78,7 @@ def encoded_negative(pipe, name, prompts):
     return negative
 
 
-# Qwen-Image 2.1 with a condition image: its encode_prompt returns the image slot's mask beside the negative embeddings
-# (`img_mask`), which nag.apply does not take; the negative prompt as text carries it.
-KNOWN_LIMITATIONS = {"qwenimage21_condition_image": "nag.apply takes no image mask for precomputed negatives"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_LIMITATIONS[n])) if n in KNOWN_LIMITATIONS else n
-     for n in NAMES],
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_encoded_negative_gives_the_images_of_the_text(name):
     pipe = tpl.pipeline(name)
     prompts = tpl.batch_rows(name)

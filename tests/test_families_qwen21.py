@@ -205,3 +205,20 @@ def test_flex_attention_processor_is_refused():
         tpl.generate(pipe, "qwenimage21", cfg=False)
         assert handle.guided_calls == 2
     assert math.isclose(handle.settings.scale, 5.0)
+
+
+def test_precomputed_slot_mask_is_checked_against_the_embeddings():
+    """``negative_image_pad_mask`` (encode_prompt's slot mask, passed with precomputed negative embeddings) needs one
+    entry per text token and a mask dtype; a wrong one is refused at ``nag.apply``, naming it; nothing is installed."""
+    name = "qwenimage21_condition_image"
+    pipe = tpl.pipeline(name)
+    text = torch.randn(2, 7, pipe.transformer.config.context_in_dim)
+    processors = dict(pipe.transformer.attn_processors)
+    with pytest.raises(ValueError, match=r"`negative_image_pad_mask` has shape \(2, 5\).*expected \(2, 7\)"):
+        nag.apply(pipe, negative_prompt_embeds=text, negative_image_pad_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="`negative_image_pad_mask` must be a bool"):
+        nag.apply(pipe, negative_prompt_embeds=text, negative_image_pad_mask=torch.zeros(2, 7, dtype=torch.complex64))
+    assert pipe.transformer.attn_processors == processors
+    # text-only embeddings need no slot mask
+    with nag.apply(pipe, negative_prompt_embeds=text, negative_image_pad_mask=None):
+        pass

@@ -32,6 +32,12 @@ _EMBED_NDIM = {
 }
 # HiDream's stacked Llama-3 states (every layer) and pooled CLIP embeddings (PipelineSpec.negative_embed_names)
 _EMBED_NDIM.update(encoder_hidden_states_llama3=4, pooled_embeds=2)
+# Qwen-Image 2.1's image-slot mask: which text positions stand for condition-image tokens (negative_embed_names)
+_EMBED_NDIM.update(img_mask=2)
+# Masks: bool, integer or float, one entry per token; the optional ones may be left out (every token valid / no slot
+# holds an image)
+_MASK_KEYS = ("encoder_attention_mask", "encoder_attention_mask_2", "img_mask")
+_OPTIONAL_KEYS = ("encoder_attention_mask", "img_mask")
 _EMBED_LAYOUT = {
     "encoder_hidden_states": "(rows, tokens, width)",
     "pooled_projections": "(rows, width)",
@@ -40,6 +46,7 @@ _EMBED_LAYOUT = {
     "encoder_attention_mask_2": "(rows, tokens)",
 }
 _EMBED_LAYOUT.update(encoder_hidden_states_llama3="(layers, rows, tokens, width)", pooled_embeds="(rows, width)")
+_EMBED_LAYOUT.update(img_mask="(rows, tokens)")
 # Denoiser config entries that give the width each negative input must have, in order of preference
 # (PixArt/Sana: `caption_channels` is the text width, `cross_attention_dim` the projected one).
 _WIDTH_CONFIG = {
@@ -142,7 +149,7 @@ def check_widths_against_positive(
         if isinstance(reference, (list, tuple)) and reference:  # per-prompt lists (Z-Image): one tensor's width
             reference = reference[0]
         value = value[0] if isinstance(value, (list, tuple)) else value
-        if key.startswith("encoder_attention_mask") or not isinstance(reference, torch.Tensor):
+        if key in _MASK_KEYS or not isinstance(reference, torch.Tensor):
             continue
         if value.shape[-1] != reference.shape[-1]:
             name = next(n for n, k in names.items() if k == key)
@@ -162,7 +169,7 @@ def _check_tensor(name: str, value: Any, key: str, ndim: int, layout: str = "") 
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
     if value.ndim != ndim:
         raise ValueError(f"`{name}` must have {ndim} dimensions {layout}, got shape {tuple(value.shape)}")
-    if key.startswith("encoder_attention_mask"):
+    if key in _MASK_KEYS:
         if value.is_complex():
             raise TypeError(f"`{name}` must be a bool, integer or float mask (1 = keep), got {value.dtype}")
     elif not value.is_floating_point():
@@ -178,6 +185,22 @@ def _check_tensor(name: str, value: Any, key: str, ndim: int, layout: str = "") 
         raise ValueError(f"`{name}` contains NaN or inf; NAG would turn every guided output into NaN")
 
 
+def _check_masks_match_text(converted: dict[str, Any], accepted: dict[str, str]) -> None:
+    """Each precomputed mask has one entry per token of the negative embeddings (and one row or one per row)."""
+    text = converted.get("encoder_hidden_states")
+    if not isinstance(text, torch.Tensor):
+        return
+    for key in ("encoder_attention_mask", "img_mask"):
+        mask = converted.get(key)
+        if mask is not None and (mask.shape[1] != text.shape[1] or mask.shape[0] not in (1, text.shape[0])):
+            name = next(n for n, k in accepted.items() if k == key)
+            text_name = next(n for n, k in accepted.items() if k == "encoder_hidden_states")
+            raise ValueError(
+                f"`{name}` has shape {tuple(mask.shape)} but `{text_name}` has {tuple(text.shape)}: "
+                f"expected ({text.shape[0]}, {text.shape[1]}), one entry per token"
+            )
+
+
 def validate_negative_embeds(
     spec: PipelineSpec, embeds: dict[str, Any], denoiser: torch.nn.Module | None = None
 ) -> dict[str, Any]:
@@ -189,7 +212,9 @@ def validate_negative_embeds(
     """
     family = FAMILIES[spec.family]
     names = spec.negative_embed_names or NEGATIVE_EMBED_NAMES
-    accepted = {name: key for name, key in names.items() if key in family.negative_keys}
+    # (encode_prompt outputs the family reads beside the text conditioning count too: Qwen-Image 2.1's `img_mask`)
+    used = {*family.negative_keys, *(spec.encode_outputs or ())}
+    accepted = {name: key for name, key in names.items() if key in used}
     unknown = sorted(set(embeds) - set(accepted) - set(spec.unused_negative_names))
     if unknown:
         raise TypeError(
@@ -215,18 +240,12 @@ def validate_negative_embeds(
         _check_tensor(name, value, key, _EMBED_NDIM[key], _EMBED_LAYOUT[key])
         converted[key] = value
     if converted:
-        required = [name for name, key in accepted.items() if key != "encoder_attention_mask" and key not in converted]
+        required = [name for name, key in accepted.items() if key not in _OPTIONAL_KEYS and key not in converted]
         if required:
             raise ValueError(
                 f"{spec.pipeline} needs {required} too when negative embeddings are passed instead of a prompt"
             )
-    text, mask = converted.get("encoder_hidden_states"), converted.get("encoder_attention_mask")
-    if isinstance(text, torch.Tensor) and mask is not None:
-        if mask.shape[1] != text.shape[1] or mask.shape[0] not in (1, text.shape[0]):
-            raise ValueError(
-                f"`negative_prompt_attention_mask` has shape {tuple(mask.shape)} but `negative_prompt_embeds` "
-                f"has {tuple(text.shape)}: expected ({text.shape[0]}, {text.shape[1]}), one entry per token"
-            )
+    _check_masks_match_text(converted, accepted)
     for key, (entry, width) in expected_widths(denoiser).items():
         value = converted.get(key)
         value = value[0] if isinstance(value, list) else value

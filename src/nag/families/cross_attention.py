@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 
@@ -229,4 +230,15 @@ PIPELINES = (
         (TEXT, None),
         expert_attrs=("transformer_2",),
     ),
+)
+
+# ControlNet and T2I-Adapter pipelines call the same UNet with the same text (encode_prompt returns what SD's / SDXL's
+# does); the control model's residuals come from the positive prompt and are added as the stock call adds them, so
+# the base pipelines' defaults and precomputed-negative names hold.
+_SD, _SDXL = PIPELINES[1], PIPELINES[0]
+PIPELINES += (
+    replace(_SD, pipeline="StableDiffusionControlNetPipeline", label="Stable Diffusion 1.x / 2.x with ControlNet"),
+    replace(_SD, pipeline="StableDiffusionAdapterPipeline", label="Stable Diffusion 1.x / 2.x with T2I-Adapter"),
+    replace(_SDXL, pipeline="StableDiffusionXLControlNetPipeline", label="Stable Diffusion XL with ControlNet"),
+    replace(_SDXL, pipeline="StableDiffusionXLAdapterPipeline", label="Stable Diffusion XL with T2I-Adapter"),
 )

@@ -106,6 +106,10 @@ PIPELINES = (
         FamilyDefaults(5.0, 2.5, 0.25),
         (TEXT, POOLED, None),
     ),
+    # (the ControlNet's residuals are added to the image tokens of the guided and the stock rows alike)
+    PipelineSpec(
+        "FluxControlNetPipeline", "flux", "FLUX.1 with ControlNet", FamilyDefaults(5.0, 2.5, 0.25), (TEXT, POOLED, None)
+    ),
     PipelineSpec(
         "FluxKontextPipeline", "flux", "FLUX.1 Kontext (editing)", FamilyDefaults(4.0, 2.5, 0.25), (TEXT, POOLED, None)
     ),

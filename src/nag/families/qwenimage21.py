@@ -126,5 +126,13 @@ PIPELINES = (
         "Qwen-Image 2.1 (text-to-image, image-conditioned)",
         FamilyDefaults(5.0, 2.5, 0.25),
         (TEXT, MASK, "img_mask"),
+        # encode_prompt's outputs under the names its call gives them; the slot mask (its `image_pad_mask`) is needed
+        # with negative embeddings encoded with condition images, optional for text-only ones
+        negative_embed_names={
+            "negative_prompt_embeds": TEXT,
+            "negative_prompt_embeds_mask": MASK,
+            "negative_prompt_attention_mask": MASK,
+            "negative_image_pad_mask": "img_mask",
+        },
     ),
 )
