@@ -31,6 +31,13 @@ def _hunyuanvideo_single_text_finish(
     return saved["gate"].unsqueeze(1) * out + saved["residual"]
 
 
+# HunyuanVideo's block arrangement (HunyuanVideo, HunyuanImage 2.1): whole negative rows through [image, text] blocks.
+_HUNYUAN_ROWS: dict[str, Any] = dict(
+    attention=((r"(single_)?transformer_blocks\.\d+\.attn", JOINT_ROWS_IMAGE_FIRST),),
+    layout="concat",
+    mask_kwarg="encoder_attention_mask",
+    static_text=False,  # (the token refiner depends on the timestep)
+)
 # The fast path of HunyuanVideo's block arrangement (HunyuanVideo, HunyuanImage 2.1): the video or image stream at the
 # stock batch from the patch embedding to the output projection (the double blocks' and the final layer's image-side
 # modulation take the stock rows of the conditioning, token-replace embedding included); the single blocks run on the
@@ -55,12 +62,9 @@ FAMILIES = (
     Family(
         name="hunyuanvideo",
         denoisers=("HunyuanVideoTransformer3DModel",),
-        attention=((r"(single_)?transformer_blocks\.\d+\.attn", JOINT_ROWS_IMAGE_FIRST),),
-        layout="concat",
-        mask_kwarg="encoder_attention_mask",
         negative_keys=("encoder_hidden_states", "pooled_projections", "encoder_attention_mask"),
         row_kwargs=("timestep", "guidance"),
-        static_text=False,
+        **_HUNYUAN_ROWS,
         **_HUNYUAN_FAST_PATH,
     ),
     # HunyuanImage 2.1: HunyuanVideo's [image, text] double and single blocks and timestep-dependent token
@@ -71,9 +75,6 @@ FAMILIES = (
     Family(
         name="hunyuanimage",
         denoisers=("HunyuanImageTransformer2DModel",),
-        attention=((r"(single_)?transformer_blocks\.\d+\.attn", JOINT_ROWS_IMAGE_FIRST),),
-        layout="concat",
-        mask_kwarg="encoder_attention_mask",
         negative_keys=(
             "encoder_hidden_states",
             "encoder_attention_mask",
@@ -81,7 +82,7 @@ FAMILIES = (
             "encoder_attention_mask_2",
         ),
         row_kwargs=("timestep", "timestep_r", "guidance"),
-        static_text=False,
+        **_HUNYUAN_ROWS,
         **_HUNYUAN_FAST_PATH,
     ),
     # HunyuanVideo 1.5: HunyuanImage's arrangement on video: [video, text] double blocks only (separate text

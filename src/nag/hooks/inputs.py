@@ -98,6 +98,21 @@ def without_dim(shape: torch.Size, dim: int) -> tuple[int, ...]:
     return tuple(size for axis, size in enumerate(shape) if axis != dim)
 
 
+def _repeated_row_arguments(
+    family: Family, arguments: dict[str, Any], cond_rows: torch.Tensor, rows: int
+) -> dict[str, torch.Tensor]:
+    """The per-row arguments (``Family.row_kwargs``: timestep, guidance, ...) with the negative rows' copies of their
+    guided rows' values appended; one-row values are left to broadcast."""
+    changes = {}
+    for key in family.row_kwargs:
+        value = arguments.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+            changes[key] = torch.cat([value, value[cond_rows]])
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
+            raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+    return changes
+
+
 def extend_inputs(
     family: Family,
     arguments: dict[str, Any],
@@ -193,12 +208,7 @@ def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0, shar
                 "encode the negative prompt with the pipeline's encode_prompt"
             )
         changes[key] = torch.cat([value, negative[key].to(value.dtype)], dim=dim)
-    for key in family.row_kwargs:
-        value = arguments.get(key)
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            changes[key] = torch.cat([value, value[cond_rows]])
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
-            raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+    changes.update(_repeated_row_arguments(family, arguments, cond_rows, rows))
     if family.text_ids_kwarg and arguments.get(family.text_ids_kwarg) is not None:
         changes[family.text_ids_kwarg] = layout.text_ids(arguments[family.text_ids_kwarg])
     call = GuidedCall(rows, cond_rows, *layout.lengths())
@@ -307,12 +317,7 @@ def _extend_lists(family: Family, arguments, negative, cond_rows):
         family.text_kwarg: text + negative_text,
         family.image_kwarg: image + [image[r] for r in picked],
     }
-    for key in family.row_kwargs:
-        value = arguments.get(key)
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            changes[key] = torch.cat([value, value[cond_rows]])
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
-            raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+    changes.update(_repeated_row_arguments(family, arguments, cond_rows, rows))
     positive_len = max(t.shape[0] for t in text)
     negative_len = max(t.shape[0] for t in negative_text)
     call = GuidedCall(rows, cond_rows, positive_len, negative_len, max(positive_len, negative_len))
