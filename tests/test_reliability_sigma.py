@@ -104,7 +104,8 @@ def test_bound_above_every_sigma_is_stock(case):
         assert handle.guided_calls == STEPS
 
 
-@reliability("api", "min_sigma: negative, not finite, not a number", "ValueError naming min_sigma; update leaves "
+@reliability("bad input at handle.update", "min_sigma: negative, not finite, not a number",
+             "ValueError naming min_sigma, at nag.apply and handle.update; update leaves "
              "the settings as they were")
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), True, "1"])
 def test_min_sigma_is_validated(value):
