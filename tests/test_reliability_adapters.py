@@ -28,18 +28,23 @@ def reliability(case: str, expect: str):
     return pytest.mark.reliability(area="composition", case=case, expect=expect)
 
 
+def random_image_projection(width: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """An IP-Adapter checkpoint's ``image_proj``: the image embedding to 4 tokens of ``width``, layer-normed."""
+    return {
+        "proj.weight": torch.randn(width * 4, IMAGE_EMBED_WIDTH, generator=g) * 0.2,
+        "proj.bias": torch.zeros(width * 4),
+        "norm.weight": torch.ones(width),
+        "norm.bias": torch.zeros(width),
+    }
+
+
 def add_ip_adapter(pipe, seed: int = 5):
     """Load an IP-Adapter with random weights into ``pipe.unet`` the way ``load_ip_adapter`` does (its state dict
     layout: an image projection, and ``to_k_ip``/``to_v_ip`` for each cross-attention processor in order)."""
     unet = pipe.unet
     width, channels = unet.config.cross_attention_dim, unet.config.block_out_channels
     g = torch.Generator().manual_seed(seed)
-    image_proj = {
-        "proj.weight": torch.randn(width * 4, IMAGE_EMBED_WIDTH, generator=g) * 0.2,
-        "proj.bias": torch.zeros(width * 4),
-        "norm.weight": torch.ones(width),
-        "norm.bias": torch.zeros(width),
-    }
+    image_proj = random_image_projection(width, g)
     weights, key = {}, 1
     for name in unet.attn_processors:
         if not name.endswith("attn2.processor"):
@@ -184,12 +189,7 @@ def add_flux_ip_adapter(pipe, seed: int = 5):
     model = pipe.transformer
     width, inner = model.config.joint_attention_dim, model.inner_dim
     g = torch.Generator().manual_seed(seed)
-    image_proj = {
-        "proj.weight": torch.randn(width * 4, IMAGE_EMBED_WIDTH, generator=g) * 0.2,
-        "proj.bias": torch.zeros(width * 4),
-        "norm.weight": torch.ones(width),
-        "norm.bias": torch.zeros(width),
-    }
+    image_proj = random_image_projection(width, g)
     weights = {}
     for index in range(len(model.transformer_blocks)):
         for kind in ("k", "v"):
