@@ -557,7 +557,20 @@ def _flux_text_tail(block, txt, txt_attn, c_params):
     return txt
 
 
-def _flux_double_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag):
+def _flux_image_prompt(attn, q_img, ip_hidden_states):
+    """Flux IP-Adapter term: the image queries (normed, before RoPE) attend to each adapter's image-prompt tokens
+    with the processor's ``to_k_ip``/``to_v_ip``, scaled by its scale and summed; no text involved."""
+    processor = attn.processor
+    term = 0
+    for tokens, scale, to_k, to_v in zip(ip_hidden_states, processor.scale, processor.to_k_ip, processor.to_v_ip):
+        # tokens: (B, images, tokens per image, width); every image's tokens are keys
+        k = to_k(tokens).reshape(q_img.shape[0], -1, attn.heads, q_img.shape[-1])
+        v = to_v(tokens).reshape(q_img.shape[0], -1, attn.heads, q_img.shape[-1])
+        term = term + scale * naive_attention(q_img, k, v)
+    return term
+
+
+def _flux_double_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag, ip_hidden_states=None):
     attn = block.attn
     guided = txt_neg is not None
 
@@ -586,6 +599,8 @@ def _flux_double_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg,
     img = img + gate_msa[:, None] * img_attn
     normed = _modulate(block.norm2(img), shift_mlp, scale_mlp)
     img = img + gate_mlp[:, None] * block.ff(normed)
+    if ip_hidden_states is not None:  # the image prompt, added unguided after the MLP
+        img = img + _flux_image_prompt(attn, q_img, ip_hidden_states)
 
     # text paths
     txt = _flux_text_tail(block, txt, attn.to_add_out(txt_attn), c_params)
@@ -651,12 +666,15 @@ def naive_flux_forward(
     alpha,
     p=1,
     cond_rows=None,
+    ip_hidden_states=None,
 ):
     """FluxTransformer2DModel forward with NAG, re-implemented block by block.
 
     Inputs as for ``transformer(...)`` (hidden_states (B, N, C) packed latents, txt_ids / img_ids (L, 3) or
     deprecated (B, L, 3)).  neg_*: one row per guided row; ``neg_txt_ids=None`` means zeros of the negative text
     length (what the Flux pipelines use).  ``neg_encoder_hidden_states=None`` gives the stock output.
+    ``ip_hidden_states``: the projected image-prompt tokens (one tensor per IP-Adapter, at the batch) of a model whose
+    double blocks carry ``FluxIPAdapterAttnProcessor``; their term is added to every row, unguided.
     Returns the model output (same as ``transformer(...).sample``).
     """
     tr = transformer
@@ -702,7 +720,9 @@ def naive_flux_forward(
         rope_neg = tr.pos_embed(torch.cat([neg_txt_ids, img_ids], dim=0))
 
     for block in tr.transformer_blocks:
-        img, txt, txt_neg = _flux_double_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag)
+        img, txt, txt_neg = _flux_double_block(
+            block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag, ip_hidden_states
+        )
     for block in tr.single_transformer_blocks:
         img, txt, txt_neg = _flux_single_block(block, img, txt, temb, rope, txt_neg, temb_neg, rope_neg, rows, nag)
 

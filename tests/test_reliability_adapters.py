@@ -1,21 +1,25 @@
-"""NAG with adapters users load into a pipeline: IP-Adapter (SD, SDXL) and its processors.
+"""NAG with adapters users load into a pipeline: IP-Adapter (SD, SDXL, Flux) and its processors.
 
 An IP-Adapter makes the UNet pass its cross-attention ``(text, [image embeddings])`` and puts
 ``IPAdapterAttnProcessor2_0`` on every ``attn2``. NAG guides the text only: the image-prompt attention is added to the
-combined text attention as the processor adds it, unguided. The tiny UNets get an IP-Adapter with random weights built
-from shapes (no checkpoint); the image embeddings are passed as ``ip_adapter_image_embeds``.
+combined text attention as the processor adds it, unguided. On Flux, ``FluxIPAdapterAttnProcessor`` on the double
+blocks returns the image queries' attention to the image-prompt tokens, which the block adds after its MLP: NAG guides
+the joint text attention and passes that term through, unguided. The tiny models get an IP-Adapter with random weights
+built from shapes (no checkpoint); the image embeddings are passed as ``ip_adapter_image_embeds``.
 """
 
 from __future__ import annotations
 
 from functools import cache
 
+import naive_nag
 import pytest
 import test_pipelines as tpl
 import tiny_pipelines as tp
 import torch
 
 import nag
+from nag.attention.joint import image_prompt_term as _image_prompt_term
 
 IMAGE_EMBED_WIDTH = 16
 
@@ -24,18 +28,23 @@ def reliability(case: str, expect: str):
     return pytest.mark.reliability(area="composition", case=case, expect=expect)
 
 
+def random_image_projection(width: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """An IP-Adapter checkpoint's ``image_proj``: the image embedding to 4 tokens of ``width``, layer-normed."""
+    return {
+        "proj.weight": torch.randn(width * 4, IMAGE_EMBED_WIDTH, generator=g) * 0.2,
+        "proj.bias": torch.zeros(width * 4),
+        "norm.weight": torch.ones(width),
+        "norm.bias": torch.zeros(width),
+    }
+
+
 def add_ip_adapter(pipe, seed: int = 5):
     """Load an IP-Adapter with random weights into ``pipe.unet`` the way ``load_ip_adapter`` does (its state dict
     layout: an image projection, and ``to_k_ip``/``to_v_ip`` for each cross-attention processor in order)."""
     unet = pipe.unet
     width, channels = unet.config.cross_attention_dim, unet.config.block_out_channels
     g = torch.Generator().manual_seed(seed)
-    image_proj = {
-        "proj.weight": torch.randn(width * 4, IMAGE_EMBED_WIDTH, generator=g) * 0.2,
-        "proj.bias": torch.zeros(width * 4),
-        "norm.weight": torch.ones(width),
-        "norm.bias": torch.zeros(width),
-    }
+    image_proj = random_image_projection(width, g)
     weights, key = {}, 1
     for name in unet.attn_processors:
         if not name.endswith("attn2.processor"):
@@ -173,17 +182,103 @@ def test_ip_adapter_weights_follow_the_unet():
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
 
 
-@reliability("IP-Adapter on Flux", "refused at nag.apply with the reason and the fix; nothing left installed")
-def test_flux_ip_adapter_is_refused_at_apply(record_property):
-    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
-
-    pipe = tp.FACTORIES["flux"]()
+def add_flux_ip_adapter(pipe, seed: int = 5):
+    """Load an IP-Adapter with random weights into ``pipe.transformer`` the way ``load_ip_adapter`` does (its state
+    dict layout: an image projection to 4 tokens of the text width, ``to_k_ip``/``to_v_ip`` for each double block):
+    ``FluxIPAdapterAttnProcessor`` on the double blocks, ``encoder_hid_proj`` projecting the image embeddings."""
     model = pipe.transformer
-    for module in model.transformer_blocks:  # the processors load_ip_adapter puts on the double blocks
-        module.attn.set_processor(FluxIPAdapterAttnProcessor(model.inner_dim, model.inner_dim, num_tokens=(4,)))
-    before = tpl.state_of(pipe)
-    refusal = r"IP-Adapter.*FluxIPAdapterAttnProcessor.*unload_ip_adapter"
-    with pytest.raises(NotImplementedError, match=refusal) as error:
-        nag.apply(pipe, tpl.NEGATIVE)
-    record_property("observed", str(error.value))
-    assert tpl.state_of(pipe) == before
+    width, inner = model.config.joint_attention_dim, model.inner_dim
+    g = torch.Generator().manual_seed(seed)
+    image_proj = random_image_projection(width, g)
+    weights = {}
+    for index in range(len(model.transformer_blocks)):
+        for kind in ("k", "v"):
+            weights[f"{index}.to_{kind}_ip.weight"] = torch.randn(inner, width, generator=g) * 0.3
+            weights[f"{index}.to_{kind}_ip.bias"] = torch.randn(inner, generator=g) * 0.1
+    model._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": weights}], low_cpu_mem_usage=False)
+    return pipe
+
+
+def flux_generate(pipe, **overrides):
+    """Two prompts, true CFG (a second, unguided call a step), one image prompt; under true CFG FluxPipeline also
+    wants the negative branch's image prompt (zeros here, as it would encode a blank image)."""
+    positive = torch.randn(1, 1, IMAGE_EMBED_WIDTH, generator=torch.Generator().manual_seed(3))
+    return tpl.generate(pipe, "flux", ip_adapter_image_embeds=[positive],
+                        negative_ip_adapter_image_embeds=[torch.zeros_like(positive)], **overrides)
+
+
+def naive_flux_with_image_prompt(model, inputs, negative, cond_rows):
+    """The naive Flux reference of one recorded call, its image-prompt tokens projected as the model projects them."""
+    embeds = inputs["joint_attention_kwargs"]["ip_adapter_image_embeds"]
+    keys = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+    return naive_nag.naive_flux_forward(
+        model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["pooled_projections"],
+        inputs["timestep"], inputs["img_ids"], inputs["txt_ids"], inputs.get("guidance"),
+        *(negative[key] if negative else None for key in keys),
+        None, cond_rows=cond_rows, ip_hidden_states=model.encoder_hid_proj(embeds), p=1, **tpl.SETTINGS,
+    )
+
+
+@reliability("IP-Adapter on Flux", "text guided, image prompt unguided; agrees with the naive reference")
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_flux_ip_adapter_agrees_with_naive_reference(fast, monkeypatch):
+    from nag.attention import joint
+
+    terms = []  # the fast path computes the image-prompt term itself (no fallback to the straightforward path)
+    monkeypatch.setattr(joint, "image_prompt_term", lambda *a: terms.append(1) or _image_prompt_term(*a))
+    pipe = add_flux_ip_adapter(tp.FACTORIES["flux"]())
+    model = pipe.transformer
+    _, stock_calls = tpl.record_calls(model, flux_generate, pipe)
+    inputs = stock_calls[0]["inputs"]
+    assert inputs["hidden_states"].shape[0] == 2
+    with torch.no_grad():  # the reference's image-prompt term reproduces the stock processor's
+        torch.testing.assert_close(naive_flux_with_image_prompt(model, inputs, None, None), stock_calls[0]["output"],
+                                   rtol=1e-4, atol=1e-5)
+    negative = tpl.random_negative("flux", inputs, 5, rows=2)
+    with nag.apply(pipe, **negative, **tpl.SETTINGS, fast=fast) as handle:
+        _, calls = tpl.record_calls(model, flux_generate, pipe)
+        assert handle.guided_calls == 2  # the conditional call of each of the 2 steps; true CFG's calls stock
+    assert len(calls) == 4 and len(terms) == (2 * len(model.transformer_blocks) if fast else 0)
+    with torch.no_grad():
+        for index, call in enumerate(calls):
+            cond_rows = tpl.cond_rows_of("flux", index, 2)
+            expected = naive_flux_with_image_prompt(model, call["inputs"], cond_rows and negative, cond_rows)
+            torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
+            if cond_rows is not None:
+                unguided = naive_flux_with_image_prompt(model, call["inputs"], None, None)
+                assert not torch.allclose(call["output"], unguided, atol=1e-3)
+
+
+@reliability("IP-Adapter on Flux", "off is bit-identical; a negative equal to the prompt is unguided")
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_flux_ip_adapter_invariants(fast):
+    pipe = add_flux_ip_adapter(tp.FACTORIES["flux"]())
+    reference = flux_generate(pipe)
+    with nag.apply(pipe, tpl.NEGATIVE, scale=1.0, fast=fast):
+        assert torch.equal(flux_generate(pipe), reference)
+    with nag.apply(pipe, list(tpl.PROMPTS), **tpl.SETTINGS, fast=fast) as handle:
+        same = flux_generate(pipe)
+        assert handle.guided_calls == 2
+    torch.testing.assert_close(same, reference, rtol=0, atol=1e-5)
+    with nag.apply(pipe, tpl.NEGATIVE, **tpl.SETTINGS, fast=fast):
+        assert not torch.allclose(flux_generate(pipe), reference, atol=1e-3)
+    assert torch.equal(flux_generate(pipe), reference)
+
+
+@reliability("IP-Adapter on Flux", "the image prompt keeps its effect under NAG; its scale is honoured")
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_flux_ip_adapter_scale_is_honoured_under_nag(fast):
+    """At IP scale 0 the output is NAG's on the text alone (the same transformer without an IP-Adapter)."""
+    pipe = add_flux_ip_adapter(tp.FACTORIES["flux"]())
+    with nag.apply(pipe, tpl.NEGATIVE, **tpl.SETTINGS, fast=fast):
+        with_image = flux_generate(pipe)
+        pipe.set_ip_adapter_scale(0.5)
+        half = flux_generate(pipe)
+        pipe.set_ip_adapter_scale(0.0)
+        without_image = flux_generate(pipe)
+    assert not torch.allclose(with_image, half, atol=1e-3)
+    assert not torch.allclose(half, without_image, atol=1e-3)
+    plain = tp.FACTORIES["flux"]()  # the same transformer weights without an IP-Adapter
+    with nag.apply(plain, tpl.NEGATIVE, **tpl.SETTINGS, fast=fast):
+        text_only = tpl.generate(plain, "flux")
+    torch.testing.assert_close(without_image, text_only, rtol=0, atol=1e-5)

@@ -25,7 +25,7 @@ from .control import ControlAttachment, attach_control
 from .families import FAMILIES, pipeline_spec
 from .hooks import Attachment, attach, unwrap_compiled
 from .patching import MISSING, ClosingProgressBar, PatchedMethod, tokenizer_state_kept
-from .schedule import schedule_fraction
+from .schedule import schedule_fraction, schedule_sigma
 from .settings import NAGSettings
 from .spec import PipelineSpec
 from .state import NAGRuntime, inert_copy
@@ -79,7 +79,8 @@ class NAGHandle:
         self.family = spec.family
         self.negative_prompt = negative_prompt
         self.negative_embeds = negative_embeds
-        self.runtime = NAGRuntime(settings=settings, progress=self._progress, owns_call=self._owns_call)
+        self.runtime = NAGRuntime(settings=settings, progress=self._progress, sigma=self._sigma,
+                                  owns_call=self._owns_call)
         self._awaiting_positive = True
         self._saved_attributes: dict[str, Any] = {}
         self._attachment: Attachment | None = None
@@ -143,9 +144,9 @@ class NAGHandle:
         return self._attachment is not None
 
     def update(self, **changes: float) -> NAGHandle:
-        """Change settings (``scale``, ``tau``, ``alpha``, ``start``, ``end``, ``norm``) in place."""
+        """Change settings (``scale``, ``tau``, ``alpha``, ``start``, ``end``, ``min_sigma``, ``norm``) in place."""
         if "eps" in changes:
-            raise TypeError("`eps` is fixed; settings that can change: scale, tau, alpha, start, end, norm")
+            raise TypeError("`eps` is fixed; settings that can change: scale, tau, alpha, start, end, min_sigma, norm")
         self.runtime.settings = self.runtime.settings.with_updates(**changes)
         return self
 
@@ -181,9 +182,10 @@ class NAGHandle:
     def __repr__(self) -> str:
         s = self.settings
         state = "active" if self.active else "removed"
+        bound = f", min_sigma={s.min_sigma}" if s.min_sigma else ""
         return (
             f"NAGHandle({type(self.pipe).__name__}, family={self.family!r}, scale={s.scale}, tau={s.tau}, "
-            f"alpha={s.alpha}, start={s.start}, end={s.end}, norm={s.norm}, {state})"
+            f"alpha={s.alpha}, start={s.start}, end={s.end}{bound}, norm={s.norm}, {state})"
         )
 
     # -- pipeline interception -------------------------------------------------------------------
@@ -434,6 +436,10 @@ class NAGHandle:
             expanded[key] = [item.to(device) for item in value] if isinstance(value, list) else value.to(device)
         return expanded
 
+    def _sigma(self, timestep: Any) -> float | None:
+        """The noise level of the current call's step, from the pipeline's scheduler (``nag.schedule``)."""
+        return schedule_sigma(getattr(self.pipe, "scheduler", None), timestep)
+
     def _progress(self, timestep: Any, counted_steps: int) -> float | None:
         """Fraction of the full noise schedule done when the current call's step began (``nag.schedule``).
 
@@ -482,6 +488,7 @@ def apply(
     end: float = 1.0,
     norm: int = 1,
     fast: bool = True,
+    min_sigma: float = 0.0,
     **negative_embeds: torch.Tensor,
 ) -> NAGHandle:
     """Install Normalized Attention Guidance on a stock diffusers pipeline.
@@ -496,6 +503,8 @@ def apply(
         alpha: blend of the normalized guided feature with the positive one.
         start, end: the fraction of the full noise schedule (from the noisy end) that is guided: step ``i`` of the
             scheduler's ``N`` steps when ``start <= i / N < end``, every call of a step alike (see ``nag.schedule``).
+        min_sigma: NAG is off at the steps whose noise level sigma (the scheduler's, when the step begins) is below
+            it; 0 (default): no bound. Combines with ``start``/``end``.
         norm: 1 (L1, default) or 2 (L2, the reference Flux code's choice).
         fast: use the fast attention paths where they apply (default). ``False`` runs every
             stock attention processor once per branch: slower, the reference the fast paths
@@ -533,7 +542,9 @@ def apply(
             raise TypeError(
                 f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}"
             )
-    settings = NAGSettings.resolve(spec.defaults, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm)
+    settings = NAGSettings.resolve(
+        spec.defaults, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm, min_sigma=min_sigma
+    )
     # (with a text connector the negative embeddings are its input, not the denoiser's: no config width applies)
     embeds = validate_negative_embeds(spec, negative_embeds, None if spec.text_connector else denoiser)
     if negative_prompt is None and not embeds:

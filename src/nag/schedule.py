@@ -11,15 +11,21 @@ DDPM, PNDM), the call's timestep looked up in the schedule. Extra calls of one s
 second call) find the scheduler where the first left it and share its step. Multi-call steps (Heun and KDPM2: two
 calls a step, ``2N - 1`` entries; PNDM: a warm-up pair, or Runge-Kutta steps of four calls) map every call of one
 step to that step.
+
+A step's noise level (for ``min_sigma``) is read at the step's first call: ``scheduler.sigmas`` at that position for
+the schedulers that keep sigmas (Euler, DPM++, Heun, flow matching: there sigma is the flow's noise fraction); for
+discrete-time schedulers (DDIM, DDPM, PNDM) from the step's timestep through ``alphas_cumprod``,
+``sigma = sqrt((1 - a) / a)``, the sigma those timesteps have in the Karras/EDM convention.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-__all__ = ["schedule_step", "schedule_fraction"]
+__all__ = ["schedule_step", "schedule_fraction", "schedule_sigma"]
 
 
 def _scalar(value: Any) -> float | None:
@@ -98,3 +104,37 @@ def schedule_fraction(scheduler: Any, timestep: Any) -> float | None:
     """The fraction ``k / N`` of the full schedule done when the current call's step began (0: the noisiest)."""
     step = schedule_step(scheduler, timestep)
     return None if step is None else step[0] / step[1]
+
+
+def _first_position(scheduler: Any, step: int) -> int:
+    """The position in ``scheduler.timesteps`` of the first call of ``step`` (the inverse of ``_step_of_position``)."""
+    if getattr(scheduler, "plms_timesteps", None) is not None:  # PNDM
+        prk = getattr(scheduler, "prk_timesteps", None)
+        runge_kutta = 0 if prk is None else len(prk)
+        if runge_kutta:
+            order = getattr(scheduler, "pndm_order", 4)
+            prk_steps = runge_kutta // order
+            return step * order if step < prk_steps else runge_kutta + step - prk_steps
+        return 0 if step == 0 else step + 1
+    return step * max(int(getattr(scheduler, "order", 1) or 1), 1)
+
+
+def schedule_sigma(scheduler: Any, timestep: Any) -> float | None:
+    """The noise level sigma of the step the current call belongs to, at that step's first call (so every call of
+    one step sees the same value); None when the scheduler does not say."""
+    step = schedule_step(scheduler, timestep)
+    if step is None:
+        return None
+    position = _first_position(scheduler, step[0])
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and position < sigmas.numel():
+        return float(sigmas.reshape(-1)[position])
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    timesteps = scheduler.timesteps
+    if not isinstance(alphas, torch.Tensor) or position >= len(timesteps):
+        return None
+    index = int(round(float(timesteps[position])))
+    if not 0 <= index < alphas.numel():
+        return None
+    alpha = float(alphas[index])
+    return math.sqrt((1.0 - alpha) / alpha) if alpha > 0.0 else math.inf

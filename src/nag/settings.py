@@ -31,6 +31,10 @@ class NAGSettings:
             ``i`` from the scheduler, so img2img and SDXL's ``denoising_start/end`` count on the full schedule
             and every call of one step is guided alike).
         end: fraction of the schedule at which NAG stops (``end=0.5`` guides the first half of the steps).
+        min_sigma: noise level below which NAG is off: a step is guided only when its sigma (read from the
+            scheduler when the step begins, ``nag.schedule.schedule_sigma``) is ``>= min_sigma``. 0 (the default)
+            sets no bound. Combines with ``[start, end)``: a step is guided when both allow it. Where the scheduler
+            does not say its sigma, the step window alone decides.
         norm: order ``p`` of the norm used for the ratio (1 or 2).
         eps: floor on both norms.
     """
@@ -42,6 +46,7 @@ class NAGSettings:
     end: float = 1.0
     norm: int = 1
     eps: float = 1e-6
+    min_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         def finite(name: str) -> float:
@@ -73,6 +78,11 @@ class NAGSettings:
                 f"NAG `start` must be smaller than `end` (the guided steps are start <= i/N < end), "
                 f"got start={start}, end={end}"
             )
+        if finite("min_sigma") < 0.0:
+            raise ValueError(
+                f"NAG `min_sigma` must be >= 0 (NAG is off at steps whose sigma is below it; 0: no bound), "
+                f"got {self.min_sigma}"
+            )
         if isinstance(self.norm, bool) or self.norm not in (1, 2):
             raise ValueError(f"NAG `norm` must be 1 (L1, the default) or 2 (L2), got {self.norm!r}")
         object.__setattr__(self, "norm", int(self.norm))
@@ -90,6 +100,7 @@ class NAGSettings:
         start: float = 0.0,
         end: float = 1.0,
         norm: int = 1,
+        min_sigma: float = 0.0,
     ) -> NAGSettings:
         """Validated settings, omitted ``scale``/``tau``/``alpha`` taken from ``defaults``.
 
@@ -103,6 +114,7 @@ class NAGSettings:
             start=start,
             end=end,
             norm=norm,
+            min_sigma=min_sigma,
         )
 
     @property
@@ -110,9 +122,11 @@ class NAGSettings:
         """False when the settings make NAG a no-op (scale 1 or alpha 0)."""
         return self.scale != 1.0 and self.alpha != 0.0
 
-    def in_window(self, progress: float | None) -> bool:
-        """Whether a step at ``progress`` (fraction of the trajectory done, 0 = noisiest) is guided."""
-        return progress is None or self.start <= progress < self.end
+    def in_window(self, progress: float | None, sigma: float | None = None) -> bool:
+        """Whether a step at ``progress`` (fraction of the trajectory done, 0 = noisiest) and noise level ``sigma``
+        is guided (None: not known, no bound from it)."""
+        in_steps = progress is None or self.start <= progress < self.end
+        return in_steps and (sigma is None or sigma >= self.min_sigma)
 
     def with_updates(self, **changes: float) -> NAGSettings:
         """A validated copy with ``changes`` applied; unknown names raise a TypeError naming the known ones."""

@@ -138,6 +138,7 @@ class NAGRuntime:
     positive_reference: torch.Tensor | None = None
     # (the call's timestep, the steps counted so far) -> fraction of the full schedule done when the step began
     progress: Callable[[Any, int], float | None] | None = None
+    sigma: Callable[[Any], float | None] | None = None  # the current step's noise level (for `min_sigma`)
     call: GuidedCall | None = None
     step_index: int = -1
     last_timestep: torch.Tensor | None = None
@@ -202,6 +203,8 @@ class NAGRuntime:
             self.last_timestep = timestep
 
     def step_in_window(self, timestep: Any = None) -> bool:
-        """Whether the step the current call (at ``timestep``) belongs to lies inside ``[start, end)``."""
+        """Whether the step the current call (at ``timestep``) belongs to lies inside ``[start, end)`` and its sigma
+        is at least ``min_sigma`` (read only when that bound is set)."""
         progress = self.progress(timestep, self.step_index) if self.progress is not None else None
-        return self.settings.in_window(progress)
+        bounded = self.settings.min_sigma > 0.0 and self.sigma is not None
+        return self.settings.in_window(progress, self.sigma(timestep) if bounded else None)

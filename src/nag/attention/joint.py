@@ -1,5 +1,11 @@
 """Joint attention with separate text projections, the image stream at the stock batch (Flux double-stream
-blocks, SD3, Qwen-Image, FLUX.2 double blocks): the negative text rows ride along the text batch."""
+blocks, SD3, Qwen-Image, FLUX.2 double blocks): the negative text rows ride along the text batch.
+
+Flux's IP-Adapter processor (``FluxIPAdapterAttnProcessor``) also returns an image-prompt term: the image queries
+(before the rotary embedding) attending to the image-prompt tokens, scaled, which the block adds to the image stream
+after its MLP. It does not depend on the text, so NAG leaves it unguided: the stock rows' term, as the processor
+computes it, is returned beside the guided image and text outputs.
+"""
 
 from __future__ import annotations
 
@@ -49,12 +55,17 @@ class JointAttentionNAG(NAGProcessor):
                 changes[self.text_mask_argument] = mask[rows, :text_len]
             return changes
 
+        # The negative pass only supplies Z-; an IP-Adapter processor would also compute (at the guided rows'
+        # batch, from image-prompt tokens at the stock batch) an image-prompt term nobody reads: give it none.
+        no_image_prompt = {"ip_hidden_states": []} if arguments.get("ip_hidden_states") is not None else {}
+
         def run_negative(view: Any) -> Any:
             return self.run_stock(
                 view,
                 arguments,
                 hidden_states=hidden[call.cond_rows],
                 **branch(slice(call.batch, None), call.negative_text_len),
+                **no_image_prompt,
             )
 
         def run_positive(view: Any) -> Any:
@@ -71,6 +82,7 @@ class JointAttentionNAG(NAGProcessor):
 
 _JOINT_PROCESSORS = {
     "FluxAttnProcessor",
+    "FluxIPAdapterAttnProcessor",
     "JointAttnProcessor2_0",
     "Flux2AttnProcessor",
     "QwenDoubleStreamAttnProcessor2_0",
@@ -98,6 +110,7 @@ class FastJointAttentionNAG(JointAttentionNAG):
         rotary = arguments.get(self.rotary_argument)
         padded = text.shape[1]
         qi, ki, vi = image_qkv(attn, hidden)
+        image_prompt_queries = qi  # the IP-Adapter's queries: normed, not rotated
         qt, kt, vt = text_qkv(attn, text)
         if rotary is not None and self.stock_kind in _SPLIT_ROTARY_PROCESSORS:  # (image, text) tables, complex
             from diffusers.models.transformers.transformer_qwenimage import (
@@ -124,4 +137,26 @@ class FastJointAttentionNAG(JointAttentionNAG):
         text_out = torch.cat([pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)])
         if getattr(attn, "to_add_out", None) is not None and not getattr(attn, "context_pre_only", False):
             text_out = attn.to_add_out(text_out)
+        if self.stock_kind == "FluxIPAdapterAttnProcessor":
+            return image_out, text_out, image_prompt_term(self.stock, attn, image_prompt_queries, image_out, arguments)
         return image_out, text_out
+
+
+def image_prompt_term(
+    stock: Any, attn: torch.nn.Module, queries: torch.Tensor, image_out: torch.Tensor, arguments: dict[str, Any]
+) -> torch.Tensor:
+    """``FluxIPAdapterAttnProcessor``'s image-prompt term for the stock rows, as it computes it: the image queries
+    ``(B, L, H, D)`` attend to each adapter's image-prompt tokens, each result scaled by the adapter's scale. Unguided:
+    it does not see the text."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    batch = queries.shape[0]
+    term = torch.zeros_like(image_out)
+    for tokens, scale, to_k, to_v in zip(
+        arguments.get("ip_hidden_states") or [], stock.scale, stock.to_k_ip, stock.to_v_ip
+    ):
+        keys = to_k(tokens).view(batch, -1, attn.heads, attn.head_dim)
+        values = to_v(tokens).view(batch, -1, attn.heads, attn.head_dim)
+        out = dispatch_attention_fn(queries, keys, values, attn_mask=None, dropout_p=0.0, is_causal=False)
+        term += scale * out.reshape(batch, -1, attn.heads * attn.head_dim).to(queries.dtype)
+    return term

@@ -26,21 +26,6 @@ def _flux_single_text_finish(block: torch.nn.Module, saved: dict[str, Any], atte
     return out.clip(-65504, 65504) if out.dtype == torch.float16 else out
 
 
-def flux_refusal(transformer: torch.nn.Module) -> str | None:
-    """Flux's IP-Adapter: its double blocks' processor adds the image-prompt attention of every image row it is
-    given, after its output projection, and NAG's paths that run the image with the negative rows would add it for
-    those rows too; it is refused rather than guided differently on each path."""
-    for name, module in transformer.named_modules():
-        kind = type(getattr(module, "processor", None)).__name__
-        if hasattr(module, "processor") and "IPAdapter" in kind:
-            return (
-                f"it carries an IP-Adapter (`transformer.{name}` has a {kind}); NAG does not guide Flux with an "
-                "IP-Adapter. Unload it (pipe.unload_ip_adapter()) to use NAG, or generate with the IP-Adapter "
-                "without NAG"
-            )
-    return None
-
-
 FAMILIES = (
     Family(
         name="flux",
@@ -55,7 +40,6 @@ FAMILIES = (
             ModuleKind.CONCATENATING_BLOCK: r"single_transformer_blocks\.\d+",
         },
         text_path=TextPath(_flux_single_text_start, _flux_single_text_finish),
-        refuse=flux_refusal,
         context_parallel=True,
     ),
     # Chroma: Flux-like blocks whose modulation comes from the timestep alone (a distilled
