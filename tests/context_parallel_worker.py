@@ -4,7 +4,8 @@ same NAG call in one process. Run by ``tests/test_context_parallel.py``::
     python tests/context_parallel_worker.py OUT.json CASE [CASE ...]
 
 A case is ``family:mode:negative_len:order`` (``flux:ring:4:after``); each prints one line of ``OUT.json`` with the
-largest absolute difference from the single-process output, or the error NAG raised.
+largest absolute difference from the single-process output, or the error NAG raised. ``negative_len`` may be
+``pipeline`` (``nag.apply`` on the whole tiny pipeline) or ``stock`` (no NAG: what stock diffusers does alone).
 
 The two CPU workarounds stock diffusers needs here live in this file only (never in the library):
 ``enable_parallelism`` picks the rank's device modulo ``torch.accelerator.device_count()`` (0 without an
@@ -99,7 +100,47 @@ def wan_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[s
     return transformer, inputs, negative
 
 
-CASES = {"flux": flux_case, "wan": wan_case}
+def text_mask(rows: int, length: int, real: int) -> torch.Tensor:
+    """A (rows, length) text mask: the first ``real`` tokens attended, the padding after not (as T5 pads)."""
+    mask = torch.zeros(rows, length)
+    mask[:, :real] = 1
+    return mask
+
+
+def ltx_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """LTX-Video: cross-attention to a masked text (the prompt's last 2 and the negative's last token padding)."""
+    import tiny_pipelines as tp
+
+    transformer = tp.FACTORIES["ltx"]().transformer
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(BATCH, POSITIVE_LEN, 32, generator=g)
+    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, 32, generator=g)
+    inputs = dict(
+        hidden_states=torch.randn(BATCH, 2 * 4 * 4, 8, generator=g),
+        encoder_hidden_states=text,
+        timestep=torch.full((BATCH,), 500.0),
+        encoder_attention_mask=text_mask(BATCH, POSITIVE_LEN, POSITIVE_LEN - 2),
+        num_frames=2,
+        height=4,
+        width=4,
+        return_dict=False,
+    )
+    negative = dict(
+        encoder_hidden_states=torch.randn(1, negative_len, 32, generator=g),
+        encoder_attention_mask=text_mask(1, negative_len, negative_len - 1),
+    )
+    return transformer, inputs, negative
+
+
+def ltx_unmasked_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """LTX-Video called without text masks (stock diffusers' parallel attention cannot take its mask)."""
+    transformer, inputs, negative = ltx_case(negative_len)
+    inputs["encoder_attention_mask"] = None
+    del negative["encoder_attention_mask"]
+    return transformer, inputs, negative
+
+
+CASES = {"flux": flux_case, "wan": wan_case, "ltx": ltx_case, "ltx_unmasked": ltx_unmasked_case}
 
 
 def run_nag(transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -111,7 +152,8 @@ def run_nag(transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict
 
 
 def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
-    """``nag.apply`` on the whole tiny pipeline (2 prompts, true CFG for Flux, 2 steps), then parallelism."""
+    """``nag.apply`` on the whole tiny pipeline (2 prompts, true CFG for Flux, CFG for Wan, 2 steps), then
+    parallelism."""
     import tiny_pipelines as tp
 
     import nag
@@ -126,6 +168,7 @@ def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
                 generator=torch.Generator().manual_seed(0),
                 output_type="latent",
                 **({"negative_prompt": "grey", "true_cfg_scale": 4.0} if family == "flux" else {}),
+                **tp._BASE_KWARGS[family],  # the sizes the tiny models are built for
             )
         return tp.output_tensor(out)
 
@@ -133,6 +176,19 @@ def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
     pipe.transformer.enable_parallelism(config=config)
     got = generate()
     return {"nag_effect": (expected - stock).abs().max().item(), "max_abs_diff": (got - expected).abs().max().item()}
+
+
+def run_stock_case(family: str, config: Any) -> dict[str, Any]:
+    """Stock diffusers alone (no NAG): the same call under parallelism against one process."""
+    transformer, inputs, _ = CASES[family](4)
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+        transformer.enable_parallelism(config=config)
+        try:
+            got = transformer(**inputs)[0]
+        except RuntimeError as error:
+            return {"error": f"{type(error).__name__}: {error}"}
+    return {"max_abs_diff": (got - expected).abs().max().item()}
 
 
 def run_case(case: str) -> dict[str, Any]:
@@ -146,6 +202,8 @@ def run_case(case: str) -> dict[str, Any]:
             "case": case,
             **run_pipeline_case(family, ContextParallelConfig(**{f"{mode}_degree": WORLD})),
         }
+    if negative_len == "stock":
+        return {"case": case, **run_stock_case(family, ContextParallelConfig(**{f"{mode}_degree": WORLD}))}
     transformer, inputs, negative = CASES[family](int(negative_len))
     expected = run_nag(transformer, inputs, negative)
     with torch.no_grad():

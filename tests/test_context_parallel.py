@@ -29,7 +29,14 @@ CASES = [
     "flux:ring:8:after",
     "flux:ring:pipeline:after",  # nag.apply on the whole FluxPipeline, true CFG, 2 steps
     "flux:ulysses:5:after",  # refused: an odd negative length cannot be split in two
+    "wan:ring:pipeline:after",  # nag.apply on the whole WanPipeline, CFG, 2 steps
+    "ltx_unmasked:ulysses:4:after",  # LTX-Video called without text masks
+    "ltx_unmasked:ring:12:before",
+    "ltx_unmasked:ulysses:12:after",
+    "ltx_unmasked:ring:4:after",
 ]
+# LTX-Video with its text mask: refused; stock diffusers alone (no NAG) fails under Ulysses, differs under ring
+REFUSED = ["ltx:ulysses:4:after", "ltx:ring:12:after", "ltx:ulysses:stock:after", "ltx:ring:stock:after"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("context_parallel") / "results.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), *sys.path])}
     done = subprocess.run(
-        [sys.executable, str(HERE / "context_parallel_worker.py"), str(out), *CASES],
+        [sys.executable, str(HERE / "context_parallel_worker.py"), str(out), *CASES, *REFUSED],
         env=env,
         capture_output=True,
         text=True,
@@ -59,6 +66,16 @@ def test_matches_one_process(results: dict[str, dict], case: str) -> None:
 def test_odd_negative_length_is_refused_with_the_reason(results: dict[str, dict]) -> None:
     error = results["flux:ulysses:5:after"]["error"]
     assert "divisible by 2" in error and "max_sequence_length" in error
+
+
+def test_text_mask_is_refused_and_stock_diffusers_cannot_run_it(results: dict[str, dict]) -> None:
+    """LTX-Video's text mask, split by its plan: NAG refuses it with the reason, because stock diffusers alone
+    fails on it under Ulysses and gives another output than one process under ring."""
+    for case in ("ltx:ulysses:4:after", "ltx:ring:12:after"):
+        error = results[case]["error"]
+        assert "NotImplementedError" in error and "encoder_attention_mask" in error
+    assert "RuntimeError" in results["ltx:ulysses:stock:after"]["error"]
+    assert results["ltx:ring:stock:after"]["max_abs_diff"] > 1e-3
 
 
 def test_unverified_family_is_refused_at_attach_and_at_call() -> None:

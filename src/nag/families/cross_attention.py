@@ -68,6 +68,7 @@ FAMILIES = (
         layout="cross",
         mask_kwarg="encoder_attention_mask",
         negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        context_parallel=True,
     ),
     # LTX-2 (LTX2VideoTransformer3DModel): video and audio streams, each with cross-attention to its own
     # text (the pipeline's `connectors` output, one mask for both). NAG guides the video stream's text

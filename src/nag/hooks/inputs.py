@@ -10,7 +10,7 @@ import torch
 from ..attention import pad_tokens
 from ..spec import Family
 from ..state import GuidedCall
-from .parallel import shard_tokens
+from .parallel import TEXT_MASK_UNDER_PARALLELISM, shard_tokens
 
 
 def conditional_rows(text: Any, reference: Any) -> torch.Tensor | None:
@@ -112,7 +112,7 @@ def extend_inputs(
     if isinstance(arguments.get(family.text_kwarg), (list, tuple)):
         return _extend_lists(family, arguments, negative, cond_rows)
     if family.layout == "cross":
-        return _extend_cross(family, arguments, negative, cond_rows)
+        return _extend_cross(family, arguments, negative, cond_rows, shards)
     if family.layout == "prefix":  # the stock rows run as stock; the negative prefix has a call of its own
         text = arguments[family.text_kwarg]
         rows, target = text.shape[0], family.causal_prefix.target_tokens(arguments)
@@ -124,16 +124,28 @@ def extend_inputs(
     return _extend_joint(family, arguments, negative, cond_rows, pad_to, shards)
 
 
-def _extend_cross(family: Family, arguments, negative, cond_rows):
+def _extend_cross(family: Family, arguments, negative, cond_rows, shards=1):
+    """``[positive | negative]`` text along the sequence (masks likewise); with ``shards`` (the model splits the
+    text into that many equal shards) each shard holds its share of the positive text, then its share of the
+    negative text, and the call records the lengths within one shard: every rank splits its own shard as one
+    process splits the whole text, and attention over all ranks sees each branch's whole text in order."""
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
     negative_text = negative["encoder_hidden_states"].to(text.dtype)
     negative_len = negative_text.shape[1]
-    filler = text.new_zeros(rows, negative_len, *text.shape[2:])
-    filler[cond_rows] = negative_text
-    changes: dict[str, Any] = {family.text_kwarg: torch.cat([text, filler], dim=1)}
+    if shards > 1 and (positive_len % shards or negative_len % shards):
+        raise ValueError(
+            f"under context parallelism over {shards} ranks NAG needs text lengths divisible by {shards}; the "
+            f"prompt has {positive_len} tokens and the negative prompt {negative_len}: encode both with a "
+            f"max_sequence_length divisible by {shards}"
+        )
     positive_mask = arguments.get(family.mask_kwarg) if family.mask_kwarg else None
     negative_mask = negative.get("encoder_attention_mask")
+    if shards > 1 and (positive_mask is not None or negative_mask is not None):
+        raise NotImplementedError(TEXT_MASK_UNDER_PARALLELISM)
+    filler = text.new_zeros(rows, negative_len, *text.shape[2:])
+    filler[cond_rows] = negative_text
+    changes: dict[str, Any] = {family.text_kwarg: _join_shards(text, filler, shards)}
     if family.mask_kwarg and (positive_mask is not None or negative_mask is not None):
         if positive_mask is not None and positive_mask.ndim != 2:
             raise ValueError(
@@ -145,11 +157,23 @@ def _extend_cross(family: Family, arguments, negative, cond_rows):
         mask_filler = like.new_ones(rows, negative_len)
         if negative_mask is not None:
             mask_filler[cond_rows] = negative_mask.to(like.dtype)
-        changes[family.mask_kwarg] = torch.cat([positive_mask, mask_filler], dim=1)
+        changes[family.mask_kwarg] = _join_shards(positive_mask, mask_filler, shards)
     call = GuidedCall(
-        rows, cond_rows, positive_len, negative_len, positive_len + negative_len, static_negative=family.static_text
+        rows,
+        cond_rows,
+        positive_len // shards,
+        negative_len // shards,
+        (positive_len + negative_len) // shards,
+        static_negative=family.static_text,
     )
     return call, changes
+
+
+def _join_shards(positive: torch.Tensor, negative: torch.Tensor, shards: int) -> torch.Tensor:
+    """``(rows, tokens, ...)`` tensors joined along the tokens as ``shards`` equal chunks, each its share of
+    ``positive`` then its share of ``negative`` (one chunk: ``[positive | negative]``)."""
+    parts = (positive.unflatten(1, (shards, -1)), negative.unflatten(1, (shards, -1)))
+    return torch.cat(parts, dim=2).flatten(1, 2)
 
 
 def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0, shards=1):

@@ -20,7 +20,18 @@ import torch
 
 from ..spec import Family
 
-__all__ = ["context_parallel_config", "text_shards", "refusal", "shard_tokens"]
+__all__ = ["TEXT_MASK_UNDER_PARALLELISM", "context_parallel_config", "text_shards", "refusal", "shard_tokens"]
+
+#: Why a text mask on a split text cannot be exact: stock diffusers (0.42) itself cannot run it. Its processors
+#: shape the mask to all of the model's heads, which Ulysses splits between ranks (the attention fails), and ring
+#: attention applies each rank's own mask shard to every rank's keys (the output differs from one process).
+TEXT_MASK_UNDER_PARALLELISM = (
+    "NAG cannot guide a text mask that the model's context-parallel plan splits: stock diffusers cannot attend "
+    "with it under context parallelism (Ulysses fails on the mask's head axis; ring applies each rank's mask shard "
+    "to every rank's keys, so it differs from one process, with or without NAG). Run this model on one device per "
+    "generation (without enable_parallelism), or call the denoiser without `encoder_attention_mask` and pass the "
+    "negative prompt without a mask"
+)
 
 
 def context_parallel_config(denoiser: torch.nn.Module) -> Any:
