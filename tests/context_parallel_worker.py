@@ -100,6 +100,32 @@ def wan_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[s
     return transformer, inputs, negative
 
 
+def flux2_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """FLUX.2: text position ids ``(0, 0, 0, l)`` counting along the text, batched as its pipelines pass them."""
+    import tiny_pipelines as tp
+
+    transformer = tp.FAMILY_FACTORIES["flux2_klein"]().transformer
+    g = torch.Generator().manual_seed(0)
+    side = 4
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    zeros = torch.zeros_like(rows)
+    img_ids = torch.stack([zeros, rows, cols, zeros], dim=-1).flatten(0, 1)
+    txt_ids = torch.zeros(POSITIVE_LEN, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(POSITIVE_LEN)
+    text = torch.randn(BATCH, POSITIVE_LEN, 48, generator=g)
+    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, 48, generator=g)
+    inputs = dict(
+        hidden_states=torch.randn(BATCH, side * side, 16, generator=g),
+        encoder_hidden_states=text,
+        timestep=torch.full((BATCH,), 0.5),
+        img_ids=img_ids.expand(BATCH, -1, -1),
+        txt_ids=txt_ids.expand(BATCH, -1, -1),
+        return_dict=False,
+    )
+    negative = dict(encoder_hidden_states=torch.randn(1, negative_len, 48, generator=g))
+    return transformer, inputs, negative
+
+
 def text_mask(rows: int, length: int, real: int) -> torch.Tensor:
     """A (rows, length) text mask: the first ``real`` tokens attended, the padding after not (as T5 pads)."""
     mask = torch.zeros(rows, length)
@@ -140,7 +166,7 @@ def ltx_unmasked_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any
     return transformer, inputs, negative
 
 
-CASES = {"flux": flux_case, "wan": wan_case, "ltx": ltx_case, "ltx_unmasked": ltx_unmasked_case}
+CASES = {"flux": flux_case, "flux2": flux2_case, "wan": wan_case, "ltx": ltx_case, "ltx_unmasked": ltx_unmasked_case}
 
 
 def run_nag(transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -158,7 +184,7 @@ def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
 
     import nag
 
-    pipe = tp.FACTORIES[family]()
+    pipe = {**tp.FACTORIES, **tp.FAMILY_FACTORIES}[family]()
 
     def generate(negative: str = "blurry, low quality") -> torch.Tensor:
         with nag.apply(pipe, negative):  # (an empty negative prompt: NAG off)
@@ -167,7 +193,7 @@ def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
                 num_inference_steps=2,
                 generator=torch.Generator().manual_seed(0),
                 output_type="latent",
-                **({"negative_prompt": "grey", "true_cfg_scale": 4.0} if family == "flux" else {}),
+                **({"negative_prompt": "grey", "true_cfg_scale": 4.0} if family == "flux" else {"guidance_scale": 4.0}),
                 **tp._BASE_KWARGS[family],  # the sizes the tiny models are built for
             )
         return tp.output_tensor(out)

@@ -34,9 +34,19 @@ CASES = [
     "ltx_unmasked:ring:12:before",
     "ltx_unmasked:ulysses:12:after",
     "ltx_unmasked:ring:4:after",
+    "flux2:ulysses:8:after",  # FLUX.2: the negative at the prompt's length (its pipelines pad both to 512)
+    "flux2:ring:8:before",
+    "flux2_klein:ulysses:pipeline:after",  # nag.apply on the whole Flux2KleinPipeline, CFG (one call per branch)
 ]
 # LTX-Video with its text mask: refused; stock diffusers alone (no NAG) fails under Ulysses, differs under ring
-REFUSED = ["ltx:ulysses:4:after", "ltx:ring:12:after", "ltx:ulysses:stock:after", "ltx:ring:stock:after"]
+REFUSED = [
+    "flux2:ulysses:4:after",
+    "flux2:ring:12:after",
+    "ltx:ulysses:4:after",
+    "ltx:ring:12:after",
+    "ltx:ulysses:stock:after",
+    "ltx:ring:stock:after",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +86,14 @@ def test_text_mask_is_refused_and_stock_diffusers_cannot_run_it(results: dict[st
         assert "NotImplementedError" in error and "encoder_attention_mask" in error
     assert "RuntimeError" in results["ltx:ulysses:stock:after"]["error"]
     assert results["ltx:ring:stock:after"]["max_abs_diff"] > 1e-3
+
+
+def test_flux2_negative_of_another_length_is_refused(results: dict[str, dict]) -> None:
+    """FLUX.2's text positions count along the text and one table serves every row: shards of branches of other
+    lengths would need other positions, so NAG refuses them and says what to change."""
+    for case in ("flux2:ulysses:4:after", "flux2:ring:12:after"):
+        error = results[case]["error"]
+        assert "NotImplementedError" in error and "same text length" in error and "max_sequence_length" in error
 
 
 def test_unverified_family_is_refused_at_attach_and_at_call() -> None:

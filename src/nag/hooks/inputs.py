@@ -120,7 +120,7 @@ def extend_inputs(
         call = GuidedCall(rows, cond_rows, text.shape[1], negative_len, text.shape[1], image_lengths=[target] * rows)
         return call, {}
     if family.layout == "concat":
-        return _extend_concat(family, arguments, negative, cond_rows, pad_to)
+        return _extend_concat(family, arguments, negative, cond_rows, pad_to, shards)
     return _extend_joint(family, arguments, negative, cond_rows, pad_to, shards)
 
 
@@ -266,13 +266,17 @@ class TextLayout:
         if not torch.equal(positive.masked_fill(~both, 0), negative.masked_fill(~both, 0)):
             raise NotImplementedError(
                 "under context parallelism NAG needs the prompt and the negative prompt at the same text length "
-                "for a model whose text position ids differ from token to token; encode both with the same "
-                "max_sequence_length"
+                "for a model whose text position ids differ from token to token (the model takes one position "
+                "table for all rows, and parallel attention needs every rank to hold an equal share of each "
+                "branch, so branches of other lengths would need other positions in the same shard); encode both "
+                "with the same max_sequence_length"
             )
-        return torch.where(real[0], positive, negative)
+        table = torch.where(real[0], positive, negative)
+        # batched ids (FLUX.2) stay batched: the model's plan splits them only in the shape the model was given
+        return table.expand(ids.shape[0], *table.shape) if ids.ndim == 3 else table
 
 
-def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
+def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0, shards=1):
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
     negative_len = negative["encoder_hidden_states"].shape[1]
@@ -283,6 +287,7 @@ def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
         {k: v for k, v in negative.items() if k != "encoder_attention_mask"},
         cond_rows,
         pad_to,
+        shards,
     )
     image = arguments[family.image_kwarg]
     changes[family.image_kwarg] = torch.cat([image, image[cond_rows]])
