@@ -38,7 +38,8 @@ CASES = [
     "flux2:ring:8:before",
     "flux2_klein:ulysses:pipeline:after",  # nag.apply on the whole Flux2KleinPipeline, CFG (one call per branch)
 ]
-# LTX-Video with its text mask: refused; stock diffusers alone (no NAG) fails under Ulysses, differs under ring
+# Refused: FLUX.2 with a negative of another length; LTX-Video with its text mask (stock diffusers alone, no NAG,
+# fails under Ulysses and differs from one process under ring)
 REFUSED = [
     "flux2:ulysses:4:after",
     "flux2:ring:12:after",
@@ -128,6 +129,21 @@ def test_unverified_family_is_refused_at_attach_and_at_call() -> None:
         transformer(**inputs)
     handle.remove()
     transformer._parallel_config = None
+
+
+@pytest.mark.parametrize(
+    ("family", "reason"), [("qwenimage", "rotary table"), ("ltx2", "text mask"), ("sd3", "parallelism yet")]
+)
+def test_refusal_says_why_the_family_cannot_be_exact(family: str, reason: str) -> None:
+    """Families that cannot be exact say what in the model's plan or in stock diffusers makes it so."""
+    from nag.families import FAMILIES
+    from nag.hooks.parallel import refusal
+
+    model = torch.nn.Module()
+    assert refusal(model, FAMILIES[family]) is None  # no parallelism: nothing to refuse
+    model._parallel_config = type("Config", (), {"context_parallel_config": type("CP", (), {"ring_degree": 2})()})()
+    message = refusal(model, FAMILIES[family])
+    assert message is not None and reason in message and "without enable_parallelism" in message
 
 
 def test_cli_parallel_needs_a_launcher_and_a_model_with_a_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

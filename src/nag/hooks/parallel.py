@@ -56,8 +56,9 @@ def refusal(denoiser: torch.nn.Module, family: Family) -> str | None:
     if config is None or _degree(config) <= 1:
         return None
     if not family.context_parallel:
+        why = family.context_parallel_refusal or "yet"
         return (
-            f"NAG is not exact for {family.name} under context parallelism yet; run it on one device per "
+            f"NAG is not exact for {family.name} under context parallelism {why}; run it on one device per "
             "generation (without enable_parallelism), or remove NAG"
         )
     if _splits_text(denoiser, family) and (
