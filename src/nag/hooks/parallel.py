@@ -2,11 +2,13 @@
 
 The model's context-parallel plan splits some inputs along the sequence at the model's input, after NAG's denoiser
 pre-hook has extended them: the blocks, and NAG's attention wrappers, see one rank's shard. Families whose text
-reaches every rank whole (Wan: the plan splits only the video) need nothing. Where the plan splits the text (Flux),
-NAG lays out the padded text so that every rank's equal shard holds its share of each branch's tokens first and
-the padding after (:func:`shard_tokens`), and records the per-shard lengths in the call: each rank then cuts
-its own branches exactly as one process cuts the whole text, and the attention over all ranks sees each branch's
-tokens and no padding (Ulysses and ring alike).
+reaches every rank whole (Wan: the plan splits only the video) need nothing. Where the plan splits the text (Flux,
+FLUX.2), NAG lays out the padded text so that every rank's equal shard holds its share of each branch's tokens
+first and the padding after (:func:`shard_tokens`; the cross layout, LTX-Video: its share of the prompt, then its
+share of the negative prompt), and records the per-shard lengths in the call: each rank then cuts its own branches
+exactly as one process cuts the whole text, and the attention over all ranks sees each branch's tokens and no
+padding (Ulysses and ring alike). A split text mask is refused: stock diffusers cannot attend with it
+(:data:`TEXT_MASK_UNDER_PARALLELISM`).
 
 Families not marked ``context_parallel`` are refused, at ``attach`` and at every call (parallelism may be enabled
 after NAG is applied), with the reason.
