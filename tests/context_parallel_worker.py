@@ -57,16 +57,23 @@ def cpu_workarounds() -> None:
     attention_dispatch._native_attention_forward_op = forward_op
 
 
-def flux_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+def tiny_denoiser(name: str, text_width: int) -> tuple[torch.nn.Module, torch.Generator, torch.Tensor]:
+    """The tiny pipeline ``name``'s denoiser, the case's seeded generator, and a text batch whose conditional rows
+    (the second half) carry one prompt, as a classifier-free-guidance batch does."""
     import tiny_pipelines as tp
 
-    transformer = tp.FACTORIES["flux"]().transformer
+    transformer = {**tp.FACTORIES, **tp.FAMILY_FACTORIES}[name]().transformer
     g = torch.Generator().manual_seed(0)
+    text = torch.randn(BATCH, POSITIVE_LEN, text_width, generator=g)
+    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, text_width, generator=g)
+    return transformer, g, text
+
+
+def flux_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    transformer, g, text = tiny_denoiser("flux", 32)
     side = 4
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).flatten(0, 1).float()
-    text = torch.randn(BATCH, POSITIVE_LEN, 32, generator=g)
-    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, 32, generator=g)  # the conditional rows: one prompt
     inputs = dict(
         hidden_states=torch.randn(BATCH, side * side, 16, generator=g),
         encoder_hidden_states=text,
@@ -84,12 +91,7 @@ def flux_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[
 
 
 def wan_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
-    import tiny_pipelines as tp
-
-    transformer = tp.FACTORIES["wan"]().transformer
-    g = torch.Generator().manual_seed(0)
-    text = torch.randn(BATCH, POSITIVE_LEN, 32, generator=g)
-    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, 32, generator=g)
+    transformer, g, text = tiny_denoiser("wan", 32)
     inputs = dict(
         hidden_states=torch.randn(BATCH, 4, 2, 4, 4, generator=g),
         encoder_hidden_states=text,
@@ -102,18 +104,13 @@ def wan_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[s
 
 def flux2_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
     """FLUX.2: text position ids ``(0, 0, 0, l)`` counting along the text, batched as its pipelines pass them."""
-    import tiny_pipelines as tp
-
-    transformer = tp.FAMILY_FACTORIES["flux2_klein"]().transformer
-    g = torch.Generator().manual_seed(0)
+    transformer, g, text = tiny_denoiser("flux2_klein", 48)
     side = 4
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     zeros = torch.zeros_like(rows)
     img_ids = torch.stack([zeros, rows, cols, zeros], dim=-1).flatten(0, 1)
     txt_ids = torch.zeros(POSITIVE_LEN, 4, dtype=torch.long)
     txt_ids[:, 3] = torch.arange(POSITIVE_LEN)
-    text = torch.randn(BATCH, POSITIVE_LEN, 48, generator=g)
-    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, 48, generator=g)
     inputs = dict(
         hidden_states=torch.randn(BATCH, side * side, 16, generator=g),
         encoder_hidden_states=text,
@@ -135,12 +132,7 @@ def text_mask(rows: int, length: int, real: int) -> torch.Tensor:
 
 def ltx_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
     """LTX-Video: cross-attention to a masked text (the prompt's last 2 and the negative's last token padding)."""
-    import tiny_pipelines as tp
-
-    transformer = tp.FACTORIES["ltx"]().transformer
-    g = torch.Generator().manual_seed(0)
-    text = torch.randn(BATCH, POSITIVE_LEN, 32, generator=g)
-    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, 32, generator=g)
+    transformer, g, text = tiny_denoiser("ltx", 32)
     inputs = dict(
         hidden_states=torch.randn(BATCH, 2 * 4 * 4, 8, generator=g),
         encoder_hidden_states=text,
