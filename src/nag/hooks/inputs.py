@@ -295,6 +295,8 @@ def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0, sha
         positive_mask = arguments.get(family.mask_kwarg)
         negative_mask = negative.get("encoder_attention_mask")
         if positive_mask is not None or negative_mask is not None:
+            if shards > 1:  # (no family marked exact under context parallelism takes a concat-layout mask)
+                raise NotImplementedError(TEXT_MASK_UNDER_PARALLELISM)
             if positive_mask is not None and positive_mask.ndim != 2:
                 raise ValueError(
                     f"NAG expects a (batch, tokens) `{family.mask_kwarg}`, got shape {tuple(positive_mask.shape)}"
