@@ -176,6 +176,19 @@ def _join_shards(positive: torch.Tensor, negative: torch.Tensor, shards: int) ->
     return torch.cat(parts, dim=2).flatten(1, 2)
 
 
+def _guided_row_kwargs(family: Family, arguments: dict[str, Any], rows: int, cond_rows: torch.Tensor) -> dict:
+    """The family's per-row arguments (timestep, guidance, ...) with the guided rows' values repeated for the
+    negative rows; a per-row argument with neither one row nor one per row is refused."""
+    changes = {}
+    for key in family.row_kwargs:
+        value = arguments.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+            changes[key] = torch.cat([value, value[cond_rows]])
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
+            raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+    return changes
+
+
 def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0, shards=1):
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
@@ -217,12 +230,7 @@ def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0, shar
                 "encode the negative prompt with the pipeline's encode_prompt"
             )
         changes[key] = torch.cat([value, negative[key].to(value.dtype)], dim=dim)
-    for key in family.row_kwargs:
-        value = arguments.get(key)
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            changes[key] = torch.cat([value, value[cond_rows]])
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
-            raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+    changes.update(_guided_row_kwargs(family, arguments, rows, cond_rows))
     if family.text_ids_kwarg and arguments.get(family.text_ids_kwarg) is not None:
         changes[family.text_ids_kwarg] = layout.text_ids(arguments[family.text_ids_kwarg])
     call = GuidedCall(rows, cond_rows, *layout.lengths())
@@ -338,12 +346,7 @@ def _extend_lists(family: Family, arguments, negative, cond_rows):
         family.text_kwarg: text + negative_text,
         family.image_kwarg: image + [image[r] for r in picked],
     }
-    for key in family.row_kwargs:
-        value = arguments.get(key)
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            changes[key] = torch.cat([value, value[cond_rows]])
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
-            raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+    changes.update(_guided_row_kwargs(family, arguments, rows, cond_rows))
     positive_len = max(t.shape[0] for t in text)
     negative_len = max(t.shape[0] for t in negative_text)
     call = GuidedCall(rows, cond_rows, positive_len, negative_len, max(positive_len, negative_len))
