@@ -4,7 +4,8 @@ same NAG call in one process. Run by ``tests/test_context_parallel.py``::
     python tests/context_parallel_worker.py OUT.json CASE [CASE ...]
 
 A case is ``family:mode:negative_len:order`` (``flux:ring:4:after``); each prints one line of ``OUT.json`` with the
-largest absolute difference from the single-process output, or the error NAG raised.
+largest absolute difference from the single-process output, or the error NAG raised. ``negative_len`` may be
+``pipeline`` (``nag.apply`` on the whole tiny pipeline) or ``stock`` (no NAG: what stock diffusers does alone).
 
 The two CPU workarounds stock diffusers needs here live in this file only (never in the library):
 ``enable_parallelism`` picks the rank's device modulo ``torch.accelerator.device_count()`` (0 without an
@@ -56,16 +57,23 @@ def cpu_workarounds() -> None:
     attention_dispatch._native_attention_forward_op = forward_op
 
 
-def flux_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+def tiny_denoiser(name: str, text_width: int) -> tuple[torch.nn.Module, torch.Generator, torch.Tensor]:
+    """The tiny pipeline ``name``'s denoiser, the case's seeded generator, and a text batch whose conditional rows
+    (the second half) carry one prompt, as a classifier-free-guidance batch does."""
     import tiny_pipelines as tp
 
-    transformer = tp.FACTORIES["flux"]().transformer
+    transformer = {**tp.FACTORIES, **tp.FAMILY_FACTORIES}[name]().transformer
     g = torch.Generator().manual_seed(0)
+    text = torch.randn(BATCH, POSITIVE_LEN, text_width, generator=g)
+    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, text_width, generator=g)
+    return transformer, g, text
+
+
+def flux_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    transformer, g, text = tiny_denoiser("flux", 32)
     side = 4
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).flatten(0, 1).float()
-    text = torch.randn(BATCH, POSITIVE_LEN, 32, generator=g)
-    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, 32, generator=g)  # the conditional rows: one prompt
     inputs = dict(
         hidden_states=torch.randn(BATCH, side * side, 16, generator=g),
         encoder_hidden_states=text,
@@ -83,12 +91,7 @@ def flux_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[
 
 
 def wan_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
-    import tiny_pipelines as tp
-
-    transformer = tp.FACTORIES["wan"]().transformer
-    g = torch.Generator().manual_seed(0)
-    text = torch.randn(BATCH, POSITIVE_LEN, 32, generator=g)
-    text[BATCH // 2 :] = torch.randn(1, POSITIVE_LEN, 32, generator=g)
+    transformer, g, text = tiny_denoiser("wan", 32)
     inputs = dict(
         hidden_states=torch.randn(BATCH, 4, 2, 4, 4, generator=g),
         encoder_hidden_states=text,
@@ -99,7 +102,63 @@ def wan_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[s
     return transformer, inputs, negative
 
 
-CASES = {"flux": flux_case, "wan": wan_case}
+def flux2_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """FLUX.2: text position ids ``(0, 0, 0, l)`` counting along the text, batched as its pipelines pass them."""
+    transformer, g, text = tiny_denoiser("flux2_klein", 48)
+    side = 4
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    zeros = torch.zeros_like(rows)
+    img_ids = torch.stack([zeros, rows, cols, zeros], dim=-1).flatten(0, 1)
+    txt_ids = torch.zeros(POSITIVE_LEN, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(POSITIVE_LEN)
+    inputs = dict(
+        hidden_states=torch.randn(BATCH, side * side, 16, generator=g),
+        encoder_hidden_states=text,
+        timestep=torch.full((BATCH,), 0.5),
+        img_ids=img_ids.expand(BATCH, -1, -1),
+        txt_ids=txt_ids.expand(BATCH, -1, -1),
+        return_dict=False,
+    )
+    negative = dict(encoder_hidden_states=torch.randn(1, negative_len, 48, generator=g))
+    return transformer, inputs, negative
+
+
+def text_mask(rows: int, length: int, real: int) -> torch.Tensor:
+    """A (rows, length) text mask: the first ``real`` tokens attended, the padding after not (as T5 pads)."""
+    mask = torch.zeros(rows, length)
+    mask[:, :real] = 1
+    return mask
+
+
+def ltx_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """LTX-Video: cross-attention to a masked text (the prompt's last 2 and the negative's last token padding)."""
+    transformer, g, text = tiny_denoiser("ltx", 32)
+    inputs = dict(
+        hidden_states=torch.randn(BATCH, 2 * 4 * 4, 8, generator=g),
+        encoder_hidden_states=text,
+        timestep=torch.full((BATCH,), 500.0),
+        encoder_attention_mask=text_mask(BATCH, POSITIVE_LEN, POSITIVE_LEN - 2),
+        num_frames=2,
+        height=4,
+        width=4,
+        return_dict=False,
+    )
+    negative = dict(
+        encoder_hidden_states=torch.randn(1, negative_len, 32, generator=g),
+        encoder_attention_mask=text_mask(1, negative_len, negative_len - 1),
+    )
+    return transformer, inputs, negative
+
+
+def ltx_unmasked_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """LTX-Video called without text masks (stock diffusers' parallel attention cannot take its mask)."""
+    transformer, inputs, negative = ltx_case(negative_len)
+    inputs["encoder_attention_mask"] = None
+    del negative["encoder_attention_mask"]
+    return transformer, inputs, negative
+
+
+CASES = {"flux": flux_case, "flux2": flux2_case, "wan": wan_case, "ltx": ltx_case, "ltx_unmasked": ltx_unmasked_case}
 
 
 def run_nag(transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -111,12 +170,13 @@ def run_nag(transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict
 
 
 def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
-    """``nag.apply`` on the whole tiny pipeline (2 prompts, true CFG for Flux, 2 steps), then parallelism."""
+    """``nag.apply`` on the whole tiny pipeline (2 prompts, true CFG for Flux, CFG for Wan, 2 steps), then
+    parallelism."""
     import tiny_pipelines as tp
 
     import nag
 
-    pipe = tp.FACTORIES[family]()
+    pipe = {**tp.FACTORIES, **tp.FAMILY_FACTORIES}[family]()
 
     def generate(negative: str = "blurry, low quality") -> torch.Tensor:
         with nag.apply(pipe, negative):  # (an empty negative prompt: NAG off)
@@ -125,7 +185,8 @@ def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
                 num_inference_steps=2,
                 generator=torch.Generator().manual_seed(0),
                 output_type="latent",
-                **({"negative_prompt": "grey", "true_cfg_scale": 4.0} if family == "flux" else {}),
+                **({"negative_prompt": "grey", "true_cfg_scale": 4.0} if family == "flux" else {"guidance_scale": 4.0}),
+                **tp._BASE_KWARGS[family],  # the sizes the tiny models are built for
             )
         return tp.output_tensor(out)
 
@@ -133,6 +194,19 @@ def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
     pipe.transformer.enable_parallelism(config=config)
     got = generate()
     return {"nag_effect": (expected - stock).abs().max().item(), "max_abs_diff": (got - expected).abs().max().item()}
+
+
+def run_stock_case(family: str, config: Any) -> dict[str, Any]:
+    """Stock diffusers alone (no NAG): the same call under parallelism against one process."""
+    transformer, inputs, _ = CASES[family](4)
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+        transformer.enable_parallelism(config=config)
+        try:
+            got = transformer(**inputs)[0]
+        except RuntimeError as error:
+            return {"error": f"{type(error).__name__}: {error}"}
+    return {"max_abs_diff": (got - expected).abs().max().item()}
 
 
 def run_case(case: str) -> dict[str, Any]:
@@ -146,6 +220,8 @@ def run_case(case: str) -> dict[str, Any]:
             "case": case,
             **run_pipeline_case(family, ContextParallelConfig(**{f"{mode}_degree": WORLD})),
         }
+    if negative_len == "stock":
+        return {"case": case, **run_stock_case(family, ContextParallelConfig(**{f"{mode}_degree": WORLD}))}
     transformer, inputs, negative = CASES[family](int(negative_len))
     expected = run_nag(transformer, inputs, negative)
     with torch.no_grad():

@@ -29,6 +29,24 @@ CASES = [
     "flux:ring:8:after",
     "flux:ring:pipeline:after",  # nag.apply on the whole FluxPipeline, true CFG, 2 steps
     "flux:ulysses:5:after",  # refused: an odd negative length cannot be split in two
+    "wan:ring:pipeline:after",  # nag.apply on the whole WanPipeline, CFG, 2 steps
+    "ltx_unmasked:ulysses:4:after",  # LTX-Video called without text masks
+    "ltx_unmasked:ring:12:before",
+    "ltx_unmasked:ulysses:12:after",
+    "ltx_unmasked:ring:4:after",
+    "flux2:ulysses:8:after",  # FLUX.2: the negative at the prompt's length (its pipelines pad both to 512)
+    "flux2:ring:8:before",
+    "flux2_klein:ulysses:pipeline:after",  # nag.apply on the whole Flux2KleinPipeline, CFG (one call per branch)
+]
+# Refused: FLUX.2 with a negative of another length; LTX-Video with its text mask (stock diffusers alone, no NAG,
+# fails under Ulysses and differs from one process under ring)
+REFUSED = [
+    "flux2:ulysses:4:after",
+    "flux2:ring:12:after",
+    "ltx:ulysses:4:after",
+    "ltx:ring:12:after",
+    "ltx:ulysses:stock:after",
+    "ltx:ring:stock:after",
 ]
 
 
@@ -37,7 +55,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("context_parallel") / "results.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), *sys.path])}
     done = subprocess.run(
-        [sys.executable, str(HERE / "context_parallel_worker.py"), str(out), *CASES],
+        [sys.executable, str(HERE / "context_parallel_worker.py"), str(out), *CASES, *REFUSED],
         env=env,
         capture_output=True,
         text=True,
@@ -59,6 +77,24 @@ def test_matches_one_process(results: dict[str, dict], case: str) -> None:
 def test_odd_negative_length_is_refused_with_the_reason(results: dict[str, dict]) -> None:
     error = results["flux:ulysses:5:after"]["error"]
     assert "divisible by 2" in error and "max_sequence_length" in error
+
+
+def test_text_mask_is_refused_and_stock_diffusers_cannot_run_it(results: dict[str, dict]) -> None:
+    """LTX-Video's text mask, split by its plan: NAG refuses it with the reason, because stock diffusers alone
+    fails on it under Ulysses and gives another output than one process under ring."""
+    for case in ("ltx:ulysses:4:after", "ltx:ring:12:after"):
+        error = results[case]["error"]
+        assert "NotImplementedError" in error and "encoder_attention_mask" in error
+    assert "RuntimeError" in results["ltx:ulysses:stock:after"]["error"]
+    assert results["ltx:ring:stock:after"]["max_abs_diff"] > 1e-3
+
+
+def test_flux2_negative_of_another_length_is_refused(results: dict[str, dict]) -> None:
+    """FLUX.2's text positions count along the text and one table serves every row: shards of branches of other
+    lengths would need other positions, so NAG refuses them and says what to change."""
+    for case in ("flux2:ulysses:4:after", "flux2:ring:12:after"):
+        error = results[case]["error"]
+        assert "NotImplementedError" in error and "same text length" in error and "max_sequence_length" in error
 
 
 def test_unverified_family_is_refused_at_attach_and_at_call() -> None:
@@ -93,6 +129,21 @@ def test_unverified_family_is_refused_at_attach_and_at_call() -> None:
         transformer(**inputs)
     handle.remove()
     transformer._parallel_config = None
+
+
+@pytest.mark.parametrize(
+    ("family", "reason"), [("qwenimage", "rotary table"), ("ltx2", "text mask"), ("sd3", "parallelism yet")]
+)
+def test_refusal_says_why_the_family_cannot_be_exact(family: str, reason: str) -> None:
+    """Families that cannot be exact say what in the model's plan or in stock diffusers makes it so."""
+    from nag.families import FAMILIES
+    from nag.hooks.parallel import refusal
+
+    model = torch.nn.Module()
+    assert refusal(model, FAMILIES[family]) is None  # no parallelism: nothing to refuse
+    model._parallel_config = type("Config", (), {"context_parallel_config": type("CP", (), {"ring_degree": 2})()})()
+    message = refusal(model, FAMILIES[family])
+    assert message is not None and reason in message and "without enable_parallelism" in message
 
 
 def test_cli_parallel_needs_a_launcher_and_a_model_with_a_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -169,6 +169,8 @@ class Family:
         context_parallel: NAG is exact for this family under diffusers' context parallelism
             (``enable_parallelism`` with a ``ContextParallelConfig``, Ulysses or ring), checked against one process
             by ``tests/test_context_parallel.py``; under context parallelism every other family is refused.
+        context_parallel_refusal: why this family cannot be exact under context parallelism (a family not marked
+            ``context_parallel``), said in the refusal instead of "not checked yet".
     """
 
     name: str
@@ -197,6 +199,7 @@ class Family:
     batch_dims: tuple[tuple[str, int], ...] = ()
     equal_text_lengths: bool = False
     context_parallel: bool = False
+    context_parallel_refusal: str | None = None
 
     def batch_dim(self, key: str) -> int:
         """The batch axis of the conditioning ``key`` (0 unless ``batch_dims`` says otherwise)."""

@@ -68,6 +68,7 @@ FAMILIES = (
         layout="cross",
         mask_kwarg="encoder_attention_mask",
         negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        context_parallel=True,
     ),
     # LTX-2 (LTX2VideoTransformer3DModel): video and audio streams, each with cross-attention to its own
     # text (the pipeline's `connectors` output, one mask for both). NAG guides the video stream's text
@@ -83,6 +84,11 @@ FAMILIES = (
         mask_kwarg="encoder_attention_mask",
         negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
         static_text=False,
+        context_parallel_refusal=(
+            "(its pipelines always pass the connectors' text mask, which stock diffusers cannot attend with under "
+            "context parallelism: its processors shape the mask to all heads, which Ulysses splits, and ring "
+            "attention applies each rank's mask shard to every rank's keys; without a mask it is not checked yet)"
+        ),
     ),
     Family(
         name="skyreels_v2",

@@ -46,6 +46,7 @@ FAMILIES = (
             ModuleKind.JOINED_BLOCK: r"single_transformer_blocks\.\d+",
         },
         text_path=TextPath(_flux2_single_text_start, _flux2_single_text_finish, modulation="temb_mod"),
+        context_parallel=True,
     ),
 )
 

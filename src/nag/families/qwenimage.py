@@ -30,6 +30,13 @@ FAMILIES = (
         negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
         row_kwargs=("timestep", "guidance", "additional_t_cond"),
         refuse=_refuse_qwen_zero_cond_t,
+        context_parallel_refusal=(
+            "(its plan splits the text rotary table the model computes for the padded text, one table for all "
+            "rows, whose positions count along the text: a shard of a branch shorter or longer than the padded "
+            "text would get another branch's positions, and its pipelines trim the text to the longest prompt, so "
+            "the negative prompt's length differs from the prompt's; prompts of different lengths also bring a "
+            "text mask, which stock diffusers' ring attention applies per rank to every rank's keys)"
+        ),
         modules={
             ModuleKind.IMAGE_NORM: r"norm_out",
             ModuleKind.IMAGE_MODULATION: r"transformer_blocks\.\d+\.img_mod",

@@ -10,7 +10,7 @@ import torch
 from ..attention import pad_tokens
 from ..spec import Family
 from ..state import GuidedCall
-from .parallel import shard_tokens
+from .parallel import TEXT_MASK_UNDER_PARALLELISM, shard_tokens
 
 
 def conditional_rows(text: Any, reference: Any) -> torch.Tensor | None:
@@ -98,21 +98,6 @@ def without_dim(shape: torch.Size, dim: int) -> tuple[int, ...]:
     return tuple(size for axis, size in enumerate(shape) if axis != dim)
 
 
-def _repeated_row_arguments(
-    family: Family, arguments: dict[str, Any], cond_rows: torch.Tensor, rows: int
-) -> dict[str, torch.Tensor]:
-    """The per-row arguments (``Family.row_kwargs``: timestep, guidance, ...) with the negative rows' copies of their
-    guided rows' values appended; one-row values are left to broadcast."""
-    changes = {}
-    for key in family.row_kwargs:
-        value = arguments.get(key)
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            changes[key] = torch.cat([value, value[cond_rows]])
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
-            raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
-    return changes
-
-
 def extend_inputs(
     family: Family,
     arguments: dict[str, Any],
@@ -127,7 +112,7 @@ def extend_inputs(
     if isinstance(arguments.get(family.text_kwarg), (list, tuple)):
         return _extend_lists(family, arguments, negative, cond_rows)
     if family.layout == "cross":
-        return _extend_cross(family, arguments, negative, cond_rows)
+        return _extend_cross(family, arguments, negative, cond_rows, shards)
     if family.layout == "prefix":  # the stock rows run as stock; the negative prefix has a call of its own
         text = arguments[family.text_kwarg]
         rows, target = text.shape[0], family.causal_prefix.target_tokens(arguments)
@@ -135,20 +120,32 @@ def extend_inputs(
         call = GuidedCall(rows, cond_rows, text.shape[1], negative_len, text.shape[1], image_lengths=[target] * rows)
         return call, {}
     if family.layout == "concat":
-        return _extend_concat(family, arguments, negative, cond_rows, pad_to)
+        return _extend_concat(family, arguments, negative, cond_rows, pad_to, shards)
     return _extend_joint(family, arguments, negative, cond_rows, pad_to, shards)
 
 
-def _extend_cross(family: Family, arguments, negative, cond_rows):
+def _extend_cross(family: Family, arguments, negative, cond_rows, shards=1):
+    """``[positive | negative]`` text along the sequence (masks likewise); with ``shards`` (the model splits the
+    text into that many equal shards) each shard holds its share of the positive text, then its share of the
+    negative text, and the call records the lengths within one shard: every rank splits its own shard as one
+    process splits the whole text, and attention over all ranks sees each branch's whole text in order."""
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
     negative_text = negative["encoder_hidden_states"].to(text.dtype)
     negative_len = negative_text.shape[1]
-    filler = text.new_zeros(rows, negative_len, *text.shape[2:])
-    filler[cond_rows] = negative_text
-    changes: dict[str, Any] = {family.text_kwarg: torch.cat([text, filler], dim=1)}
+    if shards > 1 and (positive_len % shards or negative_len % shards):
+        raise ValueError(
+            f"under context parallelism over {shards} ranks NAG needs text lengths divisible by {shards}; the "
+            f"prompt has {positive_len} tokens and the negative prompt {negative_len}: encode both with a "
+            f"max_sequence_length divisible by {shards}"
+        )
     positive_mask = arguments.get(family.mask_kwarg) if family.mask_kwarg else None
     negative_mask = negative.get("encoder_attention_mask")
+    if shards > 1 and (positive_mask is not None or negative_mask is not None):
+        raise NotImplementedError(TEXT_MASK_UNDER_PARALLELISM)
+    filler = text.new_zeros(rows, negative_len, *text.shape[2:])
+    filler[cond_rows] = negative_text
+    changes: dict[str, Any] = {family.text_kwarg: _join_shards(text, filler, shards)}
     if family.mask_kwarg and (positive_mask is not None or negative_mask is not None):
         if positive_mask is not None and positive_mask.ndim != 2:
             raise ValueError(
@@ -160,11 +157,36 @@ def _extend_cross(family: Family, arguments, negative, cond_rows):
         mask_filler = like.new_ones(rows, negative_len)
         if negative_mask is not None:
             mask_filler[cond_rows] = negative_mask.to(like.dtype)
-        changes[family.mask_kwarg] = torch.cat([positive_mask, mask_filler], dim=1)
+        changes[family.mask_kwarg] = _join_shards(positive_mask, mask_filler, shards)
     call = GuidedCall(
-        rows, cond_rows, positive_len, negative_len, positive_len + negative_len, static_negative=family.static_text
+        rows,
+        cond_rows,
+        positive_len // shards,
+        negative_len // shards,
+        (positive_len + negative_len) // shards,
+        static_negative=family.static_text,
     )
     return call, changes
+
+
+def _join_shards(positive: torch.Tensor, negative: torch.Tensor, shards: int) -> torch.Tensor:
+    """``(rows, tokens, ...)`` tensors joined along the tokens as ``shards`` equal chunks, each its share of
+    ``positive`` then its share of ``negative`` (one chunk: ``[positive | negative]``)."""
+    parts = (positive.unflatten(1, (shards, -1)), negative.unflatten(1, (shards, -1)))
+    return torch.cat(parts, dim=2).flatten(1, 2)
+
+
+def _guided_row_kwargs(family: Family, arguments: dict[str, Any], rows: int, cond_rows: torch.Tensor) -> dict:
+    """The family's per-row arguments (timestep, guidance, ...) with the guided rows' values repeated for the
+    negative rows; a per-row argument with neither one row nor one per row is refused."""
+    changes = {}
+    for key in family.row_kwargs:
+        value = arguments.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+            changes[key] = torch.cat([value, value[cond_rows]])
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != 1:
+            raise ValueError(f"`{key}` has {value.shape[0]} rows for a batch of {rows}")
+    return changes
 
 
 def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0, shards=1):
@@ -208,7 +230,7 @@ def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0, shar
                 "encode the negative prompt with the pipeline's encode_prompt"
             )
         changes[key] = torch.cat([value, negative[key].to(value.dtype)], dim=dim)
-    changes.update(_repeated_row_arguments(family, arguments, cond_rows, rows))
+    changes.update(_guided_row_kwargs(family, arguments, rows, cond_rows))
     if family.text_ids_kwarg and arguments.get(family.text_ids_kwarg) is not None:
         changes[family.text_ids_kwarg] = layout.text_ids(arguments[family.text_ids_kwarg])
     call = GuidedCall(rows, cond_rows, *layout.lengths())
@@ -252,13 +274,17 @@ class TextLayout:
         if not torch.equal(positive.masked_fill(~both, 0), negative.masked_fill(~both, 0)):
             raise NotImplementedError(
                 "under context parallelism NAG needs the prompt and the negative prompt at the same text length "
-                "for a model whose text position ids differ from token to token; encode both with the same "
-                "max_sequence_length"
+                "for a model whose text position ids differ from token to token (the model takes one position "
+                "table for all rows, and parallel attention needs every rank to hold an equal share of each "
+                "branch, so branches of other lengths would need other positions in the same shard); encode both "
+                "with the same max_sequence_length"
             )
-        return torch.where(real[0], positive, negative)
+        table = torch.where(real[0], positive, negative)
+        # batched ids (FLUX.2) stay batched: the model's plan splits them only in the shape the model was given
+        return table.expand(ids.shape[0], *table.shape) if ids.ndim == 3 else table
 
 
-def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
+def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0, shards=1):
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
     negative_len = negative["encoder_hidden_states"].shape[1]
@@ -269,6 +295,7 @@ def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
         {k: v for k, v in negative.items() if k != "encoder_attention_mask"},
         cond_rows,
         pad_to,
+        shards,
     )
     image = arguments[family.image_kwarg]
     changes[family.image_kwarg] = torch.cat([image, image[cond_rows]])
@@ -276,6 +303,8 @@ def _extend_concat(family: Family, arguments, negative, cond_rows, pad_to=0):
         positive_mask = arguments.get(family.mask_kwarg)
         negative_mask = negative.get("encoder_attention_mask")
         if positive_mask is not None or negative_mask is not None:
+            if shards > 1:  # (no family marked exact under context parallelism takes a concat-layout mask)
+                raise NotImplementedError(TEXT_MASK_UNDER_PARALLELISM)
             if positive_mask is not None and positive_mask.ndim != 2:
                 raise ValueError(
                     f"NAG expects a (batch, tokens) `{family.mask_kwarg}`, got shape {tuple(positive_mask.shape)}"
@@ -317,7 +346,7 @@ def _extend_lists(family: Family, arguments, negative, cond_rows):
         family.text_kwarg: text + negative_text,
         family.image_kwarg: image + [image[r] for r in picked],
     }
-    changes.update(_repeated_row_arguments(family, arguments, cond_rows, rows))
+    changes.update(_guided_row_kwargs(family, arguments, rows, cond_rows))
     positive_len = max(t.shape[0] for t in text)
     negative_len = max(t.shape[0] for t in negative_text)
     call = GuidedCall(rows, cond_rows, positive_len, negative_len, max(positive_len, negative_len))

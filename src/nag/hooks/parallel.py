@@ -2,11 +2,13 @@
 
 The model's context-parallel plan splits some inputs along the sequence at the model's input, after NAG's denoiser
 pre-hook has extended them: the blocks, and NAG's attention wrappers, see one rank's shard. Families whose text
-reaches every rank whole (Wan: the plan splits only the video) need nothing. Where the plan splits the text (Flux),
-NAG lays out the padded text so that every rank's equal shard holds its share of each branch's tokens first and
-the padding after (:func:`shard_tokens`), and records the per-shard lengths in the call: each rank then cuts
-its own branches exactly as one process cuts the whole text, and the attention over all ranks sees each branch's
-tokens and no padding (Ulysses and ring alike).
+reaches every rank whole (Wan: the plan splits only the video) need nothing. Where the plan splits the text (Flux,
+FLUX.2), NAG lays out the padded text so that every rank's equal shard holds its share of each branch's tokens
+first and the padding after (:func:`shard_tokens`; the cross layout, LTX-Video: its share of the prompt, then its
+share of the negative prompt), and records the per-shard lengths in the call: each rank then cuts its own branches
+exactly as one process cuts the whole text, and the attention over all ranks sees each branch's tokens and no
+padding (Ulysses and ring alike). A split text mask is refused: stock diffusers cannot attend with it
+(:data:`TEXT_MASK_UNDER_PARALLELISM`).
 
 Families not marked ``context_parallel`` are refused, at ``attach`` and at every call (parallelism may be enabled
 after NAG is applied), with the reason.
@@ -20,7 +22,18 @@ import torch
 
 from ..spec import Family
 
-__all__ = ["context_parallel_config", "text_shards", "refusal", "shard_tokens"]
+__all__ = ["TEXT_MASK_UNDER_PARALLELISM", "context_parallel_config", "text_shards", "refusal", "shard_tokens"]
+
+#: Why a text mask on a split text cannot be exact: stock diffusers (0.42) itself cannot run it. Its processors
+#: shape the mask to all of the model's heads, which Ulysses splits between ranks (the attention fails), and ring
+#: attention applies each rank's own mask shard to every rank's keys (the output differs from one process).
+TEXT_MASK_UNDER_PARALLELISM = (
+    "NAG cannot guide a text mask that the model's context-parallel plan splits: stock diffusers cannot attend "
+    "with it under context parallelism (Ulysses fails on the mask's head axis; ring applies each rank's mask shard "
+    "to every rank's keys, so it differs from one process, with or without NAG). Run this model on one device per "
+    "generation (without enable_parallelism), or call the denoiser without `encoder_attention_mask` and pass the "
+    "negative prompt without a mask"
+)
 
 
 def context_parallel_config(denoiser: torch.nn.Module) -> Any:
@@ -45,8 +58,9 @@ def refusal(denoiser: torch.nn.Module, family: Family) -> str | None:
     if config is None or _degree(config) <= 1:
         return None
     if not family.context_parallel:
+        why = family.context_parallel_refusal or "yet"
         return (
-            f"NAG is not exact for {family.name} under context parallelism yet; run it on one device per "
+            f"NAG is not exact for {family.name} under context parallelism {why}; run it on one device per "
             "generation (without enable_parallelism), or remove NAG"
         )
     if _splits_text(denoiser, family) and (
