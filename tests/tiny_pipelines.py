@@ -2064,6 +2064,31 @@ _BASE_KWARGS.update(zimage=dict(height=16, width=16, max_sequence_length=48))
 # --------------------------------------------------------------------------------------------------
 
 
+def _byt5_text_encoder():
+    """The byT5 glyph-text encoder of the Hunyuan 2.1 / 1.5 tiny pipelines: a 2-layer T5 encoder, seeded."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer = ByT5Tokenizer()
+    with _seeded(1):
+        encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=16,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                dropout_rate=0.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        ).eval()
+    return tokenizer, encoder
+
+
 def hunyuanimage(guider=None, distilled=True):
     """HunyuanImagePipeline (HunyuanImage 2.1): Qwen2.5-VL text (through the model's timestep-dependent token
     refiner, with a mask) and a byT5 stream for quoted text (its own mask), joined by the model per sample as
@@ -2076,27 +2101,9 @@ def hunyuanimage(guider=None, distilled=True):
         HunyuanImagePipeline,
         HunyuanImageTransformer2DModel,
     )
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     tokenizer, text_encoder = make_qwen25_vl(seed=0)
-    tokenizer_2 = ByT5Tokenizer()
-    with _seeded(1):
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=16,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=2,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                dropout_rate=0.0,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                decoder_start_token_id=tokenizer_2.pad_token_id,
-            )
-        ).eval()
+    tokenizer_2, text_encoder_2 = _byt5_text_encoder()
     with _seeded(3):
         vae = AutoencoderKLHunyuanImage(
             in_channels=3,
@@ -2199,7 +2206,7 @@ def hunyuanvideo15(guider=None):
         FlowMatchEulerDiscreteScheduler,
         HunyuanVideo15Pipeline,
     )
-    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
     tokenizer = make_qwen_tokenizer()
     tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
@@ -2218,24 +2225,7 @@ def hunyuanvideo15(guider=None):
     )
     with _seeded(0):
         text_encoder = Qwen2_5_VLTextModel(config).eval()
-    tokenizer_2 = ByT5Tokenizer()
-    with _seeded(1):
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=16,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=2,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                dropout_rate=0.0,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                decoder_start_token_id=tokenizer_2.pad_token_id,
-            )
-        ).eval()
+    tokenizer_2, text_encoder_2 = _byt5_text_encoder()
     with _seeded(3):
         vae = AutoencoderKLHunyuanVideo15(
             in_channels=3,
