@@ -1554,6 +1554,14 @@ CFG_INFO.update(
 _BASE_KWARGS.update(cogvideox=dict(height=16, width=16, num_frames=9, max_sequence_length=16))
 
 
+# The tiny HunyuanVideo transformer of the text-to-video and image-to-video pipelines (2 double, 2 single blocks).
+_HUNYUANVIDEO_TRANSFORMER = dict(
+    out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_single_layers=2,
+    num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=32,
+    pooled_projection_dim=32, rope_axes_dim=(4, 6, 6),
+)
+
+
 def hunyuanvideo():
     """HunyuanVideoPipeline: Llama text (through the model's timestep-dependent token refiner, with a mask),
     pooled CLIP in the modulation, [video, text] double and single blocks; true CFG, one call per branch."""
@@ -1603,21 +1611,7 @@ def hunyuanvideo():
             mid_block_add_attention=True,
         ).eval()
     with _seeded(2):
-        transformer = HunyuanVideoTransformer3DModel(
-            in_channels=4,
-            out_channels=4,
-            num_attention_heads=2,
-            attention_head_dim=16,
-            num_layers=2,
-            num_single_layers=2,
-            num_refiner_layers=1,
-            patch_size=1,
-            patch_size_t=1,
-            guidance_embeds=True,
-            text_embed_dim=32,
-            pooled_projection_dim=32,
-            rope_axes_dim=(4, 6, 6),
-        ).eval()
+        transformer = HunyuanVideoTransformer3DModel(in_channels=4, **_HUNYUANVIDEO_TRANSFORMER).eval()
     return _finish(
         HunyuanVideoPipeline(
             text_encoder=text_encoder,
@@ -2635,19 +2629,8 @@ def _hunyuanvideo_i2v(image_condition_type: str):
     with _seeded(6):
         transformer = HunyuanVideoTransformer3DModel(
             in_channels=4 * 2 + 1 if image_condition_type == "latent_concat" else 4,
-            out_channels=4,
-            num_attention_heads=2,
-            attention_head_dim=16,
-            num_layers=2,
-            num_single_layers=2,
-            num_refiner_layers=1,
-            patch_size=1,
-            patch_size_t=1,
-            guidance_embeds=True,
-            text_embed_dim=32,
-            pooled_projection_dim=32,
-            rope_axes_dim=(4, 6, 6),
             image_condition_type=image_condition_type,
+            **_HUNYUANVIDEO_TRANSFORMER,
         ).eval()
     return _finish(
         HunyuanVideoImageToVideoPipeline(
