@@ -51,10 +51,10 @@ class Attachment:
         self.runtime = runtime
         self.fast = fast
         self.live = True  # False in copies of the model (deepcopy, torch.save): their hooks pass calls through
-        self._stock_processors: list[tuple[torch.nn.Module, Any]] = []
-        self._wrappers: list[tuple[str, torch.nn.Module, Any]] = []  # (name, module, the NAG wrapper installed)
+        # (name, module, its stock processor, the NAG wrapper installed) of every wrapped attention module
+        self._installed: list[tuple[str, torch.nn.Module, Any, Any]] = []
         self.hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
-        self._blocks = BlockHooks(family, runtime, self._stock_processors)
+        self._blocks = BlockHooks(family, runtime, self._installed)
         self._forward_signature = inspect.signature(denoiser.forward)
         try:
             self._install()
@@ -83,17 +83,16 @@ class Attachment:
                 self._wrap(name, module, mechanism)
             for kind in family.module_kinds(name):
                 self._hook(name, module, kind)
-        if not self._stock_processors:
+        if not self._installed:
             raise RuntimeError(
                 f"found no text attention modules in {type(self.denoiser).__name__} for family {family.name!r}"
             )
 
     def _wrap(self, name: str, module: torch.nn.Module, mechanism: Any) -> None:
         stock = module.processor
-        self._stock_processors.append((module, stock))
         wrapper = wrap_processor(mechanism.wrapper(self.fast), stock, self.runtime)
         module.set_processor(wrapper)
-        self._wrappers.append((name, module, wrapper))
+        self._installed.append((name, module, stock, wrapper))
 
     def _hook(self, name: str, module: torch.nn.Module, kind: Any) -> None:
         hook = HOOKS[kind]
@@ -113,26 +112,27 @@ class Attachment:
     def replaced_processors(self) -> list[tuple[str, Any]]:
         """``(module name, processor)`` of the text-attention modules whose NAG wrapper something replaced since
         installation (``set_attn_processor``, another attention tool)."""
-        return [(name, module.processor) for name, module, wrapper in self._wrappers if module.processor is not wrapper]
+        return [
+            (name, module.processor) for name, module, _, wrapper in self._installed if module.processor is not wrapper
+        ]
 
     def detach(self) -> None:
         for _, hook in self.hooks:
             hook.remove()
         self.hooks.clear()
-        for module, stock in reversed(self._stock_processors):
+        for _, module, stock, _ in reversed(self._installed):
             # a processor set after NAG's (by the user or another tool) stays: restoring would undo their change
             current = module.processor
             if isinstance(current, NAGProcessor) and current.runtime is self.runtime:
                 module.set_processor(stock)
-        self._stock_processors.clear()
-        self._wrappers.clear()
+        self._installed.clear()
         self.runtime.call = None
 
     @contextlib.contextmanager
     def stock_processors(self) -> Iterator[None]:
         """The stock processors in place for a while, NAG's wrappers back afterwards (also on an exception): for
         diffusers code that finds processors by their class and changes them in place (``set_ip_adapter_scale``)."""
-        wrappers = [(module, module.processor, stock) for module, stock in self._stock_processors]
+        wrappers = [(module, module.processor, stock) for _, module, stock, _ in self._installed]
         try:
             for module, _, stock in wrappers:
                 module.set_processor(stock)

@@ -23,9 +23,10 @@ __all__ = ["BlockHooks", "HOOKS", "Hook"]
 
 
 class BlockHooks:
-    """The block-level hooks of one attachment (``wrapped``: the attention modules it gave a NAG wrapper)."""
+    """The block-level hooks of one attachment (``wrapped``: its ``(name, module, stock processor, NAG wrapper)``
+    entries, filled as it installs)."""
 
-    def __init__(self, family: Family, runtime: NAGRuntime, wrapped: list[tuple[torch.nn.Module, Any]]):
+    def __init__(self, family: Family, runtime: NAGRuntime, wrapped: list[tuple[str, torch.nn.Module, Any, Any]]):
         self.family = family
         self.runtime = runtime
         self.wrapped = wrapped
@@ -239,7 +240,7 @@ class BlockHooks:
 
     def _serves_split_text(self) -> bool:
         """Whether every text-attention wrapper of the denoiser can serve negative rows taken out of their block."""
-        return all(getattr(module.processor, "takes_split_text", lambda: False)() for module, _ in self.wrapped)
+        return all(getattr(module.processor, "takes_split_text", lambda: False)() for _, module, _, _ in self.wrapped)
 
     def enter_stock_image_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """Fast path, the module that takes the image at the model input (``ModuleKind.STOCK_IMAGE_ENTRY``): it runs on
