@@ -24,6 +24,7 @@ from PIL import Image
 import nag
 from nag.grid import make_grid
 from nag.toy import DEFAULT_NAG, DEFAULT_STEPS, VARIANTS, load_pipeline
+from nag.toy.vocabulary import prompt_warning
 
 __all__ = ["main", "make_grid", "generate_columns"]
 
@@ -84,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps or DEFAULT_STEPS[args.variant]
+    if warning := prompt_warning(args.prompt, args.negative):
+        print(f"note: {warning}", file=sys.stderr)
     pipe = load_pipeline(args.variant)
     seeds = list(range(args.seed, args.seed + args.rows))
     columns = generate_columns(

@@ -573,6 +573,13 @@ def _call_once(loaded: Loaded, prompt: str, seeds: Sequence[int], on_step: OnSte
     return list(out.images)
 
 
+def vocabulary_warning(loaded: Loaded, prompt: str, negative: str | None) -> str | None:
+    """For the built-in model, a paragraph naming the prompt's words it was not trained on (else None)."""
+    from nag.toy.vocabulary import prompt_warning
+
+    return prompt_warning(prompt, negative) if loaded.builtin else None
+
+
 def run_pipeline(loaded: Loaded, prompt: str, seeds: Sequence[int], batch_size: int = 1,
                  on_step: OnStep | None = None, **kwargs: Any) -> list[Any]:
     """One sample per seed, drawn ``batch_size`` per pipeline call (memory grows with the batch).

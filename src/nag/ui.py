@@ -54,6 +54,8 @@ def generate(models: _Models, model: str, prompt: str, negative: str, scale: flo
             raise
         err = session.oom_error(exc)
         raise gr.Error(f"{err.title}: {err.message}") from exc
+    if warning := session.vocabulary_warning(models.get(model), prompt, negative):
+        gr.Warning(warning)
     nag_text = "NAG off: no negative prompt" if session.negative_is_off(negative) else f"NAG {scale:g}"
     caption = f'"{prompt}" - "{negative}" ({nag_text}, seed {int(seed)})'
     history = [(guided, caption), (unguided, f'"{prompt}" (no guidance, seed {int(seed)})')] + list(history)

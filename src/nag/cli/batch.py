@@ -166,6 +166,9 @@ def run(prompts_file: Path, out_dir: Path, model: str, options: Options, device:
     loaded = common.load_with_progress(model, device, dtype, offload, lora)
     call, nag = options.call(loaded), options.nag(loaded)
     items = plan(records, options, ".mp4" if loaded.is_video else ".png")
+    if state.is_main_process and (warning := session.vocabulary_warning(
+            loaded, " ".join(it.prompt for it in items), " ".join(it.negative for it in items))):
+        common.note(warning)
     settings = _fingerprint(model, items, call, nag, options)
     try:
         new = eval_manifest.check_settings_json(out_dir / "settings.json", settings)

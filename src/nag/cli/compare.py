@@ -136,6 +136,8 @@ def compare(
         loaded = common.load_with_progress(model, device, dtype, offload, lora)
         out = out or Path("nag_compare.mp4" if loaded.is_video else "nag_compare.png")
         output.check_kind(out, loaded.is_video, model)
+        if warning := session.vocabulary_warning(loaded, prompt, negative):
+            common.note(warning)
         options = Options(negative=negative, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
                           steps=steps, guidance=guidance, seed=seed, width=width, height=height, frames=frames,
                           num_images=num_images, batch_size=batch_size)

@@ -107,6 +107,8 @@ def _one_prompt(prompt: str, out: Path | None, model: str, options: batch.Option
     session.enable_parallel(loaded, parallel)
     out = out or Path("nag.mp4" if loaded.is_video else "nag.png")
     output.check_kind(out, loaded.is_video, model)
+    if warning := session.vocabulary_warning(loaded, prompt, options.negative):
+        common.note(warning)
     call, settings = options.call(loaded), options.nag(loaded)
     seeds = list(range(options.seed, options.seed + options.num_images))
     with common.progress_bar() as progress, session.guide(loaded.pipe, options.negative, settings):
