@@ -49,6 +49,7 @@ __all__ = [
     "ToyDataset",
     "render",
     "caption_for",
+    "full_caption",
     "sample_attributes",
 ]
 
@@ -214,6 +215,23 @@ def caption_for(attributes: Attributes, rng: np.random.Generator, keep: float = 
         words.append(_POSITION_PHRASES[a.position])
     if rng.uniform() < keep:
         words.append(f"on a {a.background} background")
+    return " ".join(words)
+
+
+def full_caption(attributes: Attributes) -> str:
+    """The caption that names every attribute: "a large red star on the left on a black background".
+
+    Several objects are always small and scattered, so their caption names neither size nor position:
+    "three red stars on a black background".
+    """
+    a = attributes
+    words = [_COUNT_WORDS[a.count]]
+    if a.count == 1:
+        words.append(a.size)
+    words += [a.colour, a.shape if a.count == 1 else _PLURALS[a.shape]]
+    if a.count == 1:
+        words.append(_POSITION_PHRASES[a.position])
+    words.append(f"on a {a.background} background")
     return " ".join(words)
 
 

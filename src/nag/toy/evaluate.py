@@ -31,10 +31,16 @@ import torch
 
 import nag
 
-from .dataset import COLOURS, SHAPES
+from .dataset import COLOURS, SHAPES, Attributes, full_caption, sample_attributes
 from .probes import AttributeProbe, ProbeResult
 
-__all__ = ["Method", "TrialResult", "negation_trial", "generate", "task_prompts", "wilson_interval"]
+__all__ = [
+    "Method", "TrialResult", "AdherenceResult", "negation_trial", "adherence_trial", "adherence_prompts", "generate",
+    "task_prompts", "wilson_interval",
+]
+
+#: The attributes an adherence trial scores (a prompt of several objects names no size or position).
+ADHERENCE_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "count", "size", "position", "background")
 
 
 @dataclass(frozen=True)
@@ -140,11 +146,14 @@ def negation_trial(
     methods: Sequence[Method],
     keep_images: bool = False,
     batch_size: int = 128,
+    reference: Method = Method("none"),
 ) -> list[TrialResult]:
     """Run the paired negation measurement for ``task`` ("colour" or "shape").
 
     Every prompt of the task is sampled with every seed. Returns one result per method, the
-    unguided one first.
+    reference first: the sampling without a negative prompt whose attributes are negated, no
+    guidance by default, or ``Method("cfg", s)`` (CFG with an empty negative prompt) to measure
+    CFG + NAG against CFG alone.
     """
     base_prompts, negated, named = task_prompts(task)
     seeds = list(seeds)
@@ -165,14 +174,15 @@ def negation_trial(
             images=images if keep_images else None,
         )
 
-    none = Method("none")
-    images = generate(pipe, prompts, sample_seeds, steps, none, batch_size=batch_size)
+    if reference.kind == "nag":
+        raise ValueError("the reference of a negation trial samples without a negative prompt: 'none' or 'cfg'")
+    images = generate(pipe, prompts, sample_seeds, steps, reference, [""] * len(prompts), batch_size=batch_size)
     read = probe(images)
     negatives = read.labels[negated]
     eligible = read.valid
-    results = [score(none, images, read, eligible, negatives)]
+    results = [score(reference, images, read, eligible, negatives)]
     for method in methods:
-        if method.kind == "none":
+        if method == reference:
             continue
         images = generate(pipe, prompts, sample_seeds, steps, method, negatives, batch_size=batch_size)
         results.append(score(method, images, probe(images), eligible, negatives))
@@ -188,3 +198,52 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
     center = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
     return (max(0.0, center - half), min(1.0, center + half))
+
+
+@dataclass
+class AdherenceResult:
+    """How often the probe reads what the prompt names, per attribute, for one way of sampling."""
+
+    label: str
+    samples: int
+    correct: dict[str, int]  # attribute -> samples showing the named value
+    named: dict[str, int]  # attribute -> samples whose prompt names it
+    valid: int
+    by_background: dict[str, tuple[int, int]]  # background -> (shape, colour and count all right, samples)
+    images: torch.Tensor | None = field(default=None, repr=False)
+
+    def rate(self, attribute: str) -> float:
+        return self.correct[attribute] / self.named[attribute] if self.named[attribute] else float("nan")
+
+
+def adherence_prompts(count: int, seed: int = 7000) -> tuple[list[str], list[Attributes]]:
+    """``count`` prompts that name every attribute, drawn from the model's vocabulary (held out by seed)."""
+    import numpy as np
+
+    from .vocabulary import MODEL_BACKGROUNDS
+
+    attributes = [sample_attributes(np.random.default_rng([seed, i]), 32, MODEL_BACKGROUNDS) for i in range(count)]
+    return [full_caption(a) for a in attributes], attributes
+
+
+def adherence_trial(
+    pipe, probe: AttributeProbe, prompts: Sequence[str], truth: Sequence[Attributes], seeds: Sequence[int],
+    steps: int, method: Method, label: str | None = None, keep_images: bool = False, batch_size: int = 128,
+) -> AdherenceResult:
+    """Generate each prompt once (sample ``i`` from ``seeds[i]``) and score every attribute it names."""
+    images = generate(pipe, prompts, seeds, steps, method, negatives=[""] * len(prompts), batch_size=batch_size)
+    read = probe(images)
+    correct, named = {}, {}
+    for attribute in ADHERENCE_ATTRIBUTES:
+        rows = [i for i, a in enumerate(truth) if attribute not in ("size", "position") or a.count == 1]
+        named[attribute] = len(rows)
+        correct[attribute] = sum(read.labels[attribute][i] == getattr(truth[i], attribute) for i in rows)
+    by_background: dict[str, tuple[int, int]] = {}
+    for i, a in enumerate(truth):
+        right = all(read.labels[k][i] == getattr(a, k) for k in ("shape", "colour", "count"))
+        done, total = by_background.get(a.background, (0, 0))
+        by_background[a.background] = (done + int(right), total + 1)
+    return AdherenceResult(
+        label or method.label, len(prompts), correct, named, int(read.valid.sum()), by_background,
+        images if keep_images else None,
+    )
