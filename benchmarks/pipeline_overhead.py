@@ -1,13 +1,15 @@
 """Whole pipeline calls at 1 and 4 steps: no guidance, CFG, and NAG with ``with nag.apply(...)`` around each call.
 
     python benchmarks/pipeline_overhead.py                     # the built-in toy model, CPU, 1 thread
-    python benchmarks/pipeline_overhead.py --markdown docs/benchmarks.md
+    python benchmarks/pipeline_overhead.py --pipelines toy,flux,sd3,sdxl --markdown docs/benchmarks.md
 
 The per-forward benchmark (benchmarks/overhead.py) leaves out what NAG costs once per call: installing and removing
 its processors, encoding the negative prompt, the per-call setup. Here each NAG call is a fresh
 ``with nag.apply(pipe, negative): pipe(...)``, so all of that is included; at 1 step it weighs the most. The model is
-the shipped toy pipeline (``nag.toy``: a stock ``StableDiffusionPipeline``, text encoder, UNet and VAE), so fixed
-costs are a larger share here than in a real model. Modes run interleaved; the figure is the median of
+the shipped toy pipeline (``nag.toy``: a stock ``StableDiffusionPipeline``, text encoder, UNet and VAE), or with
+``--pipelines`` also the stock FLUX.1, SD3 and SDXL pipelines with the test suite's tiny random components
+(``tests/tiny_pipelines.py``: every text encoder and denoiser a few layers of width 32), so fixed costs are a
+larger share here than in a real model. Modes run interleaved; the figure is the median of
 ``--repeats`` calls of one thread's CPU time (one thread).
 """
 
@@ -20,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -30,15 +33,38 @@ PROMPT = "a large red star on a checkered background"
 NEGATIVE = "blue"
 
 
-def calls(pipe, steps: int) -> dict[str, Callable[[], None]]:
+def tiny_pipelines():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import tiny_pipelines as tp
+
+    return tp
+
+
+def load(name: str):
+    """The pipeline and its (unguided, CFG) call arguments for ``steps`` (a function of steps)."""
+    if name == "toy":
+        def kwargs(steps: int, cfg: bool) -> dict:
+            return dict(num_inference_steps=steps, guidance_scale=4.0 if cfg else 0.0, output_type="latent")
+
+        return load_pipeline("multistep"), kwargs
+    tp = tiny_pipelines()
+
+    def tiny_kwargs(steps: int, cfg: bool) -> dict:
+        make = tp.call_kwargs if cfg else tp.no_cfg_kwargs
+        return make(name, output_type="latent", num_inference_steps=steps)
+
+    return tp.FACTORIES[name](), tiny_kwargs
+
+
+def calls(pipe, kwargs: Callable[[int, bool], dict], steps: int) -> dict[str, Callable[[], None]]:
     """One pipeline call per mode."""
-    def run(guidance: float) -> None:
-        pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
-             output_type="latent")
+    def run(cfg: bool) -> None:
+        negative = {"negative_prompt": NEGATIVE} if cfg else {}
+        pipe(PROMPT, generator=torch.Generator().manual_seed(0), **negative, **kwargs(steps, cfg))
 
     def guided() -> None:
-        with nag.apply(pipe, NEGATIVE, scale=6.0, tau=3.0, alpha=0.75):
-            run(0.0)
+        with nag.apply(pipe, NEGATIVE):
+            run(False)
 
     def guided_eager() -> None:  # the combine's eager code (NAG_EAGER=1)
         os.environ["NAG_EAGER"] = "1"
@@ -47,21 +73,22 @@ def calls(pipe, steps: int) -> dict[str, Callable[[], None]]:
         finally:
             os.environ.pop("NAG_EAGER")
 
-    return {"none": lambda: run(0.0), "cfg": lambda: run(4.0), "nag": guided, "nag_eager": guided_eager}
+    return {"none": lambda: run(False), "cfg": lambda: run(True), "nag": guided, "nag_eager": guided_eager}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="1,4")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--pipelines", default="toy", help="comma-separated: toy, flux, sd3, sdxl")
     parser.add_argument("--markdown", default=None, help="update the 'pipeline-cpu' block of this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.pop("NAG_EAGER", None)  # "nag" runs the compiled combine, "nag_eager" the eager one
-    pipe = load_pipeline("multistep")
     rows = []
-    for steps in (int(s) for s in args.steps.split(",")):
-        modes = calls(pipe, steps)
+    for name, steps in ((n, int(s)) for n in args.pipelines.split(",") for s in args.steps.split(",")):
+        pipe, kwargs = load(name)
+        modes = calls(pipe, kwargs, steps)
         for call in modes.values():  # warm-up (and the compiled combine's first compile)
             call()
         times: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -71,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 call()
                 times[mode].append(time.thread_time() - start)
         median = {mode: statistics.median(values) for mode, values in times.items()}
-        row = dict(steps=steps, none_ms=median["none"] * 1e3, cfg_ratio=median["cfg"] / median["none"],
+        row = dict(pipeline=name, steps=steps, none_ms=median["none"] * 1e3, cfg_ratio=median["cfg"] / median["none"],
                    nag_ratio=median["nag"] / median["none"], nag_eager_ratio=median["nag_eager"] / median["none"],
                    repeats=args.repeats, torch=torch.__version__)
         print(json.dumps(row), flush=True)
@@ -80,11 +107,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
         from overhead import update_markdown
 
-        lines = ["| steps | no guidance | CFG | NAG (`with nag.apply(...)` per call) | NAG, eager combine |",
-                 "|---|---|---|---|---|"]
-        lines += [f"| {r['steps']} | {r['none_ms']:.1f} ms | {r['cfg_ratio']:.2f}x | {r['nag_ratio']:.2f}x | "
-                  f"{r['nag_eager_ratio']:.2f}x |" for r in rows]
-        header = (f"Toy pipeline (`nag.toy`, multistep checkpoint, 32x32), CPU, 1 thread, torch {torch.__version__}, "
+        lines = ["| pipeline | steps | no guidance | CFG | NAG (`with nag.apply(...)` per call) | NAG, eager combine |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {r['pipeline']} | {r['steps']} | {r['none_ms']:.1f} ms | {r['cfg_ratio']:.2f}x | "
+                  f"{r['nag_ratio']:.2f}x | {r['nag_eager_ratio']:.2f}x |" for r in rows]
+        header = ("toy: the built-in pipeline (`nag.toy`, multistep checkpoint, 32x32); flux, sd3, sdxl: the stock "
+                  "pipelines with the tests' tiny components (width 32, 16x16 images). NAG with each family's default "
+                  f"settings. CPU, 1 thread, torch {torch.__version__}, "
                   f"median of {args.repeats} calls per mode, modes interleaved.\n\n")
         update_markdown(args.markdown, "pipeline-cpu", header + "\n".join(lines) + "\n")
     return rows
