@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, list, float]:
         for v, steps, cfg in ADHERENCE:
             if v == variant and args.adherence:
                 method = Method("cfg", cfg) if cfg > 1 else Method("none")
-                label = f"{variant}, {steps} step{'s' if steps > 1 else ''}, " + (f"CFG {cfg:g}" if cfg > 1 else "no guidance")
+                guidance = f"CFG {cfg:g}" if cfg > 1 else "no guidance"
+                label = f"{variant}, {steps} step{'s' if steps > 1 else ''}, {guidance}"
                 sample_seeds = [args.first_seed + i for i in range(len(prompts))]
                 adherence.append(adherence_trial(pipe, probe, prompts, truth, sample_seeds, steps, method, label=label))
     return results, against_cfg, adherence, time.perf_counter() - start
