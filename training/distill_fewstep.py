@@ -3,9 +3,11 @@
     python training/distill_fewstep.py        # reads weights/multistep, writes weights/fewstep
 
 1. The teacher (the multi-step pipeline, DPM-Solver++ with classifier-free guidance) turns
-   ``--pairs`` fixed noise images into samples for captions drawn from the dataset's grammar
-   (10% empty, sampled without guidance). Each pair ``(noise, teacher sample)`` is one straight
-   path of a rectified flow ("reflow").
+   ``--pairs`` fixed noise images into samples for captions drawn from the dataset's grammar:
+   real prompts only, no empty caption and no negative prompt, as FLUX.1-schnell and DMD2 are
+   distilled. The student therefore never learns an unconditional prediction, and CFG on it is
+   whatever it turns out to be (``docs/quality_toy.md`` measures it). Each pair ``(noise, teacher
+   sample)`` is one straight path of a rectified flow ("reflow").
 2. The student, initialised from the teacher's UNet (the text encoder stays frozen and shared),
    learns the straight velocity ``noise - sample`` at points of those paths, half of them at the
    noise levels the 1-, 2-, 3- and 4-step Euler samplers visit. One Euler step from pure noise
@@ -38,14 +40,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", type=Path, default=common.WEIGHTS / "multistep")
-    p.add_argument("--pairs", type=int, default=3072, help="teacher samples (noise, image)")
-    p.add_argument("--teacher-steps", type=int, default=6)
-    p.add_argument("--guidance", type=float, default=3.0, help="the teacher's CFG scale, baked into the student")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--pairs", type=int, default=6144, help="teacher samples (noise, image)")
+    p.add_argument("--teacher-steps", type=int, default=8)
+    p.add_argument("--guidance", type=float, default=4.0, help="the teacher's CFG scale, baked into the student")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--caption-dropout", type=float, default=0.0, help="share of empty captions (0: real prompts only, as schnell)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=common.WEIGHTS / "fewstep")

@@ -29,11 +29,11 @@ from nag.toy.dataset import caption_for  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the training")
-    p.add_argument("--images", type=int, default=30_000, help="distinct training images")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--images", type=int, default=60_000, help="distinct training images")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument(
@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", type=Path, default=common.WEIGHTS / "multistep")
+    p.add_argument(
+        "--snapshots", type=int, default=1500, help="save the EMA weights to training/work every N steps (0: off)"
+    )
     return p.parse_args(argv)
 
 
@@ -50,6 +53,15 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_snapshot(ema_unet: common.EMA, unet: torch.nn.Module, tokenizer, text_encoder, directory: Path) -> None:
+    """Save the current EMA weights as a pipeline, to look at the model while it trains."""
+    snapshot = common.build_unet()
+    ema_unet.copy_to(snapshot)
+    common.save_pipeline(
+        directory, tokenizer, text_encoder, common.build_identity_vae(), snapshot, common.build_scheduler(order=2)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         ema_unet.update(unet, warm)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        if args.snapshots and (step + 1) % args.snapshots == 0 and step + 1 < args.steps:
+            save_snapshot(ema_unet, unet, tokenizer, text_encoder, common.WORK / f"multistep-{step + 1}")
 
     ema_unet.copy_to(unet)
     unet = unet.to(memory_format=torch.contiguous_format).eval().cpu()
