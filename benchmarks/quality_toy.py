@@ -31,7 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from nag.toy import DEFAULT_NAG, VARIANTS, load_pipeline  # noqa: E402
+from nag.toy import NAG_DEFAULTS, VARIANTS, load_pipeline  # noqa: E402
 from nag.toy.evaluate import (  # noqa: E402
     Method,
     TrialResult,
@@ -42,10 +42,6 @@ from nag.toy.evaluate import (  # noqa: E402
 )
 from nag.toy.probes import AttributeProbe  # noqa: E402
 
-#: NAG's tau and alpha on the toy model: ``nag.toy.DEFAULT_NAG`` (chosen on seeds outside the benchmark's).
-NAG_TAU = DEFAULT_NAG["tau"]
-NAG_ALPHA = DEFAULT_NAG["alpha"]
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,12 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-seed", type=int, default=1000)
     p.add_argument("--steps", default="1,2,4,8,25", help="comma-separated step counts")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--cfg", default="2,4", help="CFG scales")
-    p.add_argument("--nag", default=f"{DEFAULT_NAG['scale']:g}", help="NAG scales (the first one also runs with CFG)")
+    p.add_argument("--cfg", default="4", help="CFG scales")
+    p.add_argument("--nag", default=None, help="NAG scales (the first one also runs with CFG); default: the model's")
     p.add_argument("--cfg-nag", type=float, default=4.0, help="CFG scale of the CFG + NAG rows (0: none)")
     p.add_argument("--adherence", type=int, default=192, help="prompts of the adherence table (0: skip it)")
-    p.add_argument("--tau", type=float, default=NAG_TAU)
-    p.add_argument("--alpha", type=float, default=NAG_ALPHA)
+    p.add_argument("--tau", type=float, default=None, help="NAG tau (default: the model's, nag.toy.NAG_DEFAULTS)")
+    p.add_argument("--alpha", type=float, default=None, help="NAG alpha (default: the model's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "quality_toy.md")
     p.add_argument("--images", type=Path, default=REPO / "docs" / "images", help="where the picture grids go")
@@ -80,13 +76,21 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.0f}%"
 
 
-def methods(args: argparse.Namespace) -> list[Method]:
+def nag_settings(args: argparse.Namespace, variant: str) -> tuple[list[float], float, float]:
+    """NAG scales, tau and alpha for a checkpoint: the command line's, else the checkpoint's defaults."""
+    defaults = NAG_DEFAULTS[variant]
+    scales = [float(s) for s in args.nag.split(",")] if args.nag else [defaults["scale"]]
+    tau = args.tau if args.tau is not None else defaults["tau"]
+    return scales, tau, args.alpha if args.alpha is not None else defaults["alpha"]
+
+
+def methods(args: argparse.Namespace, variant: str) -> list[Method]:
     """no guidance, CFG at each scale, NAG at each scale (CFG off), then NAG's first scale with CFG."""
-    nag_scales = [float(s) for s in args.nag.split(",")]
+    nag_scales, tau, alpha = nag_settings(args, variant)
     out = [Method("none")] + [Method("cfg", float(s)) for s in args.cfg.split(",")]
-    out += [Method("nag", s, tau=args.tau, alpha=args.alpha) for s in nag_scales]
+    out += [Method("nag", s, tau=tau, alpha=alpha) for s in nag_scales]
     if args.cfg_nag > 1:
-        out.append(Method("nag", nag_scales[0], tau=args.tau, alpha=args.alpha, cfg=args.cfg_nag))
+        out.append(Method("nag", nag_scales[0], tau=tau, alpha=alpha, cfg=args.cfg_nag))
     return out
 
 
@@ -112,11 +116,11 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, list, float]:
             t0 = time.perf_counter()
             keep = (variant, steps) == ("fewstep", 4)
             results[(variant, steps)] = {
-                task: negation_trial(pipe, probe, task, seeds, steps, methods(args), keep_images=keep)
+                task: negation_trial(pipe, probe, task, seeds, steps, methods(args, variant), keep_images=keep)
                 for task in ("colour", "shape")
             }
             if (variant, steps) in HEADLINE and args.cfg_nag > 1:
-                cfg_nag = [m for m in methods(args) if m.kind == "nag" and m.cfg > 1]
+                cfg_nag = [m for m in methods(args, variant) if m.kind == "nag" and m.cfg > 1]
                 reference = Method("cfg", args.cfg_nag)
                 against_cfg[(variant, steps)] = {
                     task: negation_trial(pipe, probe, task, seeds, steps, cfg_nag, reference=reference)
@@ -254,8 +258,11 @@ def write_report(args: argparse.Namespace, results: dict, against_cfg: dict, adh
         f"{n_colour} colour-task and {n_shape} shape-task samples per row (seeds {args.first_seed}-"
         f"{args.first_seed + args.seeds - 1}; the default NAG settings were chosen on other seeds by "
         "`benchmarks/tune_toy.py`). CFG uses the negative prompt as its unconditional branch; NAG runs "
-        f"with CFG off (`guidance_scale=0`) unless the row says + CFG (then CFG's unconditional prompt is empty), "
-        f"tau {args.tau:g}, alpha {args.alpha:g}.",
+        "with CFG off (`guidance_scale=0`) unless the row says + CFG (then CFG's unconditional prompt is empty), "
+        "with each checkpoint's own tau and alpha: "
+        + "; ".join(f"{v} tau {nag_settings(args, v)[1]:g}, alpha {nag_settings(args, v)[2]:g}"
+                    for v in args.variants.split(","))
+        + ".",
         "",
     ]
     lines += headline(results, against_cfg)

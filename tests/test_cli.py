@@ -219,16 +219,19 @@ def test_installed_command_compare(sd_dir, tmp_path):
 
 @needs_builtin
 def test_builtin_model_default(tmp_path):
+    from nag import toy
+
     out = tmp_path / "star.png"
-    result, _ = invoke("generate", "-p", "a star on a white background", "-n", "yellow", "--out", str(out),
+    result, _ = invoke("generate", "-p", "a large star on a gray background", "-n", "red", "--out", str(out),
                        "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (32, 32)
     grid = tmp_path / "grid.png"
-    result, _ = invoke("compare", "-m", "builtin:fewstep", "-p", "a star on a white background", "-n", "yellow",
+    result, _ = invoke("compare", "-m", "builtin:fewstep", "-p", "a large star on a gray background", "-n", "red",
                        "--out", str(grid), "--device", "cpu")
     assert result.exit_code == 0, result.output
-    check_grid(Image.open(grid), (32, 32), rows=1, labels=("no guidance", "CFG 4", "NAG 6"))
+    scale = f"NAG {toy.DEFAULT_NAG['scale']:g}"
+    check_grid(Image.open(grid), (32, 32), rows=1, labels=("no guidance", "CFG 4", scale))
 
 
 # --------------------------------------------------------------------------------------------------

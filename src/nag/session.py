@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nag.toy import DEFAULT_NAG
+from nag.toy import DEFAULT_NAG, NAG_DEFAULTS
 
 __all__ = [
     "NagCLIError", "Loaded", "BUILTIN_PREFIX", "DEFAULT_MODEL", "BUILTIN_NAG", "FEW_STEP", "resolve_device",
@@ -31,7 +31,8 @@ __all__ = [
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_MODEL = "builtin:fewstep"
-#: NAG settings for the built-in tiny model (``nag.toy.DEFAULT_NAG``; ``python -m nag.demo`` uses them too).
+#: NAG settings for the default built-in model (``nag.toy.DEFAULT_NAG``, the few-step checkpoint's; the
+#: multi-step one has its own, ``nag.toy.NAG_DEFAULTS``).
 BUILTIN_NAG = dict(DEFAULT_NAG)
 #: Distribution name on the package index (install hints name it with the extra).
 DISTRIBUTION = "nag-diffusion"
@@ -295,7 +296,7 @@ def _load_builtin(model: str, device: str, dtype: Any) -> Loaded:
         ) from exc
     with _quiet_loading():
         pipe = toy.load_pipeline(variant, device="cpu", dtype=dtype)
-    return Loaded(pipe, model, True, device, dict(BUILTIN_NAG), toy.DEFAULT_STEPS[variant],
+    return Loaded(pipe, model, True, device, dict(toy.NAG_DEFAULTS[variant]), toy.DEFAULT_STEPS[variant],
                   toy.DEFAULT_GUIDANCE[variant])
 
 
@@ -375,7 +376,7 @@ def _defaults_for(model: str) -> Any:
     from nag.settings import FamilyDefaults
 
     if model.startswith(BUILTIN_PREFIX):
-        return FamilyDefaults(**BUILTIN_NAG)
+        return FamilyDefaults(**NAG_DEFAULTS.get(model[len(BUILTIN_PREFIX):], BUILTIN_NAG))
     index = Path(model).expanduser() / "model_index.json"
     if index.is_file():
         try:

@@ -6,7 +6,7 @@ from rich.table import Table
 
 import nag
 from nag import session
-from nag.toy import DEFAULT_STEPS, VARIANTS
+from nag.toy import DEFAULT_STEPS, NAG_DEFAULTS, VARIANTS
 
 from . import common
 from .common import Debug, app
@@ -36,8 +36,8 @@ def models(debug: Debug = False) -> None:
         for name, info in nag.supported_pipelines().items():
             table.add_row(name, info["label"], info["family"], f"{info['scale']:g}", f"{info['tau']:g}",
                           f"{info['alpha']:g}", "1", few_step_text(name, info))
-        nag_defaults = session.BUILTIN_NAG
         for variant in VARIANTS:
+            nag_defaults = NAG_DEFAULTS[variant]
             table.add_row(f"{session.BUILTIN_PREFIX}{variant}", f"built-in tiny model, {DEFAULT_STEPS[variant]} "
                           "steps", "unet", f"{nag_defaults['scale']:g}", f"{nag_defaults['tau']:g}",
                           f"{nag_defaults['alpha']:g}", "1", "yes" if variant == "fewstep" else "no")

@@ -4,16 +4,16 @@
     from nag.toy import DEFAULT_NAG, load_pipeline
 
     pipe = load_pipeline("fewstep")                       # a stock diffusers StableDiffusionPipeline
-    with nag.apply(pipe, "red", **DEFAULT_NAG):           # scale 6, tau 3, alpha 0.75
-        images = pipe("a star", num_inference_steps=4, guidance_scale=0.0,
+    with nag.apply(pipe, "red", **DEFAULT_NAG):           # scale 3, tau 1.25, alpha 1
+        images = pipe("a large star on a gray background", num_inference_steps=4, guidance_scale=0.0,
                       generator=torch.Generator().manual_seed(0)).images
 
 The model draws 32x32 images of the procedural world of :mod:`nag.toy.dataset` (shapes, colours,
-counts, sizes, positions, backgrounds) from captions such as "a large red star on a checkered
-background". Two checkpoints ship with the package, in diffusers format:
+counts, sizes, positions and the white, black and gray backgrounds) from captions such as "a large
+red star on a gray background"; :mod:`nag.toy.vocabulary` lists the words it knows. Two checkpoints
+ship with the package, in diffusers format:
 
-- ``"multistep"``: the base model (rectified flow, DPM-Solver++; 25 steps, CFG works with
-  ``guidance_scale`` > 1);
+- ``"multistep"``: the base model (rectified flow, DPM-Solver++; 25 steps with CFG 4, NAG beside it);
 - ``"fewstep"``: distilled from it for 1 to 4 Euler steps with guidance baked in (like
   FLUX.1-schnell): use it with ``guidance_scale=0``.
 
@@ -27,17 +27,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_pipeline", "weights_dir", "VARIANTS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DEFAULT_NAG"]
+__all__ = [
+    "load_pipeline", "weights_dir", "VARIANTS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DEFAULT_NAG", "NAG_DEFAULTS",
+]
 
 VARIANTS: tuple[str, ...] = ("multistep", "fewstep")
 #: Default number of sampling steps per variant.
 DEFAULT_STEPS: dict[str, int] = {"multistep": 25, "fewstep": 4}
 #: Guidance scale the variant is meant to be used with (0: CFG off).
 DEFAULT_GUIDANCE: dict[str, float] = {"multistep": 4.0, "fewstep": 0.0}
-#: NAG settings for the built-in model (the demo, the CLI and the web UI use them). Its UNet is trained
-#: from scratch, so the published family defaults (tuned on real models) do not carry over; these were
-#: chosen on seeds that neither the tests nor benchmarks/quality_toy.py use.
-DEFAULT_NAG: dict[str, float] = {"scale": 6.0, "tau": 3.0, "alpha": 0.75}
+#: NAG settings per checkpoint (the demo, the CLI and the web UI use them). The UNet is trained from
+#: scratch, so the published family defaults (tuned on real models) do not carry over; these were chosen
+#: by ``benchmarks/tune_toy.py`` on seeds that neither the tests nor ``benchmarks/quality_toy.py`` use:
+#: the few-step checkpoint with CFG off, the multi-step one together with its CFG.
+NAG_DEFAULTS: dict[str, dict[str, float]] = {
+    "fewstep": {"scale": 3.0, "tau": 1.25, "alpha": 1.0},
+    "multistep": {"scale": 10.0, "tau": 2.5, "alpha": 0.25},
+}
+#: The few-step checkpoint's NAG settings (the default model's).
+DEFAULT_NAG: dict[str, float] = NAG_DEFAULTS["fewstep"]
 
 _WEIGHTS = Path(__file__).resolve().parent / "weights"
 
