@@ -170,7 +170,11 @@ def test_generate_prints_what_ran(tmp_path):
                    "--out", str(tmp_path / "x.png"), *FAST)
     assert proc.returncode == 0, proc.stderr
     summary = " ".join(proc.stdout.split()).split("ran ", 1)[1]
-    for part in ("builtin:fewstep", "on cpu, float32", "2 steps", "guidance 0", "NAG scale 4, tau 3, alpha 0.75",
+    from nag.toy import DEFAULT_NAG
+
+    # --scale 4, the model's own tau and alpha
+    settings = f"NAG scale 4, tau {DEFAULT_NAG['tau']:g}, alpha {DEFAULT_NAG['alpha']:g}"
+    for part in ("builtin:fewstep", "on cpu, float32", "2 steps", "guidance 0", settings,
                  "negative 'red'", "seeds 0..1", "2 images in"):
         assert part in summary, (part, summary)
     assert summary.rstrip().endswith(" s")

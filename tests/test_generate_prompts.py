@@ -16,6 +16,7 @@ import pytest
 from test_cli_errors import one_paragraph_error, run_nag
 
 from nag.evaluation.prompts import read_records
+from nag.toy import DEFAULT_NAG
 
 FAST = ["--steps", "2", "--num-images", "2", "-n", "red"]
 LINES = [{"prompt": "a star", "negative": "yellow", "seed": 40}, {"prompt": "a circle"},
@@ -48,7 +49,7 @@ def test_manifest_lists_every_image_with_its_seed_negative_and_hash(one_process)
         assert [f["seed"] for f in e["files"]] == [e["seed"], e["seed"] + 1]
         for f in e["files"]:
             assert hashlib.sha256((one_process / f["file"]).read_bytes()).hexdigest() == f["sha256"]
-    assert manifest["settings"]["nag"]["scale"] == 6.0 and manifest["settings"]["num_images"] == 2
+    assert manifest["settings"]["nag"]["scale"] == DEFAULT_NAG["scale"] and manifest["settings"]["num_images"] == 2
     hashes = [f["sha256"] for e in entries for f in e["files"]]
     assert len(set(hashes)) == len(hashes)
     assert sorted(p.name for p in one_process.iterdir()) == sorted(
@@ -72,7 +73,7 @@ def test_a_different_run_into_the_same_folder_is_refused(prompts, one_process, t
     out = tmp_path / "other"
     shutil.copytree(one_process, out)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
-    proc = run_nag("generate", "--prompts", str(prompts), "--out", str(out), "--device", "cpu", "--scale", "3",
+    proc = run_nag("generate", "--prompts", str(prompts), "--out", str(out), "--device", "cpu", "--scale", "7",
                    *FAST)
     one_paragraph_error(proc, "Output folder holds a different run", "nag", "new --out folder")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
