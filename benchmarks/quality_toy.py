@@ -313,8 +313,9 @@ def task_grids(results: dict, directory: Path, seeds: int) -> list[Path]:
         rows = [k * seeds for k in range(len(prompts))]  # the first seed of each prompt
         negatives = probe(trials[0].images[rows]).labels[negated]
         columns = {t.method.label: [_pil(t.images[i]) for i in rows] for t in trials}
-        labels = [f"{p.split()[1]}, -{n}" for p, n in zip(prompts, negatives)]  # "a star" -> "star, -yellow"
-        title = f"{task} task: negate the {negated} the unguided image shows (few-step model, 4 steps)"
+        labels = [f"-{n}" for n in negatives]
+        title = (f"{task} task: negate the {negated} the unguided image shows (few-step model, 4 steps)\n"
+                 f"rows: {', '.join(prompts)}")
         path = directory / f"toy_task_{task}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         make_grid(columns, labels, title, cell=72).save(path)
