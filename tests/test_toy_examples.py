@@ -174,3 +174,11 @@ def test_the_web_ui_warns_about_unknown_words(monkeypatch):
     assert len(shown) == 1 and "'dragon'" in shown[0]
     ui.generate(models, "builtin:fewstep", "a red star", "yellow", 6.0, 3.0, 0.75, 1.0, 1, 0.0, 0, [])
     assert len(shown) == 1
+
+
+def test_the_web_ui_examples_are_in_the_vocabulary():
+    pytest.importorskip("gradio")
+    from nag import ui
+
+    for prompt, negative in ui.EXAMPLES:
+        assert prompt_warning(prompt, negative) is None, (prompt, negative)

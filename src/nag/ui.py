@@ -16,9 +16,9 @@ from nag.session import BUILTIN_NAG, DEFAULT_MODEL, Loaded, NagCLIError
 __all__ = ["build_app", "launch"]
 
 EXAMPLES = [
-    ["a star on a white background", "yellow"],
-    ["a large circle on a checkered background", "blue"],
-    ["two small squares", "red"],
+    ["a large star on a gray background", "red"],
+    ["a large circle on a black background", "red"],
+    ["two squares on a white background", "pink"],
 ]
 
 

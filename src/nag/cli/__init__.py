@@ -1,8 +1,8 @@
 """The ``nag`` command: generate with Normalized Attention Guidance, compare it with CFG, list models.
 
-    nag generate --prompt "a star on a white background" --negative "yellow" --out star.png
+    nag generate --prompt "a large star on a gray background" --negative "red" --out star.png
     nag generate --prompts prompts.jsonl --negative "blurry" --num-images 4 --out runs/stars
-    nag compare  --prompt "a star on a white background" --negative "yellow" --out grid.png
+    nag compare  --prompt "a large star on a gray background" --negative "red" --out grid.png
     nag eval     --prompts captions.txt --reference-images coco/val2014 --methods none,nag --out runs/eval
     nag generate --model black-forest-labs/FLUX.1-schnell --prompt "a fox" --negative "blurry" --offload
     nag models
