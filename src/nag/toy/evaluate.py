@@ -27,12 +27,14 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import nag
 
 from .dataset import COLOURS, SHAPES, Attributes, full_caption, sample_attributes
 from .probes import AttributeProbe, ProbeResult
+from .vocabulary import MODEL_BACKGROUNDS
 
 __all__ = [
     "Method", "TrialResult", "AdherenceResult", "negation_trial", "adherence_trial", "adherence_prompts", "generate",
@@ -218,10 +220,6 @@ class AdherenceResult:
 
 def adherence_prompts(count: int, seed: int = 7000) -> tuple[list[str], list[Attributes]]:
     """``count`` prompts that name every attribute, drawn from the model's vocabulary (held out by seed)."""
-    import numpy as np
-
-    from .vocabulary import MODEL_BACKGROUNDS
-
     attributes = [sample_attributes(np.random.default_rng([seed, i]), 32, MODEL_BACKGROUNDS) for i in range(count)]
     return [full_caption(a) for a in attributes], attributes
 

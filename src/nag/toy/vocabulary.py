@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from .dataset import COLOURS, POSITIONS, SHAPES, SIZES, VOCABULARY
+from .dataset import _COUNT_WORDS, _POSITION_PHRASES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, VOCABULARY
 
 __all__ = [
     "MODEL_BACKGROUNDS", "MODEL_VOCABULARY", "VOCABULARY_TABLE", "prompt_warning", "unknown_words", "vocabulary_text",
@@ -30,17 +30,14 @@ MODEL_BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray")
 VOCABULARY_TABLE: dict[str, tuple[str, ...]] = {
     "shapes": SHAPES,
     "colours": COLOURS,
-    "counts": ("a", "two", "three"),
+    "counts": tuple(_COUNT_WORDS.values()),
     "sizes": SIZES,
-    "positions": tuple(f"{'in the' if p == 'center' else 'at the' if p in ('top', 'bottom') else 'on the'} {p}"
-                       for p in POSITIONS),
+    "positions": tuple(_POSITION_PHRASES[p] for p in POSITIONS),
     "backgrounds": tuple(f"on a {b} background" for b in MODEL_BACKGROUNDS),
 }
 
 #: Every word the built-in model was trained on (the caption words minus the untrained backgrounds).
-MODEL_VOCABULARY: frozenset[str] = frozenset(
-    w for w in VOCABULARY if w not in {"checkered", "striped"}
-)
+MODEL_VOCABULARY: frozenset[str] = frozenset(VOCABULARY) - (frozenset(BACKGROUNDS) - frozenset(MODEL_BACKGROUNDS))
 
 
 def unknown_words(prompt: str) -> list[str]:
@@ -53,9 +50,9 @@ def unknown_words(prompt: str) -> list[str]:
     return list(dict.fromkeys(w for w in words if w not in MODEL_VOCABULARY))
 
 
-def vocabulary_text() -> str:
-    """The vocabulary as one line per attribute, for help texts and warnings."""
-    return "\n".join(f"{name}: {', '.join(values)}" for name, values in VOCABULARY_TABLE.items())
+def vocabulary_text(separator: str = "\n") -> str:
+    """The vocabulary, one attribute per part ("shapes: circle, square, ..."), for help texts and warnings."""
+    return separator.join(f"{name}: {', '.join(values)}" for name, values in VOCABULARY_TABLE.items())
 
 
 def prompt_warning(prompt: str, negative: str | None = None) -> str | None:
@@ -66,8 +63,5 @@ def prompt_warning(prompt: str, negative: str | None = None) -> str | None:
         return None
     return (
         f"the built-in model was not trained on these words ({'; '.join(parts)}) and draws them arbitrarily. "
-        "It knows shapes (circle, square, triangle, star, diamond, cross), colours (red, orange, yellow, green, "
-        "cyan, blue, purple, pink), counts (a, two, three; two or three objects are small), sizes (small, large), "
-        "positions (in the center, on the left, on the right, at the top, at the bottom) and backgrounds "
-        "(on a white, black or gray background)."
+        f"It knows {vocabulary_text('; ')} (two or three objects are always small and scattered)."
     )
