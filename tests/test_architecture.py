@@ -16,7 +16,7 @@ PACKAGE = ROOT / "src" / "nag"
 # Layers, lowest first: a module may import its own layer and those below, never one above.
 LAYERS = [
     ("core", ["nag.settings", "nag.combine", "nag.kernels", "nag.compiled", "nag.fused"]),
-    ("state and descriptions", ["nag.state", "nag.spec", "nag.schedule"]),
+    ("state and descriptions", ["nag.state", "nag.spec", "nag.schedule", "nag.signatures"]),
     ("attention mechanisms", ["nag.attention"]),
     ("installation and hooks", ["nag.hooks", "nag.control"]),
     ("families", ["nag.families"]),

@@ -96,3 +96,58 @@ def test_window():
     s = NAGSettings(scale=3.0, tau=2.5, alpha=0.5, start=0.25, end=0.75)
     assert [s.in_window(i / 4) for i in range(4)] == [False, True, True, False]
     assert s.in_window(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("p", [1, 2])
+def test_plain_path_has_the_rescaled_paths_bits(dtype, p):
+    """Inputs far from the dtype's limits skip the per-token rescaling (about a third of the operations): the
+    result must have the same bits, at magnitudes from 1e-4 to 1e6 (1e3 in float16), batch 2, a zero token,
+    every setting kind."""
+    from nag.combine import combine_plain, combine_rescaled, combine_scalars
+
+    g = torch.Generator().manual_seed(3)
+    top = 3 if dtype == torch.float16 else 6  # (float16 holds up to 65504)
+    magnitudes = torch.logspace(-4, top, 11).reshape(1, 11, 1)
+    z_pos = (torch.randn(2, 11, 48, generator=g) * magnitudes).to(dtype)
+    z_neg = (torch.randn(2, 11, 48, generator=g) * magnitudes * 3).to(dtype)
+    z_pos[1, 0] = 0
+    for scale, tau, alpha in [(4.0, 2.5, 0.3), (1.5, 1.0, 1.0), (10.0, 3.0, 0.25)]:
+        scalars = combine_scalars(dtype, dtype, scale, tau, alpha, 1e-6)
+        plain = combine_plain(z_pos, z_neg, *scalars, p)
+        assert torch.equal(plain, combine_rescaled(z_pos, z_neg, *scalars, p))
+        assert torch.equal(plain, nag_combine(z_pos, z_neg, scale, tau, alpha, norm=p, compiled=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tokens_near_the_limits_take_the_rescaled_path(dtype):
+    """Tokens with magnitudes near the dtype's limits (where the plain equation's norms overflow) or non-finite
+    inputs are computed by the rescaled path, the other tokens of the call by the plain one: the eager combine's
+    result is finite and each token's is what it is alone. Tensor scalars (compiled code), a huge tau and other
+    devices' tensors never take the plain path; two float16 inputs always do, unchecked."""
+    from nag.combine import PLAIN_FACTOR, _plain_check, combine_eager, combine_plain, combine_rescaled, combine_scalars
+
+    g = torch.Generator().manual_seed(4)
+    z_pos, z_neg = torch.randn(2, 3, 64, generator=g).to(dtype), torch.randn(2, 3, 64, generator=g).to(dtype)
+    scalars = combine_scalars(dtype, dtype, 4.0, 2.5, 0.5, 1e-6)
+    z_pos[1, 2] *= 1e37
+    out = combine_eager(z_pos, z_neg, *scalars)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1, 2], combine_rescaled(z_pos[1, 2], z_neg[1, 2], *scalars))
+    assert torch.equal(out[0], combine_plain(z_pos[0], z_neg[0], *scalars, checked=False))
+    assert torch.equal(out[1, :2], combine_plain(z_pos[1, :2], z_neg[1, :2], *scalars, checked=False))
+    assert not torch.isfinite(combine_plain(z_pos, z_neg, *scalars, checked=False)[1, 2]).all()  # (why it is needed)
+    for bad in (float("inf"), float("nan")):
+        z_bad = z_neg.clone()
+        z_bad[0, 1] = bad
+        out = combine_plain(z_pos, z_bad, *scalars)
+        assert torch.equal(out[0, 1], combine_rescaled(z_pos[0, 1], z_bad[0, 1], *scalars)) or (
+            out[0, 1].isnan().all() and combine_rescaled(z_pos[0, 1], z_bad[0, 1], *scalars).isnan().all()
+        )
+    s, _, tau, _, _, floor = scalars
+    assert _plain_check(z_pos, z_neg, s, tau, floor) is True
+    assert _plain_check(z_pos, z_neg, s, 2 * PLAIN_FACTOR, floor) is None
+    assert _plain_check(z_pos, z_neg, s, torch.tensor(tau), floor) is None
+    assert _plain_check(z_pos, z_neg, s, tau, 0.0) is None
+    assert _plain_check(z_pos.to("meta"), z_neg.to("meta"), s, tau, floor) is None
+    assert _plain_check(z_pos.half().to("meta"), z_neg.half().to("meta"), s, tau, floor) is False

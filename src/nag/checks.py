@@ -3,13 +3,14 @@ under, and precomputed negative embeddings of the wrong shape or width. Each ref
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .attention import NAGProcessor
 from .families import FAMILIES
+from .signatures import call_signature
 from .spec import PipelineSpec
 
 # Names of precomputed negative embeddings (as the pipelines' encode_prompt spells them) and the
@@ -72,16 +73,19 @@ _INCOMPATIBLE_HOOKS = {
 }
 
 
-def check_processors(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
+def check_processors(
+    denoiser: torch.nn.Module, spec: PipelineSpec, modules: Sequence[tuple[str, torch.nn.Module]] | None = None
+) -> None:
     """Refuse text-attention processors NAG cannot drive, naming the module and the fix.
 
     NAG wraps whatever processor a text-attention module has and calls it with the positive and
     the negative context, binding its arguments by name. A processor from another tool works if it
     takes the stock arguments by name (``hidden_states``, ``encoder_hidden_states``, ...); one
-    that hides them behind ``*args``/``**kwargs`` or does not take them cannot be driven.
+    that hides them behind ``*args``/``**kwargs`` or does not take them cannot be driven. ``modules``: the
+    denoiser's ``named_modules()`` where the caller has them.
     """
     family = FAMILIES[spec.family]
-    for name, module in denoiser.named_modules():
+    for name, module in denoiser.named_modules() if modules is None else modules:
         mechanism = family.attention_role(name, module)
         if mechanism is None:
             continue
@@ -96,7 +100,7 @@ def check_processors(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
         if not callable(processor):
             raise TypeError(f"{label}, which is not callable; NAG needs a diffusers attention processor: {fix}")
         try:
-            parameters = inspect.signature(processor.__call__).parameters
+            parameters = call_signature(processor).parameters
         except (TypeError, ValueError) as error:
             raise TypeError(f"{label} whose signature cannot be read ({error}); NAG cannot drive it: {fix}") from None
         missing = [p for p in mechanism.binds if p not in parameters]
@@ -107,10 +111,13 @@ def check_processors(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
             )
 
 
-def check_hooks(denoiser: torch.nn.Module, spec: PipelineSpec) -> None:
-    """Refuse diffusers features (hooks) that cannot carry NAG's negative conditioning."""
+def check_hooks(
+    denoiser: torch.nn.Module, spec: PipelineSpec, modules: Sequence[tuple[str, torch.nn.Module]] | None = None
+) -> None:
+    """Refuse diffusers features (hooks) that cannot carry NAG's negative conditioning (``modules``: the denoiser's
+    ``named_modules()`` where the caller has them)."""
     layout = FAMILIES[spec.family].layout
-    for module in denoiser.modules():
+    for _, module in denoiser.named_modules() if modules is None else modules:
         # (read from the instance dict: a missing attribute through nn.Module.__getattr__ raises, slowly, per module;
         # this runs at every generation)
         registry = module.__dict__.get("_diffusers_hook")

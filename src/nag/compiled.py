@@ -9,8 +9,8 @@ Triton on CUDA) fuses the chain into a few passes over the data.
 
 * it compiles on first use, once per process and input shape for the first few shapes (code for
   one shape is the fastest), then once more with dynamic shapes for all further ones;
-* it calls the eager function instead for small inputs (fewer than :data:`MIN_ELEMENTS` in the
-  largest tensor), when ``NAG_EAGER`` is set to ``1``/``true``/``yes``/``on``,
+* it calls the eager function (or a ``fallback`` with its result) instead for small inputs (fewer than
+  :data:`MIN_ELEMENTS` in the largest tensor), when ``NAG_EAGER`` is set to ``1``/``true``/``yes``/``on``,
   when the caller is itself being traced by ``torch.compile`` (the user's compile then fuses the
   eager code into its own graph; compiling inside it would nest two compilers), or when
   compiling or running the compiled code failed before for the same device type and dtypes;
@@ -96,11 +96,15 @@ class CompiledFunction:
     The first ``static_shapes`` distinct input shapes (and dtypes) of the process get code compiled for exactly
     that shape (on the CPU inductor vectorises it several times better than code for any token count; a pipeline
     calls the combine with the same few shapes in every step); further shapes share one dynamic-shape compile.
-    Calling the object takes ``eager``'s arguments.
+    Calling the object takes ``eager``'s arguments. ``fallback`` (default: ``eager``) is what runs instead of the
+    compiled code: a function with ``eager``'s result that may branch on the data, which compiled code cannot.
     """
 
-    def __init__(self, eager: Callable[..., Any], name: str, static_shapes: int = 4) -> None:
+    def __init__(
+        self, eager: Callable[..., Any], name: str, static_shapes: int = 4, fallback: Callable[..., Any] | None = None
+    ) -> None:
         self.eager = eager
+        self.fallback = fallback or eager
         self.name = name
         self.static_shapes = static_shapes  # (below torch.compile's default limit of 8 entries per function)
         self._static: Callable[..., Any] | None = None
@@ -131,7 +135,7 @@ class CompiledFunction:
 
     def __call__(self, *args: Any) -> Any:
         if not self.use_compiled(args):
-            return self.eager(*args)
+            return self.fallback(*args)
         # Python floats reach the compiled code as 0-d tensors: a tensor's value is data to the compiler, while a
         # float may be baked into the code (without a guard for some operations, so that a later call with another
         # value would silently reuse the first). The eager fallback gets the floats themselves.
@@ -149,7 +153,7 @@ class CompiledFunction:
                     type(error).__name__,
                     str(error).splitlines()[0] if str(error) else "",
                 )
-            return self.eager(*args)
+            return self.fallback(*args)
 
     def reset(self) -> None:
         """Forget the compiled functions, the shapes and the remembered failures (after ``torch._dynamo.reset()``)."""

@@ -27,6 +27,7 @@ from .hooks import Attachment, attach, unwrap_compiled
 from .patching import MISSING, ClosingProgressBar, PatchedMethod, tokenizer_state_kept
 from .schedule import schedule_fraction, schedule_sigma
 from .settings import NAGSettings
+from .signatures import forward_signature
 from .spec import PipelineSpec
 from .state import NAGRuntime, inert_copy
 
@@ -73,6 +74,7 @@ class NAGHandle:
         negative_prompt: str | Sequence[str] | None,
         negative_embeds: dict[str, torch.Tensor],
         fast: bool = True,
+        modules: list[tuple[str, torch.nn.Module]] | None = None,
     ):
         self.pipe = pipe
         self.spec = spec
@@ -90,7 +92,7 @@ class NAGHandle:
         self._lock = threading.Lock()
         self._generating_thread: threading.Thread | None = None
         self.denoiser = _denoiser_of(pipe, spec)
-        self._attachment = attach(self.denoiser, FAMILIES[spec.family], self.runtime, fast=fast)
+        self._attachment = attach(self.denoiser, FAMILIES[spec.family], self.runtime, fast=fast, modules=modules)
         # Further experts (Wan 2.2's low-noise `transformer_2`) share the runtime: one generation.
         self._expert_attachments: list[Attachment] = []
         try:
@@ -205,7 +207,7 @@ class NAGHandle:
             self._open_generation()
             try:
                 self._check_processors_in_place()
-                check_hooks(self.denoiser, self.spec)
+                check_hooks(self.denoiser, self.spec, self._attachment.modules if self._attachment else None)
                 self._awaiting_positive = True
                 prompt = signature.bind_partial(*args, **kwargs).arguments.get("prompt")
                 if isinstance(prompt, (list, tuple)):
@@ -356,7 +358,7 @@ class NAGHandle:
         if pending is None or not isinstance(output, tuple):
             return None
         negative, positive = pending
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        bound = forward_signature(module).bind(*args, **kwargs)
         arguments = bound.arguments
         names = list(arguments)
         text, mask = arguments[names[0]], arguments[names[1]] if len(names) > 1 else None
@@ -523,13 +525,14 @@ def apply(
             f"{type(pipe).__name__} already carries NAG; call nag.remove(pipe) (or handle.update(...)) first"
         )
     denoiser = _denoiser_of(pipe, spec)
-    if any(isinstance(m.__dict__.get("processor"), NAGProcessor) for m in denoiser.modules()):
+    modules = list(denoiser.named_modules())  # (one walk for the checks and the installation)
+    if any(isinstance(m.__dict__.get("processor"), NAGProcessor) for _, m in modules):
         raise RuntimeError(
             f"the {spec.denoiser_attr} of this pipeline already carries NAG (through another pipeline "
             "sharing it); remove that first"
         )
-    check_processors(denoiser, spec)
-    check_hooks(denoiser, spec)
+    check_processors(denoiser, spec, modules)
+    check_hooks(denoiser, spec, modules)
     if isinstance(negative_prompt, str) and not negative_prompt.strip():
         negative_prompt = None  # one rule everywhere: an empty negative prompt is no negative prompt (NAG off)
     if negative_prompt is not None and negative_embeds:
@@ -549,7 +552,7 @@ def apply(
     embeds = validate_negative_embeds(spec, negative_embeds, None if spec.text_connector else denoiser)
     if negative_prompt is None and not embeds:
         logger.warning("nag.apply without a negative prompt: NAG stays off until one is given")
-    handle = NAGHandle(pipe, spec, settings, negative_prompt, embeds, fast=fast)
+    handle = NAGHandle(pipe, spec, settings, negative_prompt, embeds, fast=fast, modules=modules)
     _HANDLES[pipe] = handle
     return handle
 

@@ -69,6 +69,15 @@ class GuidedCall:
         """``cond_rows`` as a list, read once per call (reading device indices waits for the device)."""
         return self.cond_rows.tolist()
 
+    @functools.cached_property
+    def row_index(self) -> slice | torch.Tensor:
+        """The guided rows as an index of the first axis: a slice where they are consecutive (indexing with it gives
+        views, no copy; with no CFG every row is guided), else ``cond_rows``. Reading it must not be written to."""
+        rows = self.guided_rows
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return self.cond_rows
+
 
 @dataclass
 class NegativeText:

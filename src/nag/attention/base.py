@@ -22,6 +22,7 @@ import torch
 
 from ..combine import nag_combine
 from ..fused import merge_and_combine
+from ..signatures import call_signature
 from ..state import GuidedCall, NAGRuntime, NegativeText
 
 
@@ -89,21 +90,6 @@ def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])], dim=1)
 
 
-def _call_signature(stock: Any) -> inspect.Signature:
-    """The signature of ``stock(...)``, computed once per processor class (building one costs a noticeable part of
-    ``nag.apply`` on a small model); callables that are not instances of a Python class are inspected each time."""
-    call = inspect.getattr_static(type(stock), "__call__", None)
-    if not inspect.isfunction(call):
-        return inspect.signature(stock.__call__)
-    signature = _SIGNATURES.get(call)
-    if signature is None:
-        signature = _SIGNATURES[call] = inspect.signature(stock.__call__)
-    return signature
-
-
-_SIGNATURES: dict[Callable, inspect.Signature] = {}  # processor class's __call__ -> signature of the bound call
-
-
 class NAGProcessor:
     """Base wrapper: binds the stock processor's arguments by name and dispatches."""
 
@@ -111,7 +97,7 @@ class NAGProcessor:
         self.stock = stock
         self.stock_kind = type(stock).__name__  # decides which fast path applies
         self.runtime = runtime
-        self._signature = _call_signature(stock)
+        self._signature = call_signature(stock)
         self._var_positional = tuple(
             name for name, p in self._signature.parameters.items() if p.kind is inspect.Parameter.VAR_POSITIONAL
         )

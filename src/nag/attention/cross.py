@@ -212,7 +212,8 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         key = split_heads(attn, attn.to_k(positive), attn.norm_k, flat)
         value = attn.to_v(positive).unflatten(-1, (attn.heads, -1))
 
-        negative = context[call.cond_rows, split:]
+        guided = call.row_index
+        negative = context[guided, split:]
         cache_key = (id(attn), "negative_kv", tuple(negative.shape), negative.dtype, negative.device)
         cached = self.runtime.negative_kv.get(cache_key) if call.static_negative else None
         if cached is None:
@@ -227,14 +228,14 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         positive_mask = negative_mask = None
         if mask is not None:
             positive_mask = self._mask(attn, mask[..., :split], rows)
-            negative_mask = self._mask(attn, split_rows(mask[..., split:], call.cond_rows), len(call.cond_rows))
+            negative_mask = self._mask(attn, split_rows(mask[..., split:], guided), len(call.guided_rows))
         z = attention(query, key, value, positive_mask)
-        z_negative = attention(query[call.cond_rows], negative_key, negative_value, negative_mask)
+        z_negative = attention(query[guided], negative_key, negative_value, negative_mask)
         if getattr(attn, "to_gate_logits", None) is not None:  # LTX-2: per-head output gates from the queries' input
             gates = 2.0 * torch.sigmoid(attn.to_gate_logits(hidden)).unsqueeze(-1)
-            z, z_negative = z * gates, z_negative * gates[call.cond_rows]
+            z, z_negative = z * gates, z_negative * gates[guided]
         z, z_negative = z.flatten(2), z_negative.flatten(2)
-        z[call.cond_rows] = self.combine(call, z[call.cond_rows], z_negative)
+        z[guided] = self.combine(call, z[guided], z_negative)
         if image_len:
             image = context[:, :image_len]
             image_key = attn.norm_added_k(attn.add_k_proj(image)).unflatten(-1, (attn.heads, -1))

@@ -37,7 +37,7 @@ def guided_merge(
     """Every row's image-query attention merged from its ``image`` and ``text`` parts (``(out, lse)`` over all rows),
     the guided rows' replaced by NAG on their ``positive`` and ``negative`` parts, merged and combined in one pass.
     Heads flattened."""
-    rows = call.cond_rows
+    rows = call.row_index
     if len(call.guided_rows) == image[0].shape[0]:  # (every row guided: no plain merge needed)
         return processor.merge_and_combine(positive, negative)
     z = merge_attention(image[0], image[1], text[0], text[1]).flatten(2)
@@ -61,7 +61,7 @@ def guided_image_and_text(
     output (NAG applied to the conditional rows) and the positive and negative text queries' outputs, all with
     heads flattened.
     """
-    rows = call.cond_rows
+    rows = call.row_index
     qi, ki, vi = image
     qp, kp, vp = (t[:, : call.positive_text_len] for t in positive_text)
     qn, kn, vn = (t[:, : call.negative_text_len] for t in negative_text)
@@ -161,7 +161,7 @@ def guided_image_and_text_outer_mask(
     image->image log-sum-exp, and a per-key bias from the text keys (:func:`attention_with_lse_and_key_bias`), so
     image->image attention is still computed once and merged; the text queries attend to ``[own text, guided image]``
     under their rows of the outer product, as the stock processor gives them."""
-    rows = call.cond_rows
+    rows = call.row_index
     (qi, ki, vi), (lp, ln) = image, text_lengths
     image_start = positive_text[0].shape[1]
     qp, kp, vp = (t[:, :lp] for t in positive_text)

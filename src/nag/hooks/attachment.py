@@ -20,13 +20,13 @@ the stock arguments through unchanged, so the output is bit-identical.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ..attention import NAGProcessor, wrap_processor
+from ..signatures import forward_signature
 from ..spec import Family
 from ..state import NAGRuntime, NegativePrefix, PrefixRecording, inert_copy
 from .blocks import HOOKS, BlockHooks
@@ -44,9 +44,18 @@ def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
 class Attachment:
     """Everything installed on one denoiser; ``detach()`` removes it all. ``hooks`` names each installed hook."""
 
-    def __init__(self, denoiser: torch.nn.Module, family: Family, runtime: NAGRuntime, fast: bool = True):
+    def __init__(
+        self,
+        denoiser: torch.nn.Module,
+        family: Family,
+        runtime: NAGRuntime,
+        fast: bool = True,
+        modules: list[tuple[str, torch.nn.Module]] | None = None,
+    ):
         denoiser = unwrap_compiled(denoiser)
         self.denoiser = denoiser
+        #: the denoiser's ``named_modules()`` at installation (one walk; the per-generation checks read it)
+        self.modules = list(denoiser.named_modules()) if modules is None else modules
         self.family = family
         self.runtime = runtime
         self.fast = fast
@@ -55,7 +64,7 @@ class Attachment:
         self._installed: list[tuple[str, torch.nn.Module, Any, Any]] = []
         self.hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
         self._blocks = BlockHooks(family, runtime, self._installed)
-        self._forward_signature = inspect.signature(denoiser.forward)
+        self._forward_signature = forward_signature(denoiser)
         try:
             self._install()
         except BaseException:
@@ -77,7 +86,7 @@ class Attachment:
             "denoiser", self.denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True, prepend=True)
         )
         self._register("denoiser", self.denoiser.register_forward_hook(self._after_denoiser, always_call=True))
-        for name, module in self.denoiser.named_modules():  # (one walk: it is most of what apply costs)
+        for name, module in self.modules:
             mechanism = family.attention_role(name, module)
             if mechanism is not None:
                 self._wrap(name, module, mechanism)
@@ -261,10 +270,17 @@ def _stock_rows_of_output(output: Any, rows: int) -> Any:
     raise TypeError(f"NAG cannot trim the negative rows from a denoiser output of type {type(output).__name__}")
 
 
-def attach(denoiser: torch.nn.Module, family: Family, runtime: NAGRuntime, fast: bool = True) -> Attachment:
+def attach(
+    denoiser: torch.nn.Module,
+    family: Family,
+    runtime: NAGRuntime,
+    fast: bool = True,
+    modules: list[tuple[str, torch.nn.Module]] | None = None,
+) -> Attachment:
     """Install NAG on ``denoiser`` for ``family``; returns the attachment to ``detach()``.
 
     ``fast=False`` uses the straightforward wrappers everywhere (each stock processor called once
-    per branch); the fast paths must agree with them.
+    per branch); the fast paths must agree with them. ``modules``: the denoiser's ``named_modules()``, where the
+    caller has listed them.
     """
-    return Attachment(denoiser, family, runtime, fast)
+    return Attachment(denoiser, family, runtime, fast, modules)

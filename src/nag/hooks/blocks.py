@@ -9,6 +9,7 @@ block's attention fast path, and the forward hook finishes the block for it with
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,13 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..attention import NAGProcessor, pad_tokens
+from ..signatures import forward_signature
 from ..spec import Family, ModuleKind
 from ..state import NAGRuntime, NegativeText, inert_copy
 
 __all__ = ["BlockHooks", "HOOKS", "Hook"]
+
+_UNKNOWN = object()
 
 
 class BlockHooks:
@@ -30,10 +34,23 @@ class BlockHooks:
         self.family = family
         self.runtime = runtime
         self.wrapped = wrapped
+        self._text_attention: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its wrapped attention
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         """Copies of the model (deepcopy, torch.save) carry hooks that do nothing: no call is guided there."""
         return inert_copy, (type(self), {"runtime": NAGRuntime(self.runtime.settings), "wrapped": []})
+
+    def _text_attention_processor(self, block: torch.nn.Module) -> Any:
+        """The NAG wrapper of a block's text attention (None if it has none, or something replaced it). The block's
+        wrapped attention module is found once (a walk over its modules costs more than the rest of a hook call);
+        its processor is read at each call."""
+        attention = self._text_attention.get(block, _UNKNOWN)
+        if attention is _UNKNOWN:
+            # (the instance dict, not getattr: NAG wrappers are plain objects)
+            found = (m for m in block.modules() if isinstance(m.__dict__.get("processor"), NAGProcessor))
+            attention = self._text_attention[block] = next(found, None)
+        processor = attention.__dict__.get("processor") if attention is not None else None
+        return processor if isinstance(processor, NAGProcessor) else None
 
     def _start_text(self, block: torch.nn.Module, text: torch.Tensor, modulation: Any) -> NegativeText:
         normed, saved = self.family.text_path.start(block, text, modulation)
@@ -121,7 +138,7 @@ class BlockHooks:
         """Fast path for single-stream blocks whose input the model joined as ``[text, image]``: the block runs
         on the stock rows; the negative rows' text takes the family's text-only path around it."""
         call = self.runtime.call
-        processor = _text_attention_processor(module)
+        processor = self._text_attention_processor(module) if call is not None else None
         if call is None or not getattr(processor, "takes_split_text", lambda: False)():
             return None
         bound = _bind(module, args, kwargs)
@@ -155,11 +172,11 @@ class BlockHooks:
         call = self.runtime.call
         if call is None:
             return None
-        if not getattr(_text_attention_processor(module), "takes_split_text", lambda: False)():
+        if not getattr(self._text_attention_processor(module), "takes_split_text", lambda: False)():
             # another processor or attention backend: whole rows through the block (the straightforward wrapper)
             self.runtime.whole_rows_block = True
             return self.add_image_rows(module, args, kwargs)
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        bound = _bind(module, args, kwargs)
         arguments = bound.arguments
         text, temb = arguments["encoder_hidden_states"], arguments["temb"]
         self.runtime.text_path = self._start_text(module, text[call.batch :], temb[call.batch :])
@@ -185,7 +202,7 @@ class BlockHooks:
         the family's text-only path around it, with its modulation and its span of the rotary tables."""
         call = self.runtime.call
         self.runtime.text_path = None  # (left behind only by a block that raised)
-        processor = _text_attention_processor(module)
+        processor = self._text_attention_processor(module) if call is not None else None
         if call is None or not getattr(processor, "takes_split_text", lambda: False)():
             return None
         if call.text_lengths is None:  # (the family gives no per-row spans)
@@ -267,7 +284,7 @@ class BlockHooks:
         b, rows = call.batch, text.shape[0]
         if rows != b + len(call.cond_rows):
             return None
-        processor = _text_attention_processor(module)
+        processor = self._text_attention_processor(module)
         if not getattr(processor, "takes_split_text", lambda: False)():
             if image.shape[0] == b:  # (the image stream came at the stock batch: copies for the negative rows)
                 arguments[family.image_kwarg] = torch.cat([image, image[call.cond_rows]])
@@ -300,13 +317,9 @@ class BlockHooks:
 
 
 def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    return inspect.signature(module.forward).bind(*args, **kwargs)
+    return forward_signature(module).bind(*args, **kwargs)
 
 
-def _text_attention_processor(block: torch.nn.Module) -> Any:
-    """The NAG wrapper of a block's text attention (None if it has none)."""
-    # (the instance dict, not getattr: this runs at every block call; NAG wrappers are plain objects)
-    return next((p for m in block.modules() if isinstance(p := m.__dict__.get("processor"), NAGProcessor)), None)
 
 
 @dataclass(frozen=True)
