@@ -161,6 +161,31 @@ def ltx_unmasked_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any
 CASES = {"flux": flux_case, "flux2": flux2_case, "wan": wan_case, "ltx": ltx_case, "ltx_unmasked": ltx_unmasked_case}
 
 
+class StraightforwardCrossCalls:
+    """Counts the calls of the cross-attention wrapper's straightforward path (the stock processor once per branch)
+    while active: zero where the fast path served every guided cross-attention call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __enter__(self) -> StraightforwardCrossCalls:
+        from nag.attention.cross import CrossAttentionNAG
+
+        self._original = original = CrossAttentionNAG.guided
+
+        def counting(processor: Any, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return original(processor, *args, **kwargs)
+
+        CrossAttentionNAG.guided = counting
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from nag.attention.cross import CrossAttentionNAG
+
+        CrossAttentionNAG.guided = self._original
+
+
 def run_nag(transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict[str, torch.Tensor]) -> torch.Tensor:
     import nag
 
@@ -192,8 +217,10 @@ def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
 
     expected, stock = generate(), generate("")
     pipe.transformer.enable_parallelism(config=config)
-    got = generate()
-    return {"nag_effect": (expected - stock).abs().max().item(), "max_abs_diff": (got - expected).abs().max().item()}
+    with StraightforwardCrossCalls() as straightforward:
+        got = generate()
+    return {"nag_effect": (expected - stock).abs().max().item(), "max_abs_diff": (got - expected).abs().max().item(),
+            "straightforward_cross_calls": straightforward.calls}
 
 
 def run_stock_case(family: str, config: Any) -> dict[str, Any]:
@@ -229,16 +256,18 @@ def run_case(case: str) -> dict[str, Any]:
     config = ContextParallelConfig(**{f"{mode}_degree": WORLD})
     result: dict[str, Any] = {"case": case, "nag_effect": (expected - stock).abs().max().item()}
     try:
-        if order == "before":  # NAG applied first, parallelism enabled under it
-            reference = inputs["encoder_hidden_states"][BATCH // 2 :]
-            with nag.apply_to_denoiser(transformer, negative, scale=3.0, positive_reference=reference):
+        with StraightforwardCrossCalls() as straightforward:
+            if order == "before":  # NAG applied first, parallelism enabled under it
+                reference = inputs["encoder_hidden_states"][BATCH // 2 :]
+                with nag.apply_to_denoiser(transformer, negative, scale=3.0, positive_reference=reference):
+                    transformer.enable_parallelism(config=config)
+                    with torch.no_grad():
+                        got = transformer(**inputs)[0]
+            else:
                 transformer.enable_parallelism(config=config)
-                with torch.no_grad():
-                    got = transformer(**inputs)[0]
-        else:
-            transformer.enable_parallelism(config=config)
-            got = run_nag(transformer, inputs, negative)
+                got = run_nag(transformer, inputs, negative)
         result["max_abs_diff"] = (got - expected).abs().max().item()
+        result["straightforward_cross_calls"] = straightforward.calls
     except (NotImplementedError, ValueError, RuntimeError) as error:
         result["error"] = f"{type(error).__name__}: {error}"
     return result

@@ -74,6 +74,16 @@ def test_matches_one_process(results: dict[str, dict], case: str) -> None:
     assert result["nag_effect"] > 100 * TOLERANCE  # NAG changed the output: the comparison means something
 
 
+def test_wan_cross_attention_fast_path_runs_under_parallelism(results: dict[str, dict]) -> None:
+    """Wan's cross-attention attends to the whole text on every process (diffusers gives it no parallel
+    configuration): NAG's fast path serves it under context parallelism too, exactly (the cases above). LTX-Video's
+    cross-attention is split with the text, so there the straightforward path runs."""
+    for case in ("wan:ulysses:5:after", "wan:ring:12:before", "wan:ring:pipeline:after"):
+        assert results[case]["straightforward_cross_calls"] == 0, results[case]
+    for case in ("ltx_unmasked:ulysses:4:after", "ltx_unmasked:ring:12:before"):
+        assert results[case]["straightforward_cross_calls"] > 0, results[case]
+
+
 def test_odd_negative_length_is_refused_with_the_reason(results: dict[str, dict]) -> None:
     error = results["flux:ulysses:5:after"]["error"]
     assert "divisible by 2" in error and "max_sequence_length" in error

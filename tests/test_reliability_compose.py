@@ -350,6 +350,55 @@ def test_attention_backend(name, backend, record_property):
     record_property("observed", note)
 
 
+@reliability(
+    "Wan (its cross-attention dispatches) on another backend chosen with set_attention_backend",
+    "the cross-attention fast path runs on that backend (no straightforward call), equal to the straightforward "
+    "path's output to 1e-5",
+)
+@pytest.mark.parametrize("backend", ["_native_math", "flex"])
+@pytest.mark.usefixtures("global_attention_backend")
+@pytest.mark.filterwarnings("ignore")
+def test_cross_fast_path_on_a_chosen_backend(backend, monkeypatch):
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from nag.attention.cross import CrossAttentionNAG
+
+    straightforward_calls, backend_calls, inside = [], [], []
+    original_guided = CrossAttentionNAG.guided
+
+    def counting_guided(self, *args, **kwargs):
+        straightforward_calls.append(1)
+        return original_guided(self, *args, **kwargs)
+
+    chosen = AttentionBackendName(backend)
+    original_backend = _AttentionBackendRegistry._backends[chosen]
+
+    def counting_backend(*args, **kwargs):
+        if inside:  # (attention computed inside a text cross-attention module, the ones NAG wraps)
+            backend_calls.append(1)
+        return original_backend(*args, **kwargs)
+
+    pipe = fresh("wan")
+    tp.denoiser(pipe).set_attention_backend(backend)
+    for module_name, module in tp.denoiser(pipe).named_modules():
+        if module_name.endswith("attn2"):
+            module.register_forward_pre_hook(lambda *a: inside.append(1))
+            module.register_forward_hook(lambda *a: inside.clear())
+    outputs = {}
+    for fast in (False, True):
+        with monkeypatch.context() as patch:
+            patch.setattr(CrossAttentionNAG, "guided", counting_guided)
+            patch.setitem(_AttentionBackendRegistry._backends, chosen, counting_backend)
+            straightforward_calls.clear()
+            backend_calls.clear()
+            with nag.apply(pipe, NEGATIVE, **SETTINGS, fast=fast):
+                outputs[fast] = generate(pipe, "wan", cfg=False)
+            calls = len(straightforward_calls)
+        assert (calls == 0) if fast else (calls > 0)
+        assert backend_calls  # (NAG's cross-attention ran on the chosen backend)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)
+
+
 def _calls_on_process_wide_backend(name: str, monkeypatch, guided: bool) -> int:
     """Text-attention calls that reach the backend chosen with diffusers' ``attention_backend(...)``
     during a generation without CFG (every denoiser call guided when ``guided``)."""

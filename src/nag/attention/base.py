@@ -22,6 +22,7 @@ import torch
 
 from ..combine import nag_combine
 from ..fused import merge_and_combine
+from ..kernels import attention
 from ..signatures import call_signature
 from ..state import GuidedCall, NAGRuntime, NegativeText
 
@@ -311,15 +312,34 @@ def branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len:
 
 
 def default_backend(stock: Any) -> bool:
-    """Whether the stock processor would run diffusers' default (native) attention: only then
-    may a fast path compute attention with its own kernels."""
-    if getattr(stock, "_attention_backend", None) not in (None, "native") or getattr(stock, "_parallel_config", None):
+    """Whether the stock processor would run diffusers' default (native) attention on this process's tokens alone (no
+    context parallelism): only then may a fast path compute attention with its own kernels."""
+    return native_backend(stock) and not getattr(stock, "_parallel_config", None)
+
+
+def native_backend(stock: Any) -> bool:
+    """Whether the stock processor's attention backend is diffusers' default (native) one (its own, or the
+    process-wide one where it has none)."""
+    if getattr(stock, "_attention_backend", None) not in (None, "native"):
         return False
     try:
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
     except ImportError:  # pragma: no cover - older diffusers: no dispatcher, processors use SDPA
         return True
     return _AttentionBackendRegistry._active_backend == "native"
+
+
+def backend_attention(
+    stock: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention ``(B, L, H, D)`` on the stock processor's attention backend, without context parallelism (for
+    attention whose keys every process holds whole): NAG's kernel on the native backend, diffusers' dispatcher with the
+    processor's backend otherwise (flash, cuDNN, flex, ...)."""
+    if native_backend(stock):
+        return attention(q, k, v, mask)
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=getattr(stock, "_attention_backend", None))
 
 
 def split_heads(attn: Any, x: torch.Tensor, norm: Any, flat_norm: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from ..kernels import attention
 from ..state import GuidedCall
-from .base import NAGProcessor, OutputProjectionView, default_backend, split_heads, split_rows
+from .base import NAGProcessor, OutputProjectionView, backend_attention, split_heads, split_rows
 
 #: Processors that take the UNet's ``(text, [image embeddings per adapter])`` context of an IP-Adapter and add
 #: ``scale * Attn(q, K_ip, V_ip)`` per adapter to the text attention before the output projection: given an empty
@@ -148,9 +148,20 @@ _CROSS_FLAT_NORM = {
 _IMAGE_CONTEXT_PROCESSORS = {"WanAttnProcessor", "SkyReelsV2AttnProcessor"}
 
 
+# Cross-attention processors that attend through diffusers' dispatcher (so on the backend chosen with
+# set_attention_backend); the others call torch's SDPA whatever the backend.
+_DISPATCHING = {"WanAttnProcessor", "SkyReelsV2AttnProcessor", "LTXVideoAttnProcessor", "LTX2AudioVideoAttnProcessor"}
+# ... and those that attend to the text without context parallelism also when the model has it (each process's
+# queries attend to the whole text, which every process holds): diffusers' Wan processor passes no parallel
+# configuration for cross-attention.
+_LOCAL_UNDER_PARALLELISM = {"WanAttnProcessor"}
+
+
 class FastCrossAttentionNAG(CrossAttentionNAG):
     """Cross-attention fast path: one query and one output projection; the negative keys/values
-    are projected once per generation (the negative context does not change between steps)."""
+    are projected once per generation (the negative context does not change between steps). Attention runs on the
+    stock processor's backend (:func:`~nag.attention.base.backend_attention`), under context parallelism too where
+    the stock processor attends to the text locally (Wan)."""
 
     fast_processors = frozenset({*_CROSS_FLAT_NORM, "IPAdapterAttnProcessor2_0"})
 
@@ -165,15 +176,24 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
                 and getattr(attn, "norm_k", None) is None
                 and all(isinstance(scale, (int, float)) for scale in self.stock.scale)
             )
+        local = getattr(self.stock, "_parallel_config", None) is None or self.stock_kind in _LOCAL_UNDER_PARALLELISM
         return (
             known
-            and default_backend(self.stock)
+            and local
             and hidden.ndim == 3
             and getattr(attn, "spatial_norm", None) is None
             and getattr(attn, "group_norm", None) is None
             and not getattr(attn, "norm_cross", None)
             and (getattr(attn, "add_k_proj", None) is None or self.stock_kind in _IMAGE_CONTEXT_PROCESSORS)
         )
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention ``(B, L, H, D)`` as the stock processor computes it: on its backend where it dispatches."""
+        if self.stock_kind in _DISPATCHING:
+            return backend_attention(self.stock, q, k, v, mask)
+        return attention(q, k, v, mask)
 
     def _image_prompt_attention(self, attn: Any, query: torch.Tensor, image_prompt: Any) -> torch.Tensor | int:
         """The IP-Adapter processor's image-prompt term: ``sum(scale * Attn(q, K_ip, V_ip))`` over its adapters."""
@@ -184,7 +204,7 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
                 continue
             key = to_k(states).reshape(query.shape[0], -1, *query.shape[2:])
             value = to_v(states).reshape(query.shape[0], -1, *query.shape[2:])
-            total = total + scale * attention(query, key, value).flatten(2)
+            total = total + scale * self._attend(query, key, value).flatten(2)
         return total
 
     def _mask(self, attn: Any, mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
@@ -229,8 +249,8 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         if mask is not None:
             positive_mask = self._mask(attn, mask[..., :split], rows)
             negative_mask = self._mask(attn, split_rows(mask[..., split:], guided), len(call.guided_rows))
-        z = attention(query, key, value, positive_mask)
-        z_negative = attention(query[guided], negative_key, negative_value, negative_mask)
+        z = self._attend(query, key, value, positive_mask)
+        z_negative = self._attend(query[guided], negative_key, negative_value, negative_mask)
         if getattr(attn, "to_gate_logits", None) is not None:  # LTX-2: per-head output gates from the queries' input
             gates = 2.0 * torch.sigmoid(attn.to_gate_logits(hidden)).unsqueeze(-1)
             z, z_negative = z * gates, z_negative * gates[guided]
@@ -240,7 +260,7 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
             image = context[:, :image_len]
             image_key = attn.norm_added_k(attn.add_k_proj(image)).unflatten(-1, (attn.heads, -1))
             image_value = attn.add_v_proj(image).unflatten(-1, (attn.heads, -1))
-            z = z + attention(query, image_key, image_value).flatten(2)
+            z = z + self._attend(query, image_key, image_value).flatten(2)
         if image_prompt is not None:  # IP-Adapter: its image-prompt attention, unguided
             z = z + self._image_prompt_attention(attn, query, image_prompt)
 
