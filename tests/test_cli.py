@@ -111,6 +111,22 @@ def test_generate_size_options(sd_dir, tmp_path):
     assert Image.open(out).size == (32, 24)
 
 
+def test_min_sigma_option_bounds_the_guided_steps(sd_dir, tmp_path):
+    """--min-sigma reaches nag.apply: above every step's sigma NAG guides nothing (the unguided image), at 0 the
+    negative acts; the run's summary names the bound."""
+    images = {}
+    for name, extra in [("off", []), ("bounded", ["-n", "blue", "--min-sigma", "1e6"]), ("guided", ["-n", "blue"])]:
+        out = tmp_path / f"{name}.png"
+        result, text = invoke("generate", "-m", str(sd_dir), "-p", "a red circle", "--seed", "3", "--out", str(out),
+                              *extra, *FAST)
+        assert result.exit_code == 0, result.output
+        images[name] = np.asarray(Image.open(out))
+        if name == "bounded":
+            assert "min_sigma 1e+06" in text
+    np.testing.assert_array_equal(images["bounded"], images["off"])
+    assert not np.array_equal(images["guided"], images["off"])
+
+
 def test_generate_video_mp4(tmp_path):
     import imageio.v3 as iio
 
@@ -276,6 +292,7 @@ def test_models_lists_families_and_defaults(monkeypatch):
         (["--scale", "0.5"], "Option out of range - --scale must be >= 1"),
         (["--alpha", "1.5"], "Option out of range - --alpha must lie in [0, 1]"),
         (["--start", "0.6", "--end", "0.5"], "Option out of range - --start must be smaller than --end"),
+        (["--min-sigma", "-1"], "Option out of range - --min-sigma must be >= 0"),
         (["--width", "30"], "Option out of range - --width must be a positive multiple of 8"),
         (["--dtype", "int8"], "Unknown dtype"),
     ],

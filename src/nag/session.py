@@ -388,34 +388,35 @@ def _defaults_for(model: str) -> Any:
     return GENERIC_DEFAULTS
 
 
-def _resolve(defaults: Any, scale: float | None, tau: float | None, alpha: float | None, start: float,
-             end: float, norm: int) -> Any:
+def _resolve(defaults: Any, settings: dict[str, Any]) -> Any:
     from nag.settings import NAGSettings
 
     try:
-        return NAGSettings.resolve(defaults, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm)
+        return NAGSettings.resolve(defaults, **settings)
     except (ValueError, TypeError) as exc:
-        # the engine names its arguments `scale`, ...; the user typed --scale, ...
-        message = re.sub(r"`(scale|tau|alpha|start|end|norm)`", r"--\1", str(exc).replace("NAG `", "`"))
+        # the engine names its arguments `scale`, `min_sigma`, ...; the user typed --scale, --min-sigma, ...
+        message = re.sub(r"`(scale|tau|alpha|start|end|norm|min_sigma)`", lambda m: "--" + m[1].replace("_", "-"),
+                         str(exc).replace("NAG `", "`"))
         raise NagCLIError("Option out of range", f"{message.rstrip('.')}. See `nag generate --help`.") from exc
 
 
-def check_settings(model: str, scale: float | None, tau: float | None, alpha: float | None,
-                   start: float = 0.0, end: float = 1.0, norm: int = 1) -> Any:
-    """Validated NAG settings before loading (``nag.NAGSettings``); out of range: :class:`NagCLIError`."""
-    return _resolve(_defaults_for(model), scale, tau, alpha, start, end, norm)
+def check_settings(model: str, **settings: Any) -> Any:
+    """Validated NAG settings before loading (``nag.NAGSettings``; ``settings``: ``nag.apply``'s keyword arguments
+    scale, tau, alpha, start, end, norm, min_sigma, None for a default); out of range: :class:`NagCLIError`."""
+    return _resolve(_defaults_for(model), settings)
 
 
-def nag_settings(loaded: Loaded, scale: float | None, tau: float | None, alpha: float | None,
-                 start: float = 0.0, end: float = 1.0, norm: int = 1) -> dict[str, Any]:
+def nag_settings(loaded: Loaded, **settings: Any) -> dict[str, Any]:
     """The ``nag.apply`` settings for the loaded pipeline: its family's defaults (the built-in
-    model's own), overridden by the values given; every value explicit, so it can be reported."""
+    model's own), overridden by the values given; every value explicit, so it can be reported
+    (``min_sigma`` only where it bounds anything)."""
     from nag.families import pipeline_spec
     from nag.settings import FamilyDefaults
 
     defaults = FamilyDefaults(**loaded.nag_defaults) if loaded.nag_defaults else pipeline_spec(loaded.pipe).defaults
-    s = _resolve(defaults, scale, tau, alpha, start, end, norm)
-    return {"scale": s.scale, "tau": s.tau, "alpha": s.alpha, "start": s.start, "end": s.end, "norm": s.norm}
+    s = _resolve(defaults, settings)
+    resolved = {"scale": s.scale, "tau": s.tau, "alpha": s.alpha, "start": s.start, "end": s.end, "norm": s.norm}
+    return {**resolved, "min_sigma": s.min_sigma} if s.min_sigma else resolved
 
 
 def check_sizes(width: int | None, height: int | None, frames: int | None) -> None:

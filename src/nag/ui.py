@@ -65,7 +65,7 @@ def generate(models: _Models, model: str, prompt: str, negative: str, scale: flo
 def _pair(models: _Models, model: str, prompt: str, negative: str, scale: float, tau: float, alpha: float,
           end: float, steps: int, guidance: float, seed: int) -> tuple[Any, Any]:
     """The unguided and the NAG image (the same one when the negative prompt is empty: NAG off)."""
-    session.check_settings(model, scale, tau, alpha, 0.0, end, 1)
+    session.check_settings(model, scale=scale, tau=tau, alpha=alpha, end=end)
     loaded = models.get(model)
     if loaded.is_video:
         raise NagCLIError("Video model", f"{model!r} makes videos; the web UI shows images. Use "
@@ -74,7 +74,7 @@ def _pair(models: _Models, model: str, prompt: str, negative: str, scale: float,
     unguided = session.run_pipeline(loaded, prompt, [int(seed)], **call)[0]
     if session.negative_is_off(negative):
         return unguided, unguided
-    settings = session.nag_settings(loaded, scale, tau, alpha, 0.0, end, 1)
+    settings = session.nag_settings(loaded, scale=scale, tau=tau, alpha=alpha, end=end)
     with session.guide(loaded.pipe, negative, settings):
         return unguided, session.run_pipeline(loaded, prompt, [int(seed)], **call)[0]
 

@@ -45,6 +45,7 @@ class Options:
     start: float = 0.0
     end: float = 1.0
     norm: int = 1
+    min_sigma: float = 0.0
     steps: int | None = None
     guidance: float | None = None
     seed: int = 0
@@ -59,8 +60,13 @@ class Options:
         kwargs = session.sampling_kwargs(loaded, self.steps, self.guidance, self.width, self.height, self.frames)
         return {k: v for k, v in kwargs.items() if v is not None}
 
+    def settings(self) -> dict[str, Any]:
+        """The NAG settings as given (``nag.apply``'s keyword arguments; None: the family's default)."""
+        return dict(scale=self.scale, tau=self.tau, alpha=self.alpha, start=self.start, end=self.end, norm=self.norm,
+                    min_sigma=self.min_sigma)
+
     def nag(self, loaded: session.Loaded) -> dict[str, Any]:
-        return session.nag_settings(loaded, self.scale, self.tau, self.alpha, self.start, self.end, self.norm)
+        return session.nag_settings(loaded, **self.settings())
 
 
 def total_steps(loaded: session.Loaded, call: dict[str, Any], seeds: Sequence[int], options: Options) -> int | None:

@@ -44,6 +44,8 @@ Alpha = Annotated[float | None, typer.Option(help="NAG alpha in [0, 1]: blend of
 Start = Annotated[float, typer.Option(help="Fraction of the trajectory (from the noisy end) where NAG starts.")]
 End = Annotated[float, typer.Option(help="Fraction of the trajectory where NAG stops (0.25: first quarter only).")]
 Norm = Annotated[int, typer.Option(help="Norm order of NAG's ratio: 1 or 2.")]
+MinSigma = Annotated[float, typer.Option("--min-sigma", help="NAG is off at the steps whose noise level (the "
+                                         "scheduler's sigma) is below this; 0: no bound. Combines with --start/--end.")]
 Steps = Annotated[int | None, typer.Option(min=1, help="Sampling steps. Default: the model's.")]
 Guidance = Annotated[float | None, typer.Option(help="The pipeline's guidance_scale (CFG; 0 or 1 = off). "
                                                    "Default: the model's.")]

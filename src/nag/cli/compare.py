@@ -25,6 +25,7 @@ from .common import (
     Guidance,
     Height,
     Lora,
+    MinSigma,
     Model,
     Negative,
     Norm,
@@ -109,6 +110,7 @@ def compare(
     start: Start = 0.0,
     end: End = 1.0,
     norm: Norm = 1,
+    min_sigma: MinSigma = 0.0,
     cfg: CfgOpt = 4.0,
     steps: Steps = None,
     guidance: Guidance = None,
@@ -127,7 +129,8 @@ def compare(
 ) -> None:
     """The same prompt and seeds without guidance, with CFG and with NAG, as one labelled grid (or video)."""
     with common.errors(debug):
-        session.check_settings(model, scale, tau, alpha, start, end, norm)
+        session.check_settings(model, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
+                               min_sigma=min_sigma)
         _check(negative, cfg)
         session.check_sizes(width, height, frames)
         if out is not None:
@@ -139,8 +142,8 @@ def compare(
         if warning := session.vocabulary_warning(loaded, prompt, negative):
             common.note(warning)
         options = Options(negative=negative, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
-                          steps=steps, guidance=guidance, seed=seed, width=width, height=height, frames=frames,
-                          num_images=num_images, batch_size=batch_size)
+                          min_sigma=min_sigma, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
+                          frames=frames, num_images=num_images, batch_size=batch_size)
         nag = options.nag(loaded)
         seeds = list(range(seed, seed + num_images))
         columns = _columns(loaded, prompt, negative, seeds, options, guidance, cfg, nag)

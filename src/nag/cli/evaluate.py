@@ -12,7 +12,24 @@ from nag import session
 from nag.evaluation.generate import get_state
 
 from . import common
-from .common import Alpha, Debug, Device, Dtype, End, Height, Model, Norm, Offload, Scale, Start, Steps, Tau, Width, app
+from .common import (
+    Alpha,
+    Debug,
+    Device,
+    Dtype,
+    End,
+    Height,
+    MinSigma,
+    Model,
+    Norm,
+    Offload,
+    Scale,
+    Start,
+    Steps,
+    Tau,
+    Width,
+    app,
+)
 
 __all__ = ["eval_"]
 
@@ -72,6 +89,7 @@ def eval_(
     start: Start = 0.0,
     end: End = 1.0,
     norm: Norm = 1,
+    min_sigma: MinSigma = 0.0,
     cfg: Annotated[float, typer.Option(help="CFG scale of the cfg method.")] = 4.0,
     steps: Steps = None,
     guidance: Annotated[float | None, typer.Option(help="guidance_scale of the none and nag methods (CFG with "
@@ -111,11 +129,12 @@ def eval_(
             if metrics:
                 ev.list_images(reference_images)
             names = _methods(methods)
-            session.check_settings(model, scale, tau, alpha, start, end, norm)
+            given = dict(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm, min_sigma=min_sigma)
+            session.check_settings(model, **given)
             session.check_sizes(width, height, None)
             state = get_state()
             loaded = common.load_with_progress(model, _device(state, device), dtype, offload, None)
-            nag_settings = session.nag_settings(loaded, scale, tau, alpha, start, end, norm)
+            nag_settings = session.nag_settings(loaded, **given)
             who = f" (process {state.process_index + 1}/{state.num_processes})" if state.num_processes > 1 else ""
             with common.progress_bar() as progress:
                 tasks: dict[str, Any] = {}

@@ -22,6 +22,7 @@ from .common import (
     Guidance,
     Height,
     Lora,
+    MinSigma,
     Model,
     Negative,
     Norm,
@@ -61,6 +62,7 @@ def generate(
     start: Start = 0.0,
     end: End = 1.0,
     norm: Norm = 1,
+    min_sigma: MinSigma = 0.0,
     steps: Steps = None,
     guidance: Guidance = None,
     seed: Seed = 0,
@@ -79,11 +81,12 @@ def generate(
 ) -> None:
     """Generate images or a video with NAG steering away from --negative (an empty one: NAG off)."""
     with common.errors(debug):
-        session.check_settings(model, scale, tau, alpha, start, end, norm)
-        session.check_sizes(width, height, frames)
         options = batch.Options(negative=negative, scale=scale, tau=tau, alpha=alpha, start=start, end=end,
-                                norm=norm, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
-                                frames=frames, num_images=num_images, batch_size=batch_size)
+                                norm=norm, min_sigma=min_sigma, steps=steps, guidance=guidance, seed=seed,
+                                width=width, height=height, frames=frames, num_images=num_images,
+                                batch_size=batch_size)
+        session.check_settings(model, **options.settings())
+        session.check_sizes(width, height, frames)
         if prompts is not None:
             if prompt is not None:
                 raise session.NagCLIError("Conflicting options", "pass either --prompt or --prompts, not both.")

@@ -124,10 +124,10 @@ def resolve_nag(pipe: Any, given: dict[str, Any] | None) -> dict[str, Any]:
     from nag.settings import NAGSettings
 
     given = {k: v for k, v in (given or {}).items() if v is not None}
-    unknown = set(given) - {"scale", "tau", "alpha", "start", "end", "norm"}
+    unknown = set(given) - {"scale", "tau", "alpha", "start", "end", "norm", "min_sigma"}
     if unknown:
         raise EvalError("Unknown NAG setting", f"{', '.join(sorted(unknown))}; NAG takes scale, tau, alpha, start, "
-                        "end, norm.")
+                        "end, norm, min_sigma.")
     try:
         spec = pipeline_spec(pipe)
     except NotImplementedError as exc:
@@ -136,7 +136,8 @@ def resolve_nag(pipe: Any, given: dict[str, Any] | None) -> dict[str, Any]:
         s = NAGSettings.resolve(spec.defaults, **given)
     except (ValueError, TypeError) as exc:
         raise EvalError("Option out of range", str(exc)) from exc
-    return {"scale": s.scale, "tau": s.tau, "alpha": s.alpha, "start": s.start, "end": s.end, "norm": s.norm}
+    resolved = {"scale": s.scale, "tau": s.tau, "alpha": s.alpha, "start": s.start, "end": s.end, "norm": s.norm}
+    return {**resolved, "min_sigma": s.min_sigma} if s.min_sigma else resolved  # (0: as before, resumable)
 
 
 def get_state() -> Any:
