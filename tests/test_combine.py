@@ -137,6 +137,8 @@ def test_tokens_near_the_limits_take_the_rescaled_path(dtype):
     assert torch.equal(out[0], combine_plain(z_pos[0], z_neg[0], *scalars, checked=False))
     assert torch.equal(out[1, :2], combine_plain(z_pos[1, :2], z_neg[1, :2], *scalars, checked=False))
     assert not torch.isfinite(combine_plain(z_pos, z_neg, *scalars, checked=False)[1, 2]).all()  # (why it is needed)
+    permuted = z_pos.transpose(1, 2).contiguous().transpose(1, 2)  # (the hidden axis not the innermost in memory)
+    torch.testing.assert_close(combine_eager(permuted, z_neg, *scalars), out)  # (sums in another order)
     for bad in (float("inf"), float("nan")):
         z_bad = z_neg.clone()
         z_bad[0, 1] = bad
@@ -151,3 +153,6 @@ def test_tokens_near_the_limits_take_the_rescaled_path(dtype):
     assert _plain_check(z_pos, z_neg, s, tau, 0.0) is None
     assert _plain_check(z_pos.to("meta"), z_neg.to("meta"), s, tau, floor) is None
     assert _plain_check(z_pos.half().to("meta"), z_neg.half().to("meta"), s, tau, floor) is False
+    assert _plain_check(z_pos.half(), z_neg.half(), s, tau, 0.0) is None
+    zero_w = torch.zeros(2, 8, dtype=torch.float16)  # (z- == z+ == 0: w == 0; with eps = 0 only the rescaled code
+    assert torch.equal(nag_combine(zero_w, zero_w, 4.0, 2.5, 0.5, eps=0.0, compiled=False), zero_w)  # is finite)

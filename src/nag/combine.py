@@ -162,9 +162,11 @@ def _plain_check(
     (one ``.item()``: cheap there; on other devices it would wait for the device)."""
     if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in (s, tau, eps_over_s)):
         return None
+    if not 0.0 < eps_over_s:  # (a zero floor: a zero norm would divide; the rescaled code handles it)
+        return None
     if _unscaled(z_positive.dtype, z_negative.dtype):
         return False
-    if z_positive.device.type != "cpu" or not (0.0 < eps_over_s and s <= PLAIN_FACTOR and tau <= PLAIN_FACTOR):
+    if z_positive.device.type != "cpu" or not (s <= PLAIN_FACTOR and tau <= PLAIN_FACTOR):
         return None
     return True
 
@@ -195,7 +197,7 @@ def combine_plain(
     limit_out = torch.finfo(out_dtype).max
     out = out.clamp_(-limit_out, limit_out).to(out_dtype)
     if beyond is not None and beyond.any().item():
-        hidden = out.shape[-1]
+        out, hidden = out.contiguous(), out.shape[-1]  # (inputs with permuted axes give permuted outputs)
         tokens = beyond.reshape(-1).nonzero().squeeze(1)
         out.view(-1, hidden)[tokens] = combine_rescaled(
             z_positive.reshape(-1, hidden)[tokens], z_negative.reshape(-1, hidden)[tokens],
