@@ -50,7 +50,8 @@ def nag_combine(
       token is first divided by the power of two just above its largest magnitude and
       multiplied back at the end. Scaling by a power of two is exact, so ordinary inputs give
       the same bits as without it, while bfloat16/float32/float64 values near their type's
-      limits neither overflow nor underflow the norms. Tokens are independent of each other.
+      limits neither overflow nor underflow the norms (the eager code on the CPU therefore skips it
+      for tokens far from those limits: :func:`combine_plain`). Tokens are independent of each other.
     * A result beyond the output dtype's range (fp16 values near 65504 pushed further out by
       the guidance) saturates at the largest finite value instead of becoming inf.
 
@@ -185,9 +186,7 @@ def combine_plain(
     w = torch.add(positive - negative, negative, alpha=inverse_s)
     norm_positive = token_norm(positive, norm)
     if norm == 2:
-        peak_w = token_norm(w, INF).clamp_min_(
-            torch.finfo(compute_dtype).tiny
-        )
+        peak_w = token_norm(w, INF).clamp_min_(torch.finfo(compute_dtype).tiny)
         norm_w = token_norm(w / peak_w, 2).mul_(peak_w)
     else:
         norm_w = token_norm(w, norm)
