@@ -193,13 +193,13 @@ def _chroma_mask(batch: int, valid: int, text_len: int, image_len: int, device, 
     return mask
 
 
-def flux2_case(full: bool, text_len: int) -> Case:
+def flux2_case(full: bool, text_len: int, real: bool = False) -> Case:
     """FLUX.2: double blocks with the image stream at the stock batch, parallel single blocks whose negative text
     runs beside the stock rows (the fast path); ``fast=False`` carries whole negative rows through the single
-    blocks. ``full``: the diffusers defaults (FLUX.2 dev)."""
+    blocks. ``full``: the diffusers defaults (FLUX.2 dev); ``real``: its width, one block of each kind."""
     from diffusers import Flux2Transformer2DModel
 
-    if full:
+    if full or real:
         config = dict(
             num_layers=8,
             num_single_layers=48,
@@ -210,6 +210,9 @@ def flux2_case(full: bool, text_len: int) -> Case:
             guidance_embeds=False,
         )
         side = 64
+        if real:
+            config.update(num_layers=1, num_single_layers=1)
+            side = 32
     else:
         config = dict(
             num_layers=2,
@@ -239,7 +242,7 @@ def flux2_case(full: bool, text_len: int) -> Case:
 
     return Case(
         "flux2",
-        f"FLUX.2 ({tokens} image + {text_len} text tokens)",
+        f"FLUX.2 ({tokens} image + {text_len} text tokens{_blocks(real, config)})",
         lambda: Flux2Transformer2DModel(**config),
         inputs,
         _text_negative,
@@ -834,6 +837,7 @@ def wan_case(full: bool, size: str, real: bool = False) -> Case:
 
 REAL = {  # preset "real": published widths, fewer layers, about 1024 image tokens (CPU)
     "flux": lambda: [flux_case(False, 128, real=True)],
+    "flux2": lambda: [flux2_case(False, 512, real=True)],
     "sd3": lambda: [sd3_case(False, real=True)],
     "sdxl": lambda: [sdxl_case(False, real=True)],
     "pixart": lambda: [pixart_case(False, real=True)],
