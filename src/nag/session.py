@@ -414,9 +414,7 @@ def nag_settings(loaded: Loaded, **settings: Any) -> dict[str, Any]:
     from nag.settings import FamilyDefaults
 
     defaults = FamilyDefaults(**loaded.nag_defaults) if loaded.nag_defaults else pipeline_spec(loaded.pipe).defaults
-    s = _resolve(defaults, settings)
-    resolved = {"scale": s.scale, "tau": s.tau, "alpha": s.alpha, "start": s.start, "end": s.end, "norm": s.norm}
-    return {**resolved, "min_sigma": s.min_sigma} if s.min_sigma else resolved
+    return _resolve(defaults, settings).apply_kwargs()
 
 
 def check_sizes(width: int | None, height: int | None, frames: int | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 __all__ = ["NAGSettings", "FamilyDefaults"]
 
@@ -127,6 +128,13 @@ class NAGSettings:
         is guided (None: not known, no bound from it)."""
         in_steps = progress is None or self.start <= progress < self.end
         return in_steps and (sigma is None or sigma >= self.min_sigma)
+
+    def apply_kwargs(self) -> dict[str, Any]:
+        """The settings as ``nag.apply`` keyword arguments, every value explicit (so it can be reported and
+        fingerprinted); ``min_sigma`` only where it bounds anything (runs without it keep their old fingerprint)."""
+        kwargs: dict[str, Any] = dict(scale=self.scale, tau=self.tau, alpha=self.alpha, start=self.start, end=self.end,
+                                      norm=self.norm)
+        return {**kwargs, "min_sigma": self.min_sigma} if self.min_sigma else kwargs
 
     def with_updates(self, **changes: float) -> NAGSettings:
         """A validated copy with ``changes`` applied; unknown names raise a TypeError naming the known ones."""

@@ -129,8 +129,10 @@ def compare(
 ) -> None:
     """The same prompt and seeds without guidance, with CFG and with NAG, as one labelled grid (or video)."""
     with common.errors(debug):
-        session.check_settings(model, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
-                               min_sigma=min_sigma)
+        options = Options(negative=negative, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
+                          min_sigma=min_sigma, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
+                          frames=frames, num_images=num_images, batch_size=batch_size)
+        session.check_settings(model, **options.settings())
         _check(negative, cfg)
         session.check_sizes(width, height, frames)
         if out is not None:
@@ -141,9 +143,6 @@ def compare(
         output.check_kind(out, loaded.is_video, model)
         if warning := session.vocabulary_warning(loaded, prompt, negative):
             common.note(warning)
-        options = Options(negative=negative, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
-                          min_sigma=min_sigma, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
-                          frames=frames, num_images=num_images, batch_size=batch_size)
         nag = options.nag(loaded)
         seeds = list(range(seed, seed + num_images))
         columns = _columns(loaded, prompt, negative, seeds, options, guidance, cfg, nag)

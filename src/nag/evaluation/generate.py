@@ -136,8 +136,7 @@ def resolve_nag(pipe: Any, given: dict[str, Any] | None) -> dict[str, Any]:
         s = NAGSettings.resolve(spec.defaults, **given)
     except (ValueError, TypeError) as exc:
         raise EvalError("Option out of range", str(exc)) from exc
-    resolved = {"scale": s.scale, "tau": s.tau, "alpha": s.alpha, "start": s.start, "end": s.end, "norm": s.norm}
-    return {**resolved, "min_sigma": s.min_sigma} if s.min_sigma else resolved  # (0: as before, resumable)
+    return s.apply_kwargs()
 
 
 def get_state() -> Any:
