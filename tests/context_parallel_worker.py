@@ -3,7 +3,8 @@ same NAG call in one process. Run by ``tests/test_context_parallel.py``::
 
     python tests/context_parallel_worker.py OUT.json CASE [CASE ...]
 
-A case is ``family:mode:negative_len:order`` (``flux:ring:4:after``); each prints one line of ``OUT.json`` with the
+A case is ``family:mode:negative_len:order`` (``flux:ring:4:after``; the order ``straightforward`` is ``after`` with
+NAG's straightforward wrappers, ``fast=False``); each prints one line of ``OUT.json`` with the
 largest absolute difference from the single-process output, or the error NAG raised. ``negative_len`` may be
 ``pipeline`` (``nag.apply`` on the whole tiny pipeline) or ``stock`` (no NAG: what stock diffusers does alone).
 
@@ -161,36 +162,45 @@ def ltx_unmasked_case(negative_len: int) -> tuple[torch.nn.Module, dict[str, Any
 CASES = {"flux": flux_case, "flux2": flux2_case, "wan": wan_case, "ltx": ltx_case, "ltx_unmasked": ltx_unmasked_case}
 
 
-class StraightforwardCrossCalls:
-    """Counts the calls of the cross-attention wrapper's straightforward path (the stock processor once per branch)
-    while active: zero where the fast path served every guided cross-attention call."""
+class StraightforwardCalls:
+    """Counts, while active, the calls of the straightforward paths (the stock processor once per branch) of the
+    wrappers NAG has fast paths for under context parallelism, by wrapper: none where the fast paths served every
+    guided call."""
 
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __enter__(self) -> StraightforwardCrossCalls:
+    def __enter__(self) -> StraightforwardCalls:
         from nag.attention.cross import CrossAttentionNAG
+        from nag.attention.joint import JointAttentionNAG
+        from nag.attention.single import FusedSingleAttentionNAG, SingleStreamAttentionNAG
 
-        self._original = original = CrossAttentionNAG.guided
-
-        def counting(processor: Any, *args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return original(processor, *args, **kwargs)
-
-        CrossAttentionNAG.guided = counting
+        self.calls = {"cross": 0, "joint": 0, "single": 0, "single_fused": 0}
+        self._originals = {}
+        for name, cls in (("cross", CrossAttentionNAG), ("joint", JointAttentionNAG),
+                          ("single", SingleStreamAttentionNAG), ("single_fused", FusedSingleAttentionNAG)):  # fmt: skip
+            self._originals[cls] = original = cls.__dict__["guided"]
+            cls.guided = self._counting(name, original)
         return self
 
+    def _counting(self, name: str, original: Any) -> Any:
+        def counting(processor: Any, *args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return original(processor, *args, **kwargs)
+
+        return counting
+
     def __exit__(self, *exc: Any) -> None:
-        from nag.attention.cross import CrossAttentionNAG
+        for cls, original in self._originals.items():
+            cls.guided = original
 
-        CrossAttentionNAG.guided = self._original
 
-
-def run_nag(transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict[str, torch.Tensor]) -> torch.Tensor:
+def run_nag(
+    transformer: torch.nn.Module, inputs: dict[str, Any], negative: dict[str, torch.Tensor], fast: bool = True
+) -> torch.Tensor:
     import nag
 
     reference = inputs["encoder_hidden_states"][BATCH // 2 :]
-    with torch.no_grad(), nag.apply_to_denoiser(transformer, negative, scale=3.0, positive_reference=reference):
+    with torch.no_grad(), nag.apply_to_denoiser(
+        transformer, negative, scale=3.0, positive_reference=reference, fast=fast
+    ):
         return transformer(**inputs)[0]
 
 
@@ -217,10 +227,10 @@ def run_pipeline_case(family: str, config: Any) -> dict[str, Any]:
 
     expected, stock = generate(), generate("")
     pipe.transformer.enable_parallelism(config=config)
-    with StraightforwardCrossCalls() as straightforward:
+    with StraightforwardCalls() as straightforward:
         got = generate()
     return {"nag_effect": (expected - stock).abs().max().item(), "max_abs_diff": (got - expected).abs().max().item(),
-            "straightforward_cross_calls": straightforward.calls}
+            "straightforward_calls": straightforward.calls}
 
 
 def run_stock_case(family: str, config: Any) -> dict[str, Any]:
@@ -256,18 +266,18 @@ def run_case(case: str) -> dict[str, Any]:
     config = ContextParallelConfig(**{f"{mode}_degree": WORLD})
     result: dict[str, Any] = {"case": case, "nag_effect": (expected - stock).abs().max().item()}
     try:
-        with StraightforwardCrossCalls() as straightforward:
+        with StraightforwardCalls() as straightforward:
             if order == "before":  # NAG applied first, parallelism enabled under it
                 reference = inputs["encoder_hidden_states"][BATCH // 2 :]
                 with nag.apply_to_denoiser(transformer, negative, scale=3.0, positive_reference=reference):
                     transformer.enable_parallelism(config=config)
                     with torch.no_grad():
                         got = transformer(**inputs)[0]
-            else:
+            else:  # "after"; "straightforward": after, with the straightforward wrappers (fast=False)
                 transformer.enable_parallelism(config=config)
-                got = run_nag(transformer, inputs, negative)
+                got = run_nag(transformer, inputs, negative, fast=order != "straightforward")
         result["max_abs_diff"] = (got - expected).abs().max().item()
-        result["straightforward_cross_calls"] = straightforward.calls
+        result["straightforward_calls"] = straightforward.calls
     except (NotImplementedError, ValueError, RuntimeError) as error:
         result["error"] = f"{type(error).__name__}: {error}"
     return result

@@ -25,6 +25,7 @@ from ..fused import merge_and_combine
 from ..kernels import attention
 from ..signatures import call_signature
 from ..state import GuidedCall, NAGRuntime, NegativeText
+from .placement import AttentionPlacement, backend_name, fast_placement
 
 
 class ProjectionTap:
@@ -135,10 +136,19 @@ class NAGProcessor:
     #: processor's own math, so it serves any); the straightforward wrappers have none.
     fast_processors: frozenset[str] | None = frozenset()
 
+    #: Whether the fast path computes its attention through :meth:`placement`, so that it also runs under context
+    #: parallelism (inside diffusers' parallel attention); the others take the straightforward path there.
+    fast_under_parallelism: bool = False
+
+    def placement(self) -> AttentionPlacement | None:
+        """Where the fast path computes attention with NAG's kernels for this call, or None: take the straightforward
+        path (:func:`~nag.attention.placement.fast_placement`)."""
+        return fast_placement(self.stock, self.fast_under_parallelism)
+
     def takes_split_text(self) -> bool:
         """Whether a block hook may take the negative rows out of the block: this wrapper's fast path serves them
-        (its stock processor is one it knows, on the default attention backend)."""
-        return self.stock_kind in self.split_text_processors and default_backend(self.stock)
+        (its stock processor is one it knows, on an attention backend it can stand in for)."""
+        return self.stock_kind in self.split_text_processors and self.placement() is not None
 
     def follow_module(self, attn: torch.nn.Module) -> None:
         """Move the stock processor's own weights to the attention module's device and dtype where they differ."""
@@ -242,6 +252,14 @@ class BesideStockRows:
         """The straightforward wrapper's path (the class after this mixin in the method resolution order)."""
         return super().guided(attn, call, arguments)
 
+    def _placed(self) -> AttentionPlacement:
+        """Where this call's attention runs: the block hook took the negative text out because it runs somewhere
+        (:meth:`NAGProcessor.takes_split_text`)."""
+        placement = self.placement()  # type: ignore[attr-defined]
+        if placement is None:
+            raise RuntimeError("NAG's block hook split the text for an attention its fast path cannot compute")
+        return placement
+
     def guided_beside(
         self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
     ) -> Any:
@@ -313,33 +331,31 @@ def branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len:
 
 def default_backend(stock: Any) -> bool:
     """Whether the stock processor would run diffusers' default (native) attention on this process's tokens alone (no
-    context parallelism): only then may a fast path compute attention with its own kernels."""
-    return native_backend(stock) and not getattr(stock, "_parallel_config", None)
+    context parallelism): only then may a fast path that cannot run under parallelism compute with its own kernels."""
+    return fast_placement(stock, under_parallelism=False) is not None
 
 
 def native_backend(stock: Any) -> bool:
     """Whether the stock processor's attention backend is diffusers' default (native) one (its own, or the
     process-wide one where it has none)."""
-    if getattr(stock, "_attention_backend", None) not in (None, "native"):
-        return False
-    try:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-    except ImportError:  # pragma: no cover - older diffusers: no dispatcher, processors use SDPA
-        return True
-    return _AttentionBackendRegistry._active_backend == "native"
+    return backend_name(stock) == "native"
 
 
 def backend_attention(
-    stock: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    stock: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+    parallel: bool = False,
 ) -> torch.Tensor:
-    """Softmax attention ``(B, L, H, D)`` on the stock processor's attention backend, without context parallelism (for
-    attention whose keys every process holds whole): NAG's kernel on the native backend, diffusers' dispatcher with the
-    processor's backend otherwise (flash, cuDNN, flex, ...)."""
-    if native_backend(stock):
+    """Softmax attention ``(B, L, H, D)`` on the stock processor's attention backend: NAG's kernel on the native
+    backend, diffusers' dispatcher with the processor's backend otherwise (flash, cuDNN, flex, ...). ``parallel``:
+    under the stock processor's context parallelism, if it has one (each rank's queries attend to every rank's keys,
+    as the stock processor's own call does); else on this process's keys alone (keys every process holds whole)."""
+    config = getattr(stock, "_parallel_config", None) if parallel else None
+    if config is None and native_backend(stock):
         return attention(q, k, v, mask)
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=getattr(stock, "_attention_backend", None))
+    backend = getattr(stock, "_attention_backend", None)
+    return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend, parallel_config=config)
 
 
 def split_heads(attn: Any, x: torch.Tensor, norm: Any, flat_norm: bool) -> torch.Tensor:

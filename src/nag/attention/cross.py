@@ -149,19 +149,21 @@ _IMAGE_CONTEXT_PROCESSORS = {"WanAttnProcessor", "SkyReelsV2AttnProcessor"}
 
 
 # Cross-attention processors that attend through diffusers' dispatcher (so on the backend chosen with
-# set_attention_backend); the others call torch's SDPA whatever the backend.
+# set_attention_backend, and under the model's context parallelism); the others call torch's SDPA whatever the
+# backend, and never run under context parallelism.
 _DISPATCHING = {"WanAttnProcessor", "SkyReelsV2AttnProcessor", "LTXVideoAttnProcessor", "LTX2AudioVideoAttnProcessor"}
-# ... and those that attend to the text without context parallelism also when the model has it (each process's
+# ... of which those that attend to the text without context parallelism also when the model has it (each process's
 # queries attend to the whole text, which every process holds): diffusers' Wan processor passes no parallel
-# configuration for cross-attention.
+# configuration for cross-attention. The others' text is split with the sequence: they attend under it.
 _LOCAL_UNDER_PARALLELISM = {"WanAttnProcessor"}
 
 
 class FastCrossAttentionNAG(CrossAttentionNAG):
     """Cross-attention fast path: one query and one output projection; the negative keys/values
     are projected once per generation (the negative context does not change between steps). Attention runs on the
-    stock processor's backend (:func:`~nag.attention.base.backend_attention`), under context parallelism too where
-    the stock processor attends to the text locally (Wan)."""
+    stock processor's backend (:func:`~nag.attention.base.backend_attention`), under context parallelism too for the
+    processors that dispatch: locally where the stock processor attends to the whole text on every rank (Wan), under
+    the model's parallel attention where the text is split with the sequence (LTX-Video)."""
 
     fast_processors = frozenset({*_CROSS_FLAT_NORM, "IPAdapterAttnProcessor2_0"})
 
@@ -176,10 +178,10 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
                 and getattr(attn, "norm_k", None) is None
                 and all(isinstance(scale, (int, float)) for scale in self.stock.scale)
             )
-        local = getattr(self.stock, "_parallel_config", None) is None or self.stock_kind in _LOCAL_UNDER_PARALLELISM
+        parallel = getattr(self.stock, "_parallel_config", None) is not None
         return (
             known
-            and local
+            and (not parallel or self.stock_kind in _DISPATCHING)
             and hidden.ndim == 3
             and getattr(attn, "spatial_norm", None) is None
             and getattr(attn, "group_norm", None) is None
@@ -190,9 +192,11 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Attention ``(B, L, H, D)`` as the stock processor computes it: on its backend where it dispatches."""
+        """Attention ``(B, L, H, D)`` as the stock processor computes it: on its backend where it dispatches, under
+        the model's context parallelism where it attends under it (the text split with the sequence: LTX-Video)."""
         if self.stock_kind in _DISPATCHING:
-            return backend_attention(self.stock, q, k, v, mask)
+            parallel = self.stock_kind not in _LOCAL_UNDER_PARALLELISM
+            return backend_attention(self.stock, q, k, v, mask, parallel=parallel)
         return attention(q, k, v, mask)
 
     def _image_prompt_attention(self, attn: Any, query: torch.Tensor, image_prompt: Any) -> torch.Tensor | int:

@@ -16,7 +16,6 @@ import torch
 from ..state import GuidedCall
 from .base import (
     NAGProcessor,
-    default_backend,
     image_qkv,
     pad_tokens,
     rotary_for,
@@ -98,12 +97,15 @@ class FastJointAttentionNAG(JointAttentionNAG):
     image->image attention once, merged by log-sum-exp with each branch's image->text attention."""
 
     fast_processors = frozenset(_JOINT_PROCESSORS)
+    fast_under_parallelism = True
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
+        placement = self.placement()
         if (
             self.stock_kind not in _JOINT_PROCESSORS
-            or not default_backend(self.stock)
+            or placement is None
             or arguments.get("attention_mask") is not None
+            or (placement.parallel_config is not None and not self._runs_under_parallelism(arguments))
         ):
             return super().guided(attn, call, arguments)
         hidden, text = arguments["hidden_states"], arguments["encoder_hidden_states"]
@@ -131,7 +133,8 @@ class FastJointAttentionNAG(JointAttentionNAG):
             (qi, ki, vi),
             (qt[:b], kt[:b], vt[:b]),
             (qt[b:], kt[b:], vt[b:]),
-            *((mask[:b], mask[b:]) if mask is not None else ()),
+            *((mask[:b], mask[b:]) if mask is not None else (None, None)),
+            placement=placement,
         )
         image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
         text_out = torch.cat([pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)])
@@ -140,6 +143,11 @@ class FastJointAttentionNAG(JointAttentionNAG):
         if self.stock_kind == "FluxIPAdapterAttnProcessor":
             return image_out, text_out, image_prompt_term(self.stock, attn, image_prompt_queries, image_out, arguments)
         return image_out, text_out
+
+    def _runs_under_parallelism(self, arguments: dict[str, Any]) -> bool:
+        """Under context parallelism: no text mask (parallel attention here takes none) and no image-prompt term
+        (its tokens are not this rank's shard)."""
+        return arguments.get(self.text_mask_argument) is None and self.stock_kind != "FluxIPAdapterAttnProcessor"
 
 
 def image_prompt_term(

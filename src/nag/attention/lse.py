@@ -15,11 +15,11 @@ from ..kernels import (
     attention,
     attention_with_lse,
     attention_with_lse_and_key_bias,
-    attention_with_lse_over_valid_keys,
     merge_attention,
 )
 from ..state import GuidedCall
 from .base import NAGProcessor, pad_tokens, rotate, rows_of
+from .placement import ON_THIS_PROCESS, AttentionPlacement
 
 
 def text_and_image_key_mask(text_mask: torch.Tensor | None, image_len: int) -> torch.Tensor | None:
@@ -53,13 +53,15 @@ def guided_image_and_text(
     negative_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     positive_mask: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
+    placement: AttentionPlacement = ON_THIS_PROCESS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Joint attention for the guided call, every image token projected and attended once.
 
     ``positive_mask`` / ``negative_mask``: ``(rows, text)`` key masks of each branch's text (its own length; every
     image key valid, as Qwen-Image's processor builds its joint mask). Returns the guided image rows' attention
     output (NAG applied to the conditional rows) and the positive and negative text queries' outputs, all with
-    heads flattened.
+    heads flattened. ``placement``: where the attention runs (this process, or over every rank's keys/values under
+    context parallelism: then the tokens are this rank's shards, and no masks).
     """
     rows = call.row_index
     qi, ki, vi = image
@@ -70,9 +72,9 @@ def guided_image_and_text(
     if negative_mask is not None:
         negative_mask = negative_mask[:, : call.negative_text_len]
 
-    image_image, lse_image = attention_with_lse(qi, ki, vi)
-    image_positive, lse_positive = attention_with_lse_over_valid_keys(qi, kp, vp, positive_mask)
-    image_negative, lse_negative = attention_with_lse_over_valid_keys(qi[rows], kn, vn, negative_mask)
+    image_image, lse_image = placement.with_lse(qi, ki, vi)
+    image_positive, lse_positive = placement.with_lse(qi, kp, vp, positive_mask)
+    image_negative, lse_negative = placement.with_lse(qi[rows], kn, vn, negative_mask)
     shared = (image_image[rows], lse_image[rows])
     z = guided_merge(
         processor, call, (image_image, lse_image), (image_positive, lse_positive),
@@ -80,10 +82,10 @@ def guided_image_and_text(
     )
 
     image_len = qi.shape[1]
-    text_positive = attention(
+    text_positive = placement.attend(
         qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1), text_and_image_key_mask(positive_mask, image_len)
     ).flatten(2)
-    text_negative = attention(
+    text_negative = placement.attend(
         qn,
         torch.cat([kn, ki[rows]], dim=1),
         torch.cat([vn, vi[rows]], dim=1),
@@ -93,18 +95,22 @@ def guided_image_and_text(
 
 
 def single_stream_attention(
-    processor: NAGProcessor, call: GuidedCall, qkv: Any, negative_qkv: Any, rotary: Any, padded: int
+    processor: NAGProcessor, call: GuidedCall, qkv: Any, negative_qkv: Any, rotary: Any, padded: int,
+    placement: AttentionPlacement = ON_THIS_PROCESS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A single-stream block's attention on the stock rows ``[text (padded), image]`` with the negative text rows
     beside them (queries/keys/values of each, rotary tables over ``[text, image]``): the stock rows' output with NAG
-    on the guided rows' image tokens, and the negative text's output, both with heads flattened, text padded."""
+    on the guided rows' image tokens, and the negative text's output, both with heads flattened, text padded (attention
+    at ``placement``, see :func:`guided_image_and_text`)."""
     (q, k, v), (qn, kn, vn) = qkv, negative_qkv
     if rotary is not None:
         q, k = rotate(q, rotary, 0, None), rotate(k, rotary, 0, None)
         qn, kn = rotate(qn, rotary, 0, padded), rotate(kn, rotary, 0, padded)
     image = (q[:, padded:], k[:, padded:], v[:, padded:])
     text = (q[:, :padded], k[:, :padded], v[:, :padded])
-    z, text_positive, text_negative = guided_image_and_text(processor, call, image, text, (qn, kn, vn))
+    z, text_positive, text_negative = guided_image_and_text(
+        processor, call, image, text, (qn, kn, vn), placement=placement
+    )
     return torch.cat([pad_tokens(text_positive, padded), z], dim=1), pad_tokens(text_negative, padded)
 
 

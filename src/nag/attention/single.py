@@ -142,6 +142,7 @@ class FastSingleStreamAttentionNAG(BesideStockRows, SingleStreamAttentionNAG):
     attention output leaves the same way. No image token is duplicated."""
 
     split_text_processors = fast_processors = frozenset({"FluxAttnProcessor"})
+    fast_under_parallelism = True
 
     def guided_beside(
         self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
@@ -150,7 +151,7 @@ class FastSingleStreamAttentionNAG(BesideStockRows, SingleStreamAttentionNAG):
         rotary = arguments.get(self.rotary_argument)
         padded = call.padded_text_len
         attended, text_negative = single_stream_attention(
-            self, call, image_qkv(attn, hidden), image_qkv(attn, path.normed), rotary, padded
+            self, call, image_qkv(attn, hidden), image_qkv(attn, path.normed), rotary, padded, self._placed()
         )
         path.attention = text_negative
         return attended.to(hidden.dtype)
@@ -171,6 +172,7 @@ class FastFusedSingleAttentionNAG(BesideStockRows, FusedSingleAttentionNAG):
     (image->image attention merged by log-sum-exp with each branch's image->text attention)."""
 
     split_text_processors = fast_processors = frozenset({"Flux2ParallelSelfAttnProcessor"})
+    fast_under_parallelism = True
 
     def guided_beside(
         self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any], path: NegativeText
@@ -182,7 +184,9 @@ class FastFusedSingleAttentionNAG(BesideStockRows, FusedSingleAttentionNAG):
         padded = call.text_prefix + call.padded_text_len
         *qkv, mlp = fused_qkv_mlp(attn, hidden)
         *negative_qkv, mlp_negative = fused_qkv_mlp(attn, path.normed)
-        attended, text_negative = single_stream_attention(self, call, qkv, negative_qkv, rotary, padded)
+        attended, text_negative = single_stream_attention(
+            self, call, qkv, negative_qkv, rotary, padded, self._placed()
+        )
         attended = attended.to(hidden.dtype)
         path.attention = attn.to_out(torch.cat([text_negative.to(hidden.dtype), attn.mlp_act_fn(mlp_negative)], dim=-1))
         return attn.to_out(torch.cat([attended, attn.mlp_act_fn(mlp)], dim=-1))
