@@ -65,7 +65,7 @@ def worker(rank: int, store: str, out: str, args: argparse.Namespace) -> None:
                     handle = None if fast is None else nag.apply_to_denoiser(model, negative, **SETTINGS, fast=fast)
                     dist.barrier()
                     start = time.thread_time()
-                    model(**call, return_dict=False)
+                    model(**call, return_dict=False)[0].sum().item()  # (waits for the gathered output)
                     elapsed = time.thread_time() - start
                     if handle is not None:
                         handle.remove()

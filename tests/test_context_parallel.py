@@ -197,3 +197,34 @@ def test_cli_parallel_needs_a_launcher_and_a_model_with_a_plan(monkeypatch: pyte
     no_plan = runner.invoke(app, [*base, "--parallel", "ring"])  # the built-in model: a UNet, no plan
     assert no_plan.exit_code == 1 and "no context-parallel plan" in no_plan.output
     assert not out.exists()
+
+
+def test_fast_placement_stands_in_only_for_exact_backends() -> None:
+    """Where the fast paths compute attention with NAG's kernels: on this process on the default backend only; under
+    context parallelism, inside diffusers' parallel attention for the fast paths that can run there, on backends
+    that compute exact softmax attention (never for SageAttention's quantized kernels), with gradients off. Masks are
+    refused there."""
+    from nag.attention.placement import ON_THIS_PROCESS, AttentionPlacement, fast_placement
+
+    class Stock:
+        _attention_backend = None
+        _parallel_config = None
+
+    stock = Stock()
+    assert fast_placement(stock, under_parallelism=True) is ON_THIS_PROCESS
+    stock._attention_backend = "flash"
+    assert fast_placement(stock, under_parallelism=True) is None  # one process: the chosen backend's own kernels
+    stock._parallel_config = config = object()
+    for backend, under, placed in [("flash", True, True), ("_native_cudnn", True, True), (None, True, True),
+                                   ("sage", True, False), ("native", False, False)]:  # fmt: skip
+        stock._attention_backend = backend
+        with torch.no_grad():
+            placement = fast_placement(stock, under_parallelism=under)
+        assert (placement is not None) == placed, backend
+        if placed:
+            assert placement.parallel_config is config
+            with torch.enable_grad():  # (NAG's op inside the parallel attention has no backward)
+                assert fast_placement(stock, under_parallelism=under) is None
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="takes no mask"):
+        AttentionPlacement(config).attend(q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))

@@ -6,9 +6,10 @@ one (NAG-aware math for the stock processors in its ``fast_processors``: image t
 negative keys/values cached; anything else falls back to the straightforward path, per call). Families name a
 mechanism for each text-attention module; ``processor_table()`` lists which stock processor gets which wrapper.
 
-Modules, in import order: ``base`` (the wrapper and shared helpers), ``lse`` (the log-sum-exp merge of joint
-attention), ``cross``, ``joint``, ``single``, ``rows`` (shared rows of concatenating models), ``per_sample`` and
-``prefix`` (causal prefix).
+Modules, in import order: ``placement`` (where a fast path's attention runs: this process, or inside diffusers'
+parallel attention under context parallelism), ``base`` (the wrapper and shared helpers), ``lse`` (the log-sum-exp
+merge of joint attention), ``cross``, ``joint``, ``single``, ``rows`` (shared rows of concatenating models),
+``per_sample`` and ``prefix`` (causal prefix).
 """
 
 from __future__ import annotations

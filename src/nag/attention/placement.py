@@ -87,11 +87,17 @@ def fast_placement(stock: Any, under_parallelism: bool) -> AttentionPlacement | 
     """Where a fast path may compute the stock processor's attention with NAG's kernels, or None (the straightforward
     path: the stock processor computes it). Without context parallelism: on this process, where the stock processor
     runs the default (native) backend. Under it: inside diffusers' parallel attention, for fast paths that can run
-    there (``under_parallelism``) where the stock processor's backend is exact (:data:`EXACT_PARALLEL_BACKENDS`)."""
+    there (``under_parallelism``) where the stock processor's backend is exact (:data:`EXACT_PARALLEL_BACKENDS`), with
+    gradients off (NAG's op there has no backward: with gradients the stock processor's attention runs)."""
     config = getattr(stock, "_parallel_config", None)
     if config is None:
         return ON_THIS_PROCESS if backend_name(stock) == "native" else None
-    if not under_parallelism or backend_name(stock) not in EXACT_PARALLEL_BACKENDS or _templated() is None:
+    if (
+        not under_parallelism
+        or torch.is_grad_enabled()
+        or backend_name(stock) not in EXACT_PARALLEL_BACKENDS
+        or _templated() is None
+    ):
         return None
     return AttentionPlacement(config)
 
@@ -117,10 +123,8 @@ def _forward_op(
     return attention(query, key, value)
 
 
-def _backward_op(*args: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError(
-        "NAG's fast attention under context parallelism runs inference only; for gradients apply NAG with fast=False"
-    )
+def _backward_op(*args: Any, **kwargs: Any) -> Any:  # (unreachable: the fast paths run there with gradients off)
+    raise NotImplementedError("NAG's fast attention under context parallelism has no backward")
 
 
 def _parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool, config: Any) -> Any:
