@@ -11,7 +11,10 @@ laptop CPU. Every figure is reported as a ratio to no guidance measured in the s
 Modes (one denoiser forward each; batch 1 image):
     none     stock forward
     cfg      stock forward on the [unconditional, conditional] batch of 2
-    nag      NAG on the one image (negative of the same length as the positive)
+    nag      NAG on the one image (negative of the same length as the positive), applied for this forward alone:
+             the forward also does what a generation does once (the negative's keys/values projected, ...)
+    nag_step NAG applied, one forward untimed, then the timed one: what each later step of a generation costs
+             (cross-attention families reuse the negative's keys/values projected in the first)
     nag-end  average per step with ``end=0.5`` (half the steps guided): (none + nag) / 2
     nag_eager  NAG with the combine's eager code (``NAG_EAGER=1``): the compiled combine's saving
     floor    stock forward with the negative's text appended to the prompt's (joint and concatenating families)
@@ -50,22 +53,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-MODES = ("none", "cfg", "nag", "nag_eager", "floor", "nag_plain")
-LABELS = {"cfg": "CFG", "nag": "NAG", "nag_eager": "NAG, eager combine", "floor": "floor",
-          "nag_plain": "NAG, straightforward path"}
+MODES = ("none", "cfg", "nag", "nag_step", "nag_eager", "floor", "nag_plain")
+LABELS = {"cfg": "CFG", "nag": "NAG", "nag_step": "NAG, later step", "nag_eager": "NAG, eager combine",
+          "floor": "floor", "nag_plain": "NAG, straightforward path"}
 
 
 def _call(model: torch.nn.Module, inputs: dict, nag_options: dict | None, negative: dict, settings: dict,
           device: torch.device, clock: Callable[[], float]) -> float:
     """One timed forward; ``nag_options`` (None: no NAG) may carry ``eager=True`` (the combine's eager code,
-    through ``NAG_EAGER``)."""
+    through ``NAG_EAGER``) and ``later_step=True`` (one untimed forward under the same ``nag.apply_to_denoiser``
+    first, as the first step of a generation)."""
     options = dict(nag_options or {})
     eager = options.pop("eager", False)
+    later_step = options.pop("later_step", False)
     handle = nag.apply_to_denoiser(model, negative, **settings, **options) if nag_options is not None else None
     previous = os.environ.get("NAG_EAGER")
     os.environ["NAG_EAGER"] = "1" if eager else "0"
     try:
         _sync(device)
+        if later_step:
+            model(**inputs)
+            _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = clock()
@@ -102,6 +110,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
         "none": (single, None),
         "cfg": (double, None),
         "nag": (single, {"fast": True}),
+        "nag_step": (single, {"fast": True, "later_step": True}),
         "nag_eager": (single, {"fast": True, "eager": True}),
         "nag_plain": (single, {"fast": False}),
     }
@@ -145,7 +154,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
 def markdown(rows: list[dict], meta: dict) -> str:
     """The table of ``rows``, with a column for each mode any row has."""
     ratio = lambda r, key: f"{r[key]:.2f}x" if r.get(key) is not None else "n/a"  # noqa: E731
-    columns = [("CFG", "cfg_ratio"), ("NAG", "nag_ratio"), ("NAG, end=0.5", "nag_end_0.5_ratio"),
+    columns = [("CFG", "cfg_ratio"), ("NAG", "nag_ratio"), ("NAG, later step", "nag_step_ratio"),
+               ("NAG, end=0.5", "nag_end_0.5_ratio"),
                ("NAG, eager combine", "nag_eager_ratio"), ("floor", "floor_ratio"), ("NAG / floor", "nag_over_floor"),
                ("NAG, straightforward path", "nag_plain_ratio"), ("CFG memory", "cfg_memory_ratio"),
                ("NAG memory", "nag_memory_ratio")]

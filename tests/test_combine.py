@@ -146,13 +146,16 @@ def test_tokens_near_the_limits_take_the_rescaled_path(dtype):
         assert torch.equal(out[0, 1], combine_rescaled(z_pos[0, 1], z_bad[0, 1], *scalars)) or (
             out[0, 1].isnan().all() and combine_rescaled(z_pos[0, 1], z_bad[0, 1], *scalars).isnan().all()
         )
-    s, _, tau, _, _, floor = scalars
-    assert _plain_check(z_pos, z_neg, s, tau, floor) is True
-    assert _plain_check(z_pos, z_neg, s, 2 * PLAIN_FACTOR, floor) is None
-    assert _plain_check(z_pos, z_neg, s, torch.tensor(tau), floor) is None
-    assert _plain_check(z_pos, z_neg, s, tau, 0.0) is None
-    assert _plain_check(z_pos.to("meta"), z_neg.to("meta"), s, tau, floor) is None
-    assert _plain_check(z_pos.half().to("meta"), z_neg.half().to("meta"), s, tau, floor) is False
-    assert _plain_check(z_pos.half(), z_neg.half(), s, tau, 0.0) is None
+    s, _, tau, alpha, _, floor = scalars
+    assert _plain_check(z_pos, z_neg, s, tau, alpha, floor) is True
+    assert _plain_check(z_pos, z_neg, s, 2 * PLAIN_FACTOR, alpha, floor) is None
+    assert _plain_check(z_pos, z_neg, s, torch.tensor(tau), alpha, floor) is None
+    assert _plain_check(z_pos, z_neg, s, tau, alpha, 0.0) is None
+    assert _plain_check(z_pos, z_neg, s, tau, 1e30, floor) is None  # (nag_combine itself takes any alpha)
+    assert _plain_check(z_pos.to("meta"), z_neg.to("meta"), s, tau, alpha, floor) is None
+    assert _plain_check(z_pos.half().to("meta"), z_neg.half().to("meta"), s, tau, alpha, floor) is False
+    assert _plain_check(z_pos.half(), z_neg.half(), s, tau, alpha, 0.0) is None
+    huge_alpha = combine_scalars(dtype, dtype, 4.0, 2.5, 1e38, 1e-6)  # (the result saturates, as documented)
+    assert torch.isfinite(combine_eager(z_pos[0], z_neg[0] * 1e3, *huge_alpha)).all()
     zero_w = torch.zeros(2, 8, dtype=torch.float16)  # (z- == z+ == 0: w == 0; with eps = 0 only the rescaled code
     assert torch.equal(nag_combine(zero_w, zero_w, 4.0, 2.5, 0.5, eps=0.0, compiled=False), zero_w)  # is finite)

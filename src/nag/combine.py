@@ -141,7 +141,7 @@ def combine_eager(
     operations), whose result has the same bits as :func:`combine_rescaled`'s wherever its norms are far from the
     compute dtype's limits (scaling by a power of two is exact); elsewhere, and in calls traced by
     ``torch.compile``, :func:`combine_rescaled`."""
-    checked = _plain_check(z_positive, z_negative, s, tau, eps_over_s)
+    checked = _plain_check(z_positive, z_negative, s, tau, alpha, eps_over_s)
     if checked is None:
         return combine_rescaled(z_positive, z_negative, s, inverse_s, tau, alpha, eps, eps_over_s, norm)
     return combine_plain(z_positive, z_negative, s, inverse_s, tau, alpha, eps, eps_over_s, norm, checked=checked)
@@ -152,18 +152,21 @@ def combine_eager(
 #: range) and is at most 2**-51 times the rescaled one (no value of the token's own size becomes subnormal).
 PLAIN_NORMS = (2.0**-30, 2.0**100)
 PLAIN_FACTOR = 2.0**20
+#: ... so its results stay below this: an output dtype reaching beyond it needs no saturation there.
+PLAIN_OUTPUT_BOUND = 2.0**126
 
 
 def _plain_check(
-    z_positive: torch.Tensor, z_negative: torch.Tensor, s: Scalar, tau: Scalar, eps_over_s: Scalar
+    z_positive: torch.Tensor, z_negative: torch.Tensor, s: Scalar, tau: Scalar, alpha: Scalar, eps_over_s: Scalar
 ) -> bool | None:
     """Whether :func:`combine_plain` may run: None where not (traced by ``torch.compile``, tensor scalars, a zero
-    norm floor, ``s`` or ``tau`` beyond :data:`PLAIN_FACTOR`, a device other than the CPU), else whether it must
+    norm floor, ``s`` or ``tau`` beyond :data:`PLAIN_FACTOR`, ``alpha`` outside [0, 1], a device other than the
+    CPU), else whether it must
     check its norms: not for two float16 inputs (float32 holds every intermediate of theirs), on the CPU for others
     (one ``.item()``: cheap there; on other devices it would wait for the device)."""
-    if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in (s, tau, eps_over_s)):
+    if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in (s, tau, alpha, eps_over_s)):
         return None
-    if not 0.0 < eps_over_s:  # (a zero floor: a zero norm would divide; the rescaled code handles it)
+    if not (0.0 < eps_over_s and 0.0 <= alpha <= 1.0):  # (a zero floor: a zero norm would divide; the rescaled code handles it)
         return None
     if _unscaled(z_positive.dtype, z_negative.dtype):
         return False
@@ -190,12 +193,16 @@ def combine_plain(
         norm_w = token_norm(w / peak_w, 2).mul_(peak_w)
     else:
         norm_w = token_norm(w, norm)
-    beyond = _outside_plain_norms(norm_positive, norm_w) if checked else None
+    beyond = None
+    if checked and not _within_plain_norms(norm_positive, norm_w):  # (one read for all tokens; rarely not)
+        beyond = _outside_plain_norms(norm_positive, norm_w)
     limit = norm_positive.clamp_min_(eps).mul_(tau).div_(norm_w.clamp_min_(eps_over_s)).clamp_max_(s).mul_(alpha)
     out = torch.addcmul(positive * (1.0 - alpha), w, limit)
     limit_out = torch.finfo(out_dtype).max
-    out = out.clamp_(-limit_out, limit_out).to(out_dtype)
-    if beyond is not None and beyond.any().item():
+    if limit_out < PLAIN_OUTPUT_BOUND:  # (float16: the guidance may push a value past its range)
+        out = out.clamp_(-limit_out, limit_out)
+    out = out.to(out_dtype)
+    if beyond is not None:
         out, hidden = out.contiguous(), out.shape[-1]  # (inputs with permuted axes give permuted outputs)
         tokens = beyond.reshape(-1).nonzero().squeeze(1)
         out.view(-1, hidden)[tokens] = combine_rescaled(
@@ -203,6 +210,14 @@ def combine_plain(
             s, inverse_s, tau, alpha, eps, eps_over_s, norm,
         )
     return out
+
+
+def _within_plain_norms(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> bool:
+    """Whether every token's norms are inside :data:`PLAIN_NORMS` (NaN anywhere: not), from the smallest and the
+    largest of them: one read of the device."""
+    low, high = PLAIN_NORMS
+    smallest, largest = torch.stack([*torch.aminmax(norm_positive), *torch.aminmax(norm_w)]).view(2, 2).T.tolist()
+    return all(low <= x for x in smallest) and all(x <= high for x in largest)  # (NaN fails both)
 
 
 def _outside_plain_norms(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
