@@ -66,7 +66,7 @@ step "combine benchmark" 60 $PY benchmarks/combine.py --device cuda --dtype bflo
 #    its own time. Most telling first.
 for family in flux sd3 sdxl pixart wan sana; do
     step "overhead $family" 90 $PY benchmarks/overhead.py --device cuda --dtype bfloat16 --preset full \
-        --families "$family" --modes cfg,nag,nag_eager,floor --repeats 3 --warmup 1 --jsonl "$DEST/overhead.jsonl" >> "$LOG" 2>&1
+        --families "$family" --modes cfg,nag,nag_step,nag_eager,floor --repeats 3 --warmup 1 --jsonl "$DEST/overhead.jsonl" >> "$LOG" 2>&1
 done
 if [ -s "$DEST/overhead.jsonl" ]; then
     $PY benchmarks/overhead.py --render "$DEST/overhead.jsonl" --markdown "$DEST/overhead.md" \

@@ -2,7 +2,8 @@
 
 ``cases(preset, families)`` builds them. Presets: ``cpu`` (each architecture with fewer layers and heads at a lower
 resolution), ``real`` (the published widths and text encoders' widths with fewer blocks and about 1024 image
-tokens, for a CPU), ``full`` (the published sizes, for a GPU).
+tokens, for a CPU), ``published`` (PixArt-Sigma and Wan at their published widths and resolutions with one block,
+for a CPU), ``full`` (the published sizes, for a GPU).
 """
 
 from __future__ import annotations
@@ -710,7 +711,8 @@ def sdxl_case(full: bool, real: bool = False) -> Case:
     )
 
 
-def pixart_case(full: bool, real: bool = False) -> Case:
+def pixart_case(full: bool, real: bool = False, published: bool = False) -> Case:
+    """``published``: the published width and resolution (1024x1024: 4096 image tokens) with one block."""
     from diffusers import PixArtTransformer2DModel
 
     config = dict(
@@ -728,7 +730,10 @@ def pixart_case(full: bool, real: bool = False) -> Case:
         interpolation_scale=2,
     )
     latent = 128
-    if not full:
+    if published:
+        config.update(num_layers=1)
+        real = True
+    elif not full:
         config.update(num_layers=2 if real else 4, sample_size=64)
         latent = 64
 
@@ -794,7 +799,9 @@ def sana_case(full: bool, real: bool = False) -> Case:
     )
 
 
-def wan_case(full: bool, size: str, real: bool = False) -> Case:
+def wan_case(full: bool, size: str, real: bool = False, published: bool = False) -> Case:
+    """``published``: the published width at 480x832 with 33 frames (9 latent frames, 14,040 video tokens; the
+    published 81 frames take minutes per forward on one CPU thread) and one block."""
     from diffusers import WanTransformer3DModel
 
     if size == "14B":
@@ -813,7 +820,10 @@ def wan_case(full: bool, size: str, real: bool = False) -> Case:
         rope_max_seq_len=1024,
     )
     frames, height, width = 21, 60, 104  # 81 frames at 480x832
-    if not full:
+    if published:
+        config.update(num_layers=1)
+        frames, real = 9, True
+    elif not full:
         config.update(num_layers=2, num_attention_heads=min(config["num_attention_heads"], 12))
         frames, height, width = 5, 30, 52
 
@@ -848,9 +858,16 @@ REAL = {  # preset "real": published widths, fewer layers, about 1024 image toke
 }
 
 
+PUBLISHED = {  # preset "published": published widths and resolutions, one block (CPU; the cross-attention families)
+    "pixart": lambda: [pixart_case(False, published=True)],
+    "wan": lambda: [wan_case(False, "1.3B", published=True)],
+}
+
+
 def cases(preset: str, families: list[str]) -> list[Case]:
-    if preset == "real":
-        return [case for family in families if family in REAL for case in REAL[family]()]
+    if preset in ("real", "published"):
+        table = REAL if preset == "real" else PUBLISHED
+        return [case for family in families if family in table for case in table[family]()]
     full = preset == "full"
     makers = {
         "flux": lambda: [flux_case(full, 256), flux_case(full, 512)],

@@ -166,7 +166,8 @@ def _plain_check(
     (one ``.item()``: cheap there; on other devices it would wait for the device)."""
     if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in (s, tau, alpha, eps_over_s)):
         return None
-    if not (0.0 < eps_over_s and 0.0 <= alpha <= 1.0):  # (a zero floor: a zero norm would divide; the rescaled code handles it)
+    # (a zero floor: a zero norm would divide; the rescaled code handles it, and saturates any alpha's result)
+    if not (0.0 < eps_over_s and 0.0 <= alpha <= 1.0):
         return None
     if _unscaled(z_positive.dtype, z_negative.dtype):
         return False
