@@ -33,13 +33,14 @@ def merge_parts(parts: Sequence[Part]) -> torch.Tensor:
     out, lse = parts[0]
     dtype = out.dtype
     merged = out.float()
-    for other, other_lse in parts[1:]:
+    for index, (other, other_lse) in enumerate(parts[1:], start=2):
         # the weight of what is merged so far against the next part: sigmoid(lse - other_lse); an empty next
         # part (-inf) gives 1 and an empty part so far 0, also when both are empty (zeros either way)
         weight = torch.where(other_lse == float("-inf"), 1.0, torch.sigmoid(lse - other_lse)).unsqueeze(-1)
         other = other.float()
         merged = other + (merged - other) * weight
-        lse = torch.logaddexp(lse, other_lse)
+        if index < len(parts):  # (the last part's log-sum-exp is not needed)
+            lse = torch.logaddexp(lse, other_lse)
     return merged.to(dtype).flatten(-2)
 
 

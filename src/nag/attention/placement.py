@@ -15,6 +15,8 @@ kernels): there the straightforward path runs the stock processor under its own 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,14 +104,24 @@ def fast_placement(stock: Any, under_parallelism: bool) -> AttentionPlacement | 
     return AttentionPlacement(config)
 
 
+#: The parameters NAG passes to diffusers' parallel attention, in order (diffusers 0.42).
+_TEMPLATED_PARAMETERS = (
+    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "return_lse",
+    "forward_op", "backward_op", "_parallel_config",
+)  # fmt: skip
+
+
+@functools.cache
 def _templated() -> Any:
     """diffusers' parallel attention (Ulysses, ring, both), which runs a given attention op on the gathered shards;
-    None where this diffusers has none of that name."""
+    None where this diffusers has none of that name and those parameters (then the straightforward path runs)."""
     try:
-        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention as templated
     except ImportError:  # pragma: no cover - another diffusers: the straightforward path under parallelism
         return None
-    return _templated_context_parallel_attention
+    if tuple(inspect.signature(templated).parameters) != _TEMPLATED_PARAMETERS:  # pragma: no cover
+        return None
+    return templated
 
 
 def _forward_op(
