@@ -161,9 +161,9 @@ def _plain_check(
 ) -> bool | None:
     """Whether :func:`combine_plain` may run: None where not (traced by ``torch.compile``, tensor scalars, a zero
     norm floor, ``s`` or ``tau`` beyond :data:`PLAIN_FACTOR`, ``alpha`` outside [0, 1], a device other than the
-    CPU), else whether it must
-    check its norms: not for two float16 inputs (float32 holds every intermediate of theirs), on the CPU for others
-    (one ``.item()``: cheap there; on other devices it would wait for the device)."""
+    CPU), else whether it must check its norms: not for two float16 inputs (float32 holds every intermediate of
+    theirs), on the CPU for others (one read of the norms' range: cheap there; on other devices it would wait for the
+    device)."""
     if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in (s, tau, alpha, eps_over_s)):
         return None
     # (a zero floor: a zero norm would divide; the rescaled code handles it, and saturates any alpha's result)
