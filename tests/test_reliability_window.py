@@ -237,7 +237,7 @@ def test_sibling_sharing_the_denoiser_generates_stock(embeds):
 
 @reliability("state", "copy.deepcopy(pipe) and torch.save(pipe.unet / transformer) while NAG is applied",
              "both work; the copy is stock (bit-identical to the stock pipeline); the original stays guided")
-@pytest.mark.parametrize("name", ["sd", "flux", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "flux", "sd3", "pixart_sigma"])
 def test_deepcopy_and_save_while_applied(name, tmp_path):
     import copy
 

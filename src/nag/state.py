@@ -158,7 +158,9 @@ class NAGRuntime:
     owns_call: Callable[[], bool] | None = None
     control_attached: bool = False  # a control model's hints are extended for the negative rows (nag.control)
     # per generation: the projected negative keys/values of each cross-attention module (fast path)
-    negative_kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    negative_kv: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # per generation: the output of each text projection (``ModuleKind.TEXT_PROJECTION``) for the negative tokens
+    negative_text_outputs: dict[tuple, torch.Tensor] = field(default_factory=dict)
     negative_prefix: NegativePrefix | None = None  # per generation (layout "prefix")
     # per block
     prefix_recording: PrefixRecording | None = None  # set while the negative prefix's own call runs
@@ -189,6 +191,7 @@ class NAGRuntime:
         self.guided_calls = 0
         self.denoiser_calls = 0
         self.negative_kv.clear()
+        self.negative_text_outputs.clear()
         self.negative_prefix = None
         self.prefix_recording = None
         self.text_path = None

@@ -35,6 +35,33 @@ def split_context_mask(call: GuidedCall, context: torch.Tensor, mask: Any) -> tu
     return split, mask[..., :split], split_rows(mask[..., split:], call.cond_rows)
 
 
+#: Additive mask values at or below this give a key the weight ``exp(<= -1e4)``, which is exactly zero (diffusers' masks
+#: use -1e4, -1e6 or -inf for the keys not attended).
+MASKED_BIAS = -1e4
+
+
+def drop_masked_keys(
+    key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys and values ``(rows, tokens, heads, dim)`` without the tokens that ``mask`` (``(rows, heads, queries,
+    tokens)``, boolean or additive) masks for every row, head and query, and the mask for the rest: None where it
+    lets every remaining key through unchanged. A masked key adds exactly zero to an attention that has at least one
+    key it attends, so the output is the same; where some row, head or query attends to no key at all (the softmax
+    then spreads over every key), nothing is dropped. Padded text (a short negative prompt padded to the encoder's
+    length) then costs nothing per step."""
+    if mask is None:
+        return key, value, None
+    attended = mask if mask.dtype == torch.bool else mask > MASKED_BIAS
+    keep = attended.flatten(0, -2).any(0)
+    if bool(keep.all()) or not bool(attended.any(-1).all()):
+        return key, value, mask
+    index = keep.nonzero().squeeze(1)
+    mask = mask.index_select(-1, index)
+    if bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any()):
+        mask = None
+    return key.index_select(1, index), value.index_select(1, index), mask
+
+
 class CrossAttentionNAG(NAGProcessor):
     """Cross-attention to text (UNet ``attn2``, PixArt, Sana, Wan, ...).
 
@@ -218,6 +245,32 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         mask = attn.prepare_attention_mask(mask, keys, rows)
         return mask.view(rows, attn.heads, -1, keys)
 
+    def _negative_keys_values(
+        self, attn: Any, call: GuidedCall, context: torch.Tensor, split: int, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The guided rows' negative keys, values and mask; with a static negative, projected once per generation
+        and kept without the keys that every guided row masks (see :func:`drop_masked_keys`)."""
+        flat = _CROSS_FLAT_NORM.get(self.stock_kind, False)
+        negative = context[call.row_index, split:]
+        cache_key = (id(attn), "negative_kv", tuple(negative.shape), negative.dtype, negative.device, mask is None)
+        cached = self.runtime.negative_kv.get(cache_key) if call.static_negative else None
+        if cached is not None:
+            return cached
+        negative_mask = None
+        if mask is not None:
+            negative_mask = self._mask(attn, split_rows(mask[..., split:], call.row_index), len(call.guided_rows))
+        projected = (
+            split_heads(attn, attn.to_k(negative), attn.norm_k, flat),
+            attn.to_v(negative).unflatten(-1, (attn.heads, -1)),
+            negative_mask,
+        )
+        # (kept only where no gradient flows through them: a kept tensor's graph would be backpropagated twice)
+        if call.static_negative and not projected[0].requires_grad:
+            if self._parallel_config is None:  # (under context parallelism every rank must keep the same keys)
+                projected = drop_masked_keys(*projected)
+            self.runtime.negative_kv[cache_key] = projected
+        return projected
+
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         hidden = arguments["hidden_states"]
         context, image_prompt = image_prompt_context(arguments.get("encoder_hidden_states"))
@@ -237,22 +290,8 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         value = attn.to_v(positive).unflatten(-1, (attn.heads, -1))
 
         guided = call.row_index
-        negative = context[guided, split:]
-        cache_key = (id(attn), "negative_kv", tuple(negative.shape), negative.dtype, negative.device)
-        cached = self.runtime.negative_kv.get(cache_key) if call.static_negative else None
-        if cached is None:
-            cached = (
-                split_heads(attn, attn.to_k(negative), attn.norm_k, flat),
-                attn.to_v(negative).unflatten(-1, (attn.heads, -1)),
-            )
-            if call.static_negative:
-                self.runtime.negative_kv[cache_key] = cached
-        negative_key, negative_value = cached
-
-        positive_mask = negative_mask = None
-        if mask is not None:
-            positive_mask = self._mask(attn, mask[..., :split], rows)
-            negative_mask = self._mask(attn, split_rows(mask[..., split:], guided), len(call.guided_rows))
+        negative_key, negative_value, negative_mask = self._negative_keys_values(attn, call, context, split, mask)
+        positive_mask = self._mask(attn, mask[..., :split], rows) if mask is not None else None
         z = self._attend(query, key, value, positive_mask)
         z_negative = self._attend(query[guided], negative_key, negative_value, negative_mask)
         if getattr(attn, "to_gate_logits", None) is not None:  # LTX-2: per-head output gates from the queries' input

@@ -10,9 +10,12 @@ import torch
 from ..attention import CROSS
 from ..attention.cross import IP_ADAPTER_PROCESSORS
 from ..settings import FamilyDefaults
-from ..spec import MASK, TEXT, Family, PipelineSpec
+from ..spec import MASK, TEXT, Family, ModuleKind, PipelineSpec
 
 _UNET_TEXT_ATTENTION = r".*\.attn2"
+# the token-wise projections of the text into the width the cross-attention reads (PixArtAlphaTextProjection)
+_CAPTION_PROJECTION = {ModuleKind.TEXT_PROJECTION: r"caption_projection"}
+_TEXT_EMBEDDER = {ModuleKind.TEXT_PROJECTION: r"condition_embedder\.text_embedder"}
 
 
 def unet_refusal(unet: torch.nn.Module) -> str | None:
@@ -52,6 +55,7 @@ FAMILIES = (
         layout="cross",
         mask_kwarg="encoder_attention_mask",
         negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        modules=_CAPTION_PROJECTION,
     ),
     Family(
         name="sana",
@@ -60,6 +64,7 @@ FAMILIES = (
         layout="cross",
         mask_kwarg="encoder_attention_mask",
         negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        modules=_CAPTION_PROJECTION,
     ),
     Family(
         name="ltx",
@@ -68,6 +73,7 @@ FAMILIES = (
         layout="cross",
         mask_kwarg="encoder_attention_mask",
         negative_keys=("encoder_hidden_states", "encoder_attention_mask"),
+        modules=_CAPTION_PROJECTION,
         context_parallel=True,
     ),
     # LTX-2 (LTX2VideoTransformer3DModel): video and audio streams, each with cross-attention to its own
@@ -95,12 +101,14 @@ FAMILIES = (
         denoisers=("SkyReelsV2Transformer3DModel",),
         attention=((r"blocks\.\d+\.attn2", CROSS),),
         layout="cross",
+        modules=_TEXT_EMBEDDER,
     ),
     Family(
         name="wan",
         denoisers=("WanTransformer3DModel",),
         attention=((r"blocks\.\d+\.attn2", CROSS),),
         layout="cross",
+        modules=_TEXT_EMBEDDER,
         # under context parallelism the text reaches every rank whole (the model's plan splits only the video)
         context_parallel=True,
     ),
@@ -111,6 +119,7 @@ FAMILIES = (
         denoisers=("WanVACETransformer3DModel",),
         attention=((r"(vace_)?blocks\.\d+\.attn2", CROSS),),
         layout="cross",
+        modules=_TEXT_EMBEDDER,
     ),
 )
 

@@ -1,0 +1,126 @@
+"""What the cross-attention fast path computes once per generation from the negative prompt, and that it changes
+nothing: the negative tokens' text projection (``ModuleKind.TEXT_PROJECTION``) and the negative keys/values without
+the keys every guided row masks (``drop_masked_keys``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny_pipelines as tp
+import torch
+
+import nag
+from nag.attention.cross import drop_masked_keys
+
+PROMPTS = ["a red circle on a blue background", "a small green square"]
+SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
+
+
+def naive_attention(q, k, v, mask):
+    """Softmax attention written out: ``q (rows, queries, heads, dim)``, ``k``/``v`` ``(rows, keys, heads, dim)``,
+    ``mask`` ``(rows, heads, queries, keys)`` boolean (True: attended) or additive, or None."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+
+
+def padded_mask(valid, keys, heads, queries, kind):
+    """Each row's first ``valid[row]`` keys attended, the rest padding: boolean or additive as diffusers builds it."""
+    attended = torch.arange(keys)[None, :] < torch.tensor(valid)[:, None]
+    attended = attended[:, None, None, :].expand(len(valid), heads, queries, keys)
+    if kind == "bool":
+        return attended
+    masked = {"-1e4": -10000.0, "-inf": float("-inf")}[kind]
+    return torch.zeros(attended.shape).masked_fill(~attended, masked)
+
+
+@pytest.mark.parametrize("kind", ["bool", "-1e4", "-inf"])
+def test_dropped_keys_leave_the_attention_unchanged(kind):
+    rows, keys, heads, queries, dim = 3, 12, 2, 5, 8
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(rows, queries, heads, dim, generator=g) * 3
+    k, v = (torch.randn(rows, keys, heads, dim, generator=g) * 3 for _ in range(2))
+    mask = padded_mask([3, 7, 5], keys, heads, queries, kind)
+    kept_k, kept_v, kept_mask = drop_masked_keys(k, v, mask)
+    assert kept_k.shape[1] == kept_v.shape[1] == 7  # the longest row's valid keys
+    assert kept_mask is not None and kept_mask.shape[-1] == 7  # rows 0 and 2 still mask some of them
+    expected = naive_attention(q, k, v, mask)
+    torch.testing.assert_close(naive_attention(q, kept_k, kept_v, kept_mask), expected, rtol=0, atol=1e-12)
+    assert kept_k.dtype == k.dtype and kept_mask.dtype == mask.dtype
+
+
+@pytest.mark.parametrize("kind", ["bool", "-1e4"])
+def test_keys_all_valid_after_dropping_need_no_mask(kind):
+    k = v = torch.randn(2, 9, 2, 4)
+    kept_k, kept_v, kept_mask = drop_masked_keys(k, v, padded_mask([4, 4], 9, 2, 1, kind))
+    assert kept_mask is None
+    torch.testing.assert_close(kept_k, k[:, :4], rtol=0, atol=0)
+
+
+def test_nothing_is_dropped_where_a_row_attends_to_no_key():
+    """A row whose every key is masked spreads its softmax over all of them: dropping any would change it."""
+    k = v = torch.randn(2, 6, 1, 4)
+    mask = padded_mask([3, 0], 6, 1, 1, "-1e4")
+    assert drop_masked_keys(k, v, mask)[0] is k
+    assert drop_masked_keys(k, v, None)[2] is None
+    kept = drop_masked_keys(k, v, torch.zeros(2, 1, 1, 6))  # an additive mask of zeros masks nothing
+    assert kept[0] is k
+
+
+def projection_module(name, pipe):
+    model = tp.denoiser(pipe)
+    return model.condition_embedder.text_embedder if name.startswith("wan") else model.caption_projection
+
+
+@pytest.mark.parametrize("name", ["pixart_sigma", "sana", "wan", "ltx"])
+def test_the_negative_text_is_projected_once_per_generation(name):
+    """Each generation projects the negative tokens in its first guided call only; the output equals the
+    straightforward path's, which projects them in every guided call (CFG on), also for a second generation with
+    another negative prompt (nothing kept from the first)."""
+    pipe = tp.FACTORIES[name]()
+    kwargs = {**tp.call_kwargs(name), "num_inference_steps": 3}
+    negative_len = kwargs["max_sequence_length"]  # (both prompts are padded to it)
+    tokens: list[int] = []
+    projection = projection_module(name, pipe)
+    # (on its first layer: NAG's hooks on the projection itself run after any hook registered before NAG is applied)
+    counter = projection.linear_1.register_forward_pre_hook(lambda module, args: tokens.append(args[0].shape[1]))
+
+    def generate(negative, fast):
+        tokens.clear()
+        with nag.apply(pipe, negative, **SETTINGS, fast=fast) as handle:
+            out = pipe(prompt=PROMPTS, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+            guided = handle.guided_calls
+        assert guided >= 3
+        return tp.output_tensor(out), list(tokens), guided
+
+    try:
+        results = {}
+        for negative in ("blurry, low quality, ugly watermark text", "dark"):
+            results[negative], fast_tokens, guided = generate(negative, fast=True)
+            reference, straightforward_tokens, _ = generate(negative, fast=False)
+            torch.testing.assert_close(results[negative], reference, rtol=0, atol=1e-5)
+            assert max(fast_tokens) == max(straightforward_tokens) == kwargs["max_sequence_length"] + negative_len
+            assert fast_tokens.count(max(fast_tokens)) == 1
+            assert sum(straightforward_tokens) - sum(fast_tokens) == (guided - 1) * negative_len
+        assert (results["dark"] - results["blurry, low quality, ugly watermark text"]).abs().max() > 1e-3
+    finally:
+        counter.remove()
+
+
+def test_padded_negative_keys_are_dropped_in_a_pipeline():
+    """PixArt-Sigma pads the negative prompt to the encoder's length and masks the padding: the negative keys kept for
+    the generation are its valid tokens only, and no mask is left (one negative row, every kept key valid)."""
+    pipe = tp.FACTORIES["pixart_sigma"]()
+    negative = "dark"
+    encoded = pipe.encode_prompt(
+        negative, do_classifier_free_guidance=False, max_sequence_length=16, clean_caption=False
+    )
+    valid = int(encoded[1].sum())
+    with nag.apply(pipe, negative, **SETTINGS) as handle:
+        pipe(prompt=PROMPTS, generator=torch.Generator("cpu").manual_seed(0), **tp.call_kwargs("pixart_sigma"))
+        kept = list(handle.runtime.negative_kv.values())
+    assert kept and 0 < valid < 16
+    for key, value, mask in kept:
+        assert key.shape[1] == value.shape[1] == valid and mask is None
