@@ -60,6 +60,10 @@ def apply_to_denoiser(
     row per guided row (or one row). With ``positive_reference`` (the positive text embeddings),
     only the rows carrying it are guided, as in a classifier-free-guidance batch
     ``[unconditional, conditional]``; without it every row is guided.
+
+    What depends on the negative alone is computed in the first guided call and reused by the later ones (on the
+    cross-attention models: the negative tokens' text projection and keys/values), until
+    :meth:`DenoiserHandle.set_negative`: call it again after changing the denoiser's weights (loading a LoRA).
     """
     family = family_of(denoiser)
     missing = [key for key in family.negative_keys if key not in negative and key != "encoder_attention_mask"]
