@@ -118,9 +118,15 @@ def test_padded_negative_keys_are_dropped_in_a_pipeline():
         negative, do_classifier_free_guidance=False, max_sequence_length=16, clean_caption=False
     )
     valid = int(encoded[1].sum())
+    kept = []
     with nag.apply(pipe, negative, **SETTINGS) as handle:
+        watch = tp.denoiser(pipe).register_forward_hook(
+            lambda *_: kept.extend(handle.runtime.negative_kv.values()) if not kept else None
+        )
         pipe(prompt=PROMPTS, generator=torch.Generator("cpu").manual_seed(0), **tp.call_kwargs("pixart_sigma"))
-        kept = list(handle.runtime.negative_kv.values())
+        watch.remove()
+        # nothing is kept after the generation's loop
+        assert not handle.runtime.negative_kv and not handle.runtime.negative_text_outputs
     assert kept and 0 < valid < 16
     for key, value, mask in kept:
         assert key.shape[1] == value.shape[1] == valid and mask is None

@@ -311,7 +311,11 @@ class NAGHandle:
         with self._lock:
             if self._generating_thread is threading.current_thread():
                 self._generating_thread = None
-                self.runtime.negative_prefix = None  # the negative prefix's keys/values: freed with the loop
+                # what the generation kept from its negative (prefix or keys/values, text projections): freed with
+                # the loop
+                self.runtime.negative_prefix = None
+                self.runtime.negative_kv.clear()
+                self.runtime.negative_text_outputs.clear()
 
     def _check_processors_in_place(self) -> None:
         """Refuse to generate when something replaced NAG's attention processors after ``apply``
