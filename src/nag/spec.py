@@ -62,10 +62,10 @@ class ModuleKind(enum.Enum):
     #: double-stream blocks whose one per-row modulation feeds both streams (HiDream's); without a
     #: ``STOCK_IMAGE_ENTRY`` the image comes to these blocks on whole rows and leaves them so.
     IMAGE_FIRST_BLOCK = "image_first_block"
-    #: cross layout with a static text (``Family.static_text``), fast path: a module that maps each token of the
-    #: denoiser's text alone to the context the cross-attention reads (a caption projection). Its output for the
-    #: negative tokens is kept from the first guided call of a generation; later calls run it on the prompt's tokens
-    #: alone and append what was kept
+    #: fast path: a module that maps each token of the denoiser's text alone to what the blocks read (a caption
+    #: projection, a context embedder). Its output for the negative text (the cross layout's negative tokens where
+    #: ``Family.static_text``; the joint and concat layouts' negative rows) is kept from the first guided call of a
+    #: generation; later calls run it on the stock text alone and append what was kept
     TEXT_PROJECTION = "text_projection"
 
 

@@ -159,7 +159,7 @@ class NAGRuntime:
     control_attached: bool = False  # a control model's hints are extended for the negative rows (nag.control)
     # per generation: the projected negative keys/values of each cross-attention module (fast path)
     negative_kv: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
-    # per generation: the output of each text projection (``ModuleKind.TEXT_PROJECTION``) for the negative tokens
+    # per generation: the output of each text projection (``ModuleKind.TEXT_PROJECTION``) for the negative text
     negative_text_outputs: dict[tuple, torch.Tensor] = field(default_factory=dict)
     negative_prefix: NegativePrefix | None = None  # per generation (layout "prefix")
     # per block

@@ -51,6 +51,7 @@ FAMILIES = (
             ModuleKind.IMAGE_NORM: r"joint_transformer_blocks\.\d+\.norm1",
             ModuleKind.STOCK_ROW_MODULE: r"pos_embed|joint_transformer_blocks\.\d+|norm_out|proj_out",
             ModuleKind.JOINED_BLOCK: r"single_transformer_blocks\.\d+",
+            ModuleKind.TEXT_PROJECTION: r"context_embedder",
         },
         text_path=TextPath(_auraflow_single_text_start, _auraflow_single_text_finish),
     ),

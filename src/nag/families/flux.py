@@ -38,6 +38,7 @@ FAMILIES = (
         modules={
             ModuleKind.IMAGE_NORM: r"transformer_blocks\.\d+\.norm1|norm_out",
             ModuleKind.CONCATENATING_BLOCK: r"single_transformer_blocks\.\d+",
+            ModuleKind.TEXT_PROJECTION: r"context_embedder",
         },
         text_path=TextPath(_flux_single_text_start, _flux_single_text_finish),
         context_parallel=True,
@@ -67,6 +68,7 @@ FAMILIES = (
             ModuleKind.STOCK_IMAGE_BLOCK: r"transformer_blocks\.\d+",
             ModuleKind.IMAGE_NORM: r"transformer_blocks\.\d+\.norm1",
             ModuleKind.JOINED_BLOCK: r"single_transformer_blocks\.\d+",
+            ModuleKind.TEXT_PROJECTION: r"context_embedder",
         },
         text_path=TextPath(_flux_single_text_start, _flux_single_text_finish, mask="attention_mask"),
     ),

@@ -44,6 +44,7 @@ FAMILIES = (
         modules={
             ModuleKind.STOCK_IMAGE_BLOCK: r"transformer_blocks\.\d+",
             ModuleKind.JOINED_BLOCK: r"single_transformer_blocks\.\d+",
+            ModuleKind.TEXT_PROJECTION: r"context_embedder",
         },
         text_path=TextPath(_flux2_single_text_start, _flux2_single_text_finish, modulation="temb_mod"),
         context_parallel=True,

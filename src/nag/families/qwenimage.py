@@ -40,6 +40,7 @@ FAMILIES = (
         modules={
             ModuleKind.IMAGE_NORM: r"norm_out",
             ModuleKind.IMAGE_MODULATION: r"transformer_blocks\.\d+\.img_mod",
+            ModuleKind.TEXT_PROJECTION: r"txt_norm|txt_in",
         },
     ),
 )

@@ -14,7 +14,10 @@ FAMILIES = (
         layout="joint",
         negative_keys=("encoder_hidden_states", "pooled_projections"),
         row_kwargs=("timestep",),
-        modules={ModuleKind.IMAGE_NORM: r"transformer_blocks\.\d+\.norm1|norm_out"},
+        modules={
+            ModuleKind.IMAGE_NORM: r"transformer_blocks\.\d+\.norm1|norm_out",
+            ModuleKind.TEXT_PROJECTION: r"context_embedder",
+        },
     ),
 )
 

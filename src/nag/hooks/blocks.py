@@ -35,8 +35,9 @@ class BlockHooks:
         self.runtime = runtime
         self.wrapped = wrapped
         self._text_attention: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its wrapped attention
-        # text projection -> (cache key, where the negative tokens start, their kept output or None) between its hooks
-        self._text_projection: dict[torch.nn.Module, tuple[tuple, int, torch.Tensor | None]] = {}
+        # text projection -> (cache key, the axis and index where the negative part starts, its kept output or None),
+        # between its two hooks
+        self._text_projection: dict[torch.nn.Module, tuple[tuple, int, int, torch.Tensor | None]] = {}
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         """Copies of the model (deepcopy, torch.save) carry hooks that do nothing: no call is guided there."""
@@ -318,35 +319,41 @@ class BlockHooks:
             image = torch.cat([image, image[call.cond_rows]])
         return image, torch.cat([text, self._finish_text(module, path)])
 
-    def prompt_tokens_only(self, module: torch.nn.Module, args: tuple, kwargs: dict):
-        """Text projections (cross layout, static negative): the module gets ``[prompt | negative]`` tokens; where
-        its output for the negative tokens was kept from an earlier call of the generation, it runs on the prompt's
-        tokens alone (``append_negative_tokens`` appends the kept output)."""
+    def stock_text_only(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """Text projections: the module gets the stock text and the negative text, ``[prompt | negative]`` tokens (cross
+        layout, static negative) or the negative rows after the stock rows (joint and concat layouts); where its output
+        for the negative part was kept from an earlier call of the generation, it runs on the stock part alone
+        (``append_negative_text`` appends the kept output)."""
         self._text_projection.pop(module, None)
         call = self.runtime.call
-        if call is None or not call.static_negative or kwargs or len(args) != 1:
+        if call is None or kwargs or len(args) != 1:
             return None
         text = args[0]
-        split = call.positive_text_len
-        if not isinstance(text, torch.Tensor) or text.ndim != 3 or text.shape[1] != split + call.negative_text_len:
-            return None  # (under context parallelism the text comes in shards: projected whole)
+        if self.family.layout == "cross":
+            if not call.static_negative:
+                return None
+            axis, split, negative = 1, call.positive_text_len, call.negative_text_len
+        else:
+            axis, split, negative = 0, call.batch, len(call.guided_rows)
+        if not isinstance(text, torch.Tensor) or text.ndim != 3 or text.shape[axis] != split + negative:
+            return None  # (cross layout under context parallelism: the text comes in shards, projected whole)
         key = (id(module), tuple(text.shape), text.dtype, text.device, tuple(call.guided_rows))
         kept = self.runtime.negative_text_outputs.get(key)
-        self._text_projection[module] = (key, split, kept)
-        return None if kept is None else ((text[:, :split],), kwargs)
+        self._text_projection[module] = (key, axis, split, kept)
+        return None if kept is None else ((text.narrow(axis, 0, split),), kwargs)
 
-    def append_negative_tokens(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        """... and the output for the prompt's tokens followed by the negative tokens' kept output (the first call of
-        a generation keeps it)."""
+    def append_negative_text(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """... and the output for the stock part followed by the negative part's kept output (the first call of a
+        generation keeps it)."""
         pending = self._text_projection.pop(module, None)
         if pending is None or self.runtime.call is None or not isinstance(output, torch.Tensor):
             return None
-        key, split, kept = pending
+        key, axis, split, kept = pending
         if kept is None:
             if not output.requires_grad:  # (a kept tensor's graph would be backpropagated twice)
-                self.runtime.negative_text_outputs[key] = output[:, split:].clone()
+                self.runtime.negative_text_outputs[key] = output.narrow(axis, split, output.shape[axis] - split).clone()
             return None
-        return torch.cat([output, kept], dim=1)
+        return torch.cat([output, kept], dim=axis)
 
 
 def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
@@ -389,5 +396,5 @@ HOOKS: dict[ModuleKind, Hook] = {
     ModuleKind.IMAGE_FIRST_BLOCK: Hook(
         "split_image_first_rows", "join_image_first_rows", fast_only=True, text_path=True
     ),
-    ModuleKind.TEXT_PROJECTION: Hook("prompt_tokens_only", "append_negative_tokens", fast_only=True),
+    ModuleKind.TEXT_PROJECTION: Hook("stock_text_only", "append_negative_text", fast_only=True),
 }
