@@ -329,12 +329,13 @@ class BlockHooks:
         if call is None or kwargs or len(args) != 1:
             return None
         text = args[0]
-        if self.family.layout == "cross":
-            if not call.static_negative:
-                return None
+        layout = self.family.layout
+        if layout == "cross" and call.static_negative:
             axis, split, negative = 1, call.positive_text_len, call.negative_text_len
-        else:
+        elif layout in ("joint", "concat"):
             axis, split, negative = 0, call.batch, len(call.guided_rows)
+        else:
+            return None
         if not isinstance(text, torch.Tensor) or text.ndim != 3 or text.shape[axis] != split + negative:
             return None  # (cross layout under context parallelism: the text comes in shards, projected whole)
         key = (id(module), tuple(text.shape), text.dtype, text.device, tuple(call.guided_rows))
