@@ -311,11 +311,7 @@ class NAGHandle:
         with self._lock:
             if self._generating_thread is threading.current_thread():
                 self._generating_thread = None
-                # what the generation kept from its negative (prefix or keys/values, text projections): freed with
-                # the loop
-                self.runtime.negative_prefix = None
-                self.runtime.negative_kv.clear()
-                self.runtime.negative_text_outputs.clear()
+                self.runtime.release_negative_work()  # freed with the loop
 
     def _check_processors_in_place(self) -> None:
         """Refuse to generate when something replaced NAG's attention processors after ``apply``

@@ -190,12 +190,17 @@ class NAGRuntime:
         self.call = None
         self.guided_calls = 0
         self.denoiser_calls = 0
-        self.negative_kv.clear()
-        self.negative_text_outputs.clear()
-        self.negative_prefix = None
+        self.release_negative_work()
         self.prefix_recording = None
         self.text_path = None
         self.whole_rows_block = False
+
+    def release_negative_work(self) -> None:
+        """Free what the generation computed once from its negative and kept for its later calls: the cross-attention
+        keys/values, the text projections' outputs, the causal prefix (recomputed at the next guided call)."""
+        self.negative_kv.clear()
+        self.negative_text_outputs.clear()
+        self.negative_prefix = None
 
     def advance(self, timestep: Any) -> None:
         """Count steps: a call whose timestep differs from the previous call's starts a new step (what the window
