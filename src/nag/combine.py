@@ -63,7 +63,7 @@ def nag_combine(
     if scale == 1.0 or alpha == 0.0:
         return z_positive.clone()
     scalars = combine_scalars(z_positive.dtype, z_negative.dtype, scale, tau, alpha, eps)
-    if not compiled:
+    if not compiled or not _COMPILED.wanted(z_positive.numel()):
         return combine_eager(z_positive, z_negative, *scalars, norm)
     # (tokens, hidden): tokens are independent, and one token axis lets batch sizes above 1 share the compiled code
     # with any token count (dynamic shapes still compile batch 1 separately: sizes 0 and 1 are specialised)
@@ -186,8 +186,9 @@ def combine_plain(
     result depends on that token alone."""
     out_dtype = z_positive.dtype
     compute_dtype = _compute_dtype(out_dtype, z_negative.dtype)
-    positive, negative = z_positive.to(compute_dtype), z_negative.to(compute_dtype)
-    w = torch.add(positive - negative, negative, alpha=inverse_s)
+    positive = z_positive if out_dtype == compute_dtype else z_positive.to(compute_dtype)
+    negative = z_negative if z_negative.dtype == compute_dtype else z_negative.to(compute_dtype)
+    w = torch.sub(positive, negative).add_(negative, alpha=inverse_s)
     norm_positive = token_norm(positive, norm)
     if norm == 2:
         peak_w = token_norm(w, INF).clamp_min_(torch.finfo(compute_dtype).tiny)
@@ -198,11 +199,12 @@ def combine_plain(
     if checked and not _within_plain_norms(norm_positive, norm_w):  # (one read for all tokens; rarely not)
         beyond = _outside_plain_norms(norm_positive, norm_w)
     limit = norm_positive.clamp_min_(eps).mul_(tau).div_(norm_w.clamp_min_(eps_over_s)).clamp_max_(s).mul_(alpha)
-    out = torch.addcmul(positive * (1.0 - alpha), w, limit)
+    out = blend(w, limit, positive, alpha)
     limit_out = torch.finfo(out_dtype).max
     if limit_out < PLAIN_OUTPUT_BOUND:  # (float16: the guidance may push a value past its range)
         out = out.clamp_(-limit_out, limit_out)
-    out = out.to(out_dtype)
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
     if beyond is not None:
         out, hidden = out.contiguous(), out.shape[-1]  # (inputs with permuted axes give permuted outputs)
         tokens = beyond.reshape(-1).nonzero().squeeze(1)
@@ -217,8 +219,8 @@ def _within_plain_norms(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> bo
     """Whether every token's norms are inside :data:`PLAIN_NORMS` (NaN anywhere: not), from the smallest and the
     largest of them: one read of the device."""
     low, high = PLAIN_NORMS
-    smallest, largest = torch.stack([*torch.aminmax(norm_positive), *torch.aminmax(norm_w)]).view(2, 2).T.tolist()
-    return all(low <= x for x in smallest) and all(x <= high for x in largest)  # (NaN fails both)
+    smallest, largest = torch.stack(torch.aminmax(torch.cat([norm_positive, norm_w], dim=-1))).tolist()
+    return low <= smallest and largest <= high  # (NaN fails both)
 
 
 def _outside_plain_norms(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
@@ -265,7 +267,7 @@ def combine_rescaled(
     if isinstance(inverse_s, torch.Tensor):  # (compiled: the scalar is a tensor)
         w = (positive - negative) + negative * inverse_s
     else:  # (the eager kernel may fuse the multiply-add: one rounding)
-        w = torch.add(positive - negative, negative, alpha=inverse_s)
+        w = torch.sub(positive, negative).add_(negative, alpha=inverse_s)
     norm_positive = token_norm(positive, norm).clamp_min(floor_positive)
     if norm == 2:
         # |w| ~ |z_tilde| / s may be small enough for its squares to underflow: scale it first.
@@ -278,11 +280,19 @@ def combine_rescaled(
     # z_tilde * min(r, tau) / r == w * min(s, tau * |z+| / |w|), both norms floored. Per token:
     # a zero |w| (w == 0, so the factor does not matter) takes s; an overflow to inf takes s too.
     limit = torch.where(norm_w > 0, norm_positive * tau / norm_w, s).clamp_max(s)
-    out = torch.addcmul(positive * (1.0 - alpha), w, limit * alpha)
+    out = blend(w, limit * alpha, positive, alpha)
     if up is not None:
         out = out * up  # may exceed the range: saturated below
     limit_out = torch.finfo(out_dtype).max
     return out.clamp(-limit_out, limit_out).to(out_dtype)
+
+
+def blend(w: torch.Tensor, weight: torch.Tensor, positive: torch.Tensor, alpha: Scalar) -> torch.Tensor:
+    """``w * weight + (1 - alpha) * positive``, the last step of the combine (``weight``: ``alpha`` times the per-token
+    limit). Eager (a Python ``alpha``) in place on ``w``, a temporary of the combine: two passes, no new tensor."""
+    if isinstance(alpha, torch.Tensor):  # (compiled: the scalar is a tensor)
+        return torch.addcmul(positive * (1.0 - alpha), w, weight)
+    return w.mul_(weight).add_(positive, alpha=1.0 - alpha)
 
 
 _COMPILED = CompiledFunction(combine_rescaled, "nag_combine", fallback=combine_eager)

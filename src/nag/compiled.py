@@ -115,9 +115,13 @@ class CompiledFunction:
 
     def use_compiled(self, args: tuple[Any, ...]) -> bool:
         """Whether a call with these arguments goes to the compiled code."""
-        if eager_forced() or torch.compiler.is_compiling() or _largest(args) < MIN_ELEMENTS:
-            return False
-        return _signature(args) not in self._failed
+        return self.wanted(_largest(args)) and _signature(args) not in self._failed
+
+    @staticmethod
+    def wanted(largest: int) -> bool:
+        """Whether a call whose largest tensor has ``largest`` elements is one for the compiled code (unless compiling
+        failed for its devices and dtypes): a caller that knows the size skips the call's bookkeeping otherwise."""
+        return largest >= MIN_ELEMENTS and not eager_forced() and not torch.compiler.is_compiling()
 
     def compiled(self, args: tuple[Any, ...]) -> Callable[..., Any]:
         """The compiled function for these arguments: static-shape code while there is room for their shapes,

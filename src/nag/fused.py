@@ -37,8 +37,7 @@ def merge_parts(parts: Sequence[Part]) -> torch.Tensor:
         # the weight of what is merged so far against the next part: sigmoid(lse - other_lse); an empty next
         # part (-inf) gives 1 and an empty part so far 0, also when both are empty (zeros either way)
         weight = torch.where(other_lse == float("-inf"), 1.0, torch.sigmoid(lse - other_lse)).unsqueeze(-1)
-        other = other.float()
-        merged = other + (merged - other) * weight
+        merged = torch.lerp(other.float(), merged, weight)  # other + weight * (merged - other), in one pass
         if index < len(parts):  # (the last part's log-sum-exp is not needed)
             lse = torch.logaddexp(lse, other_lse)
     return merged.to(dtype).flatten(-2)
@@ -113,7 +112,7 @@ def merge_and_combine(
     if scale == 1.0 or alpha == 0.0:
         return merge_parts(positive)
     scalars = combine_scalars(positive[0][0].dtype, negative[0][0].dtype, scale, tau, alpha, eps)
-    if not compiled:
+    if not compiled or not _COMPILED.wanted(positive[0][0].numel()):
         return merge_and_combine_eager(positive, negative, *scalars, norm)
     batch, tokens, heads, head_dim = positive[0][0].shape  # one token axis, as in nag_combine
 

@@ -217,5 +217,4 @@ def merge_attention(
 ) -> torch.Tensor:
     """Attention over the union of two disjoint key sets from the attentions over each."""
     weight_a = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
-    merged = out_b.float() + (out_a.float() - out_b.float()) * weight_a
-    return merged.to(out_a.dtype)
+    return torch.lerp(out_b.float(), out_a.float(), weight_a).to(out_a.dtype)  # (one pass: out_b + w * (out_a - out_b))

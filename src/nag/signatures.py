@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["call_signature", "forward_signature"]
+__all__ = ["ArgumentBinder", "call_signature", "forward_signature"]
 
 _SIGNATURES: dict[Callable, inspect.Signature] = {}  # a class's function -> the signature of it, bound (self dropped)
 
@@ -40,3 +40,39 @@ def forward_signature(module: torch.nn.Module) -> inspect.Signature:
     if function is None or getattr(forward, "__self__", None) is not module or "forward" in module.__dict__:
         return inspect.signature(forward)
     return _bound_signature(function, forward)
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+class ArgumentBinder:
+    """``signature.bind(*args, **kwargs).arguments`` as a dict, for a call made at every layer of every step: the
+    common call (each argument once, by position or by name; extra names into ``**kwargs`` where the signature takes
+    them; nothing for ``*args``) in a few dictionary operations, anything else through ``signature.bind`` (its
+    errors included). Keys come in the call's order, not the signature's."""
+
+    def __init__(self, signature: inspect.Signature):
+        self.signature = signature
+        parameters = list(signature.parameters.values())
+        self._positional = tuple(
+            p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
+        )
+        self._names = frozenset(p.name for p in parameters if p.kind in _NAMED)
+        self._required = frozenset(p.name for p in parameters if p.kind in _NAMED and p.default is p.empty)
+        self._var_keyword = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        # (positional-only parameters: always the general path)
+        self._simple = not any(p.kind is inspect.Parameter.POSITIONAL_ONLY for p in parameters)
+
+    def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if self._simple and len(args) <= len(self._positional):
+            arguments = dict(zip(self._positional, args))
+            extra = kwargs.keys() - self._names
+            if not (kwargs.keys() & arguments.keys()) and (not extra or self._var_keyword is not None):
+                if extra:
+                    arguments.update((name, value) for name, value in kwargs.items() if name not in extra)
+                    arguments[self._var_keyword] = {name: kwargs[name] for name in kwargs if name in extra}
+                else:
+                    arguments.update(kwargs)
+                if self._required <= arguments.keys():
+                    return arguments
+        return dict(self.signature.bind(*args, **kwargs).arguments)

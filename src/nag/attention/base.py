@@ -23,7 +23,7 @@ import torch
 from ..combine import nag_combine
 from ..fused import merge_and_combine
 from ..kernels import attention
-from ..signatures import call_signature
+from ..signatures import ArgumentBinder, call_signature
 from ..state import GuidedCall, NAGRuntime, NegativeText
 from .placement import AttentionPlacement, backend_name, fast_placement
 
@@ -100,6 +100,7 @@ class NAGProcessor:
         self.stock_kind = type(stock).__name__  # decides which fast path applies
         self.runtime = runtime
         self._signature = call_signature(stock)
+        self._binder = ArgumentBinder(self._signature)
         self._var_positional = tuple(
             name for name, p in self._signature.parameters.items() if p.kind is inspect.Parameter.VAR_POSITIONAL
         )
@@ -164,8 +165,7 @@ class NAGProcessor:
         call = self.runtime.call
         if call is None:
             return self.stock(attn, *args, **kwargs)
-        bound = self._signature.bind(attn, *args, **kwargs)
-        return self.guided(attn, call, dict(bound.arguments))
+        return self.guided(attn, call, self._binder.bind(attn, *args, **kwargs))
 
     def run_stock(self, attn: Any, arguments: dict[str, Any], **changes: Any) -> Any:
         arguments = {**arguments, **changes}

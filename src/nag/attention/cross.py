@@ -298,7 +298,10 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
             gates = 2.0 * torch.sigmoid(attn.to_gate_logits(hidden)).unsqueeze(-1)
             z, z_negative = z * gates, z_negative * gates[guided]
         z, z_negative = z.flatten(2), z_negative.flatten(2)
-        z[guided] = self.combine(call, z[guided], z_negative)
+        if len(call.guided_rows) == rows:  # (every row guided: no copy back into z)
+            z = self.combine(call, z, z_negative)
+        else:
+            z[guided] = self.combine(call, z[guided], z_negative)
         if image_len:
             image = context[:, :image_len]
             image_key = attn.norm_added_k(attn.add_k_proj(image)).unflatten(-1, (attn.heads, -1))

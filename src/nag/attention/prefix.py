@@ -29,7 +29,7 @@ class CausalPrefixAttentionNAG(NAGProcessor):
         recording = self.runtime.prefix_recording
         if recording is None or self.runtime.call is not None:
             return super().__call__(attn, *args, **kwargs)
-        arguments = dict(self._signature.bind(attn, *args, **kwargs).arguments)
+        arguments = self._binder.bind(attn, *args, **kwargs)
         segments = arguments.get("segments")
         prefix_len = segments[-1][1] if segments else 0
         layer = PrefixKeysValues()
