@@ -1,5 +1,6 @@
 """A NAG-enabled denoiser under torch.compile gives the eager NAG result, in either order: a UNet, and models whose
-text projection NAG runs on the negative tokens once per generation (PixArt with its text mask, Wan)."""
+text projection NAG runs on the negative tokens once per generation (PixArt with its text mask, Wan), and FLUX.1 (its
+single blocks carry the negative text in their sequence)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def generate(pipe, name="sd"):
     return tp.output_tensor(out)
 
 
-@pytest.mark.parametrize("name", ["sd", "pixart_sigma", "wan"])
+@pytest.mark.parametrize("name", ["sd", "pixart_sigma", "wan", "flux"])
 @pytest.mark.parametrize("order", ["compile-then-apply", "apply-then-compile"])
 def test_compiled_denoiser(order, name):
     torch._dynamo.reset()

@@ -161,3 +161,45 @@ def test_single_blocks_with_another_processor_or_backend_take_the_straightforwar
         for call in calls:
             expected = tpl.naive_output("flux", model, call["inputs"], negative, [0, 1])
             torch.testing.assert_close(call["output"], expected, rtol=1e-4, atol=1e-5)
+
+
+# The single-stream blocks' two fast paths: where every row is guided the negative text rides in the block's
+# sequence ([text, negative text, image]); where only some rows are (a CFG batch on the denoiser), it takes the
+# block's text path beside the stock rows. Both agree with the naive implementation.
+test_batch_with_one_guided_row_agrees_with_naive_implementation = tpl.each_configuration_and_path(
+    tpl.check_batch_with_one_guided_row_agrees_with_naive_implementation, ["flux"]
+)
+
+
+def single_block_attention_lengths(model, run):
+    """The token counts the single-stream blocks' attention gets in ``run()``."""
+    lengths = []
+    hooks = [
+        block.attn.register_forward_pre_hook(
+            lambda module, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+        )
+        for block in model.single_transformer_blocks
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return lengths
+
+
+@pytest.mark.parametrize("rows_guided", ["every", "one"])
+def test_single_blocks_carry_the_negative_text_in_their_sequence_where_every_row_is_guided(rows_guided):
+    model, inputs = tpl.denoiser_batch("flux")
+    text_len, image_len = inputs["encoder_hidden_states"].shape[1], inputs["hidden_states"].shape[1]
+    guided = slice(None) if rows_guided == "every" else slice(1, None)
+    negative = {
+        "encoder_hidden_states": inputs["encoder_hidden_states"][guided].flip(1),
+        "pooled_projections": inputs["pooled_projections"][guided].flip(-1),
+    }
+    with torch.no_grad(), nag.apply_to_denoiser(
+        model, negative, positive_reference=inputs["encoder_hidden_states"][guided], **SETTINGS
+    ):
+        lengths = single_block_attention_lengths(model, lambda: model(**inputs, return_dict=False))
+    expected = text_len * (2 if rows_guided == "every" else 1) + image_len
+    assert lengths == [expected] * len(model.single_transformer_blocks)

@@ -21,7 +21,7 @@ import torch
 
 from .settings import FamilyDefaults
 
-__all__ = ["ModuleKind", "TextPath", "CausalPrefix", "Family", "PipelineSpec", "TEXT", "POOLED", "MASK"]
+__all__ = ["ModuleKind", "InSequence", "TextPath", "CausalPrefix", "Family", "PipelineSpec", "TEXT", "POOLED", "MASK"]
 
 
 class ModuleKind(enum.Enum):
@@ -67,6 +67,31 @@ class ModuleKind(enum.Enum):
     #: ``Family.static_text``; the joint and concat layouts' negative rows) is kept from the first guided call of a
     #: generation; later calls run it on the stock text alone and append what was kept
     TEXT_PROJECTION = "text_projection"
+    #: fast path, concatenating blocks whose text path has ``in_sequence``: the block's modulation norm (output
+    #: ``(normed, ...)`` over the block's sequence). Where the negative text rides in the sequence, its tokens of
+    #: ``normed`` are replaced by the text path's own (modulated by the negative rows' conditioning)
+    SEQUENCE_NORM = "sequence_norm"
+    #: ... and the block's output projection (token-wise): its output for the negative tokens is kept for
+    #: ``InSequence.finish``
+    SEQUENCE_PROJECTION = "sequence_projection"
+
+
+@dataclass(frozen=True)
+class InSequence:
+    """A concatenating block's text path where the negative text rides in the block's own sequence: the block gets
+    ``[text, negative text]`` as its text (each row's negative after its stock text) and runs its token-wise layers
+    once over ``[text, negative text, image]``; what depends on the row's conditioning is the negative rows' own.
+
+    Attributes:
+        start: ``(block, text, modulation) -> (normed, saved)``: the negative text modulated by its rows'
+            conditioning (what the block's ``SEQUENCE_NORM`` module gives the negative tokens), ``saved`` whatever
+            ``finish`` needs.
+        finish: ``(block, saved, projected) -> text``: the block's output for the negative text from its output
+            projection's (``SEQUENCE_PROJECTION``) output for those tokens (gates, residuals).
+    """
+
+    start: Callable[[torch.nn.Module, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+    finish: Callable[[torch.nn.Module, Any, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -84,6 +109,7 @@ class TextPath:
         rotary: sample blocks: the rotary-table argument whose text spans go with the negative text.
         text_first: sample blocks over per-sample rows ``[text, image, padding]`` (each row's text starts it);
             without ``row_image_lengths`` every row's image is as long as the longest row's tokens after its text.
+        in_sequence: concatenating blocks: the path taken where every row is guided (see :class:`InSequence`).
     """
 
     start: Callable[[torch.nn.Module, torch.Tensor, Any], tuple[torch.Tensor, Any]]
@@ -92,6 +118,7 @@ class TextPath:
     mask: str | None = None
     rotary: str | None = None
     text_first: bool = False
+    in_sequence: InSequence | None = None
 
 
 @dataclass(frozen=True)

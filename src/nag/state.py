@@ -94,6 +94,11 @@ class NegativeText:
     rotary: Any = None  # sample blocks: the text spans' rotary tables
     stream: torch.Tensor | None = None  # sample blocks: the block's whole input, every row
     whole_image_rows: bool = False  # image-first blocks: the image came (and leaves) on whole rows
+    # in-sequence blocks: the negative text's tokens ``(start, stop)`` in the block's sequence, whether the block's
+    # norm gave them the path's ``normed``, and its output projection's output for them
+    sequence: tuple[int, int] | None = None
+    spliced: bool = False
+    projected: torch.Tensor | None = None
 
 
 class PrefixKeysValues:

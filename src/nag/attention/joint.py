@@ -127,6 +127,8 @@ class FastJointAttentionNAG(JointAttentionNAG):
             qt, kt = rotate(qt, rotary, 0, padded), rotate(kt, rotary, 0, padded)
         b = call.batch
         mask = arguments.get(self.text_mask_argument)
+        # (a block whose text stream ends here, SD3's last, discards the text's attention output: none is computed)
+        text_ends = getattr(attn, "context_pre_only", False) is True and self.stock_kind == "JointAttnProcessor2_0"
         z, text_positive, text_negative = guided_image_and_text(
             self,
             call,
@@ -135,8 +137,11 @@ class FastJointAttentionNAG(JointAttentionNAG):
             (qt[b:], kt[b:], vt[b:]),
             *((mask[:b], mask[b:]) if mask is not None else (None, None)),
             placement=placement,
+            text_queries=not text_ends,
         )
         image_out = attn.to_out[1](attn.to_out[0](z.to(hidden.dtype)))
+        if text_ends:
+            return image_out, None
         text_out = torch.cat([pad_tokens(text_positive, padded), pad_tokens(text_negative, padded)])
         if getattr(attn, "to_add_out", None) is not None and not getattr(attn, "context_pre_only", False):
             text_out = attn.to_add_out(text_out)

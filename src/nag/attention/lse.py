@@ -54,14 +54,16 @@ def guided_image_and_text(
     positive_mask: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
     placement: AttentionPlacement = ON_THIS_PROCESS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    text_queries: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Joint attention for the guided call, every image token projected and attended once.
 
     ``positive_mask`` / ``negative_mask``: ``(rows, text)`` key masks of each branch's text (its own length; every
     image key valid, as Qwen-Image's processor builds its joint mask). Returns the guided image rows' attention
     output (NAG applied to the conditional rows) and the positive and negative text queries' outputs, all with
     heads flattened. ``placement``: where the attention runs (this process, or over every rank's keys/values under
-    context parallelism: then the tokens are this rank's shards, and no masks).
+    context parallelism: then the tokens are this rank's shards, and no masks). ``text_queries=False``: the text
+    queries' outputs are not computed (None; a block whose text stream ends at this attention).
     """
     rows = call.row_index
     qi, ki, vi = image
@@ -81,6 +83,8 @@ def guided_image_and_text(
         [shared, (image_positive[rows], lse_positive[rows])], [shared, (image_negative, lse_negative)],
     )
 
+    if not text_queries:
+        return z, None, None
     image_len = qi.shape[1]
     text_positive = placement.attend(
         qp, torch.cat([kp, ki], dim=1), torch.cat([vp, vi], dim=1), text_and_image_key_mask(positive_mask, image_len)
@@ -112,6 +116,27 @@ def single_stream_attention(
         processor, call, image, text, (qn, kn, vn), placement=placement
     )
     return torch.cat([pad_tokens(text_positive, padded), z], dim=1), pad_tokens(text_negative, padded)
+
+
+def sequence_attention(
+    processor: NAGProcessor, call: GuidedCall, qkv: Any, rotary: Any, text_len: int,
+    placement: AttentionPlacement = ON_THIS_PROCESS,
+) -> torch.Tensor:
+    """A single-stream block's attention on the stock rows ``[text, negative text, image]`` (queries/keys/values; each
+    text ``text_len`` tokens, padded; every row guided by its own negative text; rotary tables over ``[text, image]``,
+    the negative text at the text's positions): the text's and the negative text's outputs and the image tokens' with
+    NAG, in that order, heads flattened (attention at ``placement``, see :func:`guided_image_and_text`)."""
+    q, k, v = qkv
+    if rotary is not None:
+        table = tuple(torch.cat([part[:text_len], part]) for part in rotary)
+        q, k = rotate(q, table, 0, None), rotate(k, table, 0, None)
+    def part(start: int, stop: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return q[:, start:stop], k[:, start:stop], v[:, start:stop]
+
+    z, text_positive, text_negative = guided_image_and_text(
+        processor, call, part(2 * text_len, None), part(0, text_len), part(text_len, 2 * text_len), placement=placement
+    )
+    return torch.cat([pad_tokens(text_positive, text_len), pad_tokens(text_negative, text_len), z], dim=1)
 
 
 def image_part_is_one(mask: torch.Tensor, image_start: int) -> bool:

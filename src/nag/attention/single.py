@@ -30,6 +30,7 @@ from .lse import (
     guided_image_and_text_outer_mask,
     image_part_is_one,
     outer_mask_row,
+    sequence_attention,
     single_stream_attention,
 )
 
@@ -139,7 +140,9 @@ class FusedSingleAttentionNAG(SingleStreamAttentionNAG):
 class FastSingleStreamAttentionNAG(BesideStockRows, SingleStreamAttentionNAG):
     """Flux single-stream fast path: the block runs on the stock rows only; the negative text
     rows' modulated input arrives through ``runtime.text_path`` (set by the block hook), and their
-    attention output leaves the same way. No image token is duplicated."""
+    attention output leaves the same way. No image token is duplicated. Where every row is guided, the negative
+    text rides in the block's own sequence instead, ``[text, negative text, image]`` (the block's token-wise layers
+    then run once; see :class:`~nag.spec.InSequence`)."""
 
     split_text_processors = fast_processors = frozenset({"FluxAttnProcessor"})
     fast_under_parallelism = True
@@ -149,6 +152,14 @@ class FastSingleStreamAttentionNAG(BesideStockRows, SingleStreamAttentionNAG):
     ) -> Any:
         hidden = arguments["hidden_states"]
         rotary = arguments.get(self.rotary_argument)
+        if path.sequence is not None:  # the negative text rides in the sequence: [text, negative text, image]
+            if not path.spliced:
+                raise RuntimeError(
+                    "NAG's negative text rode in a single-stream block's sequence but the block's norm did not give it "
+                    "its own modulation; apply NAG with fast=False for this model"
+                )
+            attended = sequence_attention(self, call, image_qkv(attn, hidden), rotary, path.sequence[0], self._placed())
+            return attended.to(hidden.dtype)
         padded = call.padded_text_len
         attended, text_negative = single_stream_attention(
             self, call, image_qkv(attn, hidden), image_qkv(attn, path.normed), rotary, padded, self._placed()

@@ -8,22 +8,35 @@ import torch
 
 from ..attention import JOINT, JOINT_ROWS_OUTER_MASK, SINGLE, SINGLE_OUTER_MASK
 from ..settings import FamilyDefaults
-from ..spec import MASK, POOLED, TEXT, Family, ModuleKind, PipelineSpec, TextPath
+from ..spec import MASK, POOLED, TEXT, Family, InSequence, ModuleKind, PipelineSpec, TextPath
+
+
+def _flux_single_text_norm(
+    block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Flux single-stream block, negative text rows, before attention: their modulation."""
+    normed, gate = block.norm(text, emb=temb)
+    return normed, {"residual": text, "gate": gate}
+
+
+def _flux_single_text_gate(block: torch.nn.Module, saved: dict[str, Any], projected: torch.Tensor) -> torch.Tensor:
+    """... after the block's output projection: gate and residual."""
+    out = saved["residual"] + saved["gate"].unsqueeze(1) * projected
+    return out.clip(-65504, 65504) if out.dtype == torch.float16 else out
 
 
 def _flux_single_text_start(
     block: torch.nn.Module, text: torch.Tensor, temb: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Flux single-stream block, negative text rows, before attention: modulation and MLP branch."""
-    normed, gate = block.norm(text, emb=temb)
-    return normed, {"residual": text, "gate": gate, "mlp": block.act_mlp(block.proj_mlp(normed))}
+    """... beside the block: modulation and MLP branch."""
+    normed, saved = _flux_single_text_norm(block, text, temb)
+    return normed, {**saved, "mlp": block.act_mlp(block.proj_mlp(normed))}
 
 
 def _flux_single_text_finish(block: torch.nn.Module, saved: dict[str, Any], attention: torch.Tensor) -> torch.Tensor:
-    """... after attention: the block's output projection, gate and residual."""
-    out = block.proj_out(torch.cat([attention.to(saved["mlp"].dtype), saved["mlp"]], dim=2))
-    out = saved["residual"] + saved["gate"].unsqueeze(1) * out
-    return out.clip(-65504, 65504) if out.dtype == torch.float16 else out
+    """... beside the block, after attention: the block's output projection, gate and residual."""
+    projected = block.proj_out(torch.cat([attention.to(saved["mlp"].dtype), saved["mlp"]], dim=2))
+    return _flux_single_text_gate(block, saved, projected)
 
 
 FAMILIES = (
@@ -39,8 +52,14 @@ FAMILIES = (
             ModuleKind.IMAGE_NORM: r"transformer_blocks\.\d+\.norm1|norm_out",
             ModuleKind.CONCATENATING_BLOCK: r"single_transformer_blocks\.\d+",
             ModuleKind.TEXT_PROJECTION: r"context_embedder",
+            ModuleKind.SEQUENCE_NORM: r"single_transformer_blocks\.\d+\.norm",
+            ModuleKind.SEQUENCE_PROJECTION: r"single_transformer_blocks\.\d+\.proj_out",
         },
-        text_path=TextPath(_flux_single_text_start, _flux_single_text_finish),
+        text_path=TextPath(
+            _flux_single_text_start,
+            _flux_single_text_finish,
+            in_sequence=InSequence(_flux_single_text_norm, _flux_single_text_gate),
+        ),
         context_parallel=True,
     ),
     # Chroma: Flux-like blocks whose modulation comes from the timestep alone (a distilled

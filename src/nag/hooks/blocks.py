@@ -172,21 +172,65 @@ class BlockHooks:
 
     def split_text_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """Fast path for blocks that concatenate ``[text, image]``: the block runs on the stock
-        rows; the negative text rows take the family's text-only path around it."""
+        rows; the negative text rows take the family's text-only path around it, or, where every row is guided and
+        the family's text path has ``in_sequence``, ride in their rows' sequence as ``[text, negative text]``."""
         call = self.runtime.call
         if call is None:
             return None
-        if not getattr(self._text_attention_processor(module), "takes_split_text", lambda: False)():
+        processor = self._text_attention_processor(module)
+        if not getattr(processor, "takes_split_text", lambda: False)():
             # another processor or attention backend: whole rows through the block (the straightforward wrapper)
             self.runtime.whole_rows_block = True
             return self.add_image_rows(module, args, kwargs)
         bound = _bind(module, args, kwargs)
         arguments = bound.arguments
         text, temb = arguments["encoder_hidden_states"], arguments["temb"]
-        self.runtime.text_path = self._start_text(module, text[call.batch :], temb[call.batch :])
-        arguments["encoder_hidden_states"] = text[: call.batch]
-        arguments["temb"] = temb[: call.batch]
+        b = call.batch
+        in_sequence = self.family.text_path.in_sequence
+        if in_sequence is not None and self._every_row_once(call, text, processor):
+            # the negative text as more tokens of each stock row: [text, negative text] (see InSequence)
+            normed, saved = in_sequence.start(module, text[b:], temb[b:])
+            length = text.shape[1]
+            self.runtime.text_path = NegativeText(normed=normed, saved=saved, sequence=(length, 2 * length))
+            arguments["encoder_hidden_states"] = torch.cat([text[:b], text[b:]], dim=1)
+        else:
+            self.runtime.text_path = self._start_text(module, text[b:], temb[b:])
+            arguments["encoder_hidden_states"] = text[:b]
+        arguments["temb"] = temb[:b]
         return bound.args, bound.kwargs
+
+    @staticmethod
+    def _every_row_once(call: Any, text: torch.Tensor, processor: NAGProcessor) -> bool:
+        """Whether each stock row is guided, in order, by one negative text row after the stock rows, and attention
+        runs on this process alone: then the negative text can ride in its row's sequence."""
+        rows = call.row_index
+        return (
+            isinstance(rows, slice)
+            and (rows.start, rows.stop) == (0, call.batch)
+            and text.shape[0] == 2 * call.batch
+            and processor.placement().parallel_config is None
+        )
+
+    def splice_negative_text(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """In-sequence blocks' modulation norm: the negative tokens of its output are the text path's own (modulated
+        by the negative rows' conditioning). Its output is the module's own new tensor, changed in place."""
+        path = self.runtime.text_path
+        if self.runtime.call is None or path is None or path.sequence is None:
+            return None
+        normed = output[0] if isinstance(output, tuple) else output
+        start, stop = path.sequence
+        normed[:, start:stop] = path.normed
+        path.spliced = True
+        return None
+
+    def keep_negative_projection(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """In-sequence blocks' output projection: its output for the negative tokens, for the text path's finish."""
+        path = self.runtime.text_path
+        if self.runtime.call is None or path is None or path.sequence is None:
+            return None
+        start, stop = path.sequence
+        path.projected = output[:, start:stop]
+        return None
 
     def join_text_rows(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         call = self.runtime.call
@@ -197,6 +241,15 @@ class BlockHooks:
             return self.drop_image_rows(module, args, output)
         path, self.runtime.text_path = self.runtime.text_path, None
         text, image = output
+        if path.sequence is not None:
+            if path.projected is None:
+                raise RuntimeError(
+                    f"NAG's negative text rode in {type(module).__name__}'s sequence but its output projection did not "
+                    "run; apply NAG with fast=False for this model"
+                )
+            start, stop = path.sequence
+            negative = self.family.text_path.in_sequence.finish(module, path.saved, path.projected)
+            return torch.cat([text[:, :start], negative]), image
         return torch.cat([text, self._finish_text(module, path)]), image
 
     def split_sample_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict):
@@ -398,4 +451,6 @@ HOOKS: dict[ModuleKind, Hook] = {
         "split_image_first_rows", "join_image_first_rows", fast_only=True, text_path=True
     ),
     ModuleKind.TEXT_PROJECTION: Hook("stock_text_only", "append_negative_text", fast_only=True),
+    ModuleKind.SEQUENCE_NORM: Hook(None, "splice_negative_text", fast_only=True, text_path=True),
+    ModuleKind.SEQUENCE_PROJECTION: Hook(None, "keep_negative_projection", fast_only=True, text_path=True),
 }
