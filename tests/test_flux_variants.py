@@ -203,3 +203,28 @@ def test_single_blocks_carry_the_negative_text_in_their_sequence_where_every_row
         lengths = single_block_attention_lengths(model, lambda: model(**inputs, return_dict=False))
     expected = text_len * (2 if rows_guided == "every" else 1) + image_len
     assert lengths == [expected] * len(model.single_transformer_blocks)
+
+
+def test_lora_on_the_single_blocks_loaded_while_applied():
+    """A LoRA on the single blocks' output projection and MLP, added while NAG is applied, wraps the modules NAG's
+    in-sequence hooks sit on: the blocks then take the path beside the stock rows, which calls the wrapped modules.
+    A negative equal to the prompt gives the stock output with the LoRA; another negative gives what the
+    straightforward path gives."""
+    from peft import LoraConfig
+
+    pipe = tp.FACTORIES["flux"]()
+    with nag.apply(pipe, tpl.NEGATIVE, **SETTINGS) as handle:
+        before = tpl.generate(pipe, "flux")
+        torch.manual_seed(0)
+        pipe.transformer.add_adapter(
+            LoraConfig(r=4, lora_alpha=4, target_modules=["proj_out", "proj_mlp"], init_lora_weights=False)
+        )
+        fast = tpl.generate(pipe, "flux")
+        assert handle.guided_calls >= 2
+    assert (fast - before).abs().max() > 1e-3  # the LoRA acts
+    with nag.apply(pipe, tpl.NEGATIVE, **SETTINGS, fast=False):
+        straightforward = tpl.generate(pipe, "flux")
+    torch.testing.assert_close(fast, straightforward, rtol=1e-4, atol=1e-5)
+    stock = tpl.generate(pipe, "flux")
+    with nag.apply(pipe, PROMPTS[0] if "flux" in tp.SINGLE_PROMPT else PROMPTS, **SETTINGS):
+        torch.testing.assert_close(tpl.generate(pipe, "flux"), stock, rtol=0, atol=1e-5)

@@ -67,12 +67,14 @@ class ModuleKind(enum.Enum):
     #: ``Family.static_text``; the joint and concat layouts' negative rows) is kept from the first guided call of a
     #: generation; later calls run it on the stock text alone and append what was kept
     TEXT_PROJECTION = "text_projection"
-    #: fast path, concatenating blocks whose text path has ``in_sequence``: the block's modulation norm (output
-    #: ``(normed, ...)`` over the block's sequence). Where the negative text rides in the sequence, its tokens of
-    #: ``normed`` are replaced by the text path's own (modulated by the negative rows' conditioning)
+    #: fast path, concatenating blocks whose text path has ``in_sequence``: the block's modulation norm (a direct
+    #: child of the block; output ``(normed, ...)`` over the block's sequence). Where the negative text rides in the
+    #: sequence, its tokens of ``normed`` are replaced by the text path's own (modulated by the negative rows'
+    #: conditioning)
     SEQUENCE_NORM = "sequence_norm"
-    #: ... and the block's output projection (token-wise): its output for the negative tokens is kept for
-    #: ``InSequence.finish``
+    #: ... and the block's output projection (token-wise, a direct child too): its output for the negative tokens is
+    #: kept for ``InSequence.finish``. Where either is no longer the module hooked (a LoRA added while NAG is applied
+    #: wraps it), the block takes the text path beside the stock rows
     SEQUENCE_PROJECTION = "sequence_projection"
 
 

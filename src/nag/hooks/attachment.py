@@ -114,6 +114,7 @@ class Attachment:
             self._register(f"{name}:{hook.pre}", module.register_forward_pre_hook(pre, with_kwargs=True))
         if hook.post:
             self._register(f"{name}:{hook.post}", module.register_forward_hook(getattr(self._blocks, hook.post)))
+        self._blocks.installed(module, kind)
 
     def _register(self, name: str, handle: torch.utils.hooks.RemovableHandle) -> None:
         self.hooks.append((f"nag:{name}", handle))

@@ -38,11 +38,28 @@ class BlockHooks:
         # text projection -> (cache key, the axis and index where the negative part starts, its kept output or None),
         # between its two hooks
         self._text_projection: dict[torch.nn.Module, tuple[tuple, int, int, torch.Tensor | None]] = {}
+        # the modules that got a SEQUENCE_NORM or SEQUENCE_PROJECTION hook (see installed)
+        self._sequence_modules: weakref.WeakSet = weakref.WeakSet()
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         """Copies of the model (deepcopy, torch.save) carry hooks that do nothing: no call is guided there."""
-        attributes = {"runtime": NAGRuntime(self.runtime.settings), "wrapped": [], "_text_projection": {}}
+        attributes = {
+            "runtime": NAGRuntime(self.runtime.settings),
+            "wrapped": [],
+            "_text_projection": {},
+            "_sequence_modules": set(),
+        }
         return inert_copy, (type(self), attributes)
+
+    def installed(self, module: torch.nn.Module, kind: ModuleKind) -> None:
+        """The attachment installed ``kind``'s hooks on ``module``."""
+        if kind in (ModuleKind.SEQUENCE_NORM, ModuleKind.SEQUENCE_PROJECTION):
+            self._sequence_modules.add(module)
+
+    def _sequence_hooks_in_place(self, block: torch.nn.Module) -> bool:
+        """Whether the block's norm and output projection (direct children) are still the modules NAG hooked: a LoRA
+        added while NAG is applied wraps them in new modules, whose output those hooks would not see."""
+        return sum(child in self._sequence_modules for child in block.children()) == 2
 
     def _text_attention_processor(self, block: torch.nn.Module) -> Any:
         """The NAG wrapper of a block's text attention (None if it has none, or something replaced it). The block's
@@ -187,7 +204,9 @@ class BlockHooks:
         text, temb = arguments["encoder_hidden_states"], arguments["temb"]
         b = call.batch
         in_sequence = self.family.text_path.in_sequence
-        if in_sequence is not None and self._every_row_once(call, text, processor):
+        if in_sequence is not None and self._every_row_once(call, text, processor) and self._sequence_hooks_in_place(
+            module
+        ):
             # the negative text as more tokens of each stock row: [text, negative text] (see InSequence)
             normed, saved = in_sequence.start(module, text[b:], temb[b:])
             length = text.shape[1]
