@@ -250,12 +250,12 @@ class Family:
 
     def module_kinds(self, name: str) -> list[ModuleKind]:
         """The kinds of hooked module the module named ``name`` is, in installation order."""
-        return [kind for kind, pattern in self._module_patterns if re.fullmatch(pattern, name)]
+        return [kind for kind, pattern in self._module_patterns if pattern.fullmatch(name)]
 
     @functools.cached_property
-    def _module_patterns(self) -> list[tuple[ModuleKind, str]]:
-        """``modules`` in installation order (computed once: ``module_kinds`` runs for every module)."""
-        return [(kind, self.modules[kind]) for kind in ModuleKind if kind in self.modules]
+    def _module_patterns(self) -> list[tuple[ModuleKind, re.Pattern]]:
+        """``modules`` in installation order, compiled (once: ``module_kinds`` runs for every module)."""
+        return [(kind, re.compile(self.modules[kind])) for kind in ModuleKind if kind in self.modules]
 
 
 def has_processor(module: torch.nn.Module) -> bool:
