@@ -1,6 +1,7 @@
 """What the cross-attention fast path computes once per generation from the negative prompt, and that it changes
 nothing: the negative tokens' text projection (``ModuleKind.TEXT_PROJECTION``) and the negative keys/values without
-the keys every guided row masks (``drop_masked_keys``)."""
+the keys every guided row masks (``drop_masked_keys``), each row's trailing run of one repeated key kept as one
+(``collapse_repeated_keys``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tiny_pipelines as tp
 import torch
 
 import nag
-from nag.attention.cross import drop_masked_keys
+from nag.attention.cross import collapse_repeated_keys, drop_masked_keys
 
 PROMPTS = ["a red circle on a blue background", "a small green square"]
 SETTINGS = dict(scale=3.0, tau=2.5, alpha=0.5)
@@ -146,3 +147,50 @@ def test_padded_negative_keys_are_dropped_in_a_pipeline():
     assert kept and 0 < valid < 16
     for key, value, mask in kept:
         assert key.shape[1] == value.shape[1] == valid and mask is None
+
+
+def test_repeated_trailing_keys_collapse_to_the_same_attention():
+    """Rows padded with one repeated key and value (runs of 9, 7 and 1): the keys kept are the shorter run's row's
+    distinct ones plus one, the additive mask weights each run's copies, and the attention equals the float64 softmax
+    over all keys."""
+    rows, keys, heads, queries, dim = 3, 12, 2, 5, 8
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(rows, queries, heads, dim, generator=g) * 3
+    k, v = (torch.randn(rows, keys, heads, dim, generator=g) * 3 for _ in range(2))
+    k[0, 3:], v[0, 3:] = k[0, -1], v[0, -1]  # a run of 9
+    k[1, 5:], v[1, 5:] = k[1, -1], v[1, -1]  # a run of 7
+    kept_k, kept_v, mask = collapse_repeated_keys(k, v)
+    assert mask is None and kept_k is k  # row 2 has no run: nothing worth collapsing
+    k2, v2 = k[:2], v[:2]
+    kept_k, kept_v, mask = collapse_repeated_keys(k2, v2)
+    assert kept_k.shape[1] == kept_v.shape[1] == 6 and mask.shape == (2, 1, 1, 6)  # row 1: 5 distinct keys + 1
+    expected = naive_attention(q[:2], k2, v2, None)
+    torch.testing.assert_close(naive_attention(q[:2], kept_k, kept_v, mask), expected, rtol=0, atol=1e-6)
+    got = torch.nn.functional.scaled_dot_product_attention(
+        q[:2].transpose(1, 2), kept_k.transpose(1, 2), kept_v.transpose(1, 2), attn_mask=mask
+    ).transpose(1, 2)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_zero_padded_negative_keys_collapse_in_a_pipeline():
+    """Wan pads the negative prompt's embeddings with zeros to the encoder's length, unmasked: the padding projects to
+    one repeated key, kept as one with its weight; the output is the straightforward path's."""
+    pipe = tp.FACTORIES["wan"]()
+    kept = []
+
+    def generate(fast):
+        with nag.apply(pipe, "dark", fast=fast, **SETTINGS) as handle:
+            watch = tp.denoiser(pipe).register_forward_hook(
+                lambda *_: kept.extend(handle.runtime.negative_kv.values()) if not kept and fast else None
+            )
+            out = pipe(prompt=PROMPTS, generator=torch.Generator("cpu").manual_seed(0), **tp.no_cfg_kwargs("wan"))
+            watch.remove()
+        return tp.output_tensor(out)
+
+    fast, straightforward = generate(True), generate(False)
+    encoded = pipe.encode_prompt("dark", do_classifier_free_guidance=False, max_sequence_length=16)[0]
+    padded = encoded.shape[1]
+    assert kept
+    for key, value, mask in kept:
+        assert key.shape[1] == value.shape[1] < padded // 2 and mask is not None
+    torch.testing.assert_close(fast, straightforward, rtol=0, atol=1e-5 * float(straightforward.abs().max()))

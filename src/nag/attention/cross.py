@@ -8,7 +8,7 @@ import torch
 
 from ..kernels import attention
 from ..state import GuidedCall
-from .base import NAGProcessor, OutputProjectionView, backend_attention, split_heads, split_rows
+from .base import NAGProcessor, OutputProjectionView, backend_attention, native_backend, split_heads, split_rows
 
 #: Processors that take the UNet's ``(text, [image embeddings per adapter])`` context of an IP-Adapter and add
 #: ``scale * Attn(q, K_ip, V_ip)`` per adapter to the text attention before the output projection: given an empty
@@ -60,6 +60,28 @@ def drop_masked_keys(
     if bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any()):
         mask = None
     return key.index_select(1, index), value.index_select(1, index), mask
+
+
+def collapse_repeated_keys(
+    key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys and values ``(rows, tokens, heads, dim)`` with each row's run of repeats of its last key and value (the
+    same bits: text padded with zero embeddings, as Wan's pipelines pad it, projects to one key) kept as few copies,
+    and the additive mask ``(rows, 1, 1, kept tokens)`` that gives those copies the run's weight: ``log(run /
+    copies)`` each. ``exp(s + log n) = n exp(s)``, so the attention is the same (to rounding); a run of 500 padding
+    keys then costs one. None for the mask (and the inputs themselves) where no row has a run worth collapsing."""
+    rows, tokens = key.shape[:2]
+    same = (key == key[:, -1:]).flatten(2).all(-1) & (value == value[:, -1:]).flatten(2).all(-1)
+    runs = same.flip(1).to(torch.int64).cumprod(1).sum(1)  # each row's trailing run (at least its last key)
+    kept = tokens - int(runs.min()) + 1
+    if kept > tokens // 2:  # (little to gain)
+        return key, value, None
+    copies = (runs - (tokens - kept)).to(torch.float64)  # each row's copies of its repeat among the kept keys
+    start = tokens - runs  # where each row's run starts
+    positions = torch.arange(kept, device=key.device)
+    bias = torch.where(positions[None, :] >= start[:, None], (runs / copies).log()[:, None], 0.0)
+    mask = bias.to(key.dtype)[:, None, None, :]
+    return key[:, :kept].clone(), value[:, :kept].clone(), mask
 
 
 class CrossAttentionNAG(NAGProcessor):
@@ -268,6 +290,8 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         if call.static_negative and not projected[0].requires_grad:
             if self._parallel_config is None:  # (under context parallelism every rank must keep the same keys)
                 projected = drop_masked_keys(*projected)
+                if projected[2] is None and (self.stock_kind not in _DISPATCHING or native_backend(self.stock)):
+                    projected = collapse_repeated_keys(*projected[:2])  # (an additive mask: native attention only)
             self.runtime.negative_kv[cache_key] = projected
         return projected
 
