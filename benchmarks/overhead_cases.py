@@ -799,6 +799,10 @@ def sana_case(full: bool, real: bool = False) -> Case:
     )
 
 
+#: The Wan cases' prompt length in tokens; the rest of the 512 are the zero padding Wan's pipelines add.
+WAN_PROMPT_TOKENS = 120
+
+
 def wan_case(full: bool, size: str, real: bool = False, published: bool = False) -> Case:
     """``published``: the published width at 480x832 with 33 frames (9 latent frames, 14,040 video tokens; the
     published 81 frames take minutes per forward on one CPU thread) and one block."""
@@ -828,16 +832,19 @@ def wan_case(full: bool, size: str, real: bool = False, published: bool = False)
         frames, height, width = 5, 30, 52
 
     def inputs(batch, device, dtype):
+        # Wan's pipelines pad each prompt's embeddings with zeros to 512 tokens (no mask): a prompt of WAN_PROMPT_TOKENS
+        text = _randn(batch, 512, 4096, device=device, dtype=dtype, seed=1)
+        text[:, WAN_PROMPT_TOKENS:] = 0
         return dict(
             hidden_states=_randn(batch, 16, frames, height, width, device=device, dtype=dtype),
-            encoder_hidden_states=_randn(batch, 512, 4096, device=device, dtype=dtype, seed=1),
+            encoder_hidden_states=text,
             timestep=torch.full((batch,), 500.0, device=device),
         )
 
     tokens = frames * (height // 2) * (width // 2)
     return Case(
         f"wan-{size}",
-        f"Wan 2.1 {size} ({tokens} video + 512 text tokens{_blocks(real, config)})",
+        f"Wan 2.1 {size} ({tokens} video + 512 text tokens, {WAN_PROMPT_TOKENS} the prompt's{_blocks(real, config)})",
         lambda: WanTransformer3DModel(**config),
         inputs,
         _text_negative,
