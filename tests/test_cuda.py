@@ -1,5 +1,6 @@
 """CUDA-only checks (``pytest -m cuda``; benchmarks/gpu_check.sh runs them): the compiled (Triton) combine and merge
-against the eager code, and the fused log-sum-exp kernels against the math. Skipped without a CUDA device."""
+against the eager code, the fused log-sum-exp kernels against the math, the collapsed padding keys' additive mask
+through CUDA's attention, and FLUX.1's in-sequence single blocks. Skipped without a CUDA device."""
 
 from __future__ import annotations
 
@@ -73,3 +74,42 @@ def test_lse_kernels_agree_with_the_math(monkeypatch, caplog, dtype, head_dim):
     expected, expected_lse = kernels._lse_math(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     torch.testing.assert_close(out.float(), expected.transpose(1, 2).float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse, expected_lse.transpose(1, 2), rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_collapsed_padding_keys_on_cuda(dtype):
+    """The padding keys collapsed to one with an additive ``log(count)`` mask attend as all of them do, through SDPA on
+    CUDA (whose flash kernel takes no mask: another one must serve it)."""
+    from nag.attention.cross import collapse_repeated_keys
+
+    q = randn(2, 1024, 12, 128, dtype=dtype)
+    k, v = randn(2, 512, 12, 128, dtype=dtype, seed=1), randn(2, 512, 12, 128, dtype=dtype, seed=2)
+    k[0, 40:], v[0, 40:] = k[0, -1], v[0, -1]
+    k[1, 100:], v[1, 100:] = k[1, -1], v[1, -1]
+    kept_k, kept_v, mask = collapse_repeated_keys(k, v)
+    assert kept_k.shape[1] == 101 and mask is not None
+    got = kernels.attention(q, kept_k, kept_v, mask)
+    expected = kernels.attention(q.double(), k.double(), v.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_flux_single_blocks_in_sequence_on_cuda():
+    """FLUX.1's single blocks with the negative text in their sequence give the straightforward path's output on CUDA
+    (bfloat16, the tests' tiny pipeline)."""
+    pytest.importorskip("transformers")
+    import tiny_pipelines as tp
+
+    import nag
+
+    pipe = tp.FACTORIES["flux"]().to("cuda", torch.bfloat16)
+    kwargs = dict(tp.no_cfg_kwargs("flux"), output_type="latent")
+
+    def generate(fast):
+        with nag.apply(pipe, "blue", fast=fast, **SETTINGS):
+            out = pipe(["a cat", "a dog"], generator=torch.Generator("cuda").manual_seed(0), **kwargs)[0]
+        return out.float()
+
+    fast, straightforward = generate(True), generate(False)
+    scale = float(straightforward.abs().max())  # (bfloat16 rounding at the output's scale)
+    torch.testing.assert_close(fast, straightforward, rtol=0, atol=4 * torch.finfo(torch.bfloat16).eps * scale + 2e-2)
