@@ -130,6 +130,7 @@ def sequence_attention(
     if rotary is not None:
         table = tuple(torch.cat([part[:text_len], part]) for part in rotary)
         q, k = rotate(q, table, 0, None), rotate(k, table, 0, None)
+
     def part(start: int, stop: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return q[:, start:stop], k[:, start:stop], v[:, start:stop]
 
