@@ -54,9 +54,7 @@ class ArgumentBinder:
     def __init__(self, signature: inspect.Signature):
         self.signature = signature
         parameters = list(signature.parameters.values())
-        self._positional = tuple(
-            p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
-        )
+        self._positional = tuple(p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
         self._names = frozenset(p.name for p in parameters if p.kind in _NAMED)
         self._required = frozenset(p.name for p in parameters if p.kind in _NAMED and p.default is p.empty)
         self._var_keyword = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
