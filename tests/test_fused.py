@@ -168,6 +168,16 @@ def test_merge_parts_is_attention_over_the_union():
     assert torch.equal(merge_parts([empty, empty]), empty[0].flatten(2))
 
 
+def test_merge_parts_with_a_complete_first_part_skips_only_the_empty_pair_test():
+    """``first_complete`` (the first part has a key for every query): the same bits, an empty later part included;
+    without it, two empty parts in a row would give NaN, which the default guards against."""
+    parts, _, _ = attention_parts(5, keys=(20, 7, 5))
+    empty = (torch.zeros_like(parts[0][0]), torch.full_like(parts[0][1], float("-inf")))
+    for sequence in ([parts[0], empty, parts[1], parts[2]], [parts[0], parts[1]], [parts[0], parts[2], empty]):
+        assert torch.equal(merge_parts(sequence, first_complete=True), merge_parts(sequence))
+    assert merge_parts([empty, empty], first_complete=True).isnan().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_merge_and_combine_matches_eager(compiled_mode, dtype):
     for seed, keys in [(2, (20, 7, 5)), (3, (33, 11, 1))]:  # a second size: no new compile needed

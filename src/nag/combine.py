@@ -164,7 +164,8 @@ def _plain_check(
     CPU), else whether it must check its norms: not for two float16 inputs (float32 holds every intermediate of
     theirs), on the CPU for others (one read of the norms' range: cheap there; on other devices it would wait for the
     device)."""
-    if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in (s, tau, alpha, eps_over_s)):
+    tensors = isinstance(s, torch.Tensor) or isinstance(tau, torch.Tensor) or isinstance(alpha, torch.Tensor)
+    if tensors or isinstance(eps_over_s, torch.Tensor) or torch.compiler.is_compiling():
         return None
     # (a zero floor: a zero norm would divide; the rescaled code handles it, and saturates any alpha's result)
     if not (0.0 < eps_over_s and 0.0 <= alpha <= 1.0):
@@ -217,10 +218,10 @@ def combine_plain(
 
 def _within_plain_norms(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> bool:
     """Whether every token's norms are inside :data:`PLAIN_NORMS` (NaN anywhere: not), from the smallest and the
-    largest of them: one read of the device."""
+    largest of them (one pass; read on the CPU, where the check runs)."""
     low, high = PLAIN_NORMS
-    smallest, largest = torch.stack(torch.aminmax(torch.cat([norm_positive, norm_w], dim=-1))).tolist()
-    return low <= smallest and largest <= high  # (NaN fails both)
+    smallest, largest = torch.aminmax(torch.cat([norm_positive, norm_w], dim=-1))
+    return low <= smallest.item() and largest.item() <= high  # (NaN fails both)
 
 
 def _outside_plain_norms(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:

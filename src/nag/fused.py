@@ -23,21 +23,25 @@ __all__ = ["merge_and_combine", "merge_and_combine_eager", "merge_parts"]
 Part = tuple[torch.Tensor, torch.Tensor]
 
 
-def merge_parts(parts: Sequence[Part]) -> torch.Tensor:
+def merge_parts(parts: Sequence[Part], first_complete: bool = False) -> torch.Tensor:
     """Attention over the union of disjoint key sets from the attentions ``(out, lse)`` over each (``(B, L, H, D)``
     and float32 ``(B, L, H)``), heads flattened: ``(B, L, H * D)`` in the dtype of the first part's ``out``.
 
     Folds :func:`nag.kernels.merge_attention`'s formula over the parts in order (two parts: the same
     operations, so the same result; more parts are merged in float32, rounded once at the end). A part with a
-    log-sum-exp of ``-inf`` (no key) adds nothing."""
+    log-sum-exp of ``-inf`` (no key) adds nothing. ``first_complete``: the caller knows that the first part has a key
+    for every query (a finite log-sum-exp everywhere: the joint paths' image->image part), which spares the test for
+    two empty parts in a row."""
     out, lse = parts[0]
     dtype = out.dtype
     merged = out.float()
     for index, (other, other_lse) in enumerate(parts[1:], start=2):
         # the weight of what is merged so far against the next part: sigmoid(lse - other_lse); an empty next
-        # part (-inf) gives 1 and an empty part so far 0, also when both are empty (zeros either way)
-        weight = torch.where(other_lse == float("-inf"), 1.0, torch.sigmoid(lse - other_lse)).unsqueeze(-1)
-        merged = torch.lerp(other.float(), merged, weight)  # other + weight * (merged - other), in one pass
+        # part (-inf) gives 1 and an empty part so far 0; where both are empty (-inf - -inf: NaN) 1 (zeros either way)
+        weight = torch.sigmoid(lse - other_lse)
+        if not first_complete:
+            weight = torch.where(other_lse == float("-inf"), 1.0, weight)
+        merged = torch.lerp(other.float(), merged, weight.unsqueeze(-1))  # other + weight * (merged - other): one pass
         if index < len(parts):  # (the last part's log-sum-exp is not needed)
             lse = torch.logaddexp(lse, other_lse)
     return merged.to(dtype).flatten(-2)
@@ -53,10 +57,14 @@ def merge_and_combine_eager(
     eps: Scalar,
     eps_over_s: Scalar,
     norm: int = 1,
+    first_complete: bool = False,
 ) -> torch.Tensor:
     """:func:`merge_and_combine` in plain PyTorch after its checks and shortcuts (the scalars from
     :func:`nag.combine.combine_scalars`)."""
-    return combine_eager(merge_parts(positive), merge_parts(negative), s, inverse_s, tau, alpha, eps, eps_over_s, norm)
+    return combine_eager(
+        merge_parts(positive, first_complete), merge_parts(negative, first_complete),
+        s, inverse_s, tau, alpha, eps, eps_over_s, norm,
+    )
 
 
 _COMPILED = CompiledFunction(merge_and_combine_eager, "merge_and_combine")
@@ -72,6 +80,7 @@ def merge_and_combine(
     eps: float = 1e-6,
     *,
     compiled: bool = True,
+    first_complete: bool = False,
 ) -> torch.Tensor:
     """NAG's guided image-query output from each branch's attention in parts, merged and combined in one pass.
 
@@ -88,7 +97,8 @@ def merge_and_combine(
     compiled). ``scale == 1`` or ``alpha == 0`` returns the positive branch's merge.
 
     Compiled, eager or falling back exactly as :func:`nag.combine.nag_combine` (``compiled=False``,
-    ``NAG_EAGER=1``, inside a ``torch.compile`` trace, or after a failed compile).
+    ``NAG_EAGER=1``, inside a ``torch.compile`` trace, or after a failed compile). ``first_complete``: each branch's
+    first part has a key for every query (see :func:`merge_parts`; the image->image part below).
 
     On a joint-attention path (``rows`` the guided rows; ``image_bias``: a mask's value shared by the image keys of
     the negative branch, or 0)::
@@ -110,14 +120,14 @@ def merge_and_combine(
         raise ValueError(f"every part's output must have the same shape, got {sorted(shapes)}")
     check_combine_inputs(positive[0][0], negative[0][0])
     if scale == 1.0 or alpha == 0.0:
-        return merge_parts(positive)
+        return merge_parts(positive, first_complete)
     scalars = combine_scalars(positive[0][0].dtype, negative[0][0].dtype, scale, tau, alpha, eps)
     if not compiled or not _COMPILED.wanted(positive[0][0].numel()):
-        return merge_and_combine_eager(positive, negative, *scalars, norm)
+        return merge_and_combine_eager(positive, negative, *scalars, norm, first_complete)
     batch, tokens, heads, head_dim = positive[0][0].shape  # one token axis, as in nag_combine
 
     def flat(parts: Sequence[Part]) -> tuple[Part, ...]:
         return tuple((out.reshape(-1, heads, head_dim), lse.reshape(-1, heads)) for out, lse in parts)
 
-    out = _COMPILED(flat(positive), flat(negative), *scalars, norm)
+    out = _COMPILED(flat(positive), flat(negative), *scalars, norm, first_complete)
     return out.reshape(batch, tokens, heads * head_dim)

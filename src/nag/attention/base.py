@@ -182,9 +182,12 @@ class NAGProcessor:
     def merge_and_combine(self, positive: list[tuple[torch.Tensor, torch.Tensor]],
                           negative: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """NAG on attention given in parts over disjoint key sets (``(out, lse)`` each, per branch), merged and
-        combined in one pass (``nag.fused.merge_and_combine``): the guided rows' output, heads flattened."""
+        combined in one pass (``nag.fused.merge_and_combine``): the guided rows' output, heads flattened. Each
+        branch's first part is the image queries' attention over the image keys, which has a key for every query."""
         s = self.runtime.settings
-        return merge_and_combine(positive, negative, s.scale, s.tau, s.alpha, norm=s.norm, eps=s.eps)
+        return merge_and_combine(
+            positive, negative, s.scale, s.tau, s.alpha, norm=s.norm, eps=s.eps, first_complete=True
+        )
 
     def guided_projection_inputs(
         self,
