@@ -20,7 +20,7 @@ the stock arguments through unchanged, so the output is bit-identical.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -82,10 +82,9 @@ class Attachment:
         reason = reason or refusal(self.denoiser, family)
         if reason:
             raise NotImplementedError(f"NAG cannot guide this {type(self.denoiser).__name__}: {reason}")
-        self._register(
-            "denoiser", self.denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True, prepend=True)
-        )
-        self._register("denoiser", self.denoiser.register_forward_hook(self._after_denoiser, always_call=True))
+        before, after = EagerHook(self._before_denoiser), EagerHook(self._after_denoiser)
+        self._register("denoiser", self.denoiser.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
+        self._register("denoiser", self.denoiser.register_forward_hook(after, always_call=True))
         for name, module in self.modules:
             mechanism = family.attention_role(name, module)
             if mechanism is not None:
@@ -151,7 +150,7 @@ class Attachment:
             for module, wrapper, _ in wrappers:
                 module.set_processor(wrapper)
 
-    # -- denoiser hooks -----------------------------------------------------------------------
+    # -- denoiser hooks (installed as EagerHook: run outside a torch.compile trace) ----------------------------
     def _before_denoiser(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         runtime = self.runtime
         if not self.live or (runtime.owns_call is not None and not runtime.owns_call()):
@@ -256,6 +255,35 @@ class Attachment:
         if call is None or output is None or self.family.layout != "concat":  # (None: the call raised)
             return None
         return _stock_rows_of_output(output, call.batch)
+
+
+class EagerHook:
+    """A denoiser hook that runs outside any ``torch.compile`` trace of the denoiser (a graph break at the call):
+    NAG's denoiser hooks keep its per-generation state in Python objects and look at the calling thread, which the
+    compiler would otherwise trace, warn about and break the graph at anyway. A class, not a wrapped function, so that
+    a model saved with the hook in place still pickles (the bound method by name)."""
+
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self.method = method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _untraced_call()(self.method, *args, **kwargs)
+
+
+_UNTRACED_CALL: Callable[..., Any] | None = None
+
+
+def _untraced_call() -> Callable[..., Any]:
+    """``function(*args, **kwargs)`` outside the compiler, made at the first call (``torch.compiler.disable`` imports
+    the compiler: by then diffusers has imported it)."""
+    global _UNTRACED_CALL
+    if _UNTRACED_CALL is None:
+        _UNTRACED_CALL = torch.compiler.disable(_call)
+    return _UNTRACED_CALL
+
+
+def _call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return function(*args, **kwargs)
 
 
 def _stock_rows_of_output(output: Any, rows: int) -> Any:
