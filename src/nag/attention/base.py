@@ -221,8 +221,8 @@ class NAGProcessor:
         def combine(z: torch.Tensor) -> torch.Tensor:
             z = z.clone()
             positive_tokens = tokens(positive_image_start)
-            z[call.cond_rows, positive_tokens] = self.combine(
-                call, z[call.cond_rows, positive_tokens], captured["z"][:, tokens(negative_image_start)]
+            z[call.row_index, positive_tokens] = self.combine(
+                call, z[call.row_index, positive_tokens], captured["z"][:, tokens(negative_image_start)]
             )
             return project(z)
 

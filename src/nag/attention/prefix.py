@@ -115,7 +115,7 @@ class FastCausalPrefixAttentionNAG(CausalPrefixAttentionNAG):
             )
             self.run_stock(view, arguments, **self.cached_decode(attn, call, hidden, start))
             z = z.clone()
-            z[call.cond_rows, start:] = self.combine(call, z[call.cond_rows, start:], negative["z"])
+            z[call.row_index, start:] = self.combine(call, z[call.row_index, start:], negative["z"])
             return project(z)
 
         view = AttributeView(

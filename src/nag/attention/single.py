@@ -78,9 +78,10 @@ class SingleStreamAttentionNAG(NAGProcessor):
         positive_out = self.run_stock(attn, arguments, **positive)
 
         image_out = positive_out[:, lp:].clone()
-        image_out[call.cond_rows] = self.combine(call, image_out[call.cond_rows], negative_out[:, ln:])
+        rows = call.row_index
+        image_out[rows] = self.combine(call, image_out[rows], negative_out[:, ln:])
         text_out = torch.cat([pad_tokens(positive_out[:, :lp], padded), pad_tokens(negative_out[:, :ln], padded)])
-        return torch.cat([text_out, torch.cat([image_out, image_out[call.cond_rows]])], dim=1)
+        return torch.cat([text_out, torch.cat([image_out, image_out[rows]])], dim=1)
 
 
 class SingleProjectedAttentionNAG(SingleStreamAttentionNAG):
