@@ -95,3 +95,21 @@ def test_compiling_the_denoiser_traces_none_of_nags_own_hooks():
         generate(pipe)
     assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message)[:120] for w in caught]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux", "wan"])
+def test_regional_compilation_with_fullgraph(name):
+    """diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``: each repeated block one graph,
+    no graph break allowed) runs NAG's fast paths and gives the eager result. Inside those graphs the wrappers read
+    the guided call's rows as plain data, and the cross-attention negative keys are kept whole (choosing which to
+    drop would read their values)."""
+    torch._dynamo.reset()
+    pipe = tp.FACTORIES[name]()
+    denoiser = pipe.unet if name == "sdxl" else pipe.transformer
+    with nag.apply(pipe, "blurry, watermark", scale=3.0, alpha=0.5):
+        eager = generate(pipe, name)
+    denoiser.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    with nag.apply(pipe, "blurry, watermark", scale=3.0, alpha=0.5):
+        compiled = generate(pipe, name)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    torch._dynamo.reset()

@@ -8,7 +8,6 @@ them as :class:`NegativePrefix`. :class:`NAGRuntime` holds them all, with the se
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,19 +63,20 @@ class GuidedCall:
     # (Z-Image: ``[image, caption, padding]`` per sample, the image span padded by the model itself).
     image_lengths: list[int] | None = None
 
-    @functools.cached_property
-    def guided_rows(self) -> list[int]:
-        """``cond_rows`` as a list, read once per call (reading device indices waits for the device)."""
-        return self.cond_rows.tolist()
+    # Filled from ``cond_rows`` when the call is made (not lazily: the attention wrappers read them inside a
+    # ``torch.compile`` trace of the user's, where reading a tensor's values or a cached property's lock breaks it):
+    guided_rows: list[int] = None  # type: ignore[assignment]  # ``cond_rows`` as a list
+    # the guided rows as an index of the first axis: a slice where they are consecutive (indexing with it gives views,
+    # no copy; with no CFG every row is guided), else ``cond_rows``. Reading it must not be written to.
+    row_index: slice | torch.Tensor = None  # type: ignore[assignment]
 
-    @functools.cached_property
-    def row_index(self) -> slice | torch.Tensor:
-        """The guided rows as an index of the first axis: a slice where they are consecutive (indexing with it gives
-        views, no copy; with no CFG every row is guided), else ``cond_rows``. Reading it must not be written to."""
-        rows = self.guided_rows
-        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
-            return slice(rows[0], rows[0] + len(rows))
-        return self.cond_rows
+    def __post_init__(self) -> None:
+        if self.guided_rows is None:  # (dataclasses.replace passes both on)
+            self.guided_rows = self.cond_rows.tolist()
+        if self.row_index is None:
+            rows = self.guided_rows
+            consecutive = rows and rows == list(range(rows[0], rows[0] + len(rows)))
+            self.row_index = slice(rows[0], rows[0] + len(rows)) if consecutive else self.cond_rows
 
 
 @dataclass

@@ -288,7 +288,9 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         )
         # (kept only where no gradient flows through them: a kept tensor's graph would be backpropagated twice)
         if call.static_negative and not projected[0].requires_grad:
-            if self._parallel_config is None:  # (under context parallelism every rank must keep the same keys)
+            # (under context parallelism every rank must keep the same keys; inside a torch.compile trace the keys'
+            # values cannot choose the shapes: all are kept)
+            if self._parallel_config is None and not torch.compiler.is_compiling():
                 projected = drop_masked_keys(*projected)
                 if projected[2] is None and (self.stock_kind not in _DISPATCHING or native_backend(self.stock)):
                     projected = collapse_repeated_keys(*projected[:2])  # (an additive mask: native attention only)
