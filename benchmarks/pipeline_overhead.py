@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "of width 256 at 64x64 (see SMALL_IMAGE)")
     parser.add_argument("--markdown", default=None, help="update the 'pipeline-cpu' block (pipeline-cpu-small with "
                         "--size small) of this markdown file")
+    parser.add_argument("--section", default=None, help="the markdown block to update instead (e.g. a rerun's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.pop("NAG_EAGER", None)  # "nag" runs the compiled combine, "nag_eager" the eager one
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   "denoiser forward after a call's first, NAG's over no guidance's, in the same calls. Floor: one "
                   "denoiser forward with the prompt's text tokens twice over the stock forward (fastest of each), what "
                   "NAG's forward cannot cost less than.\n\n")
-        block = "pipeline-cpu-small" if args.size == "small" else "pipeline-cpu"
+        block = args.section or ("pipeline-cpu-small" if args.size == "small" else "pipeline-cpu")
         update_markdown(args.markdown, block, header + "\n".join(lines) + "\n")
     return rows
 
