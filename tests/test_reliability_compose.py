@@ -501,44 +501,23 @@ def test_compiled_denoiser_inductor(fast, record_property):
 
 @reliability(
     "diffusers' regional compilation with fullgraph=True: compile_repeated_blocks(fullgraph=True), each repeated "
-    "block one graph with no graph break allowed",
-    "the fast paths run inside the graphs: same output as eager NAG",
+    "block one graph with no graph break allowed; fast and fast=False",
+    "NAG runs inside the graphs: same output as eager NAG",
 )
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "fast=False"])
 @pytest.mark.parametrize("name", ["sdxl", "flux", "wan"])
 @pytest.mark.filterwarnings("ignore")
-def test_regional_compilation_with_fullgraph(name, record_property):
-    """Inside those graphs the wrappers read the guided call's rows as plain data, and the cross-attention negative
-    keys are kept whole (choosing which to drop would read their values)."""
+def test_regional_compilation_with_fullgraph(name, fast, record_property):
+    """Inside those graphs the wrappers read the guided call's rows as plain data, the cross-attention negative keys
+    are kept whole (choosing which to drop would read their values), and the straightforward path's stand-ins for the
+    attention module are read through their ``__dict__``."""
     torch._dynamo.reset()
     pipe = fresh(name)
-    with nag.apply(pipe, NEGATIVE, **SETTINGS):
+    with nag.apply(pipe, NEGATIVE, fast=fast, **SETTINGS):
         guided = generate(pipe, name, cfg=False)
     (pipe.unet if name == "sdxl" else pipe.transformer).compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-    with nag.apply(pipe, NEGATIVE, **SETTINGS):
+    with nag.apply(pipe, NEGATIVE, fast=fast, **SETTINGS):
         compiled = generate(pipe, name, cfg=False)
     torch.testing.assert_close(compiled, guided, rtol=0, atol=1e-5)
     torch._dynamo.reset()
     record_property("observed", f"compiled NAG vs eager NAG {float((compiled - guided).abs().max()):.1e}")
-
-
-@reliability(
-    "regional compilation with fullgraph=True and fast=False (the straightforward path)",
-    "same output as eager NAG",
-)
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.Unsupported,
-    reason="the stock processor runs through a stand-in for the attention module (to capture its output "
-    "projection's input), which the compiler cannot trace without a graph break, and fullgraph=True refuses one; fix "
-    "in nag.attention.base; meanwhile compile without fullgraph, or use the fast paths",
-)
-@pytest.mark.filterwarnings("ignore")
-def test_regional_compilation_with_fullgraph_straightforward():
-    torch._dynamo.reset()
-    pipe = fresh("sdxl")
-    pipe.unet.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-    try:
-        with nag.apply(pipe, NEGATIVE, fast=False, **SETTINGS):
-            generate(pipe, "sdxl", cfg=False)
-    finally:
-        torch._dynamo.reset()

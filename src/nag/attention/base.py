@@ -28,30 +28,35 @@ from ..state import GuidedCall, NAGRuntime, NegativeText
 from .placement import AttentionPlacement, backend_name, fast_placement
 
 
-class ProjectionTap:
+class StandIn:
+    """Stands in for ``target``, with the attributes ``replaced``; every other attribute is the target's (read
+    through the instance's ``__dict__``: ``torch.compile`` traces that, also where the user compiles with
+    ``fullgraph=True``)."""
+
+    def __init__(self, target: Any, /, **replaced: Any):
+        self._target = target
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_target"], name)
+
+
+class ProjectionTap(StandIn):
     """The output projection as a processor sees it: calls go through ``fn``; attributes
     (``weight``, ``bias``, ...) are the real layer's."""
 
     def __init__(self, layer: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
-        object.__setattr__(self, "_layer", layer)
-        object.__setattr__(self, "_fn", fn)
+        super().__init__(layer, _fn=fn)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return object.__getattribute__(self, "_fn")(z)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "_layer"), name)
+        return self._fn(z)
 
 
-class OutputProjectionView:
+class OutputProjectionView(StandIn):
     """Stands in for an attention module, routing its ``to_out[0]`` through ``project``."""
 
     def __init__(self, module: torch.nn.Module, project: Callable[[torch.Tensor], torch.Tensor]):
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "to_out", [ProjectionTap(module.to_out[0], project), *list(module.to_out)[1:]])
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "_module"), name)
+        super().__init__(module, to_out=[ProjectionTap(module.to_out[0], project), *list(module.to_out)[1:]])
 
 
 def split_rows(mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
@@ -293,28 +298,16 @@ def wrap_processor(cls: type[NAGProcessor], stock: Any, runtime: NAGRuntime) -> 
 _WRAPPER_CLASSES: dict[tuple[type, Any], type] = {}
 
 
-class FusedOutputView:
+class FusedOutputView(StandIn):
     """Stands in for an attention module whose ``to_out`` is one linear layer over ``[attention, MLP]``
     (Flux2's parallel single blocks), routing that layer's calls through ``project``."""
 
     def __init__(self, module: torch.nn.Module, project: Callable[[torch.Tensor], torch.Tensor]):
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "to_out", ProjectionTap(module.to_out, project))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "_module"), name)
+        super().__init__(module, to_out=ProjectionTap(module.to_out, project))
 
 
-class AttributeView:
-    """Stands in for a module, with some attributes replaced."""
-
-    def __init__(self, module: torch.nn.Module, **replaced: Any):
-        object.__setattr__(self, "_module", module)
-        for name, value in replaced.items():
-            object.__setattr__(self, name, value)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "_module"), name)
+#: Stands in for a module, with some attributes replaced.
+AttributeView = StandIn
 
 
 def branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:
