@@ -505,12 +505,15 @@ def test_compiled_denoiser_inductor(fast, record_property):
     "NAG runs inside the graphs: same output as eager NAG",
 )
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "fast=False"])
-@pytest.mark.parametrize("name", ["sdxl", "flux", "wan", "flux2", "ltx2"])
+@pytest.mark.parametrize(
+    "name", ["sdxl", "flux", "wan", "flux2", "ltx2", "qwenimage", "hunyuanvideo", "chroma", "zimage"]
+)
 @pytest.mark.filterwarnings("ignore")
 def test_regional_compilation_with_fullgraph(name, fast, record_property):
-    """Inside those graphs the wrappers read the guided call's rows as plain data, the cross-attention negative keys
-    are kept whole (choosing which to drop would read their values), and the straightforward path's stand-ins for the
-    attention module are read through their ``__dict__``."""
+    """Inside those graphs the wrappers read the guided call's rows as plain data, nothing reads a tensor's values to
+    choose a path (the cross-attention negative keys are kept whole, a text mask is applied by the explicit math,
+    Chroma's masked blocks take the straightforward path), and the straightforward path's stand-ins for the attention
+    module are read through their ``__dict__``."""
     torch._dynamo.reset()
     pipe = {**tp.FACTORIES, **tp.FAMILY_FACTORIES}[name]()
     with nag.apply(pipe, NEGATIVE, fast=fast, **SETTINGS):
@@ -521,27 +524,3 @@ def test_regional_compilation_with_fullgraph(name, fast, record_property):
     torch.testing.assert_close(compiled, guided, rtol=0, atol=1e-5)
     torch._dynamo.reset()
     record_property("observed", f"compiled NAG vs eager NAG {float((compiled - guided).abs().max()):.1e}")
-
-
-@reliability(
-    "regional compilation with fullgraph=True, models whose text mask the fast path reads (Qwen-Image, Chroma)",
-    "same output as eager NAG",
-)
-@pytest.mark.xfail(
-    strict=True,
-    raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError),
-    reason="the fast path reads the text mask's values inside the block (which keys are valid, whether they are a "
-    "prefix) to choose its kernels, a graph break that fullgraph=True refuses; fix in nag.attention (read the mask "
-    "once per call, in the denoiser hook); meanwhile compile these without fullgraph (same output) or use fast=False",
-)
-@pytest.mark.parametrize("name", ["qwenimage", "chroma"])
-@pytest.mark.filterwarnings("ignore")
-def test_regional_compilation_with_fullgraph_masked(name):
-    torch._dynamo.reset()
-    pipe = tp.FAMILY_FACTORIES[name]()
-    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-    try:
-        with nag.apply(pipe, NEGATIVE, **SETTINGS):
-            generate(pipe, name, cfg=False)
-    finally:
-        torch._dynamo.reset()

@@ -143,7 +143,7 @@ class ControlAttachment:
                 f"NAG: the latest {control_name} call had other `{adapter.image_kwarg}` than this {denoiser_name} "
                 f"call; NAG needs the {control_name} called with the {denoiser_name}'s own inputs"
             )
-        rows = call.cond_rows.tolist()
+        rows = call.guided_rows
         negative_call = dict(control_arguments)
         negative_call[adapter.image_kwarg] = [control_arguments[adapter.image_kwarg][r] for r in rows]
         negative_call[adapter.text_kwarg] = list(arguments[adapter.text_kwarg][call.batch :])

@@ -134,13 +134,14 @@ def attention_with_lse_over_valid_keys(
     """:func:`attention_with_lse` over the keys ``key_mask`` (``(B, Lk)``, true/nonzero = attend) keeps. A query
     with no key left gets a zero output and a log-sum-exp of ``-inf`` (it then adds nothing when merged). Rows whose
     valid keys are a prefix (a tokenizer's padding at the end) run :func:`attention_with_lse` on that prefix;
-    other masks the explicit math."""
+    other masks, and every mask inside a ``torch.compile`` trace, the explicit math."""
     if key_mask is None:
         return attention_with_lse(q, k, v)
     valid = key_mask.bool()
     lengths = valid.sum(dim=1)
     positions = torch.arange(valid.shape[1], device=valid.device)
-    if torch.equal(valid, positions[None, :] < lengths[:, None]):
+    # (inside a torch.compile trace the mask's values cannot choose the kernel: the explicit math, which fuses)
+    if not torch.compiler.is_compiling() and torch.equal(valid, positions[None, :] < lengths[:, None]):
         outs, lses = [], []
         for row, length in enumerate(lengths.tolist()):
             if length == 0:

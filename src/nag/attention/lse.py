@@ -141,7 +141,10 @@ def sequence_attention(
 
 
 def image_part_is_one(mask: torch.Tensor, image_start: int) -> bool:
-    """Whether a ``(rows, text + image)`` mask is boolean or floating with every image token's entry True / 1."""
+    """Whether a ``(rows, text + image)`` mask is boolean or floating with every image token's entry True / 1. Inside
+    a ``torch.compile`` trace, where the mask's values cannot choose the path: no (the straightforward path)."""
+    if torch.compiler.is_compiling():
+        return False
     image = mask[:, image_start:]
     if mask.dtype == torch.bool:
         return bool(image.all())

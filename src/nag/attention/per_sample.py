@@ -38,7 +38,7 @@ class RowsPerSampleAttentionNAG(NAGProcessor):
         """``(guided row, its image offset, the negative row's image offset, image length)`` per guided row."""
         b, lengths = call.batch, call.text_lengths
         image_len = int(mask[0].sum()) - lengths[0] if mask is not None else x.shape[1] - lengths[0]
-        return [(r, lengths[r], lengths[b + j], image_len) for j, r in enumerate(call.cond_rows.tolist())]
+        return [(r, lengths[r], lengths[b + j], image_len) for j, r in enumerate(call.guided_rows)]
 
     def guided(self, attn: torch.nn.Module, call: GuidedCall, arguments: dict[str, Any]) -> Any:
         x = arguments["hidden_states"]
@@ -104,7 +104,7 @@ class RowsPerSampleImageFirstAttentionNAG(RowsPerSampleAttentionNAG):
     def image_spans(
         self, call: GuidedCall, x: torch.Tensor, mask: torch.Tensor | None
     ) -> list[tuple[int, int, int, int]]:
-        return [(r, 0, 0, call.image_lengths[r]) for r in call.cond_rows.tolist()]
+        return [(r, 0, 0, call.image_lengths[r]) for r in call.guided_rows]
 
 
 class FastRowsPerSampleImageFirstAttentionNAG(BesideStockRows, RowsPerSampleImageFirstAttentionNAG):
