@@ -120,6 +120,22 @@ def test_group_offloading(name, offload_type, nag_first, record_property):
     assert any(getattr(m, "_diffusers_hook", None) is not None for m in tp.denoiser(pipe).modules())
 
 
+@reliability(
+    "layerwise casting (enable_layerwise_casting: weights stored in float8_e4m3fn, computed in float32)",
+    "runs; NAG still guides; NAG's output moves by less than the guidance itself plus the storage's own effect on "
+    "the stock output; the casting works unchanged after removal; either order",
+)
+@pytest.mark.parametrize("name", ["sd", "flux", "wan"])
+@pytest.mark.parametrize("nag_first", [False, True], ids=["feature-then-nag", "nag-then-feature"])
+def test_layerwise_casting(name, nag_first, record_property):
+    def enable(p):
+        tp.denoiser(p).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+    pipe = fresh(name)
+    record_property("observed", check_composes(pipe, name, enable, nag_first=nag_first, tolerance=-1))
+    assert any(p.dtype == torch.float8_e4m3fn for p in tp.denoiser(pipe).parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------------------------
