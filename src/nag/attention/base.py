@@ -306,10 +306,6 @@ class FusedOutputView(StandIn):
         super().__init__(module, to_out=ProjectionTap(module.to_out, project))
 
 
-#: Stands in for a module, with some attributes replaced.
-AttributeView = StandIn
-
-
 def branch_mask(mask: torch.Tensor, rows: slice, text_len: int, padded_text_len: int) -> torch.Tensor:
     """One branch's rows of a mask over ``[padded text, image]`` (keys on the last axis, queries
     on the one before when it has that length), restricted to ``[text[:text_len], image]``."""

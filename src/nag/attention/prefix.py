@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..state import GuidedCall, PrefixKeysValues
-from .base import AttributeView, NAGProcessor, ProjectionTap
+from .base import NAGProcessor, ProjectionTap, StandIn
 
 
 class CausalPrefixAttentionNAG(NAGProcessor):
@@ -106,7 +106,7 @@ class FastCausalPrefixAttentionNAG(CausalPrefixAttentionNAG):
                 negative["z"] = z_negative
                 return z_negative  # (the negative pass's output is not used)
 
-            view = AttributeView(
+            view = StandIn(
                 attn,
                 to_q=kept_projection("to_q"),
                 to_k=kept_projection("to_k"),
@@ -118,7 +118,7 @@ class FastCausalPrefixAttentionNAG(CausalPrefixAttentionNAG):
             z[call.row_index, start:] = self.combine(call, z[call.row_index, start:], negative["z"])
             return project(z)
 
-        view = AttributeView(
+        view = StandIn(
             attn,
             to_q=keeping("to_q"),
             to_k=keeping("to_k"),
