@@ -128,6 +128,13 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
+def _prefix_lengths(valid: torch.Tensor) -> list[int] | None:
+    """Each row's count of valid keys where a ``(B, Lk)`` boolean mask keeps a prefix of every row, else None."""
+    lengths = valid.sum(dim=1)
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    return lengths.tolist() if torch.equal(valid, positions[None, :] < lengths[:, None]) else None
+
+
 def attention_with_lse_over_valid_keys(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,12 +145,11 @@ def attention_with_lse_over_valid_keys(
     if key_mask is None:
         return attention_with_lse(q, k, v)
     valid = key_mask.bool()
-    lengths = valid.sum(dim=1)
-    positions = torch.arange(valid.shape[1], device=valid.device)
     # (inside a torch.compile trace the mask's values cannot choose the kernel: the explicit math, which fuses)
-    if not torch.compiler.is_compiling() and torch.equal(valid, positions[None, :] < lengths[:, None]):
+    lengths = None if torch.compiler.is_compiling() else _prefix_lengths(valid)
+    if lengths is not None:
         outs, lses = [], []
-        for row, length in enumerate(lengths.tolist()):
+        for row, length in enumerate(lengths):
             if length == 0:
                 outs.append(q.new_zeros(1, q.shape[1], q.shape[2], v.shape[3]))
                 lses.append(q.new_full((1, q.shape[1], q.shape[2]), float("-inf"), dtype=torch.float32))
