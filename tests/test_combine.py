@@ -1,5 +1,7 @@
 """The NAG equation against a direct transcription, and its invariants."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -102,17 +104,23 @@ def test_window():
 @pytest.mark.parametrize("p", [1, 2])
 def test_plain_path_has_the_rescaled_paths_bits(dtype, p):
     """Inputs far from the dtype's limits skip the per-token rescaling (about a third of the operations): the
-    result must have the same bits, at magnitudes from 1e-4 to 1e6 (1e3 in float16), batch 2, a zero token,
-    every setting kind."""
+    result must have the same bits, at magnitudes from 1e-4 to 1e6 (1e3 in float16), batch 2, every setting kind;
+    with a zero token (computed rescaled), without (every norm above the floors, which are then not applied), and
+    at magnitudes from 1e-10 (norms below the floor eps, inside the plain range; not float16, where they underflow)."""
     from nag.combine import combine_plain, combine_rescaled, combine_scalars
 
     g = torch.Generator().manual_seed(3)
     top = 3 if dtype == torch.float16 else 6  # (float16 holds up to 65504)
-    magnitudes = torch.logspace(-4, top, 11).reshape(1, 11, 1)
-    z_pos = (torch.randn(2, 11, 48, generator=g) * magnitudes).to(dtype)
-    z_neg = (torch.randn(2, 11, 48, generator=g) * magnitudes * 3).to(dtype)
-    z_pos[1, 0] = 0
-    for scale, tau, alpha in [(4.0, 2.5, 0.3), (1.5, 1.0, 1.0), (10.0, 3.0, 0.25)]:
+    cases = []
+    for low, high, zero in [(-4, top, True), (-4, top, False), (-10, -4, False)][: 2 if dtype == torch.float16 else 3]:
+        magnitudes = torch.logspace(low, high, 11).reshape(1, 11, 1)
+        z_pos = (torch.randn(2, 11, 48, generator=g) * magnitudes).to(dtype)
+        z_neg = (torch.randn(2, 11, 48, generator=g) * magnitudes * 3).to(dtype)
+        if zero:
+            z_pos[1, 0] = 0
+        cases.append((z_pos, z_neg))
+    for (z_pos, z_neg), (scale, tau, alpha) in itertools.product(cases, [(4.0, 2.5, 0.3), (1.5, 1.0, 1.0),
+                                                                         (10.0, 3.0, 0.25)]):
         scalars = combine_scalars(dtype, dtype, scale, tau, alpha, 1e-6)
         plain = combine_plain(z_pos, z_neg, *scalars, p)
         assert torch.equal(plain, combine_rescaled(z_pos, z_neg, *scalars, p))

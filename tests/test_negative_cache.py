@@ -161,6 +161,10 @@ def test_repeated_trailing_keys_collapse_to_the_same_attention():
     k[1, 5:], v[1, 5:] = k[1, -1], v[1, -1]  # a run of 7
     kept_k, kept_v, mask = collapse_repeated_keys(k, v)
     assert mask is None and kept_k is k  # row 2 has no run: nothing worth collapsing
+    broken_k, broken_v = k[:2].clone(), v[:2].clone()
+    broken_k[1, 8] += 1.0  # row 1's key at the middle is its last one, but its run is broken after it: a run of 3
+    kept_k, kept_v, mask = collapse_repeated_keys(broken_k, broken_v)
+    assert mask is None and kept_k is broken_k
     k2, v2 = k[:2], v[:2]
     kept_k, kept_v, mask = collapse_repeated_keys(k2, v2)
     assert kept_k.shape[1] == kept_v.shape[1] == 6 and mask.shape == (2, 1, 1, 6)  # row 1: 5 distinct keys + 1

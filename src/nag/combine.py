@@ -196,10 +196,14 @@ def combine_plain(
         norm_w = token_norm(w / peak_w, 2).mul_(peak_w)
     else:
         norm_w = token_norm(w, norm)
-    beyond = None
-    if checked and not _within_plain_norms(norm_positive, norm_w):  # (one read for all tokens; rarely not)
-        beyond = _outside_plain_norms(norm_positive, norm_w)
-    limit = norm_positive.clamp_min_(eps).mul_(tau).div_(norm_w.clamp_min_(eps_over_s)).clamp_max_(s).mul_(alpha)
+    beyond, smallest = None, None
+    if checked:
+        smallest, largest = _norm_range(norm_positive, norm_w)  # (one read for all tokens)
+        if not (PLAIN_NORMS[0] <= smallest and largest <= PLAIN_NORMS[1]):  # (rarely; NaN fails both)
+            beyond, smallest = _outside_plain_norms(norm_positive, norm_w), None
+    if smallest is None or smallest < max(eps, eps_over_s):  # (else both floors leave every norm as it is)
+        norm_positive.clamp_min_(eps), norm_w.clamp_min_(eps_over_s)
+    limit = norm_positive.mul_(tau).div_(norm_w).clamp_max_(s).mul_(alpha)
     out = blend(w, limit, positive, alpha)
     limit_out = torch.finfo(out_dtype).max
     if limit_out < PLAIN_OUTPUT_BOUND:  # (float16: the guidance may push a value past its range)
@@ -216,12 +220,10 @@ def combine_plain(
     return out
 
 
-def _within_plain_norms(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> bool:
-    """Whether every token's norms are inside :data:`PLAIN_NORMS` (NaN anywhere: not), from the smallest and the
-    largest of them (one pass; read on the CPU, where the check runs)."""
-    low, high = PLAIN_NORMS
+def _norm_range(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> tuple[float, float]:
+    """The smallest and the largest of every token's two norms (one pass; read on the CPU, where the check runs)."""
     smallest, largest = torch.aminmax(torch.cat([norm_positive, norm_w], dim=-1))
-    return low <= smallest.item() and largest.item() <= high  # (NaN fails both)
+    return smallest.item(), largest.item()
 
 
 def _outside_plain_norms(norm_positive: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,11 @@ def collapse_repeated_keys(
     copies)`` each. ``exp(s + log n) = n exp(s)``, so the attention is the same (to rounding); a run of 500 padding
     keys then costs one. None for the mask (and the inputs themselves) where no row has a run worth collapsing."""
     rows, tokens = key.shape[:2]
+    # A row's run must reach back to `probe` for the collapse to keep at most half the keys: where some row's key or
+    # value there differs from its last, nothing is collapsed (two slices compared instead of every key).
+    probe = tokens // 2 - 1
+    if probe < 0 or not (torch.equal(key[:, probe], key[:, -1]) and torch.equal(value[:, probe], value[:, -1])):
+        return key, value, None
     same = (key == key[:, -1:]).flatten(2).all(-1) & (value == value[:, -1:]).flatten(2).all(-1)
     runs = same.flip(1).to(torch.int64).cumprod(1).sum(1)  # each row's trailing run (at least its last key)
     kept = tokens - int(runs.min()) + 1
@@ -273,11 +278,12 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         """The guided rows' negative keys, values and mask; with a static negative, projected once per generation
         and kept without the keys that every guided row masks (see :func:`drop_masked_keys`)."""
         flat = _CROSS_FLAT_NORM.get(self.stock_kind, False)
-        negative = context[call.row_index, split:]
-        cache_key = (id(attn), "negative_kv", tuple(negative.shape), negative.dtype, negative.device, mask is None)
+        shape = (len(call.guided_rows), context.shape[1] - split, *context.shape[2:])
+        cache_key = (id(attn), "negative_kv", shape, context.dtype, context.device, mask is None)
         cached = self.runtime.negative_kv.get(cache_key) if call.static_negative else None
         if cached is not None:
             return cached
+        negative = context[call.row_index, split:]
         negative_mask = None
         if mask is not None:
             negative_mask = self._mask(attn, split_rows(mask[..., split:], call.row_index), len(call.guided_rows))
