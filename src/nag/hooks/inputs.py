@@ -143,9 +143,12 @@ def _extend_cross(family: Family, arguments, negative, cond_rows, shards=1):
     negative_mask = negative.get("encoder_attention_mask")
     if shards > 1 and (positive_mask is not None or negative_mask is not None):
         raise NotImplementedError(TEXT_MASK_UNDER_PARALLELISM)
-    filler = text.new_zeros(rows, negative_len, *text.shape[2:])
-    filler[cond_rows] = negative_text
-    changes: dict[str, Any] = {family.text_kwarg: _join_shards(text, filler, shards)}
+    if shards == 1 and len(cond_rows) == rows:  # (every row guided: the negative text is the whole filler)
+        changes: dict[str, Any] = {family.text_kwarg: torch.cat([text, negative_text], dim=1)}
+    else:
+        filler = text.new_zeros(rows, negative_len, *text.shape[2:])
+        filler[cond_rows] = negative_text
+        changes = {family.text_kwarg: _join_shards(text, filler, shards)}
     if family.mask_kwarg and (positive_mask is not None or negative_mask is not None):
         if positive_mask is not None and positive_mask.ndim != 2:
             raise ValueError(
