@@ -124,7 +124,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
             out = None
     if out is None:
         out, lse = _lse_math(qt, kt, vt)
-    lse = lse.reshape(qt.shape[:3]).float()
+    if lse.dim() != 3:  # (cuDNN's (B, H, L, 1))
+        lse = lse.reshape(qt.shape[:3])
+    if lse.dtype != torch.float32:
+        lse = lse.float()
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 

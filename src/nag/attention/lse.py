@@ -7,6 +7,7 @@ no image token is processed twice. The merge identity: ``Attn(q, [K1, K2]) = (e^
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,19 @@ def text_and_image_key_mask(text_mask: torch.Tensor | None, image_len: int) -> t
         return None
     valid = text_mask.bool()
     return torch.cat([valid, valid.new_ones(valid.shape[0], image_len)], dim=1)[:, None, None, :]
+
+
+def _first_tokens(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """``tensor[:, :count]``, the tensor itself where it has ``count`` tokens (no view made)."""
+    return tensor if tensor.shape[1] == count else tensor[:, :count]
+
+
+def _guided_rows_of(call: GuidedCall, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What takes the guided rows of a tensor over ``rows`` rows: nothing to take where every row is guided."""
+    if len(call.guided_rows) == rows:
+        return lambda tensor: tensor
+    index = call.row_index
+    return lambda tensor: tensor[index]
 
 
 def guided_merge(
@@ -65,22 +79,22 @@ def guided_image_and_text(
     context parallelism: then the tokens are this rank's shards, and no masks). ``text_queries=False``: the text
     queries' outputs are not computed (None; a block whose text stream ends at this attention).
     """
-    rows = call.row_index
     qi, ki, vi = image
-    qp, kp, vp = (t[:, : call.positive_text_len] for t in positive_text)
-    qn, kn, vn = (t[:, : call.negative_text_len] for t in negative_text)
+    qp, kp, vp = (_first_tokens(t, call.positive_text_len) for t in positive_text)
+    qn, kn, vn = (_first_tokens(t, call.negative_text_len) for t in negative_text)
     if positive_mask is not None:
-        positive_mask = positive_mask[:, : call.positive_text_len]
+        positive_mask = _first_tokens(positive_mask, call.positive_text_len)
     if negative_mask is not None:
-        negative_mask = negative_mask[:, : call.negative_text_len]
+        negative_mask = _first_tokens(negative_mask, call.negative_text_len)
+    rows = _guided_rows_of(call, qi.shape[0])
 
     image_image, lse_image = placement.with_lse(qi, ki, vi)
     image_positive, lse_positive = placement.with_lse(qi, kp, vp, positive_mask)
-    image_negative, lse_negative = placement.with_lse(qi[rows], kn, vn, negative_mask)
-    shared = (image_image[rows], lse_image[rows])
+    image_negative, lse_negative = placement.with_lse(rows(qi), kn, vn, negative_mask)
+    shared = (rows(image_image), rows(lse_image))
     z = guided_merge(
         processor, call, (image_image, lse_image), (image_positive, lse_positive),
-        [shared, (image_positive[rows], lse_positive[rows])], [shared, (image_negative, lse_negative)],
+        [shared, (rows(image_positive), rows(lse_positive))], [shared, (image_negative, lse_negative)],
     )
 
     if not text_queries:
@@ -91,8 +105,8 @@ def guided_image_and_text(
     ).flatten(2)
     text_negative = placement.attend(
         qn,
-        torch.cat([kn, ki[rows]], dim=1),
-        torch.cat([vn, vi[rows]], dim=1),
+        torch.cat([kn, rows(ki)], dim=1),
+        torch.cat([vn, rows(vi)], dim=1),
         text_and_image_key_mask(negative_mask, image_len),
     ).flatten(2)
     return z, text_positive, text_negative
