@@ -266,6 +266,40 @@ def test_width_checked_against_the_prompt_embeddings(monkeypatch, record_propert
 
 
 @reliability(
+    "bad input at generation",
+    "negative embeddings of another width given to nag.apply_to_denoiser",
+    "ValueError at the denoiser call naming the expected shape; after remove the denoiser is stock",
+)
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_denoiser_negative_of_another_width(name, record_property):
+    """A bare denoiser knows no encoder to check the negative against: its first guided call compares the negative
+    text with the call's text (cross-attention and joint layouts)."""
+    pipe = pipeline(name)
+    model = tp.denoiser(pipe)
+    captured = {}
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.setdefault("call", (args, dict(kwargs))), with_kwargs=True
+    )
+    generate(pipe, name, cfg=False)
+    hook.remove()
+    args, kwargs = captured["call"]
+    text = kwargs["encoder_hidden_states"]
+    with torch.no_grad():
+        expected = model(*args, **kwargs)[0]
+    negative = {"encoder_hidden_states": torch.randn(1, 5, text.shape[-1] + 3)}
+    if "pooled_projections" in kwargs:
+        negative["pooled_projections"] = kwargs["pooled_projections"][:1]
+    handle = nag.apply_to_denoiser(model, negative, **SETTINGS)
+    expected_shape = rf"must agree after the token axis: \(rows, tokens, {text.shape[-1]}\)"
+    with pytest.raises(ValueError, match=expected_shape) as info, torch.no_grad():
+        model(*args, **kwargs)
+    observe(record_property, info.value)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kwargs)[0], expected)
+
+
+@reliability(
     "bad input at nag.apply",
     "negative embeddings on another device than the model",
     "accepted and moved to the model's device at use (only meta tensors, which hold no data, are refused)",

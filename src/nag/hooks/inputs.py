@@ -124,6 +124,19 @@ def extend_inputs(
     return _extend_joint(family, arguments, negative, cond_rows, pad_to, shards)
 
 
+def checked_negative_text(family: Family, text: torch.Tensor, negative_text: torch.Tensor) -> torch.Tensor:
+    """The negative text in the dtype of the call's text, refused with a clear error where its shape beyond the
+    token axis differs (embeddings given to ``apply_to_denoiser`` from another text encoder)."""
+    if negative_text.shape[2:] != text.shape[2:]:
+        raise ValueError(
+            f"NAG's negative `encoder_hidden_states` has shape {tuple(negative_text.shape)} but this call's "
+            f"`{family.text_kwarg}` has shape {tuple(text.shape)}; they must agree after the token axis: (rows, "
+            f"tokens, {', '.join(str(size) for size in text.shape[2:])}). Encode the negative prompt with the text "
+            "encoder(s) that encoded the prompt."
+        )
+    return negative_text.to(text.dtype)
+
+
 def _extend_cross(family: Family, arguments, negative, cond_rows, shards=1):
     """``[positive | negative]`` text along the sequence (masks likewise); with ``shards`` (the model splits the
     text into that many equal shards) each shard holds its share of the positive text, then its share of the
@@ -131,7 +144,7 @@ def _extend_cross(family: Family, arguments, negative, cond_rows, shards=1):
     process splits the whole text, and attention over all ranks sees each branch's whole text in order."""
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
-    negative_text = negative["encoder_hidden_states"].to(text.dtype)
+    negative_text = checked_negative_text(family, text, negative["encoder_hidden_states"])
     negative_len = negative_text.shape[1]
     if shards > 1 and (positive_len % shards or negative_len % shards):
         raise ValueError(
@@ -195,7 +208,7 @@ def _guided_row_kwargs(family: Family, arguments: dict[str, Any], rows: int, con
 def _extend_joint(family: Family, arguments, negative, cond_rows, pad_to=0, shards=1):
     text = arguments[family.text_kwarg]
     rows, positive_len = text.shape[:2]
-    negative_text = negative["encoder_hidden_states"].to(text.dtype)
+    negative_text = checked_negative_text(family, text, negative["encoder_hidden_states"])
     negative_len = negative_text.shape[1]
     if family.equal_text_lengths and negative_len != positive_len:
         raise ValueError(
