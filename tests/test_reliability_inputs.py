@@ -290,7 +290,7 @@ def test_denoiser_negative_of_another_width(name, record_property):
     if "pooled_projections" in kwargs:
         negative["pooled_projections"] = kwargs["pooled_projections"][:1]
     handle = nag.apply_to_denoiser(model, negative, **SETTINGS)
-    expected_shape = rf"must agree after the token axis: \(rows, tokens, {text.shape[-1]}\)"
+    expected_shape = rf"has \(rows, tokens, {text.shape[-1]}\): they must agree after the token axis"
     with pytest.raises(ValueError, match=expected_shape) as info, torch.no_grad():
         model(*args, **kwargs)
     observe(record_property, info.value)

@@ -128,11 +128,13 @@ def checked_negative_text(family: Family, text: torch.Tensor, negative_text: tor
     """The negative text in the dtype of the call's text, refused with a clear error where its shape beyond the
     token axis differs (embeddings given to ``apply_to_denoiser`` from another text encoder)."""
     if negative_text.shape[2:] != text.shape[2:]:
+        def after_tokens(x: torch.Tensor) -> str:
+            return ", ".join(["rows", "tokens", *(str(size) for size in x.shape[2:])])
+
         raise ValueError(
-            f"NAG's negative `encoder_hidden_states` has shape {tuple(negative_text.shape)} but this call's "
-            f"`{family.text_kwarg}` has shape {tuple(text.shape)}; they must agree after the token axis: (rows, "
-            f"tokens, {', '.join(str(size) for size in text.shape[2:])}). Encode the negative prompt with the text "
-            "encoder(s) that encoded the prompt."
+            f"NAG's negative `encoder_hidden_states` has shape ({after_tokens(negative_text)}) but this call's "
+            f"`{family.text_kwarg}` has ({after_tokens(text)}): they must agree after the token axis. Encode the "
+            "negative prompt with the text encoder(s) that encoded the prompt."
         )
     return negative_text.to(text.dtype)
 
