@@ -63,7 +63,7 @@ def nag_combine(
     if scale == 1.0 or alpha == 0.0:
         return z_positive.clone()
     scalars = combine_scalars(z_positive.dtype, z_negative.dtype, scale, tau, alpha, eps)
-    if not compiled or not _COMPILED.wanted(z_positive.numel()):
+    if not compiled or not _COMPILED.wanted(z_positive.numel()) or records_gradient(z_positive, z_negative):
         return combine_eager(z_positive, z_negative, *scalars, norm)
     # (tokens, hidden): tokens are independent, and one token axis lets batch sizes above 1 share the compiled code
     # with any token count (dynamic shapes still compile batch 1 separately: sizes 0 and 1 are specialised)
@@ -167,6 +167,8 @@ def _plain_check(
     tensors = isinstance(s, torch.Tensor) or isinstance(tau, torch.Tensor) or isinstance(alpha, torch.Tensor)
     if tensors or isinstance(eps_over_s, torch.Tensor) or torch.compiler.is_compiling():
         return None
+    if records_gradient(z_positive, z_negative):  # (its in-place steps would overwrite what backward needs)
+        return None
     # (a zero floor: a zero norm would divide; the rescaled code handles it, and saturates any alpha's result)
     if not (0.0 < eps_over_s and 0.0 <= alpha <= 1.0):
         return None
@@ -267,10 +269,11 @@ def combine_rescaled(
 
     # w = z_tilde / s, free of cancellation when z_negative == z_positive. |w| <= 3 * bound, and
     # s is capped so that w * s stays finite and w keeps its precision (only absurd scales, > ~1e30, are affected).
+    recording = records_gradient(z_positive, z_negative)
     if isinstance(inverse_s, torch.Tensor):  # (compiled: the scalar is a tensor)
         w = (positive - negative) + negative * inverse_s
     else:  # (the eager kernel may fuse the multiply-add: one rounding)
-        w = torch.sub(positive, negative).add_(negative, alpha=inverse_s)
+        w = torch.sub(positive, negative).add_(negative, alpha=inverse_s)  # (autograd needs neither)
     norm_positive = token_norm(positive, norm).clamp_min(floor_positive)
     if norm == 2:
         # |w| ~ |z_tilde| / s may be small enough for its squares to underflow: scale it first.
@@ -283,19 +286,28 @@ def combine_rescaled(
     # z_tilde * min(r, tau) / r == w * min(s, tau * |z+| / |w|), both norms floored. Per token:
     # a zero |w| (w == 0, so the factor does not matter) takes s; an overflow to inf takes s too.
     limit = torch.where(norm_w > 0, norm_positive * tau / norm_w, s).clamp_max(s)
-    out = blend(w, limit * alpha, positive, alpha)
+    out = blend(w, limit * alpha, positive, alpha, in_place=not recording)
     if up is not None:
         out = out * up  # may exceed the range: saturated below
     limit_out = torch.finfo(out_dtype).max
     return out.clamp(-limit_out, limit_out).to(out_dtype)
 
 
-def blend(w: torch.Tensor, weight: torch.Tensor, positive: torch.Tensor, alpha: Scalar) -> torch.Tensor:
+def blend(
+    w: torch.Tensor, weight: torch.Tensor, positive: torch.Tensor, alpha: Scalar, in_place: bool = True
+) -> torch.Tensor:
     """``w * weight + (1 - alpha) * positive``, the last step of the combine (``weight``: ``alpha`` times the per-token
-    limit). Eager (a Python ``alpha``) in place on ``w``, a temporary of the combine: two passes, no new tensor."""
+    limit). Eager (a Python ``alpha``) in place on ``w``, a temporary of the combine: two passes, no new tensor;
+    ``in_place=False`` (autograd records, and the norm of ``w`` needs ``w`` for the backward pass): into a new one."""
     if isinstance(alpha, torch.Tensor):  # (compiled: the scalar is a tensor)
         return torch.addcmul(positive * (1.0 - alpha), w, weight)
-    return w.mul_(weight).add_(positive, alpha=1.0 - alpha)
+    return (w.mul_(weight) if in_place else torch.mul(w, weight)).add_(positive, alpha=1.0 - alpha)
+
+
+def records_gradient(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an operation on these tensors (grad mode on and one of them requires a gradient):
+    the combine then runs eager and out of place, so that a backward pass through it works."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
 _COMPILED = CompiledFunction(combine_rescaled, "nag_combine", fallback=combine_eager)

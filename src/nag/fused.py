@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .combine import Scalar, check_combine_inputs, combine_eager, combine_scalars
+from .combine import Scalar, check_combine_inputs, combine_eager, combine_scalars, records_gradient
 from .compiled import CompiledFunction
 
 __all__ = ["merge_and_combine", "merge_and_combine_eager", "merge_parts"]
@@ -122,7 +122,8 @@ def merge_and_combine(
     if scale == 1.0 or alpha == 0.0:
         return merge_parts(positive, first_complete)
     scalars = combine_scalars(positive[0][0].dtype, negative[0][0].dtype, scale, tau, alpha, eps)
-    if not compiled or not _COMPILED.wanted(positive[0][0].numel()):
+    outputs = [out for out, _ in (*positive, *negative)]
+    if not compiled or not _COMPILED.wanted(outputs[0].numel()) or records_gradient(*outputs):
         return merge_and_combine_eager(positive, negative, *scalars, norm, first_complete)
     batch, tokens, heads, head_dim = positive[0][0].shape  # one token axis, as in nag_combine
 

@@ -111,10 +111,13 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
 
     Uses the first kernel of :data:`LSE_KERNELS` for the device that passed its self-check (once per device, dtype
     and head size, against the math on a small input; a kernel that disagrees or fails there is not used again and
-    logs one warning) and runs on these inputs; else the math."""
+    logs one warning) and runs on these inputs; else, and while autograd records an input's gradient, the math."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = lse = None
-    for name, kernel, dtypes in LSE_KERNELS.get(q.device.type, ()):
+    # (while autograd records, the math: the fused kernels' backward passes take no gradient through the log-sum-exp,
+    # which the merge weights depend on)
+    kernels = () if _records_gradient(q, k, v) else LSE_KERNELS.get(q.device.type, ())
+    for name, kernel, dtypes in kernels:
         if (dtypes is not None and q.dtype not in dtypes) or not _kernel_is_good(name, kernel, qt):
             continue
         try:
@@ -129,6 +132,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     if lse.dtype != torch.float32:
         lse = lse.float()
     return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def _records_gradient(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
 def _prefix_lengths(valid: torch.Tensor) -> list[int] | None:

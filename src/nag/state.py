@@ -69,6 +69,9 @@ class GuidedCall:
     # the guided rows as an index of the first axis: a slice where they are consecutive (indexing with it gives views,
     # no copy; with no CFG every row is guided), else ``cond_rows``. Reading it must not be written to.
     row_index: slice | torch.Tensor = None  # type: ignore[assignment]
+    # ``negative_work_context()`` at the call (read by the denoiser hook, outside any compile trace, which cannot
+    # read the inference mode): what the generation's kept negative work may be reused under, None for nothing
+    kept_under: bool | None = None
 
     def __post_init__(self) -> None:
         if self.guided_rows is None:  # (dataclasses.replace passes both on)
@@ -127,11 +130,22 @@ class PrefixRecording:
     key_valid_recorded: bool = False
 
 
+def negative_work_context() -> bool | None:
+    """Under what values computed once from the negative may be kept and reused by a generation's later calls: None
+    while autograd records (a kept value would carry no gradient to weights that may require one by the next call,
+    or a graph backpropagated twice: each call computes its own), else whether inference mode is on (an inference
+    tensor cannot enter a computation outside it). A kept value is used only under the context it was made in."""
+    if torch.is_grad_enabled():
+        return None
+    return torch.is_inference_mode_enabled()
+
+
 @dataclass
 class NegativePrefix:
     """The recorded negative prefix of one generation (layout ``"prefix"``)."""
 
     rows: list[int]  # the guided rows it was recorded for
+    context: bool | None  # the negative_work_context() it was recorded under
     layers: dict[torch.nn.Module, PrefixKeysValues]
     key_valid: torch.Tensor | None  # ``(rows, prefix + target)`` valid keys, or None: all valid
     rotary: torch.Tensor  # the target image's rotary table at the negative layout's positions

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..combine import records_gradient
 from ..kernels import attention
 from ..state import GuidedCall
 from .base import NAGProcessor, OutputProjectionView, backend_attention, native_backend, split_heads, split_rows
@@ -279,8 +280,10 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         and kept without the keys that every guided row masks (see :func:`drop_masked_keys`)."""
         flat = _CROSS_FLAT_NORM.get(self.stock_kind, False)
         shape = (len(call.guided_rows), context.shape[1] - split, *context.shape[2:])
-        cache_key = (id(attn), "negative_kv", shape, context.dtype, context.device, mask is None)
-        cached = self.runtime.negative_kv.get(cache_key) if call.static_negative else None
+        kept_under = call.kept_under
+        keep = call.static_negative and kept_under is not None
+        cache_key = (id(attn), "negative_kv", shape, context.dtype, context.device, mask is None, kept_under)
+        cached = self.runtime.negative_kv.get(cache_key) if keep else None
         if cached is not None:
             return cached
         negative = context[call.row_index, split:]
@@ -292,8 +295,8 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
             attn.to_v(negative).unflatten(-1, (attn.heads, -1)),
             negative_mask,
         )
-        # (kept only where no gradient flows through them: a kept tensor's graph would be backpropagated twice)
-        if call.static_negative and not projected[0].requires_grad:
+        # (kept only while autograd does not record: see negative_work_context)
+        if keep:
             # (under context parallelism every rank must keep the same keys; inside a torch.compile trace the keys'
             # values cannot choose the shapes: all are kept)
             if self._parallel_config is None and not torch.compiler.is_compiling():
@@ -332,7 +335,8 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         z, z_negative = z.flatten(2), z_negative.flatten(2)
         if len(call.guided_rows) == rows:  # (every row guided: no copy back into z)
             z = self.combine(call, z, z_negative)
-        else:
+        else:  # (into a copy while autograd records: z may be the attention kernel's own output, kept for backward)
+            z = z.clone() if records_gradient(z) else z
             z[guided] = self.combine(call, z[guided], z_negative)
         if image_len:
             image = context[:, :image_len]

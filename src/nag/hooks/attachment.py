@@ -28,7 +28,7 @@ import torch
 from ..attention import NAGProcessor, wrap_processor
 from ..signatures import forward_signature
 from ..spec import Family
-from ..state import NAGRuntime, NegativePrefix, PrefixRecording, inert_copy
+from ..state import NAGRuntime, NegativePrefix, PrefixRecording, inert_copy, negative_work_context
 from .blocks import HOOKS, BlockHooks
 from .inputs import conditional_rows, extend_inputs, rows_for, to_device
 from .parallel import refusal, text_shards
@@ -195,6 +195,7 @@ class Attachment:
         # (context parallelism may have been enabled after NAG was applied: checked on every guided call)
         shards = text_shards(module, family)
         call, changes = extend_inputs(family, arguments, negative, cond_rows, pad_to, shards)
+        call.kept_under = negative_work_context()
         if family.layout == "prefix":
             self._prefill_negative(module, arguments, negative, cond_rows)
             runtime.call = call
@@ -232,8 +233,11 @@ class Attachment:
         keys/values (once per generation when the prefix does not depend on the timestep, else at every step)."""
         prefix = self.family.causal_prefix
         rows = cond_rows.tolist()
-        recorded = self.runtime.negative_prefix
-        if recorded is not None and recorded.rows == rows and prefix.step_independent(module):
+        recorded, context = self.runtime.negative_prefix, negative_work_context()
+        if (
+            recorded is not None and recorded.rows == rows and recorded.context == context and context is not None
+            and prefix.step_independent(module)
+        ):
             return
         recording = self.runtime.prefix_recording = PrefixRecording()
         try:  # `forward`, not the module: hooks watching the denoiser's calls see only the pipeline's
@@ -245,6 +249,7 @@ class Attachment:
             key_valid = torch.cat([key_valid, key_valid.new_ones(len(rows), prefix.target_tokens(arguments))], dim=1)
         self.runtime.negative_prefix = NegativePrefix(
             rows=rows,
+            context=context,
             layers=recording.layers,
             key_valid=key_valid,
             rotary=prefix.target_rotary(module, arguments, negative, cond_rows),

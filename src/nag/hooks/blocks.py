@@ -410,7 +410,10 @@ class BlockHooks:
             return None
         if not isinstance(text, torch.Tensor) or text.ndim != 3 or text.shape[axis] != split + negative:
             return None  # (cross layout under context parallelism: the text comes in shards, projected whole)
-        key = (id(module), tuple(text.shape), text.dtype, text.device, tuple(call.guided_rows))
+        kept_under = call.kept_under
+        if kept_under is None:  # (autograd records: each call projects its own, see negative_work_context)
+            return None
+        key = (id(module), tuple(text.shape), text.dtype, text.device, tuple(call.guided_rows), kept_under)
         kept = self.runtime.negative_text_outputs.get(key)
         self._text_projection[module] = (key, axis, split, kept)
         return None if kept is None else ((text.narrow(axis, 0, split),), kwargs)
@@ -423,8 +426,7 @@ class BlockHooks:
             return None
         key, axis, split, kept = pending
         if kept is None:
-            if not output.requires_grad:  # (a kept tensor's graph would be backpropagated twice)
-                self.runtime.negative_text_outputs[key] = output.narrow(axis, split, output.shape[axis] - split).clone()
+            self.runtime.negative_text_outputs[key] = output.narrow(axis, split, output.shape[axis] - split).clone()
             return None
         return torch.cat([output, kept], dim=axis)
 
