@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .combine import records_gradient
+
 __all__ = ["attention", "attention_with_lse", "attention_with_lse_over_valid_keys", "attention_with_lse_and_key_bias",
            "merge_attention", "LSE_KERNELS", "reset_lse_checks"]
 
@@ -116,7 +118,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     out = lse = None
     # (while autograd records, the math: the fused kernels' backward passes take no gradient through the log-sum-exp,
     # which the merge weights depend on)
-    kernels = () if _records_gradient(q, k, v) else LSE_KERNELS.get(q.device.type, ())
+    kernels = () if records_gradient(q, k, v) else LSE_KERNELS.get(q.device.type, ())
     for name, kernel, dtypes in kernels:
         if (dtypes is not None and q.dtype not in dtypes) or not _kernel_is_good(name, kernel, qt):
             continue
@@ -132,10 +134,6 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     if lse.dtype != torch.float32:
         lse = lse.float()
     return out.transpose(1, 2), lse.transpose(1, 2)
-
-
-def _records_gradient(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
 def _prefix_lengths(valid: torch.Tensor) -> list[int] | None:
