@@ -197,7 +197,7 @@ class Attachment:
         call, changes = extend_inputs(family, arguments, negative, cond_rows, pad_to, shards)
         call.kept_under = negative_work_context()
         if family.layout == "prefix":
-            self._prefill_negative(module, arguments, negative, cond_rows)
+            self._prefill_negative(module, arguments, negative, cond_rows, call.kept_under)
             runtime.call = call
             runtime.guided_calls += 1
             return None
@@ -227,13 +227,14 @@ class Attachment:
         return tuple(args), kwargs
 
     def _prefill_negative(
-        self, module: torch.nn.Module, arguments: dict, negative: dict, cond_rows: torch.Tensor
+        self, module: torch.nn.Module, arguments: dict, negative: dict, cond_rows: torch.Tensor, context: bool | None
     ) -> None:
         """Layout ``"prefix"``: run the negative prompt's own call for the guided rows, recording every layer's prefix
-        keys/values (once per generation when the prefix does not depend on the timestep, else at every step)."""
+        keys/values (once per generation when the prefix does not depend on the timestep, else at every step; reused
+        only under the ``context``, :func:`~nag.state.negative_work_context`, it was recorded in)."""
         prefix = self.family.causal_prefix
         rows = cond_rows.tolist()
-        recorded, context = self.runtime.negative_prefix, negative_work_context()
+        recorded = self.runtime.negative_prefix
         if (
             recorded is not None and recorded.rows == rows and recorded.context == context and context is not None
             and prefix.step_independent(module)
