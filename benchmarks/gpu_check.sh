@@ -9,6 +9,10 @@
 # overhead.jsonl, overhead.md and gpu_check.log (default output: $OUT if set, else gpu_check_out/).
 # Every step has its own time limit; a step that fails or runs out of time is reported and the
 # next one runs.
+#
+# GPU_CHECK_DEVICE=cpu rehearses the same steps on the CPU (float32, the reduced `cpu` preset, one
+# timed forward per mode; the CUDA tests skip), so that the script itself is known to work before a
+# GPU runs it; GPU_CHECK_FAMILIES narrows the overhead families (default: flux sd3 sdxl pixart sana wan).
 set -u
 
 WHEEL="${1:-}"
@@ -54,22 +58,34 @@ fi
 # 1. CUDA tests: the compiled (Triton) combine and merge against eager, the log-sum-exp kernels against the math.
 step "CUDA tests" 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$DEST/cuda_tests.log"
 
-if ! $PY -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-    say "no CUDA device: the benchmarks are skipped"; exit 1
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+if [ "$DEVICE" = cuda ]; then
+    if ! $PY -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+        say "no CUDA device: the benchmarks are skipped (GPU_CHECK_DEVICE=cpu rehearses them on the CPU)"; exit 1
+    fi
+    SIZES=(--dtype bfloat16 --preset full --repeats 3 --warmup 1)
+    TOKENS=4096
+else
+    say "rehearsal on $DEVICE: reduced sizes, one timed forward per mode"
+    SIZES=(--dtype float32 --preset cpu --repeats 1 --warmup 0)
+    TOKENS=256
 fi
 
 # 2. The combine per call at FLUX.1 1024x1024 (4096 image tokens, 24 x 128), compiled against eager.
-step "combine benchmark" 60 $PY benchmarks/combine.py --device cuda --dtype bfloat16 --tokens 4096 \
+step "combine benchmark" 60 $PY benchmarks/combine.py --device "$DEVICE" "${SIZES[@]:0:2}" --tokens "$TOKENS" \
     > "$DEST/combine.jsonl" 2>> "$LOG"
 
 # 3. Per-forward overhead at published sizes, one family per run so that one slow or failing family costs only
-#    its own time. Most telling first.
-for family in flux sd3 sdxl pixart wan sana; do
-    step "overhead $family" 90 $PY benchmarks/overhead.py --device cuda --dtype bfloat16 --preset full \
-        --families "$family" --modes cfg,nag,nag_step,nag_eager,floor --repeats 3 --warmup 1 --jsonl "$DEST/overhead.jsonl" >> "$LOG" 2>&1
+#    its own time. Most telling first; Wan last, with what time is left (its 14B case at 32,760 video tokens takes
+#    a few seconds a forward), after its 1.3B case.
+FAMILIES=${GPU_CHECK_FAMILIES:-flux sd3 sdxl pixart sana wan}
+for family in $FAMILIES; do
+    limit=90; [ "$family" = wan ] && limit=240
+    step "overhead $family" $limit $PY benchmarks/overhead.py --device "$DEVICE" "${SIZES[@]}" \
+        --families "$family" --modes cfg,nag,nag_step,nag_eager,floor --jsonl "$DEST/overhead.jsonl" >> "$LOG" 2>&1
 done
 if [ -s "$DEST/overhead.jsonl" ]; then
     $PY benchmarks/overhead.py --render "$DEST/overhead.jsonl" --markdown "$DEST/overhead.md" \
-        --section full-cuda >> "$LOG" 2>&1
+        --section "full-$DEVICE" >> "$LOG" 2>&1
 fi
 say "done in $((SECONDS - START))s; results in $DEST"
