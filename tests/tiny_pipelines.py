@@ -336,8 +336,9 @@ def flux_dev():
     return flux(guidance_embeds=True)
 
 
-def sd3(dual_attention: bool = False):
-    """StableDiffusion3Pipeline. ``dual_attention=True``: SD3.5-style (dual attention in layer 0, RMS qk-norm)."""
+def sd3(dual_attention: bool = False, qk_norm: str | None = None):
+    """StableDiffusion3Pipeline. ``dual_attention=True``: SD3.5-Medium-style (dual attention in layer 0, RMS qk-norm);
+    ``qk_norm="rms_norm"`` alone: SD3.5-Large-style."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tokenizer, text_encoder = make_clip(seed=0, hidden_size=16, projection_dim=16, with_projection=True)
@@ -346,6 +347,8 @@ def sd3(dual_attention: bool = False):
     # T5 width; here 16 + 16 == 32 == T5 d_model, so the padding is empty.
     tokenizer_3, text_encoder_3 = make_t5(seed=2, d_model=32)
     extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if dual_attention else {}
+    if qk_norm is not None:
+        extra["qk_norm"] = qk_norm
     with _seeded(3):
         transformer = SD3Transformer2DModel(
             sample_size=16,

@@ -366,20 +366,23 @@ def qkv(attn: Any, x: torch.Tensor, fused: str, names: tuple[str, str, str]) -> 
     return tuple(getattr(attn, name)(x) for name in names)
 
 
-def image_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_qkv(attn: Any, x: torch.Tensor, norms: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The image tokens' queries, keys and values ``(B, L, H, D)``, with the module's q/k norms (``norms=False``:
+    without them, as diffusers' ``FusedJointAttnProcessor2_0`` computes them)."""
     q, k, v = qkv(attn, x, "to_qkv", ("to_q", "to_k", "to_v"))
     return (
-        split_heads(attn, q, attn.norm_q, False),
-        split_heads(attn, k, attn.norm_k, False),
+        split_heads(attn, q, attn.norm_q if norms else None, False),
+        split_heads(attn, k, attn.norm_k if norms else None, False),
         v.unflatten(-1, (attn.heads, -1)),
     )
 
 
-def text_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def text_qkv(attn: Any, x: torch.Tensor, norms: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text tokens' queries, keys and values through the added projections (see :func:`image_qkv`)."""
     q, k, v = qkv(attn, x, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
     return (
-        split_heads(attn, q, attn.norm_added_q, False),
-        split_heads(attn, k, attn.norm_added_k, False),
+        split_heads(attn, q, attn.norm_added_q if norms else None, False),
+        split_heads(attn, k, attn.norm_added_k if norms else None, False),
         v.unflatten(-1, (attn.heads, -1)),
     )
 

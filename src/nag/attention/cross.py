@@ -190,6 +190,7 @@ class CrossAttentionNAG(NAGProcessor):
 
 _CROSS_FLAT_NORM = {
     "AttnProcessor2_0": False,
+    "FusedAttnProcessor2_0": False,  # (AttnProcessor2_0 with the text's keys and values in one projection, to_kv)
     "SanaAttnProcessor2_0": True,
     "WanAttnProcessor": True,
     "SkyReelsV2AttnProcessor": True,
@@ -211,6 +212,15 @@ _DISPATCHING = {"WanAttnProcessor", "SkyReelsV2AttnProcessor", "LTXVideoAttnProc
 # queries attend to the whole text, which every process holds): diffusers' Wan processor passes no parallel
 # configuration for cross-attention. The others' text is split with the sequence: they attend under it.
 _LOCAL_UNDER_PARALLELISM = {"WanAttnProcessor"}
+
+
+def text_keys_values(attn: Any, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text's keys and values, heads not split: from the fused ``to_kv`` projection where the module's projections
+    are fused (``fuse_qkv_projections``: ``FusedAttnProcessor2_0`` projects with it), else ``to_k`` and ``to_v``."""
+    if getattr(attn, "fused_projections", False) and getattr(attn, "to_kv", None) is not None:
+        key, value = attn.to_kv(text).chunk(2, dim=-1)
+        return key, value
+    return attn.to_k(text), attn.to_v(text)
 
 
 class FastCrossAttentionNAG(CrossAttentionNAG):
@@ -290,9 +300,10 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         negative_mask = None
         if mask is not None:
             negative_mask = self._mask(attn, split_rows(mask[..., split:], call.row_index), len(call.guided_rows))
+        negative_key, negative_value = text_keys_values(attn, negative)
         projected = (
-            split_heads(attn, attn.to_k(negative), attn.norm_k, flat),
-            attn.to_v(negative).unflatten(-1, (attn.heads, -1)),
+            split_heads(attn, negative_key, attn.norm_k, flat),
+            negative_value.unflatten(-1, (attn.heads, -1)),
             negative_mask,
         )
         # (kept only while autograd does not record: see negative_work_context)
@@ -320,9 +331,9 @@ class FastCrossAttentionNAG(CrossAttentionNAG):
         image_len = split - call.positive_text_len if getattr(attn, "add_k_proj", None) is not None else 0
 
         query = split_heads(attn, attn.to_q(hidden), attn.norm_q, flat)
-        positive = context[:, image_len:split]
-        key = split_heads(attn, attn.to_k(positive), attn.norm_k, flat)
-        value = attn.to_v(positive).unflatten(-1, (attn.heads, -1))
+        key, value = text_keys_values(attn, context[:, image_len:split])
+        key = split_heads(attn, key, attn.norm_k, flat)
+        value = value.unflatten(-1, (attn.heads, -1))
 
         guided = call.row_index
         negative_key, negative_value, negative_mask = self._negative_keys_values(attn, call, context, split, mask)

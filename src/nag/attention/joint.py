@@ -83,6 +83,7 @@ _JOINT_PROCESSORS = {
     "FluxAttnProcessor",
     "FluxIPAdapterAttnProcessor",
     "JointAttnProcessor2_0",
+    "FusedJointAttnProcessor2_0",
     "Flux2AttnProcessor",
     "QwenDoubleStreamAttnProcessor2_0",
 }
@@ -90,6 +91,10 @@ _JOINT_PROCESSORS = {
 
 # Joint processors whose rotary tables come as (image, text) instead of one table over [text, image].
 _SPLIT_ROTARY_PROCESSORS = {"QwenDoubleStreamAttnProcessor2_0"}
+# SD3's processors: JointAttnProcessor2_0, and the one fuse_qkv_projections sets (its q/k/v in one projection per
+# stream), which applies none of the module's q/k norms (SD3.5's): NAG computes what each computes.
+_SD3_PROCESSORS = {"JointAttnProcessor2_0", "FusedJointAttnProcessor2_0"}
+_WITHOUT_QK_NORMS = {"FusedJointAttnProcessor2_0"}
 
 
 class FastJointAttentionNAG(JointAttentionNAG):
@@ -111,9 +116,10 @@ class FastJointAttentionNAG(JointAttentionNAG):
         hidden, text = arguments["hidden_states"], arguments["encoder_hidden_states"]
         rotary = arguments.get(self.rotary_argument)
         padded = text.shape[1]
-        qi, ki, vi = image_qkv(attn, hidden)
+        norms = self.stock_kind not in _WITHOUT_QK_NORMS
+        qi, ki, vi = image_qkv(attn, hidden, norms)
         image_prompt_queries = qi  # the IP-Adapter's queries: normed, not rotated
-        qt, kt, vt = text_qkv(attn, text)
+        qt, kt, vt = text_qkv(attn, text, norms)
         if rotary is not None and self.stock_kind in _SPLIT_ROTARY_PROCESSORS:  # (image, text) tables, complex
             from diffusers.models.transformers.transformer_qwenimage import (
                 apply_rotary_emb_qwen,
@@ -128,7 +134,7 @@ class FastJointAttentionNAG(JointAttentionNAG):
         b = call.batch
         mask = arguments.get(self.text_mask_argument)
         # (a block whose text stream ends here, SD3's last, discards the text's attention output: none is computed)
-        text_ends = getattr(attn, "context_pre_only", False) is True and self.stock_kind == "JointAttnProcessor2_0"
+        text_ends = getattr(attn, "context_pre_only", False) is True and self.stock_kind in _SD3_PROCESSORS
         z, text_positive, text_negative = guided_image_and_text(
             self,
             call,
