@@ -40,10 +40,10 @@ def encode_settings(pipe, name):
     return seen[0]
 
 
-def encoded_negative(pipe, name, prompts):
+def encoded_negative(pipe, name, prompts, further=None):
     """The negative prompt encoded by the pipeline's ``encode_prompt`` as a user would: the call's settings, the
     negative as the prompt (one per prompt), no classifier-free guidance; the outputs named as ``nag.apply`` (and the
-    pipeline's own call) take them."""
+    pipeline's own call) take them. ``further``: texts for the further encoders (``{"prompt_2": text}``)."""
     spec = nag.families.pipeline_spec(pipe)
     call = encode_settings(pipe, name)
     for parameter in call:
@@ -52,6 +52,7 @@ def encoded_negative(pipe, name, prompts):
         elif parameter == "num_images_per_prompt" or parameter == "num_videos_per_prompt":
             call[parameter] = 1
     call.update(prompt=[tpl.NEGATIVE] * prompts)
+    call.update({key: [text] * prompts for key, text in (further or {}).items()})
     call.update({k: False for k in ("do_classifier_free_guidance",) if k in call})
     call.update({k: v for k, v in spec.negative_overrides.items() if k in call})
     outputs = pipe.encode_prompt(**call)
@@ -91,3 +92,35 @@ def test_encoded_negative_gives_the_images_of_the_text(name):
         assert handle.guided_calls >= 2
     # (the same computation; the precomputed tensors' memory layout may change the last bits of some kernels)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+FURTHER_TEXTS = {"prompt_2": "a watermark", "prompt_3": "text and letters", "prompt_4": "a frame"}
+FURTHER_ENCODERS = [
+    name for name in NAMES if "prompt_2" in inspect.signature(type(tpl.pipeline(name)).encode_prompt).parameters
+]
+
+
+@pytest.mark.parametrize("name", FURTHER_ENCODERS)
+def test_negative_prompt_for_each_encoder(name):
+    """``negative_prompt_2`` (``_3``, ``_4``) reach the further text encoders as ``prompt_2`` (...) reach them in the
+    pipeline's ``encode_prompt``: the same images as the negative encoded that way and passed precomputed; they
+    change the images where they change the encoding (diffusers' HunyuanVideo encodes ``prompt`` with its CLIP
+    whatever ``prompt_2`` is: there they change nothing, in the pipeline's own CFG either)."""
+    pipe = tpl.pipeline(name)
+    prompts = tpl.batch_rows(name)
+    parameters = inspect.signature(pipe.encode_prompt).parameters
+    further = {key: text for key, text in FURTHER_TEXTS.items() if key in parameters}
+    with nag.apply(pipe, tpl.NEGATIVE, **{"negative_" + key: text for key, text in further.items()},
+                   **tpl.SETTINGS) as handle:
+        out = tpl.generate(pipe, name)
+        assert handle.guided_calls >= 2
+    encoded = encoded_negative(pipe, name, prompts, further)
+    with nag.apply(pipe, **encoded, **tpl.SETTINGS):
+        expected = tpl.generate(pipe, name)
+    with nag.apply(pipe, tpl.NEGATIVE, **tpl.SETTINGS):
+        one_text = tpl.generate(pipe, name)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    plain = encoded_negative(pipe, name, prompts)
+    encoding_changes = any(not torch.equal(encoded[key], plain[key]) for key in encoded)
+    assert (float((out - one_text).abs().max()) > 1e-4) == encoding_changes
+

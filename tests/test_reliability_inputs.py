@@ -56,6 +56,11 @@ BAD_APPLY = [
     ("negative prompt not a string", dict(negative_prompt=3), TypeError, "negative_prompt must be a string"),
     ("negative prompt list with a non-string", dict(negative_prompt=["ok", 3]), TypeError, "list of strings"),
     ("empty negative prompt list", dict(negative_prompt=[]), TypeError, "non-empty list"),
+    ("negative_prompt_2 without negative_prompt", dict(negative_prompt_2="x"), ValueError, "without negative_prompt"),
+    ("negative_prompt_2 not a string", dict(negative_prompt="x", negative_prompt_2=3), TypeError,
+     "negative_prompt_2 must be a string"),
+    ("a negative prompt for an encoder the pipeline lacks (negative_prompt_3 on Flux)",
+     dict(negative_prompt="x", negative_prompt_3="y"), TypeError, "encode_prompt takes no prompt_3"),
     (
         "negative prompt and embeddings together",
         lambda: dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 4, _flux_width())),

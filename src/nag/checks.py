@@ -3,6 +3,8 @@ under, and precomputed negative embeddings of the wrong shape or width. Each ref
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -265,3 +267,41 @@ def validate_negative_embeds(
                 "this pipeline's encode_prompt (or pass the negative prompt as text)."
             )
     return converted
+
+
+def check_prompt_texts(name: str, value: Any) -> None:
+    """A negative prompt: a string or a non-empty list of strings (TypeError naming ``name`` otherwise)."""
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(text, str) for text in value):
+            raise TypeError(f"{name} must be a string or a non-empty list of strings")
+    elif not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+
+
+def further_encoder_negatives(pipe: Any, negative_prompt: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """``negative_prompt_2`` (``_3``, ``_4``) taken out of ``extra``, nag.apply's keyword arguments: the negative
+    prompt for the pipeline's further text encoders, as its ``encode_prompt`` takes ``prompt_2`` (...). Returns
+    ``{"prompt_2": text(s), ...}``; an empty or None one is left out (that encoder gets ``negative_prompt``, as in
+    diffusers)."""
+    names = sorted(name for name in extra if re.fullmatch(r"negative_prompt_\d+", name))
+    found = {name: extra.pop(name) for name in names}
+    encode = getattr(pipe, "encode_prompt", None)
+    parameters = inspect.signature(encode).parameters if callable(encode) else {}
+    texts: dict[str, Any] = {}
+    for name, value in found.items():
+        target = name.removeprefix("negative_")
+        if target not in parameters:
+            raise TypeError(
+                f"nag.apply got {name}, but {type(pipe).__name__}'s encode_prompt takes no {target}: pass "
+                "negative_prompt alone (every text encoder gets it)"
+            )
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        check_prompt_texts(name, value)
+        texts[target] = value
+    if texts and negative_prompt is None:
+        raise ValueError(
+            f"{', '.join('negative_' + target for target in texts)} given without negative_prompt: pass "
+            "negative_prompt too (the first text encoder's, and that of every encoder without its own)"
+        )
+    return texts

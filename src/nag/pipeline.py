@@ -18,7 +18,9 @@ from .checks import (
     NEGATIVE_EMBED_NAMES,
     check_hooks,
     check_processors,
+    check_prompt_texts,
     check_widths_against_positive,
+    further_encoder_negatives,
     validate_negative_embeds,
 )
 from .control import ControlAttachment, attach_control
@@ -75,11 +77,14 @@ class NAGHandle:
         negative_embeds: dict[str, torch.Tensor],
         fast: bool = True,
         modules: list[tuple[str, torch.nn.Module]] | None = None,
+        further_negatives: dict[str, str | Sequence[str]] | None = None,
     ):
         self.pipe = pipe
         self.spec = spec
         self.family = spec.family
         self.negative_prompt = negative_prompt
+        # the further text encoders' own negative prompts: {"prompt_2": ..., ...} (nag.apply's negative_prompt_2, ...)
+        self.further_negatives = dict(further_negatives or {})
         self.negative_embeds = negative_embeds
         self.runtime = NAGRuntime(settings=settings, progress=self._progress, sigma=self._sigma,
                                   owns_call=self._owns_call)
@@ -393,21 +398,23 @@ class NAGHandle:
         return self.spec.name_outputs(result)
 
     def _check_negative_count(self, prompts: int) -> None:
-        negative = self.negative_prompt
-        if isinstance(negative, (list, tuple)) and len(negative) not in (1, prompts):
-            raise ValueError(
-                f"NAG negative_prompt has {len(negative)} entries but the call has {prompts} prompts; "
-                "pass one negative prompt (a string) or one per prompt"
-            )
+        for name, negative in (("prompt", self.negative_prompt), *self.further_negatives.items()):
+            if isinstance(negative, (list, tuple)) and len(negative) not in (1, prompts):
+                raise ValueError(
+                    f"NAG negative_{name} has {len(negative)} entries but the call has {prompts} prompts; "
+                    "pass one negative prompt (a string) or one per prompt"
+                )
 
     def _encode_negative(self, encode: Any, signature: inspect.Signature, arguments: dict, prompts: int) -> dict:
         self._check_negative_count(prompts)
-        negative = self.negative_prompt
-        texts = [negative] * prompts if isinstance(negative, str) else list(negative) * (prompts // len(negative))
+        texts = {
+            name: [negative] * prompts if isinstance(negative, str) else list(negative) * (prompts // len(negative))
+            for name, negative in (("prompt", self.negative_prompt), *self.further_negatives.items())
+        }
         call = dict(arguments)
         for name, parameter in signature.parameters.items():
-            if name == "prompt":
-                call[name] = texts
+            if name in texts:
+                call[name] = texts[name]
             elif name == "do_classifier_free_guidance":
                 call[name] = False
             elif _reset_to_default(name):
@@ -491,7 +498,7 @@ def apply(
     norm: int = 1,
     fast: bool = True,
     min_sigma: float = 0.0,
-    **negative_embeds: torch.Tensor,
+    **negative_embeds: torch.Tensor | str | Sequence[str],
 ) -> NAGHandle:
     """Install Normalized Attention Guidance on a stock diffusers pipeline.
 
@@ -511,7 +518,11 @@ def apply(
         fast: use the fast attention paths where they apply (default). ``False`` runs every
             stock attention processor once per branch: slower, the reference the fast paths
             are tested against.
-        **negative_embeds: instead of ``negative_prompt``, precomputed ``negative_prompt_embeds``
+        **negative_embeds: ``negative_prompt_2`` (``_3``, ``_4``) where the pipeline's ``encode_prompt`` takes
+            ``prompt_2`` (...): that text encoder's own negative prompt (SDXL's second CLIP, Flux's T5, SD3's second
+            CLIP and, ``_3``, its T5; an encoder without one gets ``negative_prompt``, as in diffusers). Or, instead
+            of ``negative_prompt``,
+            precomputed ``negative_prompt_embeds``
             (and ``negative_pooled_prompt_embeds`` / ``negative_prompt_attention_mask`` where the
             pipeline has them), with 1 row, one per prompt, or one per generated sample.
 
@@ -535,16 +546,12 @@ def apply(
     check_hooks(denoiser, spec, modules)
     if isinstance(negative_prompt, str) and not negative_prompt.strip():
         negative_prompt = None  # one rule everywhere: an empty negative prompt is no negative prompt (NAG off)
+    negative_embeds = dict(negative_embeds)
+    further_negatives = further_encoder_negatives(pipe, negative_prompt, negative_embeds)
     if negative_prompt is not None and negative_embeds:
         raise ValueError("pass either negative_prompt or precomputed negative embeddings, not both")
     if negative_prompt is not None:
-        if isinstance(negative_prompt, (list, tuple)):
-            if not negative_prompt or not all(isinstance(p, str) for p in negative_prompt):
-                raise TypeError("negative_prompt must be a string or a non-empty list of strings")
-        elif not isinstance(negative_prompt, str):
-            raise TypeError(
-                f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}"
-            )
+        check_prompt_texts("negative_prompt", negative_prompt)
     settings = NAGSettings.resolve(
         spec.defaults, scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm, min_sigma=min_sigma
     )
@@ -552,7 +559,8 @@ def apply(
     embeds = validate_negative_embeds(spec, negative_embeds, None if spec.text_connector else denoiser)
     if negative_prompt is None and not embeds:
         logger.warning("nag.apply without a negative prompt: NAG stays off until one is given")
-    handle = NAGHandle(pipe, spec, settings, negative_prompt, embeds, fast=fast, modules=modules)
+    handle = NAGHandle(pipe, spec, settings, negative_prompt, embeds, fast=fast, modules=modules,
+                       further_negatives=further_negatives)
     _HANDLES[pipe] = handle
     return handle
 
