@@ -50,12 +50,14 @@ def test_compiled_combine_large_bf16_values_stay_finite(compiled_mode):
     assert torch.isfinite(compiled).all()
 
 
-def test_compiled_merge_and_combine_on_cuda(compiled_mode):
+def test_compiled_merge_and_combine_on_cuda(compiled_mode, caplog):
     q = randn(2, 1024, 24, 128)
     parts = [kernels.attention_with_lse(q, randn(2, n, 24, 128, seed=s), randn(2, n, 24, 128, seed=s + 1))
              for n, s in ((1024, 2), (128, 4), (77, 6))]
     image, positive, negative = parts
-    compiled = merge_and_combine([image, positive], [image, negative], **SETTINGS)
+    with caplog.at_level(logging.WARNING, logger="nag"):
+        compiled = merge_and_combine([image, positive], [image, negative], **SETTINGS)
+    assert not caplog.records, "the compiled merge and combine fell back to eager on CUDA (failed or disagreed)"
     eager = merge_and_combine([image, positive], [image, negative], **SETTINGS, compiled=False)
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
 

@@ -120,6 +120,64 @@ def test_compile_failure_falls_back_with_one_warning(compiled_mode, monkeypatch,
     assert len([r for r in caplog.records if "nag_combine" in r.getMessage()]) == 2
 
 
+
+def test_compiled_code_checks_itself_at_first_use(compiled_mode, monkeypatch, caplog):
+    """The first compiled call for a device and dtypes also runs the eager code and compares: compiled code that
+    gives another result (a miscompile on a device never used before) is dropped there with one warning, and that
+    call and the later ones return the eager result without running it again."""
+    compiled_function = combine_module._COMPILED
+    monkeypatch.setattr(compiled_function, "_failed", set())
+    monkeypatch.setattr(compiled_function, "_checked", set())
+    runs = []
+
+    def miscompiled(*args):
+        runs.append(1)
+        return combine_eager(*(arg.item() if isinstance(arg, torch.Tensor) and arg.dim() == 0 else arg
+                               for arg in args)) * 1.5
+
+    monkeypatch.setattr(compiled_function, "compiled", lambda args: miscompiled)
+    z_pos, z_neg = pair((2, 16, 32))
+    with caplog.at_level(logging.WARNING, logger="nag"):
+        first = nag_combine(z_pos, z_neg, **SETTINGS)
+        second = nag_combine(z_pos * 2, z_neg, **SETTINGS)
+    assert torch.equal(first, nag_combine(z_pos, z_neg, **SETTINGS, compiled=False))
+    assert torch.equal(second, nag_combine(z_pos * 2, z_neg, **SETTINGS, compiled=False))
+    assert len(runs) == 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "disagrees with the eager code" in warnings[0] and "cpu:torch.float32" in warnings[0]
+
+
+def test_compiled_code_that_agrees_is_checked_once(compiled_mode, monkeypatch, caplog):
+    compiled_function = combine_module._COMPILED
+    monkeypatch.setattr(compiled_function, "_failed", set())
+    monkeypatch.setattr(compiled_function, "_checked", set())
+    eager_runs = []
+    fallback = compiled_function.fallback
+    monkeypatch.setattr(compiled_function, "fallback", lambda *args: eager_runs.append(1) or fallback(*args))
+    z_pos, z_neg = pair((2, 16, 32))
+    with caplog.at_level(logging.WARNING, logger="nag"):
+        for scale in (2.0, 3.0, 5.0):
+            torch.testing.assert_close(nag_combine(z_pos, z_neg, scale=scale, tau=2.5, alpha=0.5),
+                                       nag_combine(z_pos, z_neg, scale=scale, tau=2.5, alpha=0.5, compiled=False))
+        nag_combine(z_pos.double(), z_neg.double(), **SETTINGS)  # other dtypes: checked on their own
+    assert len(eager_runs) == 2 and not caplog.records
+
+
+def test_disagreement_is_rounding_proof_and_sees_wrong_results():
+    from nag.compiled import disagreement
+
+    expected = torch.randn(4, 8, 16)
+    assert disagreement(expected + 1e-6, expected) == ""
+    assert disagreement(expected * 1.01, expected) != ""
+    half = expected.bfloat16()
+    assert disagreement((half.float() * 1.01).bfloat16(), half) == ""  # (about a unit of bfloat16's rounding)
+    assert disagreement(half * 2, half) != ""
+    with_nan = expected.clone()
+    with_nan[0, 0, 0] = float("nan")
+    assert disagreement(with_nan, expected) != "" and disagreement(expected, with_nan) != ""
+    assert disagreement(with_nan, with_nan) == ""
+    assert disagreement(expected[:2], expected) != "" and disagreement(expected.double(), expected) != ""
+
 def test_eager_forced_by_environment_and_inside_a_compile(monkeypatch, caplog):
     """NAG_EAGER=1, or a call traced by the user's torch.compile, never reaches the compiled code."""
     monkeypatch.setattr(combine_module._COMPILED, "compiled", lambda args: pytest.fail("compiled code used"))

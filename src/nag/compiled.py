@@ -13,11 +13,15 @@ Triton on CUDA) fuses the chain into a few passes over the data.
   :data:`MIN_ELEMENTS` in the largest tensor), when ``NAG_EAGER`` is set to ``1``/``true``/``yes``/``on``,
   when the caller is itself being traced by ``torch.compile`` (the user's compile then fuses the
   eager code into its own graph; compiling inside it would nest two compilers), or when
-  compiling or running the compiled code failed before for the same device type and dtypes;
+  compiling or running the compiled code failed before for the same device type and dtypes, or its
+  result disagreed with the eager one;
+* the first compiled call for each device type and dtypes checks itself: it also runs the eager code on
+  the same inputs and keeps the compiled code only if the two agree (:func:`disagreement`), so that a
+  compiler that miscompiles on a device never used before (a first GPU) costs one warning, not wrong images;
 * Python floats among the arguments (settings) reach the compiled code as 0-d tensors, so that new
   values reuse it;
-* a failure logs one warning (logger ``nag``) per function, device type and dtypes, and the
-  call returns the eager result.
+* a failure or a disagreement logs one warning (logger ``nag``) per function, device type and dtypes, and
+  the call returns the eager result.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CompiledFunction", "eager_forced"]
+__all__ = ["CompiledFunction", "disagreement", "eager_forced"]
 
 logger = logging.getLogger("nag")
 
@@ -81,6 +85,27 @@ def _shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(key)
 
 
+def disagreement(out: Any, expected: Any) -> str:
+    """How a compiled result differs from the eager one beyond rounding ("" where it does not): another shape or
+    dtype, non-finite values elsewhere, or a difference above 1e-3 (float32 / float64) or 5e-2 (half precision) of
+    the eager result's largest entry. What rounding and another order of operations give stays far below; a wrong
+    kernel does not."""
+    if not isinstance(out, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        return ""
+    if out.shape != expected.shape or out.dtype != expected.dtype:
+        return f"shape {tuple(out.shape)} {out.dtype} against {tuple(expected.shape)} {expected.dtype}"
+    got, want = out.detach().double(), expected.detach().double()
+    finite = torch.isfinite(want)
+    if not torch.equal(finite, torch.isfinite(got)):
+        return "non-finite values where the eager result has none, or the reverse"
+    if not bool(finite.any()):
+        return ""
+    largest = float(want[finite].abs().max())
+    error = float((got[finite] - want[finite]).abs().max())
+    relative = 1e-3 if expected.dtype in (torch.float32, torch.float64) else 5e-2
+    return f"largest difference {error:.3g}, largest entry {largest:.3g}" if error > relative * largest else ""
+
+
 def _renamed(function: Callable[..., Any], suffix: str) -> Callable[..., Any]:
     """A copy of ``function`` with its own code object: torch.compile keeps its compiled entries, and counts them
     against its recompile limit, per code object, so the static and the dynamic code do not share one count."""
@@ -111,6 +136,7 @@ class CompiledFunction:
         self._dynamic: Callable[..., Any] | None = None
         self._static_keys: set[tuple[Any, ...]] = set()
         self._failed: set[tuple[str, ...]] = set()
+        self._checked: set[tuple[str, ...]] = set()  # (devices and dtypes whose compiled result matched the eager one)
         self._lock = threading.Lock()
 
     def use_compiled(self, args: tuple[Any, ...]) -> bool:
@@ -144,20 +170,27 @@ class CompiledFunction:
         # float may be baked into the code (without a guard for some operations, so that a later call with another
         # value would silently reuse the first). The eager fallback gets the floats themselves.
         data = tuple(torch.tensor(arg, dtype=torch.float64) if isinstance(arg, float) else arg for arg in args)
+        key = _signature(args)
         try:
-            return self.compiled(data)(*data)
+            out = self.compiled(data)(*data)
         except Exception as error:  # noqa: BLE001 - any compiler failure must leave the eager result
-            key = _signature(args)
-            if key not in self._failed:
-                self._failed.add(key)
-                logger.warning(
-                    "nag: compiling %s failed for %s (%s: %s); using the eager code instead",
-                    self.name,
-                    ", ".join(key),
-                    type(error).__name__,
-                    str(error).splitlines()[0] if str(error) else "",
-                )
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            self._give_up(key, f"compiling it failed ({type(error).__name__}: {first_line})")
             return self.fallback(*args)
+        if key not in self._checked:  # (first use for these devices and dtypes: the compiled code checks itself)
+            expected = self.fallback(*args)
+            problem = disagreement(out, expected)
+            if problem:
+                self._give_up(key, f"its compiled code disagrees with the eager code ({problem})")
+                return expected
+            self._checked.add(key)
+        return out
+
+    def _give_up(self, key: tuple[str, ...], why: str) -> None:
+        """Use the eager code from now on for these devices and dtypes, with one warning line."""
+        if key not in self._failed:
+            self._failed.add(key)
+            logger.warning("nag: %s for %s: %s; using the eager code instead", self.name, ", ".join(key), why)
 
     def reset(self) -> None:
         """Forget the compiled functions, the shapes and the remembered failures (after ``torch._dynamo.reset()``)."""
@@ -165,3 +198,4 @@ class CompiledFunction:
             self._static = self._dynamic = None
             self._static_keys.clear()
             self._failed.clear()
+            self._checked.clear()
