@@ -23,7 +23,8 @@ PROPERTY = settings(
     deadline=None,
     derandomize=True,
     database=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    # (the code-path fixture below is set once per test, not per example: nothing in it needs a reset)
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -33,6 +34,18 @@ _CARRIER = {torch.float16: np.float16, torch.bfloat16: np.float32, torch.float32
 
 def reliability(case: str, expect: str):
     return pytest.mark.reliability(area="numerics (nag_combine)", case=case, expect=expect)
+
+
+@pytest.fixture(autouse=True, params=["cpu", "other devices"])
+def code_path(request, monkeypatch):
+    """Every property holds for both of the eager combine's code paths: the CPU's (the equation without the per-token
+    rescaling for tokens far from the dtype's limits) and the one every other device takes (a GPU's eager combine:
+    every token rescaled), which this machine runs when told that it is not on the CPU."""
+    if request.param == "other devices":
+        import nag.combine
+
+        monkeypatch.setattr(nag.combine, "_plain_check", lambda *args: None)
+    return request.param
 
 
 @st.composite

@@ -56,6 +56,12 @@ def _flash(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> tuple[torch.
     return torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
 
 
+def _efficient(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (query, key, value, attn_bias, compute_log_sumexp); its log-sum-exp may be padded past the query count
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+    return out, lse[..., : qt.shape[2]]
+
+
 _HALF = frozenset({torch.float16, torch.bfloat16})
 LseKernel = tuple[str, Callable[..., tuple[torch.Tensor, torch.Tensor]], "frozenset[torch.dtype] | None"]
 # The fused kernels that return the log-sum-exp, tried in order per device type; the math is the last resort.
@@ -63,7 +69,9 @@ LseKernel = tuple[str, Callable[..., tuple[torch.Tensor, torch.Tensor]], "frozen
 # log-sum-exp as natural log, (B, H, L) or (B, H, L, 1).
 LSE_KERNELS: dict[str, tuple[LseKernel, ...]] = {
     "cpu": (("cpu flash", _cpu_flash, None),),
-    "cuda": (("cuDNN", _cudnn, _HALF), ("flash", _flash, _HALF)),
+    # (the memory-efficient kernel also takes float32, where the others take none: without it float32 takes the math,
+    # which holds every score)
+    "cuda": (("cuDNN", _cudnn, _HALF), ("flash", _flash, _HALF), ("memory-efficient", _efficient, None)),
 }
 # (kernel name, device, dtype, head size) -> whether the kernel agreed with the math on the self-check
 _CHECKED: dict[tuple[str, str, torch.dtype, int], bool] = {}
