@@ -83,28 +83,26 @@ class NAGHandle:
         self.spec = spec
         self.family = spec.family
         self.negative_prompt = negative_prompt
-        # the further text encoders' own negative prompts: {"prompt_2": ..., ...} (nag.apply's negative_prompt_2, ...)
-        self.further_negatives = dict(further_negatives or {})
+        self.further_negatives = dict(further_negatives or {})  # {"prompt_2": ...}: nag.apply's negative_prompt_2
         self.negative_embeds = negative_embeds
         self.runtime = NAGRuntime(settings=settings, progress=self._progress, sigma=self._sigma,
                                   owns_call=self._owns_call)
         self._awaiting_positive = True
         self._saved_attributes: dict[str, Any] = {}
-        self._attachment: Attachment | None = None
         self._connector_pending: tuple[dict | None, torch.Tensor] | None = None
         self._connector_hook: torch.utils.hooks.RemovableHandle | None = None
         self._control: ControlAttachment | None = None
         self._lock = threading.Lock()
         self._generating_thread: threading.Thread | None = None
         self.denoiser = _denoiser_of(pipe, spec)
-        self._attachment = attach(self.denoiser, FAMILIES[spec.family], self.runtime, fast=fast, modules=modules)
+        self._attachment: Attachment | None = attach(self.denoiser, FAMILIES[spec.family], self.runtime, fast=fast,
+                                                     modules=modules)
         # Further experts (Wan 2.2's low-noise `transformer_2`) share the runtime: one generation.
         self._expert_attachments: list[Attachment] = []
         try:
             for attr in spec.expert_attrs:
-                expert = getattr(pipe, attr, None)
+                expert = unwrap_compiled(getattr(pipe, attr, None))  # (None where the pipeline has no such expert)
                 if expert is not None:
-                    expert = unwrap_compiled(expert)
                     check_processors(expert, spec)
                     self._expert_attachments.append(attach(expert, FAMILIES[spec.family], self.runtime, fast=fast))
         except BaseException:
