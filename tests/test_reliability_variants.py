@@ -44,23 +44,28 @@ def own_prompts(name: str):
 
 
 @reliability(
-    "half precision (pipe.to(torch.bfloat16) / torch.float16)",
+    "half precision (pipe.to(torch.bfloat16) / torch.float16, or float32 weights under torch.autocast(bfloat16))",
     "finite output; at the first step the fast path agrees with the straightforward one and a negative equal to the "
     "prompt gives the stock output, within 4 units of the dtype's rounding, while a real negative moves it by more "
     "than one",
 )
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)],
+                         ids=["bfloat16", "float16", "autocast-bfloat16"])
 @pytest.mark.parametrize("name", ["sd", "sdxl", "flux", "sd3", "pixart_sigma", "sana", "wan"])
 @pytest.mark.filterwarnings("ignore")
-def test_half_precision(name, dtype, record_property):
-    pipe = tp.FACTORIES[name]().to(dtype)
-    stock, _ = first_step_output(pipe, name)
-    with nag.apply(pipe, NEGATIVE, **SETTINGS):
-        fast, final = first_step_output(pipe, name)
-    with nag.apply(pipe, NEGATIVE, fast=False, **SETTINGS):
-        straightforward, _ = first_step_output(pipe, name)
-    with nag.apply(pipe, own_prompts(name), **SETTINGS):
-        unguided, _ = first_step_output(pipe, name)
+def test_half_precision(name, dtype, autocast, record_property):
+    pipe = tp.FACTORIES[name]()
+    if not autocast:
+        pipe.to(dtype)
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        stock, _ = first_step_output(pipe, name)
+        with nag.apply(pipe, NEGATIVE, **SETTINGS):
+            fast, final = first_step_output(pipe, name)
+        with nag.apply(pipe, NEGATIVE, fast=False, **SETTINGS):
+            straightforward, _ = first_step_output(pipe, name)
+        with nag.apply(pipe, own_prompts(name), **SETTINGS):
+            unguided, _ = first_step_output(pipe, name)
+        again = first_step_output(pipe, name)[0]
 
     unit = torch.finfo(dtype).eps * float(stock.abs().max())  # one rounding of the output's largest entry
     effect = float((fast - stock).abs().max()) / unit
@@ -72,7 +77,7 @@ def test_half_precision(name, dtype, record_property):
     assert effect > 1.0, effect
     assert paths <= 4.0, paths
     assert same <= 4.0, same
-    assert torch.equal(first_step_output(pipe, name)[0], stock), "NAG left the pipeline changed"
+    assert torch.equal(again, stock), "NAG left the pipeline changed"
 
 
 def factory(name: str):
