@@ -544,8 +544,7 @@ def apply(
     check_hooks(denoiser, spec, modules)
     if isinstance(negative_prompt, str) and not negative_prompt.strip():
         negative_prompt = None  # one rule everywhere: an empty negative prompt is no negative prompt (NAG off)
-    negative_embeds = dict(negative_embeds)
-    further_negatives = further_encoder_negatives(pipe, negative_prompt, negative_embeds)
+    further_negatives = further_encoder_negatives(pipe, negative_prompt, negative_embeds)  # (taken out of them)
     if negative_prompt is not None and negative_embeds:
         raise ValueError("pass either negative_prompt or precomputed negative embeddings, not both")
     if negative_prompt is not None:

@@ -360,9 +360,11 @@ def split_heads(attn: Any, x: torch.Tensor, norm: Any, flat_norm: bool) -> torch
     return x
 
 
-def qkv(attn: Any, x: torch.Tensor, fused: str, names: tuple[str, str, str]) -> tuple[torch.Tensor, ...]:
+def qkv(attn: Any, x: torch.Tensor, fused: str, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """The projections ``names`` of ``x`` (heads not split): from the fused projection ``fused`` where the module's
+    projections are fused (``fuse_qkv_projections``, which diffusers' fused processors project with), else each."""
     if getattr(attn, "fused_projections", False) and getattr(attn, fused, None) is not None:
-        return getattr(attn, fused)(x).chunk(3, dim=-1)
+        return getattr(attn, fused)(x).chunk(len(names), dim=-1)
     return tuple(getattr(attn, name)(x) for name in names)
 
 

@@ -9,7 +9,15 @@ import torch
 from ..combine import records_gradient
 from ..kernels import attention
 from ..state import GuidedCall
-from .base import NAGProcessor, OutputProjectionView, backend_attention, native_backend, split_heads, split_rows
+from .base import (
+    NAGProcessor,
+    OutputProjectionView,
+    backend_attention,
+    native_backend,
+    qkv,
+    split_heads,
+    split_rows,
+)
 
 #: Processors that take the UNet's ``(text, [image embeddings per adapter])`` context of an IP-Adapter and add
 #: ``scale * Attn(q, K_ip, V_ip)`` per adapter to the text attention before the output projection: given an empty
@@ -214,13 +222,10 @@ _DISPATCHING = {"WanAttnProcessor", "SkyReelsV2AttnProcessor", "LTXVideoAttnProc
 _LOCAL_UNDER_PARALLELISM = {"WanAttnProcessor"}
 
 
-def text_keys_values(attn: Any, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The text's keys and values, heads not split: from the fused ``to_kv`` projection where the module's projections
-    are fused (``fuse_qkv_projections``: ``FusedAttnProcessor2_0`` projects with it), else ``to_k`` and ``to_v``."""
-    if getattr(attn, "fused_projections", False) and getattr(attn, "to_kv", None) is not None:
-        key, value = attn.to_kv(text).chunk(2, dim=-1)
-        return key, value
-    return attn.to_k(text), attn.to_v(text)
+def text_keys_values(attn: Any, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The text's keys and values, heads not split (through ``to_kv`` where the projections are fused, as
+    ``FusedAttnProcessor2_0`` projects them)."""
+    return qkv(attn, text, "to_kv", ("to_k", "to_v"))
 
 
 class FastCrossAttentionNAG(CrossAttentionNAG):
