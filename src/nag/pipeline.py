@@ -395,8 +395,12 @@ class NAGHandle:
     def _named_outputs(self, result: Any) -> dict[str, torch.Tensor]:
         return self.spec.name_outputs(result)
 
+    def _negative_prompts(self) -> dict[str, str | Sequence[str]]:
+        """The negative prompt under each ``encode_prompt`` argument it goes to: ``prompt``, ``prompt_2``, ..."""
+        return {"prompt": self.negative_prompt, **self.further_negatives}
+
     def _check_negative_count(self, prompts: int) -> None:
-        for name, negative in (("prompt", self.negative_prompt), *self.further_negatives.items()):
+        for name, negative in self._negative_prompts().items():
             if isinstance(negative, (list, tuple)) and len(negative) not in (1, prompts):
                 raise ValueError(
                     f"NAG negative_{name} has {len(negative)} entries but the call has {prompts} prompts; "
@@ -407,7 +411,7 @@ class NAGHandle:
         self._check_negative_count(prompts)
         texts = {
             name: [negative] * prompts if isinstance(negative, str) else list(negative) * (prompts // len(negative))
-            for name, negative in (("prompt", self.negative_prompt), *self.further_negatives.items())
+            for name, negative in self._negative_prompts().items()
         }
         call = dict(arguments)
         for name, parameter in signature.parameters.items():
@@ -519,10 +523,9 @@ def apply(
         **negative_embeds: ``negative_prompt_2`` (``_3``, ``_4``) where the pipeline's ``encode_prompt`` takes
             ``prompt_2`` (...): that text encoder's own negative prompt (SDXL's second CLIP, Flux's T5, SD3's second
             CLIP and, ``_3``, its T5; an encoder without one gets ``negative_prompt``, as in diffusers). Or, instead
-            of ``negative_prompt``,
-            precomputed ``negative_prompt_embeds``
-            (and ``negative_pooled_prompt_embeds`` / ``negative_prompt_attention_mask`` where the
-            pipeline has them), with 1 row, one per prompt, or one per generated sample.
+            of ``negative_prompt``, precomputed ``negative_prompt_embeds`` (and ``negative_pooled_prompt_embeds`` /
+            ``negative_prompt_attention_mask`` where the pipeline has them), with 1 row, one per prompt, or one per
+            generated sample.
 
     Omitted ``scale``/``tau``/``alpha`` take the family's tuned defaults. Returns a
     :class:`NAGHandle`; ``handle.remove()``, ``nag.remove(pipe)`` or leaving a ``with`` block
